@@ -1,0 +1,612 @@
+"""The admin HTTP API's decisions, as pure functions. No I/O.
+
+`engine.admin.server` moves bytes between sockets and these functions; every
+answer a client can observe (status, JSON body, headers) is decided here, so it
+is tested without a socket.
+
+Rules this module owns:
+
+1. Every answer is JSON (`application/json`); an error is
+   `{"error": <code>, "message": <text naming the field and the fault>}`,
+   plus `"topic"` when a topic name is at fault (`bad_topic`).
+2. A request is judged from its head first (`plan_request`): 404, 405, 401,
+   415 and 413 (declared length over the cap) are decided before any body byte
+   is looked at; a refused body is only drained (within the cap), never parsed.
+3. A publisher's `data` is encoded once: JSON `data` is packed to msgpack once;
+   msgpack `data` is sliced out of the body, byte for byte, never decoded and
+   re-encoded (`engine.protocol.codec` rule 1).
+4. A publish is all or nothing: one bad item refuses the whole body, and the
+   error names the item (`items[3].key`).
+5. Readiness and statistics are computed from the status board's dicts and a
+   clock reading passed in; nothing here reads a file or the time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+
+from engine.bus.base import Update
+from engine.codes import ErrorCode
+from engine.protocol.codec import NIL, format_pos, valid_topic
+
+JSON_TYPE: Final = "application/json"
+# Media types accepted as msgpack: the registered one and the two in common use.
+MSGPACK_TYPES: Final = frozenset(
+    {"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"}
+)
+JSON_TYPES: Final = frozenset({"application/json", "text/json"})
+
+# path -> methods allowed. /metrics is served by the metrics module when it exists.
+ROUTES: Final[Mapping[str, tuple[str, ...]]] = {
+    "/healthz": ("GET",),
+    "/readyz": ("GET",),
+    "/stats": ("GET",),
+    "/publish": ("POST",),
+}
+
+# Worker counters summed in /stats totals (each worker's status carries them).
+COUNTERS: Final = (
+    "connections",
+    "subscriptions",
+    "frames_sent",
+    "bytes_sent",
+    "updates_delivered",
+    "slow_closes",
+)
+
+_PUBLISH_FIELDS: Final = frozenset({"topic", "key", "data"})
+MIN_BODY_LIMIT_BYTES: Final = 1 << 20
+
+
+# -- responses ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """An answer to send: status, JSON body bytes, extra headers (name, value)."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def json_response(
+    status: int, obj: Mapping[str, Any], headers: tuple[tuple[str, str], ...] = ()
+) -> Response:
+    # allow_nan=False: a NaN in a status file must not produce invalid JSON.
+    body = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    return Response(status, body, headers)
+
+
+class HttpError(Exception):
+    """A refused request: becomes `{"error", "message"[, "topic"]}` with `status`."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        *,
+        topic: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.topic = topic
+        self.headers = headers
+
+    def response(self) -> Response:
+        obj: dict[str, Any] = {"error": self.error, "message": self.message}
+        if self.topic is not None:
+            obj["topic"] = self.topic
+        return json_response(self.status, obj, self.headers)
+
+
+def _bad(message: str, topic: str | None = None) -> HttpError:
+    return HttpError(400, ErrorCode.BAD_REQUEST, message, topic=topic)
+
+
+# -- the request head ---------------------------------------------------------------
+
+
+def body_limit_bytes(max_message_bytes: int) -> int:
+    """The largest request body accepted: a publish batch may hold several messages."""
+    return max(MIN_BODY_LIMIT_BYTES, max_message_bytes * 4)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A request whose head was accepted: the route (its path) and, for /publish,
+    the body's media kind ("json" or "msgpack")."""
+
+    path: str
+    media: str | None = None
+
+
+def media_kind(content_type: str | None) -> str:
+    """The body kind, "json" or "msgpack", for a Content-Type; raises HttpError(415).
+
+    No header (or an empty one) means JSON; parameters (`; charset=utf-8`) are ignored.
+    """
+    if content_type is None or not content_type.strip():
+        return "json"
+    mime = content_type.split(";", 1)[0].strip().lower()
+    if mime in JSON_TYPES or (mime.startswith("application/") and mime.endswith("+json")):
+        return "json"
+    if mime in MSGPACK_TYPES:
+        return "msgpack"
+    raise HttpError(
+        415,
+        "unsupported_media_type",
+        f"Content-Type {content_type[:100]!r} is not accepted: "
+        "send application/json or application/msgpack",
+    )
+
+
+def check_api_key(authorization: str | None, api_key: str | None) -> None:
+    """Raises HttpError(401) unless `api_key` is unset/empty or the header is
+    `Bearer <api_key>`. Compared in constant time."""
+    if not api_key:
+        return
+    challenge = (("www-authenticate", 'Bearer realm="fanout"'),)
+    if authorization is None:
+        raise HttpError(
+            401,
+            "unauthorized",
+            "missing header 'Authorization: Bearer <api key>'",
+            headers=challenge,
+        )
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode("utf-8", "surrogateescape"), api_key.encode()
+    ):
+        raise HttpError(
+            401, "unauthorized", "invalid API key in 'Authorization'", headers=challenge
+        )
+
+
+def plan_request(
+    method: str,
+    target: str,
+    headers: Mapping[str, str],
+    *,
+    api_key: str | None,
+    body_limit: int,
+) -> Plan:
+    """Judge a request from its head (lower-case header names). Raises HttpError
+    for 404, 405 (with `Allow`), 401, 415 and 413 (declared Content-Length over
+    `body_limit`); the body, if any, is then read only for an accepted plan."""
+    path = target.split("?", 1)[0].split("#", 1)[0]
+    methods = ROUTES.get(path)
+    if methods is None:
+        raise HttpError(404, "not_found", f"no such path {path[:100]!r}")
+    if method not in methods:
+        raise HttpError(
+            405,
+            "method_not_allowed",
+            f"{method[:20]} is not allowed on {path}: use {', '.join(methods)}",
+            headers=(("allow", ", ".join(methods)),),
+        )
+    if path != "/publish":
+        return Plan(path)
+    check_api_key(headers.get("authorization"), api_key)
+    media = media_kind(headers.get("content-type"))
+    if (declared_length(headers) or 0) > body_limit:
+        raise too_large(body_limit)
+    return Plan(path, media)
+
+
+def declared_length(headers: Mapping[str, str]) -> int | None:
+    """The body length the head declares (Content-Length), None when it declares none."""
+    length = headers.get("content-length", "").strip()
+    return int(length) if length.isdigit() else None
+
+
+def too_large(body_limit: int) -> HttpError:
+    return HttpError(413, "too_large", f"request body over the limit of {body_limit} bytes")
+
+
+# -- the /publish body --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRequest:
+    """What a /publish body asked for: the updates, and whether it was a batch
+    (`{"items": [...]}`: the answer's `pos` is then a list)."""
+
+    updates: tuple[Update, ...]
+    batch: bool
+
+
+def parse_publish(body: bytes, media: str, max_items: int) -> PublishRequest:
+    """Parse a /publish body (`media` from `media_kind`); raises HttpError(400).
+
+    Accepts `{"topic", "key", "data"}` or `{"items": [{...}, ...]}` with 1 to
+    `max_items` items. `data` is required (null deletes the key). Unknown
+    fields are refused (a misspelt field must not pass silently).
+    """
+    if media == "msgpack":
+        return _parse_msgpack(body, max_items)
+    return _parse_json(body, max_items)
+
+
+def _check_item(fields: Mapping[str, Any], where: str) -> tuple[str, str]:
+    """Validate topic and key of one item; returns them. `where` prefixes field names."""
+    for name in fields:
+        if name not in _PUBLISH_FIELDS:
+            shown = name[:60] if isinstance(name, str) else repr(name)[:60]
+            raise _bad(f"unknown field {where}{shown!r}: expected 'topic', 'key', 'data'")
+    if "topic" not in fields:
+        raise _bad(f"'{where}topic' is required")
+    topic = fields["topic"]
+    if not isinstance(topic, str):
+        raise _bad(f"'{where}topic' must be a string, not {_type_name(topic)}")
+    if not valid_topic(topic):
+        raise HttpError(
+            400,
+            ErrorCode.BAD_TOPIC,
+            f"'{where}topic': bad topic name {topic[:60]!r} (1 to 200 of A-Z a-z 0-9 _ . : -)",
+            topic=topic[:200],
+        )
+    if "key" not in fields:
+        raise _bad(f"'{where}key' is required", topic)
+    key = fields["key"]
+    if not isinstance(key, str):
+        raise _bad(f"'{where}key' must be a string, not {_type_name(key)}", topic)
+    if not key:
+        raise _bad(f"'{where}key' must not be empty", topic)
+    if "data" not in fields:
+        raise _bad(f"'{where}data' is required (null deletes the key)", topic)
+    return topic, key
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+        bytes: "binary",
+    }.get(type(value), type(value).__name__)
+
+
+def _check_items_count(n: int, max_items: int) -> None:
+    if n == 0:
+        raise _bad("'items' must not be empty")
+    if n > max_items:
+        raise _bad(f"'items' holds {n} items; the limit is {max_items}")
+
+
+# JSON -----------------------------------------------------------------------------
+
+
+def _parse_json(body: bytes, max_items: int) -> PublishRequest:
+    if not body.strip():
+        raise _bad("the body is empty: expected a JSON object")
+    try:
+        doc = json.loads(body)
+    except RecursionError:
+        raise _bad("undecodable JSON: nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _bad(f"undecodable JSON: {str(exc)[:120]}") from None
+    if not isinstance(doc, dict):
+        raise _bad(f"the body must be a JSON object, not {_type_name(doc)}")
+    if "items" in doc:
+        extra = sorted(k for k in doc if k != "items")
+        if extra:
+            raise _bad(f"use either 'items' or a single update, not both (found {extra[0]!r})")
+        items = doc["items"]
+        if not isinstance(items, list):
+            raise _bad(f"'items' must be an array, not {_type_name(items)}")
+        _check_items_count(len(items), max_items)
+        updates = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise _bad(f"'items[{i}]' must be an object, not {_type_name(item)}")
+            updates.append(_json_update(item, f"items[{i}]."))
+        return PublishRequest(tuple(updates), batch=True)
+    return PublishRequest((_json_update(doc, ""),), batch=False)
+
+
+def _json_update(fields: dict[str, Any], where: str) -> Update:
+    topic, key = _check_item(fields, where)
+    value = fields["data"]
+    if value is None:
+        return Update(topic, key, NIL)
+    try:
+        data = msgpack.packb(value, use_bin_type=True)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise _bad(f"'{where}data' cannot be encoded as msgpack: {exc}", topic) from None
+    return Update(topic, key, data)
+
+
+# msgpack --------------------------------------------------------------------------
+
+
+def _msgpack_is_array(body: bytes, at: int) -> bool:
+    return at < len(body) and (0x90 <= body[at] <= 0x9F or body[at] in (0xDC, 0xDD))
+
+
+def _msgpack_is_map(body: bytes, at: int) -> bool:
+    return at < len(body) and (0x80 <= body[at] <= 0x8F or body[at] in (0xDE, 0xDF))
+
+
+def _parse_msgpack(body: bytes, max_items: int) -> PublishRequest:
+    if not body:
+        raise _bad("the body is empty: expected a msgpack map")
+    # Limits bounded by the body's own size (as in engine.protocol.codec): no
+    # length prefix can make the unpacker allocate more than the body holds.
+    n = len(body)
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=False,
+        max_buffer_size=n,
+        max_str_len=n,
+        max_bin_len=n,
+        max_array_len=n,
+        max_map_len=n,
+        max_ext_len=n,
+    )
+    unpacker.feed(body)
+    try:
+        if not _msgpack_is_map(body, 0):
+            raise _bad(f"the body must be a msgpack map, not {_type_name(unpacker.unpack())}")
+        fields, data, items = _read_msgpack_fields(unpacker, body, "", max_items=max_items)
+        if items is not None:
+            if fields or data is not None:
+                first = sorted(fields)[0] if fields else "data"
+                raise _bad(f"use either 'items' or a single update, not both (found {first!r})")
+            updates = tuple(items)
+            result = PublishRequest(updates, batch=True)
+        else:
+            result = PublishRequest((_msgpack_update(fields, data, ""),), batch=False)
+        if unpacker.tell() != n:
+            raise _bad("trailing bytes after the msgpack map")
+        return result
+    except HttpError:
+        raise
+    except msgpack.OutOfData:
+        raise _bad("truncated msgpack body") from None
+    except Exception as exc:  # msgpack raises ValueError/TypeError subclasses of many kinds
+        raise _bad(f"undecodable msgpack: {type(exc).__name__}") from None
+
+
+def _read_msgpack_fields(
+    unpacker: msgpack.Unpacker, body: bytes, where: str, *, max_items: int | None
+) -> tuple[dict[str, Any], bytes | None, list[Update] | None]:
+    """Read one map: its fields (unpacked), its `data` (exact bytes) and, at
+    the top level only (`max_items` given), its `items` (parsed updates)."""
+    fields: dict[str, Any] = {}
+    data: bytes | None = None
+    items: list[Update] | None = None
+    for _ in range(unpacker.read_map_header()):
+        name = unpacker.unpack()
+        if not isinstance(name, str):
+            raise _bad(
+                f"field names must be strings, found {_type_name(name)} in '{where or 'body'}'"
+            )
+        if name in fields or (name == "data" and data is not None):
+            raise _bad(f"field '{where}{name[:60]}' appears twice")
+        if name == "data":
+            start = unpacker.tell()
+            unpacker.skip()
+            data = body[start : unpacker.tell()]
+        elif name == "items" and max_items is not None:
+            if items is not None:
+                raise _bad("field 'items' appears twice")
+            items = _read_msgpack_items(unpacker, body, max_items)
+        else:
+            fields[name] = unpacker.unpack()
+    return fields, data, items
+
+
+def _read_msgpack_items(unpacker: msgpack.Unpacker, body: bytes, max_items: int) -> list[Update]:
+    if not _msgpack_is_array(body, unpacker.tell()):
+        raise _bad(f"'items' must be an array, not {_type_name(unpacker.unpack())}")
+    count = unpacker.read_array_header()
+    _check_items_count(count, max_items)  # from the header, before reading any item
+    updates: list[Update] = []
+    for i in range(count):
+        where = f"items[{i}]."
+        if not _msgpack_is_map(body, unpacker.tell()):
+            raise _bad(f"'items[{i}]' must be a map, not {_type_name(unpacker.unpack())}")
+        fields, data, _ = _read_msgpack_fields(unpacker, body, where, max_items=None)
+        updates.append(_msgpack_update(fields, data, where))
+    return updates
+
+
+def _msgpack_update(fields: dict[str, Any], data: bytes | None, where: str) -> Update:
+    if data is not None:
+        fields = {**fields, "data": None}  # presence only: the bytes are kept apart
+    topic, key = _check_item(fields, where)
+    assert data is not None  # _check_item refused a missing 'data'
+    return Update(topic, key, data)
+
+
+# -- answers --------------------------------------------------------------------------
+
+
+def publish_response(request: PublishRequest, positions: Sequence[int]) -> Response:
+    """200 `{"pos": "MS-SEQ"}` for one update, `{"pos": [...]}` for a batch."""
+    wire = [format_pos(p) for p in positions]
+    return json_response(200, {"pos": wire if request.batch else wire[0]})
+
+
+def unavailable(message: str) -> Response:
+    return json_response(503, {"error": ErrorCode.UNAVAILABLE, "message": message})
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _age(status: Mapping[str, Any] | None, now: float) -> float:
+    ts = None if status is None else _number(status.get("ts"))
+    return math.inf if ts is None else now - ts
+
+
+def supervisor_alive(
+    supervisor: Mapping[str, Any] | None, now: float, timeout_s: float, parent_alive: bool
+) -> bool:
+    """The supervisor runs: its status is fresh, or our parent (it) is alive."""
+    return parent_alive or _age(supervisor, now) < timeout_s
+
+
+def health(
+    supervisor: Mapping[str, Any] | None, now: float, timeout_s: float, parent_alive: bool
+) -> Response:
+    """/healthz: 200 while the supervisor runs, else 503."""
+    if supervisor_alive(supervisor, now, timeout_s, parent_alive):
+        return json_response(200, {"status": "ok"})
+    reason = "supervisor: no status" if supervisor is None else "supervisor: status stale"
+    return json_response(503, {"status": "down", "reasons": [reason]})
+
+
+def expected_workers(supervisor: Mapping[str, Any] | None) -> dict[int, int | None]:
+    """Slot -> pid of the workers the supervisor runs (its status' `workers` map)."""
+    out: dict[int, int | None] = {}
+    if supervisor is None:
+        return out
+    workers = supervisor.get("workers")
+    if not isinstance(workers, Mapping):
+        return out
+    for slot, pid in workers.items():
+        try:
+            n = int(slot)
+        except (TypeError, ValueError):
+            continue
+        out[n] = pid if isinstance(pid, int) and not isinstance(pid, bool) else None
+    return out
+
+
+def readiness(
+    supervisor: Mapping[str, Any] | None,
+    workers: Mapping[int, Mapping[str, Any]],
+    *,
+    now: float,
+    heartbeat_timeout_s: float,
+    parent_alive: bool,
+    bus_connected: bool,
+    max_lag_ms: float | None = None,
+) -> tuple[bool, list[str]]:
+    """Whether this node should receive traffic, and why not.
+
+    Ready when the supervisor runs with state "running"; each worker slot it
+    runs (`workers`: slot -> pid, at least `workers_expected` of them) has a
+    fresh status (age < `heartbeat_timeout_s`) from that pid, accepting and
+    connected to the bus (and, when it reports `bus_lag_ms` and `max_lag_ms`
+    is given, not lagging past it); and the admin's own bus is connected.
+    """
+    reasons: list[str] = []
+    if supervisor is None:
+        reasons.append("supervisor: no status")
+    elif not supervisor_alive(supervisor, now, heartbeat_timeout_s, parent_alive):
+        reasons.append("supervisor: status stale")
+    else:
+        state = supervisor.get("state")
+        if state != "running":
+            reasons.append(f"supervisor: {str(state)[:40] if state is not None else 'no state'}")
+    slots = expected_workers(supervisor)
+    want = supervisor.get("workers_expected") if supervisor is not None else None
+    if isinstance(want, int) and not isinstance(want, bool) and len(slots) < want:
+        reasons.append(f"workers: {len(slots)} of {want} running")
+    elif supervisor is not None and not slots:
+        reasons.append("workers: none running")
+    for slot in sorted(slots):
+        reason = _worker_fault(workers.get(slot), slots[slot], now, heartbeat_timeout_s, max_lag_ms)
+        if reason is not None:
+            reasons.append(f"worker {slot}: {reason}")
+    if not bus_connected:
+        reasons.append("bus: disconnected")
+    return not reasons, reasons
+
+
+def _worker_fault(
+    status: Mapping[str, Any] | None,
+    pid: int | None,
+    now: float,
+    timeout_s: float,
+    max_lag_ms: float | None,
+) -> str | None:
+    if status is None:
+        return "no status"
+    age = _age(status, now)
+    if not age < timeout_s:
+        return f"heartbeat stale ({age:.1f} s)" if math.isfinite(age) else "no heartbeat"
+    if pid is not None and status.get("pid") != pid:
+        return f"status from pid {status.get('pid')}, expected {pid}"
+    if status.get("accepting") is not True:
+        return "not accepting"
+    if status.get("bus_connected") is not True:
+        return "bus disconnected"
+    lag = _number(status.get("bus_lag_ms"))
+    if max_lag_ms is not None and lag is not None and lag > max_lag_ms:
+        return f"bus lagging ({lag:.0f} ms > {max_lag_ms:.0f} ms)"
+    return None
+
+
+def ready_response(ready: bool, reasons: Sequence[str], workers: int) -> Response:
+    if ready:
+        return json_response(200, {"status": "ready", "workers": workers})
+    return json_response(503, {"status": "not_ready", "reasons": list(reasons)})
+
+
+def stats(
+    *,
+    node: str,
+    started: float,
+    supervisor: Mapping[str, Any] | None,
+    workers: Mapping[int, Mapping[str, Any]],
+    now: float,
+    bus: Mapping[str, Any],
+) -> dict[str, Any]:
+    """/stats: per-worker counters (those the supervisor runs, or every status
+    on the board when it has none), their totals, the bus link and uptime.
+
+    `uptime_s` counts from the supervisor's `started` when it reports one, else
+    from `started` (the admin's own start).
+    """
+    slots = expected_workers(supervisor)
+    if not slots:
+        slots = {slot: None for slot in workers}
+    rows: list[dict[str, Any]] = []
+    totals: dict[str, Any] = {name: 0 for name in COUNTERS}
+    for slot in sorted(slots):
+        status = workers.get(slot) or {}
+        row: dict[str, Any] = {"slot": slot, "pid": status.get("pid", slots[slot])}
+        for name in COUNTERS:
+            value = status.get(name, 0)
+            value = value if isinstance(value, int) and not isinstance(value, bool) else 0
+            row[name] = value
+            totals[name] += value
+        age = _age(status or None, now)
+        row["heartbeat_age_s"] = round(age, 3) if math.isfinite(age) else None
+        row["accepting"] = status.get("accepting") is True
+        row["bus_connected"] = status.get("bus_connected") is True
+        row["bus_lag_ms"] = _number(status.get("bus_lag_ms"))
+        rows.append(row)
+    totals["workers"] = len(rows)
+    sup_started = None if supervisor is None else _number(supervisor.get("started"))
+    begin = started if sup_started is None else sup_started
+    return {
+        "node": node,
+        "uptime_s": round(max(0.0, now - begin), 3),
+        "workers": rows,
+        "totals": totals,
+        "bus": dict(bus),
+    }

@@ -1,0 +1,401 @@
+"""The admin HTTP process: /healthz /readyz /stats /publish on the admin port.
+
+A thin shell: it moves bytes between asyncio streams and h11, reads the status
+board, and awaits the bus; every decision is made in `engine.admin.http`.
+
+Limits (each with its overflow policy):
+- request head: `MAX_HEAD_BYTES` (h11 refuses more: 431, then close);
+- request body: `http.body_limit_bytes(limits.max_message_bytes)` (413, then
+  close after a short linger: the rest of the body is not kept);
+- a client gets `REQUEST_TIMEOUT_S` to send a request (head and body) and to
+  read our answer, idle keep-alive included; past it the connection is closed;
+- at most `MAX_CONNECTIONS` connections at once; more are answered 503 and closed.
+Each connection is its own task, so a slow client holds only its own task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, Final
+
+import h11
+
+from engine.admin import http
+from engine.codes import EXIT_PORT_IN_USE
+from engine.errors import BusError, BusUnavailable
+from engine.supervisor.board import SUPERVISOR, Board
+
+if TYPE_CHECKING:
+    from engine.bus.base import Bus
+    from engine.config import Config
+
+log = logging.getLogger("fanout.admin")
+
+MAX_HEAD_BYTES: Final = 16 * 1024
+REQUEST_TIMEOUT_S: Final = 30.0
+MAX_CONNECTIONS: Final = 256
+READ_CHUNK_BYTES: Final = 64 * 1024
+LINGER_S: Final = 2.0  # how long a refused client may keep sending before we close
+
+_BUSY_BODY: Final = b'{"error":"unavailable","message":"too many connections"}'
+_BUSY: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
+
+
+class _Closing(Exception):
+    """The connection cannot carry another request (peer gone, error, or timeout)."""
+
+
+class AdminServer:
+    """The admin HTTP server on one listening socket, inside a running loop.
+
+    Create it with `serve_admin`. `supervisor_pid` is the supervisor's pid when
+    this process is its child (then /healthz also checks that it is still our
+    parent); None in tests and in-loop use, where only the board decides.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str,
+        bus: Bus,
+        *,
+        api_key: str | None,
+        supervisor_pid: int | None,
+    ) -> None:
+        self.cfg = cfg
+        self.board = Board(run_dir)
+        self.bus = bus
+        self.api_key = api_key or None
+        self.supervisor_pid = supervisor_pid
+        self.started = time.time()
+        self.body_limit = http.body_limit_bytes(cfg.limits.max_message_bytes)
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None and self._server.sockets
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(
+            self._on_connection, host, port, reuse_address=True, limit=READ_CHUNK_BYTES
+        )
+
+    async def close(self) -> None:
+        """Stop listening and drop open connections (in-flight requests are cancelled)."""
+        if self._server is not None:
+            self._server.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    # -- one connection ---------------------------------------------------------------
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._tasks) >= MAX_CONNECTIONS:
+            with contextlib.suppress(OSError):
+                writer.write(_BUSY)
+            writer.close()
+            return
+        self._tasks.add(task)
+        try:
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+            while await self._exchange(conn, reader, writer):
+                conn.start_next_cycle()
+        except (_Closing, OSError, TimeoutError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await writer.wait_closed()
+
+    async def _next_event(self, conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                data = await reader.read(READ_CHUNK_BYTES)
+            conn.receive_data(data)  # b"" tells h11 the peer closed
+
+    async def _exchange(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Serve one request. True when the connection can carry another one."""
+        try:
+            event = await self._next_event(conn, reader)
+        except h11.RemoteProtocolError as exc:
+            error = http.HttpError(
+                exc.error_status_hint, "bad_request", f"malformed HTTP request: {exc}"
+            )
+            await self._refuse(conn, reader, writer, error)
+            return False
+        if not isinstance(event, h11.Request):
+            return False  # ConnectionClosed (or a peer that only closed)
+        headers = {
+            name.decode("latin-1").lower(): value.decode("latin-1") for name, value in event.headers
+        }
+        method = event.method.decode("ascii", "replace")
+        target = event.target.decode("latin-1")
+        try:
+            plan: http.Plan | None = http.plan_request(
+                method, target, headers, api_key=self.api_key, body_limit=self.body_limit
+            )
+            refusal = None
+        except http.HttpError as exc:
+            plan, refusal = None, exc
+        declared = http.declared_length(headers)
+        if refusal is not None and (declared or 0) > self.body_limit:
+            await self._refuse(conn, reader, writer, refusal)
+            return False
+        # A refused request's body (under the cap) is read and dropped all the
+        # same: closing on unread bytes would reset the connection, and the
+        # client could lose our answer.
+        body = await self._read_body(conn, reader, writer)
+        if body is None:
+            return False
+        if refusal is not None:
+            response = refusal.response()
+        else:
+            assert plan is not None
+            response = await self._dispatch(plan, body)
+        await self._send(conn, writer, response, close=False)
+        return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+
+    async def _refuse(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        error: http.HttpError,
+    ) -> None:
+        """Answer `error` and close, lingering: the client may still be sending
+        a body we won't read, and closing on unread bytes would reset the
+        connection before it reads the answer (RFC 9112 section 9.6)."""
+        await self._send(conn, writer, error.response(), close=True)
+        with contextlib.suppress(OSError, TimeoutError):
+            if writer.can_write_eof():
+                writer.write_eof()
+            received = 0
+            async with asyncio.timeout(LINGER_S):
+                while received <= self.body_limit:
+                    chunk = await reader.read(READ_CHUNK_BYTES)
+                    if not chunk:
+                        break
+                    received += len(chunk)
+
+    async def _read_body(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bytes | None:
+        """The whole body, or None after answering 413 or 400 (bad framing) and closing."""
+        if conn.they_are_waiting_for_100_continue:
+            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                event = await self._next_event(conn, reader)
+            except h11.RemoteProtocolError as exc:
+                error = http.HttpError(400, "bad_request", f"malformed HTTP body: {exc}")
+                await self._refuse(conn, reader, writer, error)
+                return None
+            if isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            if not isinstance(event, h11.Data):
+                raise _Closing  # the peer closed mid-body
+            size += len(event.data)
+            if size > self.body_limit:
+                await self._refuse(conn, reader, writer, http.too_large(self.body_limit))
+                return None
+            chunks.append(bytes(event.data))
+
+    async def _send(
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        response: http.Response,
+        *,
+        close: bool,
+    ) -> None:
+        headers = [
+            ("content-type", http.JSON_TYPE),
+            ("content-length", str(len(response.body))),
+            ("cache-control", "no-store"),
+            *response.headers,
+        ]
+        if close:
+            headers.append(("connection", "close"))
+        try:
+            out = conn.send(
+                h11.Response(
+                    status_code=response.status,
+                    headers=headers,
+                    reason=HTTPStatus(response.status).phrase.encode(),
+                )
+            )
+            out += conn.send(h11.Data(data=response.body))
+            out += conn.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            raise _Closing from None
+        writer.write(out)
+        async with asyncio.timeout(REQUEST_TIMEOUT_S):
+            await writer.drain()
+
+    # -- what each path answers ------------------------------------------------------
+
+    async def _dispatch(self, plan: http.Plan, body: bytes) -> http.Response:
+        try:
+            if plan.path == "/publish":
+                assert plan.media is not None
+                return await self._publish(body, plan.media)
+            if plan.path == "/healthz":
+                return self.health()
+            if plan.path == "/readyz":
+                return self.readiness()
+            if plan.path == "/stats":
+                return http.json_response(200, self.stats())
+        except http.HttpError as exc:
+            return exc.response()
+        except Exception:
+            log.exception("admin: %s failed", plan.path)
+            return http.json_response(500, {"error": "internal", "message": "internal error"})
+        raise AssertionError(f"unrouted path {plan.path}")
+
+    def _parent_alive(self) -> bool:
+        # Reparented (to init or a subreaper) means the supervisor is gone.
+        return self.supervisor_pid is not None and os.getppid() == self.supervisor_pid
+
+    def health(self) -> http.Response:
+        return http.health(
+            self.board.read(SUPERVISOR),
+            time.time(),
+            self.cfg.workers.heartbeat_timeout_s,
+            self._parent_alive(),
+        )
+
+    def readiness(self) -> http.Response:
+        supervisor = self.board.read(SUPERVISOR)
+        workers = self.board.read_workers()
+        ready, reasons = http.readiness(
+            supervisor,
+            workers,
+            now=time.time(),
+            heartbeat_timeout_s=self.cfg.workers.heartbeat_timeout_s,
+            parent_alive=self._parent_alive(),
+            bus_connected=self.bus.connected,
+            max_lag_ms=self.cfg.bus.max_lag_ms,
+        )
+        return http.ready_response(ready, reasons, len(http.expected_workers(supervisor)))
+
+    def stats(self) -> dict[str, Any]:
+        return http.stats(
+            node=self.cfg.node_name(socket.gethostname()),
+            started=self.started,
+            supervisor=self.board.read(SUPERVISOR),
+            workers=self.board.read_workers(),
+            now=time.time(),
+            bus={
+                "backend": self.cfg.bus.backend,
+                "connected": self.bus.connected,
+                "epoch": self.bus.epoch,
+            },
+        )
+
+    async def _publish(self, body: bytes, media: str) -> http.Response:
+        request = http.parse_publish(body, media, self.cfg.limits.max_publish_items)
+        try:
+            positions = await self.bus.publish_wait(request.updates)
+        except BusUnavailable as exc:
+            return http.unavailable(f"the bus is unavailable, nothing was published: {exc}")
+        except BusError as exc:
+            return http.unavailable(f"the bus refused the publish: {exc}")
+        return http.publish_response(request, positions)
+
+
+async def serve_admin(
+    cfg: Config, run_dir: str, bus: Bus, *, supervisor_pid: int | None = None
+) -> AdminServer:
+    """Start the admin server on `cfg.server.admin_host:admin_port` (0 = any free
+    port; see `.port`) in the running loop, serving until `await server.close()`.
+
+    `bus` must be started by the caller (`await bus.start(None)`); until it is
+    connected, /readyz says so and /publish answers 503. The API key is read from
+    the environment variable named by `cfg.auth.api_key_env`, once, here.
+    """
+    api_key = os.environ.get(cfg.auth.api_key_env) if cfg.auth.api_key_env else None
+    server = AdminServer(cfg, run_dir, bus, api_key=api_key, supervisor_pid=supervisor_pid)
+    await server.start(cfg.server.admin_host, cfg.server.admin_port)
+    return server
+
+
+# Signals the supervisor uses on other processes, or a terminal sends to the
+# whole process group: the admin process has no use for them.
+_IGNORED_SIGNALS: Final = ("SIGHUP", "SIGTTIN", "SIGTTOU", "SIGUSR1", "SIGUSR2")
+_STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+def run_admin(cfg: Config, run_dir: str) -> None:
+    """The admin process' entry point, called in the child after fork.
+
+    Builds a uvloop loop and its own bus client, listens on
+    `server.admin_host:admin_port`, and serves until SIGTERM, SIGINT or SIGQUIT.
+    Exits with `EXIT_PORT_IN_USE` (SystemExit) when the port cannot be bound.
+    """
+    import uvloop
+
+    supervisor_pid = os.getppid()
+    # Handlers and the wakeup fd inherited from the supervisor must not run
+    # here (a wakeup fd write would wake the supervisor for our signal).
+    signal.set_wakeup_fd(-1)
+    for name in _IGNORED_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_main(cfg, run_dir, supervisor_pid))
+
+
+async def _main(cfg: Config, run_dir: str, supervisor_pid: int) -> None:
+    from engine.bus import create_bus
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    bus = create_bus(cfg, run_dir, want_entries=False)
+    try:
+        server = await serve_admin(cfg, run_dir, bus, supervisor_pid=supervisor_pid)
+    except OSError as exc:
+        log.error(
+            "admin: cannot listen on %s:%s: %s",
+            cfg.server.admin_host,
+            cfg.server.admin_port,
+            exc,
+        )
+        raise SystemExit(EXIT_PORT_IN_USE) from None
+    log.info("admin: listening on %s:%s", cfg.server.admin_host, server.port)
+    try:
+        await bus.start(None)
+        await stop.wait()
+    finally:
+        await server.close()
+        await bus.close()

@@ -1,0 +1,54 @@
+"""The bus: one ordered log per shard, positions, epochs, latest state (see `base`).
+
+`create_bus` builds the client of the configured backend; `hub_socket_path`
+names the embedded hub's socket in a run directory.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Final
+
+from engine.bus.base import Bus, BusSink, Entry, Snapshot, Update, shard_of
+from engine.errors import ConfigError
+
+if TYPE_CHECKING:
+    from engine.config import Config
+
+__all__ = [
+    "HUB_SOCKET",
+    "Bus",
+    "BusSink",
+    "Entry",
+    "Snapshot",
+    "Update",
+    "create_bus",
+    "hub_socket_path",
+    "shard_of",
+]
+
+HUB_SOCKET: Final = "hub.sock"
+
+
+def hub_socket_path(run_dir: str) -> str:
+    """The hub's Unix socket in `run_dir`.
+
+    Limit: a Unix socket path must be under 108 bytes; keep run directories short.
+    """
+    return os.path.join(run_dir, HUB_SOCKET)
+
+
+def create_bus(cfg: Config, run_dir: str, *, want_entries: bool = True) -> Bus:
+    """A client of the configured bus backend (not started: call `start`).
+
+    `want_entries=False` makes a client that only publishes and takes snapshots
+    (admin, demo feed): the bus sends it no entries.
+    """
+    backend = cfg.bus.backend
+    if backend == "local":
+        from engine.bus.local import LocalBus
+
+        return LocalBus(hub_socket_path(run_dir), want_entries=want_entries)
+    if backend == "redis":
+        raise ConfigError("bus.backend", "the 'redis' backend is not implemented yet")
+    raise ConfigError("bus.backend", f"unknown backend {backend!r}: expected 'local' or 'redis'")

@@ -1,0 +1,110 @@
+"""The bus interface: one ordered log per shard, positions, epochs, latest state.
+
+Every backend (`local`: the embedded hub; `redis`: Redis Streams) implements
+`Bus` and passes the same contract suite (tests/contract).
+
+Guarantees every backend gives:
+
+1. Each topic belongs to one shard (`shard_of`); entries of one topic are
+   delivered to every bus client in position order, with strictly increasing
+   positions. Positions are integers (see `engine.protocol.codec.make_pos`).
+2. A publish is accepted whole or not at all. When `publish` reports positions,
+   the entries are in the log and in the latest state; `BusUnavailable` means
+   nothing was published.
+3. Applying an entry is idempotent by position: a client may see an entry twice
+   (replays after a reconnect); it keeps a key's value only if the entry's
+   position is newer than what it holds.
+4. The epoch names the history positions belong to. It changes only when the
+   bus lost its data (a restarted hub, an emptied Redis); a client that sees a
+   new epoch drops what it holds (`BusSink.on_bus_epoch`).
+5. `data` is the publisher's msgpack bytes, never decoded; `NIL` (b"\\xc0")
+   deletes the key.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from engine.errors import BusError
+
+# One bus entry as it travels: (topic, key, pos, data). A plain tuple: it is
+# created per update on the hot path, so no object per entry.
+Entry = tuple[str, str, int, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """A publish request: a new value for `key` of `topic` (`data` msgpack bytes)."""
+
+    topic: str
+    key: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A topic's latest state at `pos`: `items` are (key, pos, data), deletions included."""
+
+    epoch: str
+    pos: int
+    items: Sequence[tuple[str, int, bytes]]
+
+
+PublishDone = Callable[[Sequence[int] | BusError], None]
+
+
+def shard_of(topic: str, shards: int) -> int:
+    """The shard a topic lives in: a stable hash, the same on every node and backend."""
+    return zlib.crc32(topic.encode()) % shards
+
+
+class BusSink(Protocol):
+    """What a bus client delivers to (a worker's fan-out core, a test)."""
+
+    def on_bus_epoch(self, epoch: str) -> None:
+        """Called on every (re)connect before any entry. A new epoch: drop all state."""
+
+    def on_bus_entries(self, entries: Sequence[Entry]) -> None:
+        """Entries in position order per topic. Called from the event loop, synchronously."""
+
+    def on_bus_connected(self, connected: bool) -> None:
+        """The link to the bus went up or down."""
+
+
+class Bus(Protocol):
+    """A client of the bus inside one process (worker, admin, demo feed)."""
+
+    @property
+    def epoch(self) -> str | None:
+        """The current epoch, None before the first connect."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def holds_all_state(self) -> bool:
+        """True when the backend delivers every topic's full state on connect
+        (the local hub does), so no `snapshot` call is needed for a new subscription."""
+
+    async def start(self, sink: BusSink | None) -> None:
+        """Connect (and keep reconnecting with backoff in the background).
+
+        With a sink, entries of every shard are delivered to it; without one the
+        client only publishes and takes snapshots (admin, demo feed).
+        Returns once the first connection is up or failed (it keeps retrying).
+        """
+
+    def publish(self, updates: Sequence[Update], done: PublishDone) -> None:
+        """Publish atomically, without awaiting: `done` is called from the event
+        loop with the positions (one per update) or a `BusError`."""
+
+    async def publish_wait(self, updates: Sequence[Update]) -> list[int]:
+        """`publish`, awaited. Raises `BusUnavailable` / `BusError`."""
+
+    async def snapshot(self, topic: str) -> Snapshot:
+        """The topic's latest state (deleted keys included with data NIL)."""
+
+    async def close(self) -> None: ...

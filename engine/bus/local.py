@@ -1,0 +1,355 @@
+"""`LocalBus`: a client of the embedded hub (`bus.backend = "local"`) over its Unix socket.
+
+Rules:
+
+1. Everything runs on the event loop, synchronously from `data_received`:
+   no task per message. One background task only connects and waits.
+2. Every (re)connect is a handshake: `on_bus_epoch(epoch)`, the hub's whole
+   state as entries, then `on_bus_connected(True)` (so a sink that reports
+   "connected" holds the full state), then live entries. A restarted hub has a
+   new epoch. When the link drops: `on_bus_connected(False)`, then reconnects
+   with exponential backoff and jitter (100 ms .. 5 s).
+3. `publish` never waits and never calls `done` from inside itself. `done`
+   gets the positions once the hub replied, or `BusUnavailable` when not
+   connected, when too much is already waiting to be sent to the hub
+   (`max_unsent_bytes`: the overflow policy of this client's send buffer), and
+   for every request still waiting for a reply when the link drops: nothing is
+   reported published unless the hub said so.
+   Limit: if the link breaks for a reason other than the hub going away (our
+   own abort after a sink error or a corrupt frame), a request the hub had
+   already applied is still reported `BusUnavailable`. `close` waits for
+   outstanding replies first (up to `close_timeout_s`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Sequence
+from typing import cast, Any, Final
+
+from engine.bus import wire
+from engine.bus.base import BusSink, PublishDone, Snapshot, Update
+from engine.errors import BusError, BusUnavailable
+from engine.supervisor.backoff import Backoff
+
+log = logging.getLogger(__name__)
+
+RECONNECT_BACKOFF: Final = Backoff(min_ms=100, max_ms=5000)
+HELLO_TIMEOUT_S: Final = 5.0
+MAX_UNSENT_BYTES: Final = 16 * 1024 * 1024
+CLOSE_TIMEOUT_S: Final = 1.0
+
+_Reply = Callable[[Any], None]  # gets the decoded reply or a BusError
+
+
+class _Link(asyncio.Protocol):
+    """One connection to the hub. Dead once lost; the bus makes a new one."""
+
+    __slots__ = (
+        "bus",
+        "hello_timer",
+        "idle",
+        "lost",
+        "pending",
+        "reader",
+        "transport",
+        "up",
+        "was_up",
+    )
+
+    def __init__(self, bus: LocalBus, loop: asyncio.AbstractEventLoop) -> None:
+        self.bus = bus
+        self.reader = wire.FrameReader()
+        self.transport: asyncio.WriteTransport | None = None
+        self.up = False  # handshake complete ("d" received) and not lost since
+        self.was_up = False  # the handshake completed at some point
+        self.pending: dict[int, _Reply] = {}  # request id -> reply callback
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.idle: asyncio.Future[None] | None = None  # set by close(): no pending left
+        self.hello_timer: asyncio.TimerHandle | None = None
+
+    def itself(self) -> _Link:
+        """The protocol factory of this one link (a new link per connection attempt)."""
+        return self
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports don't subclass asyncio.WriteTransport: cast, don't assert
+        self.transport = cast(asyncio.WriteTransport, transport)
+        transport.write(wire.handshake(self.bus._wants_entries()))
+        self.hello_timer = self.lost.get_loop().call_later(HELLO_TIMEOUT_S, self._no_hello)
+
+    def _no_hello(self) -> None:
+        log.warning("bus: no hello from the hub within %.0f s; reconnecting", HELLO_TIMEOUT_S)
+        self.abort()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.reader.feed(data)
+        except wire.WireError as exc:
+            log.error("bus: bad frame from the hub (%s); reconnecting", exc.message)
+            self.abort()
+            return
+        bus = self.bus
+        for msg in messages:
+            try:
+                bus._on_message(self, msg)
+            except Exception:
+                # A sink that failed has lost entries: start over from the dump.
+                log.exception("bus: error handling a hub message; reconnecting")
+                self.abort()
+                return
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.hello_timer is not None:
+            self.hello_timer.cancel()
+        self.bus._on_link_lost(self)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+class LocalBus:
+    """The `Bus` of the local backend: a client of the hub at `socket_path`.
+
+    `holds_all_state` is True: every (re)connect delivers the whole state.
+    With `want_entries=False` (or no sink) the hub sends no entries: the client
+    only publishes and takes snapshots.
+    """
+
+    def __init__(
+        self,
+        socket_path: str,
+        *,
+        want_entries: bool = True,
+        backoff: Backoff = RECONNECT_BACKOFF,
+        max_unsent_bytes: int = MAX_UNSENT_BYTES,
+        close_timeout_s: float = CLOSE_TIMEOUT_S,
+    ) -> None:
+        self.socket_path = socket_path
+        self.want_entries = want_entries
+        self.backoff = backoff
+        self.max_unsent_bytes = max_unsent_bytes
+        self.close_timeout_s = close_timeout_s
+        self._sink: BusSink | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._first: asyncio.Future[None] | None = None  # settled by the first attempt
+        self._current: _Link | None = None  # the link being made or in use
+        self._link: _Link | None = None  # the link in use (handshake complete)
+        self._epoch: str | None = None
+        self._next_id = 0
+        self._closed = False
+
+    # -- Bus --------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> str | None:
+        return self._epoch
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None
+
+    @property
+    def holds_all_state(self) -> bool:
+        return True
+
+    async def start(self, sink: BusSink | None) -> None:
+        """Connect; return once the first attempt is up (dump delivered) or failed."""
+        if self._task is not None:
+            raise RuntimeError("LocalBus.start called twice")
+        self._sink = sink
+        loop = self._loop = asyncio.get_running_loop()
+        self._first = loop.create_future()
+        self._task = loop.create_task(self._run(), name=f"bus-local:{self.socket_path}")
+        await self._first
+
+    def publish(self, updates: Sequence[Update], done: PublishDone) -> None:
+        """Send a publish now; `done` gets its positions or a `BusError` later (see module)."""
+        loop = self._loop or asyncio.get_running_loop()
+        link = self._link
+        if link is None or self._closed:
+            loop.call_soon(_call, done, BusUnavailable("not connected to the hub"))
+            return
+        assert link.transport is not None
+        if link.transport.get_write_buffer_size() > self.max_unsent_bytes:
+            loop.call_soon(
+                _call, done, BusUnavailable("the hub is not keeping up (send buffer full)")
+            )
+            return
+        req_id = self._new_id()
+        frame = wire.publish_request(req_id, updates)
+        if len(frame) > link.reader.max_frame_bytes:
+            loop.call_soon(
+                _call,
+                done,
+                BusError(f"publish of {len(frame)} bytes is over the hub's frame limit"),
+            )
+            return
+        link.pending[req_id] = done
+        link.transport.write(frame)
+
+    async def publish_wait(self, updates: Sequence[Update]) -> list[int]:
+        """`publish`, awaited: the positions, or raises `BusUnavailable` / `BusError`."""
+        fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+
+        def done(result: Sequence[int] | BusError) -> None:
+            if fut.done():
+                return
+            if isinstance(result, BusError):
+                fut.set_exception(result)
+            else:
+                fut.set_result(list(result))
+
+        self.publish(updates, done)
+        return await fut
+
+    async def snapshot(self, topic: str) -> Snapshot:
+        """The topic's latest state from the hub (deleted keys included with data NIL)."""
+        link = self._link
+        if link is None or self._closed:
+            raise BusUnavailable("not connected to the hub")
+        assert link.transport is not None
+        fut: asyncio.Future[Snapshot] = asyncio.get_running_loop().create_future()
+
+        def reply(result: Snapshot | BusError) -> None:
+            if fut.done():
+                return
+            if isinstance(result, BusError):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+        req_id = self._new_id()
+        link.pending[req_id] = reply
+        link.transport.write(wire.snapshot_request(req_id, topic))
+        return await fut
+
+    async def close(self) -> None:
+        """Refuse new requests, wait (bounded) for outstanding replies, disconnect."""
+        if self._closed:
+            return
+        self._closed = True
+        link = self._link
+        if link is not None and link.pending:
+            link.idle = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(link.idle), self.close_timeout_s)
+        link = self._current
+        if link is not None:
+            link.abort()
+            await link.lost
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._settle_first()
+
+    # -- link events (called by _Link, on the loop) ------------------------------------
+
+    def _wants_entries(self) -> bool:
+        return self.want_entries and self._sink is not None
+
+    def _on_message(self, link: _Link, msg: Any) -> None:
+        tag = msg[0]
+        sink = self._sink
+        if tag == "e":  # the hot path first
+            if sink is not None:
+                sink.on_bus_entries(wire.entries_of(msg[1]))
+        elif tag == "r":
+            self._reply(link, msg[1], wire.positions_of(msg[2]))
+        elif tag == "s":
+            self._reply(link, msg[1], wire.snapshot_of(msg))
+        elif tag == "x":
+            self._reply(link, msg[1], BusError(f"the hub refused the request: {msg[2]}: {msg[3]}"))
+        elif tag == "hello":
+            if link.hello_timer is not None:
+                link.hello_timer.cancel()
+                link.hello_timer = None
+            self._epoch = msg[1]
+            if sink is not None:
+                sink.on_bus_epoch(msg[1])
+        elif tag == "d":
+            link.up = link.was_up = True
+            self._link = link
+            log.info("bus: connected to the hub (epoch %s)", self._epoch)
+            if sink is not None:
+                sink.on_bus_connected(True)
+            self._settle_first()
+        else:
+            raise wire.WireError(f"unknown message tag {tag!r} from the hub")
+
+    def _reply(self, link: _Link, req_id: int, result: Any) -> None:
+        callback = link.pending.pop(req_id, None)
+        if callback is not None:
+            _call(callback, result)
+        if not link.pending and link.idle is not None and not link.idle.done():
+            link.idle.set_result(None)
+
+    def _on_link_lost(self, link: _Link) -> None:
+        was_up = link.up
+        link.up = False
+        if self._link is link:
+            self._link = None
+        if self._current is link:
+            self._current = None
+        pending, link.pending = link.pending, {}
+        for callback in pending.values():
+            _call(callback, BusUnavailable("the link to the hub was lost"))
+        if link.idle is not None and not link.idle.done():
+            link.idle.set_result(None)
+        if was_up:
+            if not self._closed:
+                log.warning("bus: lost the link to the hub; reconnecting")
+            if self._sink is not None:
+                self._sink.on_bus_connected(False)
+
+    # -- background ---------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while not self._closed:
+            link = _Link(self, loop)
+            self._current = link
+            try:
+                await loop.create_unix_connection(link.itself, self.socket_path)
+            except OSError as exc:
+                self._current = None
+                (log.warning if attempt == 0 else log.debug)(
+                    "bus: cannot reach the hub at %s: %s", self.socket_path, exc
+                )
+            else:
+                await link.lost
+                if link.was_up:
+                    attempt = 0  # a working link broke: retry soon, then back off
+            self._settle_first()
+            if self._closed:
+                break
+            delay_s = self.backoff.delay_ms(attempt, random.random()) / 1000.0
+            attempt += 1
+            await asyncio.sleep(delay_s)
+
+    def _settle_first(self) -> None:
+        if self._first is not None and not self._first.done():
+            self._first.set_result(None)
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+
+def _call(callback: _Reply, result: Any) -> None:
+    try:
+        callback(result)
+    except Exception:
+        log.exception("bus: a reply callback failed")

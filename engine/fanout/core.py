@@ -1,0 +1,367 @@
+"""The fan-out core: subscriptions, coalescing and delivery planning. PURE: no I/O.
+
+The worker's shell feeds it bus entries (`apply`), asks it for snapshots on
+`sub` (`subscribe`), and once per flush tick asks it what to send (`collect`),
+then hands each planned frame back to `deliver`, which writes through the
+session's `Writer` (the only I/O, owned by the shell).
+
+Rules this module owns:
+
+1. Coalescing: between two flushes a key's changes collapse into its latest
+   value (the state table keeps one entry per key); a topic's `upd` carries the
+   keys changed since that subscriber group's previous flush.
+2. Encode once: per flush, one `upd` message per (dirty topic, period group),
+   shared by every subscriber in the group that is up to date. A subscriber
+   that is behind (it was over budget, or just subscribed) gets a catch-up
+   built from its own last position, cached per (topic, position) for the flush.
+3. Write once: a session's messages of one flush are joined into one frame.
+4. Bounded memory: a subscriber that cannot take a frame keeps only its last
+   delivered position (`sent_pos`); nothing is queued for it. When it can write
+   again it gets one catch-up per topic with the latest values of the keys it
+   missed. Memory per slow client is bounded by its subscriptions.
+5. Positions only move forward: `sent_pos` is set to the topic position the
+   delivered frame reflects, and a key is never delivered out of order.
+6. `max_hz` maps to a period in flush ticks; all subscribers with the same
+   period flush on the same ticks (tick % period == 0), so they share messages.
+7. A new epoch (the bus lost its data) clears every topic; every subscriber
+   then gets a full `snap` in place of its next `upd`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Protocol
+
+from engine.fanout.state import TopicState
+from engine.protocol.codec import build_snap, build_upd
+
+# One planned delivery: (subscription, message bytes, topic position it reflects, items in it)
+Delivery = tuple["Sub", bytes, int, int]
+
+_NEEDS_SNAP = -1  # sent_pos of a subscriber that must get a full snap next
+
+
+class Writer(Protocol):
+    """The shell's side of a session: writes one frame if the send budget admits it."""
+
+    def write(self, frame: bytes) -> bool:
+        """Send `frame` now and return True, or return False (over budget; nothing sent)."""
+
+
+class Session:
+    """One connection's subscriptions. `paused` is set by the shell while the
+    transport is over its budget (pause_writing .. resume_writing)."""
+
+    __slots__ = ("__weakref__", "paused", "subs", "writer")
+
+    def __init__(self, writer: Writer) -> None:
+        self.writer = writer
+        self.subs: dict[str, Sub] = {}
+        self.paused = False
+
+
+class Sub:
+    """One session's subscription to one topic."""
+
+    __slots__ = ("group", "sent_pos", "session", "topic")
+
+    def __init__(self, session: Session, topic: TopicState, group: Group, sent_pos: int) -> None:
+        self.session = session
+        self.topic = topic
+        self.group = group
+        self.sent_pos = sent_pos
+
+
+class Group:
+    """The subscribers of one topic that share a flush period."""
+
+    __slots__ = ("behind", "flushed_pos", "period", "subs")
+
+    def __init__(self, period: int, flushed_pos: int) -> None:
+        self.period = period
+        self.subs: set[Sub] = set()
+        self.behind: set[Sub] = set()  # subs with sent_pos < flushed_pos
+        self.flushed_pos = flushed_pos
+
+
+class Stats:
+    """Counters of one core (exported by the shell)."""
+
+    __slots__ = (
+        "bytes_sent",
+        "frames_refused",
+        "frames_sent",
+        "updates_applied",
+        "updates_delivered",
+        "updates_stale",
+    )
+
+    def __init__(self) -> None:
+        self.updates_applied = 0  # entries that changed a key
+        self.updates_stale = 0  # entries ignored: not newer than what was held (replays)
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.updates_delivered = 0  # key values in delivered upd/snap messages
+        self.frames_refused = 0  # frames not written: over budget
+
+
+def period_ticks(max_hz: float | None, cap_hz: float, flush_interval_ms: int) -> int:
+    """Flush ticks between two frames of a topic to a subscriber: honours the
+    client's `max_hz` and the topic's cap (0 = none), rounding towards fewer frames."""
+    hz = 0.0
+    if max_hz:
+        hz = max_hz
+    if cap_hz and (not hz or cap_hz < hz):
+        hz = cap_hz
+    if not hz:
+        return 1
+    return max(1, math.ceil(1000.0 / (hz * flush_interval_ms) - 1e-9))
+
+
+class Fanout:
+    """Everything one worker knows about topics and who wants them."""
+
+    def __init__(self, epoch: str = "") -> None:
+        self.epoch = epoch
+        self.topics: dict[str, TopicState] = {}
+        self.dirty: set[TopicState] = set()
+        # period -> topics to visit at that period's next due tick
+        self.pending: dict[int, set[TopicState]] = {}
+        self.periods: dict[int, int] = {}  # period -> number of groups using it
+        self.tick = 0
+        self.stats = Stats()
+
+    # -- bus side --------------------------------------------------------------------
+
+    def topic(self, name: str) -> TopicState:
+        t = self.topics.get(name)
+        if t is None:
+            t = self.topics[name] = TopicState(name)
+        return t
+
+    def apply(self, topic: str, key: str, pos: int, data: bytes) -> None:
+        """Apply one bus entry (idempotent by position)."""
+        t = self.topics.get(topic)
+        if t is None:
+            t = self.topics[topic] = TopicState(topic)
+        if t.apply(key, pos, data):
+            self.stats.updates_applied += 1
+            if t.groups:
+                self.dirty.add(t)
+        else:
+            self.stats.updates_stale += 1
+
+    def reset(self, epoch: str) -> None:
+        """The bus has a new epoch: forget all state; every subscriber gets a full snap."""
+        self.epoch = epoch
+        for t in self.topics.values():
+            t.clear()
+            for g in t.groups.values():
+                g.behind.clear()
+                for sub in g.subs:
+                    sub.sent_pos = _NEEDS_SNAP
+                self._visit(t, g.period)
+        self.topics = {n: t for n, t in self.topics.items() if t.groups}
+
+    # -- session side ----------------------------------------------------------------
+
+    def subscribe(
+        self, session: Session, topic: str, since: tuple[str, int] | None, period: int
+    ) -> tuple[bytes, int]:
+        """Subscribe (or re-subscribe) `session` to `topic`.
+
+        Returns the `snap` message and the number of items in it: full unless
+        `since` is in the current epoch, in which case it holds only the keys
+        changed after that position (deletions included), however old it is.
+        """
+        t = self.topic(topic)
+        old = session.subs.get(topic)
+        if old is not None:
+            self._remove(old)
+        if since is not None and since[0] == self.epoch:
+            full = False
+            items = t.changed_since(since[1])
+        else:
+            full = True
+            items = t.live_items()
+        snap = build_snap(t.packed_name, self.epoch, t.pos, full, items)
+        g = t.groups.get(period)
+        if g is None:
+            g = t.groups[period] = Group(period, t.pos)
+            self.periods[period] = self.periods.get(period, 0) + 1
+            self.pending.setdefault(period, set())
+        sub = Sub(session, t, g, t.pos)
+        g.subs.add(sub)
+        session.subs[topic] = sub
+        return snap, len(items)
+
+    def unsubscribe(self, session: Session, topic: str) -> bool:
+        sub = session.subs.pop(topic, None)
+        if sub is None:
+            return False
+        self._remove(sub)
+        return True
+
+    def close_session(self, session: Session) -> None:
+        for sub in session.subs.values():
+            self._remove(sub)
+        session.subs.clear()
+
+    def _remove(self, sub: Sub) -> None:
+        g = sub.group
+        g.subs.discard(sub)
+        g.behind.discard(sub)
+        if not g.subs:
+            t = sub.topic
+            del t.groups[g.period]
+            n = self.periods[g.period] - 1
+            if n:
+                self.periods[g.period] = n
+            else:
+                del self.periods[g.period]
+                self.pending.pop(g.period, None)
+
+    def _visit(self, t: TopicState, period: int) -> None:
+        self.pending.setdefault(period, set()).add(t)
+
+    # -- flush -----------------------------------------------------------------------
+
+    def collect(self) -> dict[Session, list[Delivery]]:
+        """Advance one flush tick and plan what each session is sent.
+
+        The plan may be delivered later (the shell yields to its loop between
+        sessions): each delivery carries the position it reflects.
+        """
+        self.tick += 1
+        tick = self.tick
+        pending = self.pending
+        if self.dirty:
+            for t in self.dirty:
+                for p in t.groups:
+                    pending.setdefault(p, set()).add(t)
+            self.dirty = set()
+        out: dict[Session, list[Delivery]] = {}
+        stale: dict[tuple[TopicState, int], tuple[bytes, int]] = {}
+        epoch = self.epoch
+        for period, topics in pending.items():
+            if not topics or tick % period:
+                continue
+            for t in topics:
+                g = t.groups.get(period)
+                if g is None:
+                    continue
+                tpos = t.pos
+                base = g.flushed_pos
+                if base < tpos or base == _NEEDS_SNAP:
+                    # The topic changed for this group: everyone is a candidate.
+                    members: set[Sub] | list[Sub] = list(g.subs)
+                    if base == _NEEDS_SNAP:
+                        items = t.live_items()
+                        shared = build_snap(t.packed_name, epoch, tpos, True, items)
+                    else:
+                        items = t.changed_since(base)
+                        shared = build_upd(t.packed_name, tpos, items)
+                    shared_n = len(items)
+                    g.flushed_pos = tpos
+                else:
+                    # Nothing new since the group's last flush: only laggards to serve.
+                    members = list(g.behind)
+                    shared, shared_n = b"", 0
+                g.behind.clear()
+                for sub in members:
+                    session = sub.session
+                    if session.paused:
+                        # conflate: remember nothing but sent_pos. A sub that is
+                        # already at tpos (subscribed since) is not behind: resume
+                        # would not visit it, so it would linger in `behind`.
+                        if sub.sent_pos < tpos:
+                            g.behind.add(sub)
+                        continue
+                    sent = sub.sent_pos
+                    if sent == base:
+                        msg, n = shared, shared_n
+                    elif sent < tpos or sent == _NEEDS_SNAP:
+                        cached = stale.get((t, sent))
+                        if cached is None:
+                            cached = stale[(t, sent)] = self._catch_up(t, sent)
+                        msg, n = cached
+                    else:
+                        continue  # already at tpos (subscribed after the last flush)
+                    d = out.get(session)
+                    if d is None:
+                        out[session] = [(sub, msg, tpos, n)]
+                    else:
+                        d.append((sub, msg, tpos, n))
+            topics.clear()
+        return out
+
+    def _catch_up(self, t: TopicState, sent: int) -> tuple[bytes, int]:
+        if sent == _NEEDS_SNAP:
+            items = t.live_items()
+            return build_snap(t.packed_name, self.epoch, t.pos, True, items), len(items)
+        items = t.changed_since(sent)
+        return build_upd(t.packed_name, t.pos, items), len(items)
+
+    def deliver(self, session: Session, deliveries: list[Delivery]) -> bool:
+        """Write one session's planned messages as one frame. On refusal (over
+        budget) the subscriptions stay behind and are retried on a later tick.
+
+        A planned message whose subscription ended or changed after `collect`
+        (unsub, re-sub, closed session, new epoch) is dropped: it may hold values
+        older than what the client got since. True when nothing is left to write.
+        """
+        subs = session.subs
+        for planned in deliveries:
+            if not _still_wanted(subs, planned[0]):
+                deliveries = [d for d in deliveries if _still_wanted(subs, d[0])]
+                if not deliveries:
+                    return True
+                break
+        frame = deliveries[0][1] if len(deliveries) == 1 else b"".join([d[1] for d in deliveries])
+        stats = self.stats
+        if session.writer.write(frame):
+            stats.frames_sent += 1
+            stats.bytes_sent += len(frame)
+            for sub, _, pos, n in deliveries:
+                if pos > sub.sent_pos:
+                    sub.sent_pos = pos
+                sub.group.behind.discard(sub)
+                stats.updates_delivered += n
+            return True
+        stats.frames_refused += 1
+        for sub, _, _, _ in deliveries:
+            g = sub.group
+            if sub in g.subs:
+                g.behind.add(sub)
+                self._visit(sub.topic, g.period)
+        return False
+
+    def resume(self, session: Session) -> None:
+        """The session drained below its budget: visit its lagging topics next tick."""
+        session.paused = False
+        for sub in session.subs.values():
+            if sub.sent_pos < sub.topic.pos or sub.sent_pos == _NEEDS_SNAP:
+                sub.group.behind.add(sub)
+                self._visit(sub.topic, sub.group.period)
+
+    # -- introspection ---------------------------------------------------------------
+
+    def subscription_count(self) -> int:
+        return sum(len(g.subs) for t in self.topics.values() for g in t.groups.values())
+
+    def topic_positions(self) -> Mapping[str, int]:
+        return {name: t.pos for name, t in self.topics.items()}
+
+
+def _still_wanted(subs: Mapping[str, Sub], sub: Sub) -> bool:
+    """Whether a message planned for `sub` may still be written.
+
+    Not when the session dropped or replaced the subscription since `collect`
+    (a re-sub's snap is newer than the plan), nor when a new epoch began since:
+    `reset` marks the group as needing a snap, which only a later `collect`
+    plans (and clears), so a planned message meeting that mark is from the old epoch.
+    """
+    if subs.get(sub.topic.name) is not sub:
+        return False
+    return not (sub.sent_pos == _NEEDS_SNAP and sub.group.flushed_pos == _NEEDS_SNAP)

@@ -1,0 +1,83 @@
+"""The latest-state table of one topic. PURE: no I/O.
+
+Rules this module owns:
+
+1. A key's value changes only to an entry with a strictly newer position
+   (`apply` is idempotent by position: replays and snapshot/stream races are
+   harmless).
+2. `entries` is ordered by position, oldest first, so the keys changed after a
+   position are found by walking from the newest end: `changed_since` costs
+   O(keys changed), not O(keys).
+3. A deletion (data NIL) stays as a tombstone with its position, so a client
+   recovering with `since` learns that the key was deleted. Memory is bounded
+   by the number of keys the topic ever had, never by the number of updates.
+4. Each entry keeps its `items` pair pre-packed (msgpack key + the publisher's
+   data bytes): building a message is a join, never an encode of the payload.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from engine.protocol.codec import NIL, pack_item, pack_str
+
+if TYPE_CHECKING:
+    from engine.fanout.core import Group
+
+
+class TopicState:
+    """Latest value and position of every key of one topic."""
+
+    __slots__ = ("entries", "groups", "live", "name", "packed_name", "pos")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.packed_name = pack_str(name)
+        # key -> (pos, packed item, deleted); ordered by pos ascending (rule 2)
+        self.entries: dict[str, tuple[int, bytes, bool]] = {}
+        self.pos = 0  # position of the newest entry applied
+        self.live = 0  # keys that are not deleted
+        # period (in flush ticks) -> subscriber group; owned by engine.fanout.core
+        self.groups: dict[int, Group] = {}
+
+    def apply(self, key: str, pos: int, data: bytes) -> bool:
+        """Record `data` for `key` at `pos`. Returns False (and changes nothing)
+        when the key already holds a position at or after `pos`."""
+        entries = self.entries
+        old = entries.get(key)
+        if old is not None:
+            if old[0] >= pos:
+                return False
+            del entries[key]
+            if not old[2]:
+                self.live -= 1
+        deleted = data == NIL
+        entries[key] = (pos, pack_item(key, data), deleted)
+        if not deleted:
+            self.live += 1
+        if pos > self.pos:
+            self.pos = pos
+        else:
+            # Out of order (merging a snapshot under the live stream): restore rule 2.
+            self.entries = dict(sorted(entries.items(), key=lambda kv: kv[1][0]))
+        return True
+
+    def changed_since(self, since: int) -> list[bytes]:
+        """Packed items of the keys changed after `since`, oldest first, deletions included."""
+        out: list[bytes] = []
+        for pos, item, _ in reversed(self.entries.values()):
+            if pos <= since:
+                break
+            out.append(item)
+        out.reverse()
+        return out
+
+    def live_items(self) -> list[bytes]:
+        """Packed items of every key that exists (a full snapshot)."""
+        return [item for _, item, deleted in self.entries.values() if not deleted]
+
+    def clear(self) -> None:
+        """Forget every key (the bus lost its history: a new epoch)."""
+        self.entries = {}
+        self.pos = 0
+        self.live = 0

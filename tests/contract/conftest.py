@@ -1,0 +1,141 @@
+"""Fixtures of the bus contract suite: one bus per test, for each backend and event loop.
+
+`bus_env` gives a running bus of the backend named by `bus_backend` and lets a
+test stop it (`down`: its data is lost) and start it again (`up`). Tests build
+clients with `bus_env.client(...)` (`engine.bus.create_bus` underneath) and use
+only the `Bus` interface, so a new backend joins by adding a param and an env.
+Every test runs on plain asyncio and on uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import pytest
+import uvloop
+
+from engine.bus import Bus, Entry, create_bus
+from engine.bus.hub import Hub, serve_hub
+from engine.config import Config, default_config
+
+WAIT_S = 10.0 * float(os.environ.get("FANOUT_TEST_TIMEOUT_FACTOR", "1"))
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Callable[[], Any]]:
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+async def until(cond: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
+    """Wait until `cond()` holds (a guard against hangs, not a timing assertion)."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.005)
+
+
+class Recorder:
+    """A `BusSink` that records what it is given and keeps state applied by position."""
+
+    def __init__(self) -> None:
+        self.epochs: list[str] = []
+        self.links: list[bool] = []
+        self.entries: list[Entry] = []
+        self.state: dict[tuple[str, str], tuple[int, bytes]] = {}
+        self.replayed = 0  # entries not newer than what was held (ignored)
+
+    def on_bus_epoch(self, epoch: str) -> None:
+        if self.epochs and self.epochs[-1] != epoch:
+            self.state.clear()  # guarantee 4: a new epoch, drop everything
+        self.epochs.append(epoch)
+
+    def on_bus_entries(self, entries: Sequence[Entry]) -> None:
+        for topic, key, pos, data in entries:
+            self.entries.append((topic, key, pos, data))
+            held = self.state.get((topic, key))
+            if held is None or pos > held[0]:
+                self.state[(topic, key)] = (pos, data)
+            else:
+                self.replayed += 1
+
+    def on_bus_connected(self, connected: bool) -> None:
+        self.links.append(connected)
+
+    def topic_state(self, topic: str) -> dict[str, tuple[int, bytes]]:
+        return {k: v for (t, k), v in self.state.items() if t == topic}
+
+    def marks(self) -> set[tuple[str, int]]:
+        """(topic, pos) of every entry received. Positions are per shard, so a
+        position alone does not name an entry: two shards may both have it."""
+        return {(e[0], e[2]) for e in self.entries}
+
+
+class BusEnv:
+    """A bus for one test, plus the clients made on it (closed at teardown)."""
+
+    def __init__(self, backend: str, cfg: Config, run_dir: str) -> None:
+        self.backend = backend
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.clients: list[Bus] = []
+        self._hub: Hub | None = None
+
+    async def up(self) -> None:
+        """Start the bus, empty."""
+        if self.backend == "local":
+            assert self._hub is None
+            self._hub = await serve_hub(self.cfg, self.run_dir)
+        else:  # pragma: no cover - a backend this suite does not know yet
+            raise AssertionError(self.backend)
+
+    async def down(self) -> None:
+        """Stop the bus; its data is lost."""
+        if self.backend == "local" and self._hub is not None:
+            hub, self._hub = self._hub, None
+            await hub.close()
+
+    async def client(self, sink: Recorder | None = None, *, want_entries: bool = True) -> Bus:
+        """A started client (connected if the bus is up)."""
+        bus = create_bus(self.cfg, self.run_dir, want_entries=want_entries)
+        self.clients.append(bus)
+        await bus.start(sink)
+        return bus
+
+    async def close(self) -> None:
+        for bus in self.clients:
+            await bus.close()
+        await self.down()
+
+
+@pytest.fixture(params=["local"])
+def bus_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def run_dir() -> Iterator[str]:
+    # Short on purpose: a Unix socket path must stay under 108 bytes.
+    path = tempfile.mkdtemp(prefix="fo-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def bus_env(bus_backend: str, run_dir: str) -> AsyncIterator[BusEnv]:
+    base = default_config()
+    cfg = dataclasses.replace(
+        base, bus=dataclasses.replace(base.bus, backend=bus_backend, shards=4)
+    )
+    env = BusEnv(bus_backend, cfg, run_dir)
+    await env.up()
+    try:
+        yield env
+    finally:
+        await env.close()

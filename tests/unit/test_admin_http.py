@@ -1,0 +1,472 @@
+"""The admin API's decisions (engine.admin.http), without a socket."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+import pytest
+
+from engine.admin import http
+from engine.admin.http import HttpError, parse_publish, plan_request
+from engine.bus.base import Update
+from engine.protocol.codec import NIL, make_pos
+
+MAX_ITEMS = 5
+
+
+def pj(obj: Any) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def pm(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def refused(body: bytes, media: str = "json", max_items: int = MAX_ITEMS) -> HttpError:
+    with pytest.raises(HttpError) as info:
+        parse_publish(body, media, max_items)
+    return info.value
+
+
+def body_of(response: http.Response) -> dict[str, Any]:
+    out = json.loads(response.body)
+    assert isinstance(out, dict)
+    return out
+
+
+# -- JSON bodies ------------------------------------------------------------------
+
+
+def test_json_single_is_encoded_to_msgpack_once() -> None:
+    req = parse_publish(
+        pj({"topic": "prices.fx", "key": "EURUSD", "data": {"bid": 1.1}}), "json", 5
+    )
+    assert req.batch is False
+    assert req.updates == (Update("prices.fx", "EURUSD", pm({"bid": 1.1})),)
+
+
+def test_json_null_data_deletes_the_key() -> None:
+    req = parse_publish(pj({"topic": "t", "key": "k", "data": None}), "json", 5)
+    assert req.updates[0].data == NIL
+
+
+def test_json_batch_keeps_order() -> None:
+    items = [{"topic": "a", "key": f"k{i}", "data": i} for i in range(3)]
+    req = parse_publish(pj({"items": items}), "json", 5)
+    assert req.batch is True
+    assert [(u.key, u.data) for u in req.updates] == [("k0", pm(0)), ("k1", pm(1)), ("k2", pm(2))]
+
+
+def test_json_batch_of_one_is_still_a_batch() -> None:
+    req = parse_publish(pj({"items": [{"topic": "a", "key": "k", "data": 1}]}), "json", 5)
+    assert req.batch is True and len(req.updates) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "words"),
+    [
+        (b"", "bad_request", "empty"),
+        (b"{not json", "bad_request", "undecodable JSON"),
+        (b"\xff\xfe\x00", "bad_request", "undecodable JSON"),
+        (b"[" * 100_000, "bad_request", "undecodable JSON"),
+        (pj([1, 2]), "bad_request", "JSON object"),
+        (pj({"key": "k", "data": 1}), "bad_request", "'topic' is required"),
+        (pj({"topic": 5, "key": "k", "data": 1}), "bad_request", "'topic' must be a string"),
+        (pj({"topic": "bad topic", "key": "k", "data": 1}), "bad_topic", "'topic'"),
+        (pj({"topic": "x" * 201, "key": "k", "data": 1}), "bad_topic", "'topic'"),
+        (pj({"topic": "t", "data": 1}), "bad_request", "'key' is required"),
+        (pj({"topic": "t", "key": 3, "data": 1}), "bad_request", "'key' must be a string"),
+        (pj({"topic": "t", "key": "", "data": 1}), "bad_request", "'key' must not be empty"),
+        (pj({"topic": "t", "key": "k"}), "bad_request", "'data' is required"),
+        (pj({"topic": "t", "key": "k", "data": 2**70}), "bad_request", "'data' cannot be encoded"),
+        (pj({"topic": "t", "key": "k", "data": 1, "tpoic": 2}), "bad_request", "'tpoic'"),
+        (pj({"items": {"topic": "t"}}), "bad_request", "'items' must be an array"),
+        (pj({"items": []}), "bad_request", "'items' must not be empty"),
+        (pj({"items": [{"topic": "t", "key": "k", "data": 1}] * 6}), "bad_request", "limit is 5"),
+        (pj({"items": [{"topic": "t", "key": "k", "data": 1}, 7]}), "bad_request", "'items[1]'"),
+        (
+            pj({"items": [{"topic": "t", "key": "k", "data": 1}, {"topic": "t", "data": 1}]}),
+            "bad_request",
+            "'items[1].key' is required",
+        ),
+        (
+            pj({"items": [{"topic": "t", "key": "k", "data": 1}], "topic": "t"}),
+            "bad_request",
+            "either 'items'",
+        ),
+    ],
+)
+def test_json_bad_bodies_are_400_naming_the_fault(body: bytes, error: str, words: str) -> None:
+    exc = refused(body)
+    assert exc.status == 400
+    assert exc.error == error
+    assert words in exc.message
+    shown = body_of(exc.response())
+    assert shown["error"] == error and words in shown["message"]
+
+
+def test_bad_topic_names_the_topic() -> None:
+    exc = refused(pj({"items": [{"topic": "a b", "key": "k", "data": 1}]}))
+    assert exc.error == "bad_topic"
+    assert "'items[0].topic'" in exc.message
+    assert body_of(exc.response())["topic"] == "a b"
+
+
+def test_one_bad_item_refuses_the_whole_batch() -> None:
+    items = [{"topic": "ok", "key": "k", "data": 1}] * 3 + [{"topic": "ok", "key": "", "data": 1}]
+    exc = refused(pj({"items": items}))
+    assert "'items[3].key'" in exc.message
+
+
+# -- msgpack bodies ---------------------------------------------------------------
+
+# Bytes a re-encoding would change: a float32, an int in a wider format than
+# needed, a str8 header for a short string, a map with keys in a chosen order.
+ODD_DATA = [
+    b"\xca\x3f\xc0\x00\x00",  # float32 1.5 (packb would write float64)
+    b"\xd1\x00\x01",  # int16 1 (packb would write fixint)
+    b"\xd9\x03abc",  # str8 "abc" (packb would write fixstr)
+    b"\x82\xa1z\x01\xa1a\x02",  # {"z": 1, "a": 2}
+    b"\xc7\x02\x05hi",  # ext type 5
+    NIL,
+]
+
+
+# A 'data' value nested deeper than msgpack's unpacker stack.
+DEEP_DATA = (
+    b"\x83" + pm("topic") + pm("t") + pm("key") + pm("k") + pm("data") + b"\x91" * 100_000 + b"\xc0"
+)
+
+
+def _raw_map(pairs: list[tuple[str, bytes]]) -> bytes:
+    """A msgpack map with values given as raw bytes (kept exactly)."""
+    return bytes([0x80 | len(pairs)]) + b"".join(pm(k) + v for k, v in pairs)
+
+
+@pytest.mark.parametrize("data", ODD_DATA)
+def test_msgpack_single_keeps_data_bytes_exactly(data: bytes) -> None:
+    body = _raw_map([("topic", pm("t.x")), ("data", data), ("key", pm("k"))])
+    req = parse_publish(body, "msgpack", 5)
+    assert req.batch is False
+    assert req.updates == (Update("t.x", "k", data),)
+
+
+def test_msgpack_batch_keeps_every_data_bytes_exactly() -> None:
+    items = [
+        _raw_map([("data", d), ("topic", pm("t")), ("key", pm(f"k{i}"))])
+        for i, d in enumerate(ODD_DATA)
+    ]
+    body = pm("items").join([b"\x81", b"\x96" + b"".join(items)])
+    req = parse_publish(body, "msgpack", 10)
+    assert req.batch is True
+    assert [u.data for u in req.updates] == ODD_DATA
+    assert [u.key for u in req.updates] == [f"k{i}" for i in range(len(ODD_DATA))]
+
+
+def test_msgpack_and_json_agree_on_plain_values() -> None:
+    obj = {"topic": "t", "key": "k", "data": {"a": [1, "x", None, True]}}
+    assert parse_publish(pm(obj), "msgpack", 5) == parse_publish(pj(obj), "json", 5)
+
+
+def test_msgpack_body_fed_with_trailing_bytes_is_refused() -> None:
+    body = pm({"topic": "t", "key": "k", "data": 1})
+    assert "trailing" in refused(body + b"\x01", "msgpack").message
+
+
+def test_msgpack_every_truncation_is_a_400() -> None:
+    body = pm({"items": [{"topic": "t", "key": "k", "data": {"a": [1, 2, 3]}}]})
+    for cut in range(len(body)):
+        exc = refused(body[:cut], "msgpack")
+        assert exc.status == 400, cut
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "words"),
+    [
+        (pm([1]), "bad_request", "msgpack map"),
+        (b"\xc1", "bad_request", "undecodable msgpack"),
+        (pm({"topic": "t", "key": "k"}), "bad_request", "'data' is required"),
+        (pm({"topic": "t", "data": 1}), "bad_request", "'key' is required"),
+        (pm({"topic": "t", "key": b"k", "data": 1}), "bad_request", "'key' must be a string"),
+        (pm({"topic": "no way", "key": "k", "data": 1}), "bad_topic", "'topic'"),
+        (pm({1: "t", "key": "k", "data": 1}), "bad_request", "field names must be strings"),
+        (pm({"topic": "t", "key": "k", "data": 1, "id": 1}), "bad_request", "'id'"),
+        (pm({"items": "x"}), "bad_request", "'items' must be an array"),
+        (pm({"items": []}), "bad_request", "'items' must not be empty"),
+        (pm({"items": [{"topic": "t", "key": "k", "data": 1}] * 6}), "bad_request", "limit is 5"),
+        (pm({"items": [5]}), "bad_request", "'items[0]' must be a map"),
+        (pm({"items": [{"topic": "t", "key": "k"}]}), "bad_request", "'items[0].data'"),
+        (
+            pm({"items": [{"topic": "t", "key": "k", "data": 1}], "key": "k"}),
+            "bad_request",
+            "either",
+        ),
+        (DEEP_DATA, "bad_request", "undecodable msgpack"),
+    ],
+)
+def test_msgpack_bad_bodies_are_400_naming_the_fault(body: bytes, error: str, words: str) -> None:
+    exc = refused(body, "msgpack")
+    assert (exc.status, exc.error) == (400, error)
+    assert words in exc.message
+
+
+def test_msgpack_duplicate_data_is_refused() -> None:
+    body = _raw_map([("topic", pm("t")), ("key", pm("k")), ("data", pm(1)), ("data", pm(2))])
+    assert "'data' appears twice" in refused(body, "msgpack").message
+
+
+def test_msgpack_length_prefix_larger_than_body_is_refused_cheaply() -> None:
+    body = b"\x81" + pm("data") + b"\xc6\x7f\xff\xff\xff"  # bin32 of 2 GiB
+    assert refused(body, "msgpack").status == 400
+
+
+# -- the request head -------------------------------------------------------------
+
+LIMIT = 1 << 20
+
+
+def plan(method: str, target: str, api_key: str | None = None, **headers: str) -> http.Plan:
+    hdrs = {k.replace("_", "-"): v for k, v in headers.items()}
+    return plan_request(method, target, hdrs, api_key=api_key, body_limit=LIMIT)
+
+
+def plan_refused(method: str, target: str, api_key: str | None = None, **headers: str) -> HttpError:
+    with pytest.raises(HttpError) as info:
+        plan(method, target, api_key, **headers)
+    return info.value
+
+
+def test_routes_and_query_strings() -> None:
+    assert plan("GET", "/readyz?verbose=1").path == "/readyz"
+    assert plan("GET", "/healthz").path == "/healthz"
+    assert plan("GET", "/stats").path == "/stats"
+    assert plan("POST", "/publish") == http.Plan("/publish", "json")
+
+
+def test_unknown_path_is_404_json() -> None:
+    exc = plan_refused("GET", "/nope")
+    assert exc.status == 404
+    assert body_of(exc.response())["error"] == "not_found"
+
+
+def test_wrong_method_is_405_with_allow() -> None:
+    exc = plan_refused("GET", "/publish")
+    assert exc.status == 405
+    assert ("allow", "POST") in exc.response().headers
+    assert ("allow", "GET") in plan_refused("POST", "/stats").response().headers
+
+
+@pytest.mark.parametrize(
+    ("content_type", "media"),
+    [
+        ("application/json", "json"),
+        ("application/json; charset=utf-8", "json"),
+        ("", "json"),
+        ("application/msgpack", "msgpack"),
+        ("Application/MsgPack", "msgpack"),
+        ("application/x-msgpack", "msgpack"),
+    ],
+)
+def test_content_types(content_type: str, media: str) -> None:
+    assert plan("POST", "/publish", content_type=content_type).media == media
+
+
+def test_wrong_content_type_is_415() -> None:
+    exc = plan_refused("POST", "/publish", content_type="text/plain")
+    assert exc.status == 415
+    assert "text/plain" in exc.message
+
+
+def test_declared_body_over_the_limit_is_413() -> None:
+    assert plan_refused("POST", "/publish", content_length=str(LIMIT + 1)).status == 413
+    assert plan("POST", "/publish", content_length=str(LIMIT)).path == "/publish"
+
+
+def test_body_limit_follows_max_message_bytes() -> None:
+    assert http.body_limit_bytes(1000) == 1 << 20
+    assert http.body_limit_bytes(1 << 20) == 4 << 20
+
+
+def test_api_key_required_when_set() -> None:
+    assert plan("POST", "/publish", "s3cret", authorization="Bearer s3cret").path == "/publish"
+    assert plan("POST", "/publish", "s3cret", authorization="bearer s3cret").path == "/publish"
+    for auth in (None, "Bearer wrong", "Basic s3cret", "Bearer", "s3cret"):
+        headers = {} if auth is None else {"authorization": auth}
+        exc = plan_refused("POST", "/publish", "s3cret", **headers)
+        assert exc.status == 401
+        assert body_of(exc.response())["error"] == "unauthorized"
+        assert any(name == "www-authenticate" for name, _ in exc.response().headers)
+
+
+def test_api_key_checked_before_content_type() -> None:
+    # An unauthenticated client learns nothing about what the endpoint accepts.
+    assert plan_refused("POST", "/publish", "k", content_type="text/plain").status == 401
+
+
+def test_probes_need_no_api_key() -> None:
+    assert plan("GET", "/readyz", "s3cret").path == "/readyz"
+
+
+# -- answers ----------------------------------------------------------------------
+
+
+def test_publish_answers_a_position_or_a_list() -> None:
+    single = http.PublishRequest((Update("t", "k", NIL),), batch=False)
+    batch = http.PublishRequest((Update("t", "k", NIL),) * 2, batch=True)
+    assert body_of(http.publish_response(single, [make_pos(12, 3)])) == {"pos": "12-3"}
+    assert body_of(http.publish_response(batch, [make_pos(12, 3), make_pos(12, 4)])) == {
+        "pos": ["12-3", "12-4"]
+    }
+
+
+def test_unavailable_is_503_json() -> None:
+    r = http.unavailable("hub down")
+    assert r.status == 503
+    assert body_of(r) == {"error": "unavailable", "message": "hub down"}
+
+
+NOW = 1_000_000.0
+
+
+def sup(
+    state: str = "running", workers: dict[str, int] | None = None, **extra: Any
+) -> dict[str, Any]:
+    workers = {"1": 101, "2": 102} if workers is None else workers
+    return {
+        "ts": NOW - 1,
+        "state": state,
+        "workers_expected": len(workers),
+        "workers": workers,
+        **extra,
+    }
+
+
+def worker(pid: int, *, age: float = 0.5, **extra: Any) -> dict[str, Any]:
+    return {"ts": NOW - age, "pid": pid, "accepting": True, "bus_connected": True, **extra}
+
+
+def ready(
+    supervisor: dict[str, Any] | None, workers: dict[int, dict[str, Any]], **kw: Any
+) -> tuple[bool, list[str]]:
+    args: dict[str, Any] = {
+        "now": NOW,
+        "heartbeat_timeout_s": 10.0,
+        "parent_alive": False,
+        "bus_connected": True,
+        "max_lag_ms": 5000,
+    }
+    args.update(kw)
+    return http.readiness(supervisor, workers, **args)
+
+
+def test_ready_when_all_is_well() -> None:
+    assert ready(sup(), {1: worker(101), 2: worker(102)}) == (True, [])
+
+
+def test_not_ready_names_every_reason() -> None:
+    ok, reasons = ready(
+        sup("draining", workers={"1": 101, "2": 102, "3": 103, "4": 104, "5": 105}),
+        {
+            1: worker(101, accepting=False),
+            2: worker(102, age=30),
+            3: worker(99),
+            4: worker(104, bus_connected=False),
+        },
+        bus_connected=False,
+    )
+    assert not ok
+    assert reasons == [
+        "supervisor: draining",
+        "worker 1: not accepting",
+        "worker 2: heartbeat stale (30.0 s)",
+        "worker 3: status from pid 99, expected 103",
+        "worker 4: bus disconnected",
+        "worker 5: no status",
+        "bus: disconnected",
+    ]
+
+
+def test_not_ready_without_any_status() -> None:
+    assert ready(None, {}) == (False, ["supervisor: no status"])
+
+
+def test_not_ready_when_fewer_workers_than_expected() -> None:
+    ok, reasons = ready(sup(workers={"1": 101}, workers_expected=2), {1: worker(101)})
+    assert not ok and reasons == ["workers: 1 of 2 running"]
+
+
+def test_not_ready_when_a_worker_lags() -> None:
+    _, reasons = ready(sup(), {1: worker(101, bus_lag_ms=9000), 2: worker(102, bus_lag_ms=10)})
+    assert reasons == ["worker 1: bus lagging (9000 ms > 5000 ms)"]
+
+
+def test_stale_supervisor_is_alive_while_it_is_our_parent() -> None:
+    stale = {**sup(), "ts": NOW - 60}
+    workers = {1: worker(101), 2: worker(102)}
+    assert ready(stale, workers) == (False, ["supervisor: status stale"])
+    assert ready(stale, workers, parent_alive=True) == (True, [])
+
+
+def test_health() -> None:
+    assert http.health(sup(), NOW, 10, False).status == 200
+    assert body_of(http.health(sup(), NOW, 10, False)) == {"status": "ok"}
+    assert http.health(None, NOW, 10, True).status == 200
+    assert http.health(None, NOW, 10, False).status == 503
+    assert http.health({**sup(), "ts": NOW - 11}, NOW, 10, False).status == 503
+
+
+def test_ready_response_shapes() -> None:
+    assert http.ready_response(True, [], 2).status == 200
+    assert body_of(http.ready_response(True, [], 2))["status"] == "ready"
+    r = http.ready_response(False, ["bus: disconnected"], 2)
+    assert r.status == 503
+    assert body_of(r) == {"status": "not_ready", "reasons": ["bus: disconnected"]}
+
+
+def test_stats_sums_workers_and_counts_uptime_from_the_supervisor() -> None:
+    counters = {
+        "connections": 3,
+        "subscriptions": 5,
+        "frames_sent": 7,
+        "bytes_sent": 11,
+        "updates_delivered": 13,
+        "slow_closes": 1,
+    }
+    out = http.stats(
+        node="n1",
+        started=NOW - 5,
+        supervisor=sup(started=NOW - 100),
+        workers={1: worker(101, **counters), 2: worker(102, age=2, **counters), 9: worker(109)},
+        now=NOW,
+        bus={"backend": "local", "connected": True, "epoch": "e"},
+    )
+    assert out["node"] == "n1"
+    assert out["uptime_s"] == 100
+    assert [w["slot"] for w in out["workers"]] == [1, 2]  # slot 9 is not the supervisor's
+    assert out["workers"][1]["heartbeat_age_s"] == 2
+    assert out["workers"][0]["pid"] == 101
+    assert out["totals"] == {k: 2 * v for k, v in counters.items()} | {"workers": 2}
+    assert out["bus"] == {"backend": "local", "connected": True, "epoch": "e"}
+    json.dumps(out, allow_nan=False)
+
+
+def test_stats_without_supervisor_lists_the_board() -> None:
+    out = http.stats(
+        node="n",
+        started=NOW - 5,
+        supervisor=None,
+        workers={3: worker(7, connections=2)},
+        now=NOW,
+        bus={},
+    )
+    assert out["uptime_s"] == 5
+    assert out["workers"][0]["slot"] == 3 and out["totals"]["connections"] == 2
+
+
+def test_stats_of_a_missing_worker_status() -> None:
+    out = http.stats(node="n", started=NOW, supervisor=sup(), workers={}, now=NOW, bus={})
+    assert out["workers"][0]["pid"] == 101
+    assert out["workers"][0]["heartbeat_age_s"] is None
+    assert out["totals"]["connections"] == 0

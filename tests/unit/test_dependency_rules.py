@@ -1,0 +1,341 @@
+"""The dependency rule of style.md: a pure core with no I/O, thin I/O shells.
+
+Two checks, because each misses what the other sees:
+
+- ast: every import statement of a pure module (module level, inside
+  functions, under `TYPE_CHECKING`) names an allowed module. This sees direct
+  imports, including ones a runtime check would miss because some other module
+  already loaded them (`os` is always loaded).
+- runtime: importing a pure module in a fresh interpreter loads no event loop,
+  socket, thread or process machinery, whatever it imports on the way (a
+  package `__init__`, msgpack, another engine module).
+
+And the supervisor (synchronous, forks its children) never imports asyncio,
+uvloop, redis or picows: not directly, and not through what it imports.
+
+The allowlists (keep them short; say why when adding to them):
+
+- `PURE_STDLIB`: standard library modules with no I/O, clock, randomness or
+  threads. `time` is left out on purpose: a pure module takes the time as an
+  argument (`now_ms`), which is what lets its tests run without a clock. No
+  pure module needs `time` or `random` today; a module that truly does gets an
+  entry in `EXTRA_STDLIB` with the reason.
+- `EXTRA_STDLIB`: per-module additions (parsers the module exists to drive).
+- `ENGINE_DEPS`: which engine modules each pure module may import; every one
+  of them is itself checked here.
+- `WAIVERS`: known violations, each with its reason and its way out. A waiver
+  that is no longer needed fails `test_every_waiver_is_still_needed`.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ENGINE = REPO / "engine"
+
+PURE_STDLIB = frozenset(
+    {
+        "__future__",
+        "typing",
+        "dataclasses",
+        "collections",  # and collections.abc
+        "re",
+        "math",
+        "zlib",  # crc32 for shard_of
+        "struct",  # fixed-size binary headers
+        "enum",
+        "itertools",
+        "functools",
+        "operator",
+        "bisect",
+        "heapq",
+        "abc",
+        "types",
+    }
+)
+THIRD_PARTY = frozenset({"msgpack"})
+
+EXTRA_STDLIB: dict[str, frozenset[str]] = {
+    # TOML files, JSON arrays in environment variables, "did you mean" for typos.
+    "engine/config.py": frozenset({"tomllib", "json", "difflib"}),
+}
+
+WAIVERS: dict[str, dict[str, str]] = {
+    "engine/config.py": {
+        "os": (
+            "load() defaults to os.environ and tests os.path.isfile(DEFAULT_PATH): the loader "
+            "lives beside the parser. Way out: the CLI shell passes env and the file's text."
+        ),
+    },
+}
+
+_BASE = ("engine.errors", "engine.codes")
+_PROTOCOL = (*_BASE, "engine.protocol", "engine.topics")
+ENGINE_DEPS: dict[str, tuple[str, ...]] = {
+    # A name covers its submodules: "engine.protocol" allows engine.protocol.codec.
+    "engine/__init__.py": (),
+    "engine/errors.py": (),
+    "engine/codes.py": (),
+    "engine/protocol/": _PROTOCOL,
+    "engine/fanout/": (*_PROTOCOL, "engine.fanout", "engine.config", "engine.bus.base"),
+    "engine/config.py": (*_BASE, "engine.topics"),
+    "engine/topics.py": (*_BASE, "engine.config"),
+    "engine/supervisor/backoff.py": (*_BASE, "engine.config"),
+    "engine/bus/base.py": (*_BASE, "engine.protocol"),
+    "engine/bus/wire.py": (*_BASE, "engine.protocol", "engine.bus.base"),
+    "engine/bus/hubcore.py": (
+        *_PROTOCOL,
+        "engine.bus.base",
+        "engine.bus.wire",
+        "engine.config",
+    ),
+}
+
+# Not loaded by importing a pure module (checked in a fresh interpreter).
+RUNTIME_FORBIDDEN = frozenset(
+    {
+        "asyncio",
+        "socket",
+        "selectors",
+        "select",
+        "signal",
+        "threading",
+        "subprocess",
+        "multiprocessing",
+        "concurrent",
+        "uvloop",
+        "picows",
+        "redis",
+        "hiredis",
+    }
+)
+SUPERVISOR_FORBIDDEN = frozenset({"asyncio", "uvloop", "redis", "picows"})
+
+
+# -- what the files import ------------------------------------------------------------------
+
+
+def rel(path: Path) -> str:
+    return path.relative_to(REPO).as_posix()
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def is_engine_module(name: str) -> bool:
+    base = REPO.joinpath(*name.split("."))
+    return base.with_suffix(".py").is_file() or base.is_dir()
+
+
+def package_of(path: Path) -> str:
+    return module_name(path) if path.name == "__init__.py" else module_name(path.parent)
+
+
+def imports_of(path: Path) -> list[tuple[int, str]]:
+    return imports_in(path.read_text(encoding="utf-8"), package_of(path))
+
+
+def imports_in(source: str, package: str) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in `source`, at any depth.
+
+    `package` anchors relative imports. `from X import y` counts as importing
+    `X.y` when that is an engine module, else `X`. `__import__(...)` calls count
+    as importing "__import__".
+    """
+    tree = ast.parse(source)
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, *([node.module] if node.module else [])])
+            else:
+                base = node.module or ""
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                found.append((node.lineno, sub if is_engine_module(sub) else base))
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "__import__"
+        ):
+            found.append((node.lineno, "__import__"))
+    return sorted(found)  # ast.walk is breadth first: report in line order
+
+
+def covered(name: str, allowed: frozenset[str] | tuple[str, ...]) -> bool:
+    """`name` is in `allowed`, or is a submodule of a name in it."""
+    return any(name == a or name.startswith(a + ".") for a in allowed)
+
+
+# -- which files are pure -----------------------------------------------------------------------
+
+
+def pure_files() -> list[Path]:
+    files = [ENGINE / "__init__.py", ENGINE / "errors.py", ENGINE / "codes.py"]
+    for package in ("protocol", "fanout"):
+        files += sorted((ENGINE / package).rglob("*.py"))
+    for name in (
+        "config.py",
+        "topics.py",
+        "supervisor/backoff.py",
+        "bus/base.py",
+        "bus/wire.py",
+        "bus/hubcore.py",
+    ):
+        files.append(ENGINE / name)
+    return [f for f in files if f.is_file()]
+
+
+def engine_deps_of(name: str) -> tuple[str, ...]:
+    for key, deps in ENGINE_DEPS.items():
+        if name == key or (key.endswith("/") and name.startswith(key)):
+            return deps
+    raise AssertionError(f"{name}: no entry in ENGINE_DEPS")
+
+
+def violations(path: Path) -> list[str]:
+    return violations_in(path.read_text(encoding="utf-8"), rel(path), package_of(path))
+
+
+def violations_in(source: str, name: str, package: str) -> list[str]:
+    """`name:line: imports X` for every import of `source` that file `name` may not make."""
+    stdlib = PURE_STDLIB | EXTRA_STDLIB.get(name, frozenset()) | set(WAIVERS.get(name, {}))
+    deps = engine_deps_of(name)
+    out: list[str] = []
+    for line, module in imports_in(source, package):
+        top = module.split(".")[0]
+        if top == "engine":
+            ok = covered(module, deps) or module == "engine"
+        else:
+            ok = covered(module, stdlib) or top in THIRD_PARTY
+        if not ok:
+            out.append(f"{name}:{line}: imports {module}")
+    return out
+
+
+PURE_FILES = pure_files()
+
+
+@pytest.mark.parametrize("package", ["protocol", "fanout"])
+def test_the_pure_packages_exist(package: str) -> None:
+    modules = list((ENGINE / package).glob("*.py"))
+    assert modules, f"engine/{package}/ holds no modules: the pure core is missing"
+
+
+@pytest.mark.parametrize("path", PURE_FILES, ids=rel)
+def test_pure_module_imports_only_allowed_modules(path: Path) -> None:
+    assert violations(path) == []
+
+
+@pytest.mark.parametrize("path", PURE_FILES, ids=rel)
+def test_importing_a_pure_module_loads_no_io_machinery(path: Path) -> None:
+    loaded = loaded_after_import(module_name(path), RUNTIME_FORBIDDEN)
+    assert loaded == [], f"importing {module_name(path)} loads {loaded}"
+
+
+def test_every_allowed_engine_dependency_is_itself_checked() -> None:
+    checked = {module_name(p) for p in PURE_FILES}
+    for deps in ENGINE_DEPS.values():
+        for dep in deps:
+            if is_engine_module(dep):
+                assert any(covered(c, (dep,)) for c in checked), f"{dep} is allowed but not checked"
+
+
+def test_every_waiver_is_still_needed() -> None:
+    for name, modules in WAIVERS.items():
+        path = REPO / name
+        if not path.is_file():
+            continue
+        imported = {m for _, m in imports_of(path)}
+        for module in modules:
+            assert any(covered(m, (module,)) for m in imported), (
+                f"{name} no longer imports {module}: remove its waiver"
+            )
+
+
+# -- the rule checks what it claims to check ------------------------------------------------------
+
+
+def test_the_checker_sees_every_kind_of_import() -> None:
+    source = (
+        "from __future__ import annotations\n"
+        "import os.path\n"
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    import asyncio\n"
+        "def f() -> None:\n"
+        "    import socket\n"
+        "    from engine import cli\n"
+        "    from . import codec\n"
+        "    from ..bus import hub\n"
+        "    __import__('signal')\n"
+    )
+    found = violations_in(source, "engine/protocol/probe.py", "engine.protocol")
+    assert [v.split(": imports ")[1] for v in found] == [
+        "os.path",
+        "asyncio",
+        "socket",
+        "engine.cli" if is_engine_module("engine.cli") else "engine",
+        "engine.bus.hub" if is_engine_module("engine.bus.hub") else "engine.bus",
+        "__import__",
+    ]
+
+
+# -- the supervisor -------------------------------------------------------------------------------
+
+
+def supervisor_files() -> list[Path]:
+    return sorted((ENGINE / "supervisor").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", supervisor_files(), ids=rel)
+def test_supervisor_imports_no_event_loop_or_network_client(path: Path) -> None:
+    bad = [
+        f"{rel(path)}:{line}: imports {m}"
+        for line, m in imports_of(path)
+        if m.split(".")[0] in SUPERVISOR_FORBIDDEN
+    ]
+    assert bad == []
+
+
+@pytest.mark.parametrize("path", supervisor_files(), ids=rel)
+def test_importing_the_supervisor_loads_no_event_loop(path: Path) -> None:
+    # Children build their loops and clients after the fork: what they need is
+    # imported inside the child, never at the supervisor's module level.
+    loaded = loaded_after_import(module_name(path), SUPERVISOR_FORBIDDEN)
+    assert loaded == [], f"importing {module_name(path)} loads {loaded}"
+
+
+def loaded_after_import(module: str, watch: frozenset[str]) -> list[str]:
+    """The modules of `watch` loaded by importing `module` in a fresh interpreter."""
+    script = (
+        "import importlib, json, sys\n"
+        f"importlib.import_module({module!r})\n"
+        f"watch = {sorted(watch)!r}\n"
+        "print(json.dumps(sorted(w for w in watch if w in sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    loaded: list[str] = json.loads(done.stdout)
+    return loaded

@@ -1,0 +1,1 @@
+"""What runs inside one worker process: main, server (picows wiring), listener (one connection)."""

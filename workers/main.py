@@ -1,0 +1,94 @@
+"""The worker process: built after the fork, one uvloop event loop, one listener.
+
+Signals (installed on the worker's own loop):
+- SIGTERM: graceful drain: stop accepting, `bye` with a jittered `retry_ms`,
+  close 1001, exit 0 once clients are gone (the supervisor SIGKILLs after
+  `workers.graceful_timeout_s`).
+- SIGINT / SIGQUIT: quick stop: close connections, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import uvloop
+
+from engine import codes
+from engine.bus import create_bus
+from engine.config import Config
+from engine.logs import setup_logging
+from engine.supervisor.board import Board, worker_name
+from workers.server import WorkerServer
+
+log = logging.getLogger("fanout.worker")
+
+BUS_CONNECT_TIMEOUT_S = 10.0
+
+
+def run_worker(cfg: Config, slot: int, run_dir: str) -> None:
+    """Entry point of a forked worker process. Returns when the worker is done;
+    raises SystemExit with a non-zero code when it cannot boot."""
+    setup_logging(cfg.log.level, cfg.log.format, f"worker {slot}")
+    code = uvloop.run(_main(cfg, slot, run_dir))
+    if code:
+        raise SystemExit(code)
+
+
+async def serve_worker(cfg: Config, run_dir: str, *, slot: int = 1) -> WorkerServer:
+    """Start a worker inside the running loop (tests, single-process use):
+    connects its bus client, waits for the first connection, starts listening."""
+    bus = create_bus(cfg, run_dir)
+    server = WorkerServer(cfg, bus, slot=slot)
+    await bus.start(server)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BUS_CONNECT_TIMEOUT_S
+    while not bus.connected:
+        if loop.time() > deadline:
+            await bus.close()
+            raise ConnectionError("the bus did not answer within 10 s")
+        await asyncio.sleep(0.02)
+    await server.start()
+    return server
+
+
+async def _main(cfg: Config, slot: int, run_dir: str) -> int:
+    try:
+        server = await serve_worker(cfg, run_dir, slot=slot)
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", cfg.server.host, cfg.server.port, exc)
+        return codes.EXIT_PORT_IN_USE
+    except ConnectionError as exc:
+        log.error("%s", exc)
+        return codes.EXIT_FAILURE
+    board = Board(run_dir)
+    name = worker_name(slot)
+    server.on_tick.append(lambda: board.write(name, server.status()))
+    board.write(name, server.status())
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    mode: list[str] = []
+
+    def on_signal(kind: str) -> None:
+        if not mode:
+            mode.append(kind)
+            stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_signal, "term")
+    loop.add_signal_handler(signal.SIGINT, on_signal, "quick")
+    loop.add_signal_handler(signal.SIGQUIT, on_signal, "quick")
+    log.info("accepting on port %d", server.port)
+    await stop.wait()
+    if mode[0] == "term":
+        log.info("draining %d connections", len(server.connections))
+        server.accepting = False
+        board.write(name, server.status())
+        await server.drain(
+            codes.CLOSE_GOING_AWAY, "shutdown", max(0.1, cfg.workers.graceful_timeout_s - 1.0)
+        )
+    await server.close()
+    await server.bus.close()
+    board.write(name, server.status())
+    return codes.EXIT_OK
