@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from engine import __version__, codes
-from engine.config import Config, dump_toml, env_name, load_config
+from engine.config import Config, dump_toml, load_config
 from engine.errors import ConfigError, EngineError
 
 DESCRIPTION = """\
@@ -379,4 +379,7 @@ def _draw(state: dict[str, dict[str, Any]], url: str, received: int, latency_ms:
     sys.stdout.flush()
 
 
-__all__ = ["env_name", "main"]
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

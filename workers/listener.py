@@ -117,24 +117,35 @@ class Connection(WSListener):  # type: ignore[misc]
         # PING frames are answered by picows (auto-pong)
 
     def pause_writing(self) -> None:
-        # over the high watermark: over budget until the buffer drains below low
-        self.session.paused = True
-        self.paused_since = time.monotonic()
-        self.server.paused.add(self)
+        # the transport crossed its high watermark (half the budget): stop sending
+        self.mark_slow()
 
     def resume_writing(self) -> None:
-        self.paused_since = None
-        self.server.paused.discard(self)
-        self.server.fanout.resume(self.session)
+        # drained below the low watermark: catch up on the next due tick
+        self.mark_drained()
+
+    def mark_slow(self) -> None:
+        if not self.session.paused:
+            self.session.paused = True
+            self.paused_since = time.monotonic()
+            self.server.paused.add(self)
+
+    def mark_drained(self) -> None:
+        if self.session.paused:
+            self.paused_since = None
+            self.server.paused.discard(self)
+            self.server.fanout.resume(self.session)
 
     # -- Writer (engine.fanout.core) -------------------------------------------------
 
     def write(self, frame: bytes) -> bool:
-        """Send a planned frame if the send budget admits it."""
+        """Send a planned frame if the send budget admits it; otherwise the
+        connection is slow until its buffer drains."""
         if self.closing or self.session.paused:
             return False
         buffered = self.underlying.get_write_buffer_size()  # type: ignore[attr-defined]
         if not admits(buffered, len(frame), self.server.max_buffer_bytes):
+            self.mark_slow()
             return False
         self.transport.send(_BINARY, frame)  # type: ignore[union-attr]
         return True

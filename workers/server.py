@@ -239,7 +239,11 @@ class WorkerServer:
         now = time.monotonic()
         timeout = self.cfg.fanout.slow_client_timeout_s
         for conn in list(self.paused):
-            if slow_expired(conn.paused_since, now, timeout):
+            if conn.closing:
+                self.paused.discard(conn)
+            elif conn.underlying.get_write_buffer_size() <= self.low:  # type: ignore[attr-defined]
+                conn.mark_drained()  # refused a frame but drained without a transport resume
+            elif slow_expired(conn.paused_since, now, timeout):
                 conn.close(codes.CLOSE_SLOW_CONSUMER, "slow consumer")
                 self.paused.discard(conn)
         self.check_pings(now)

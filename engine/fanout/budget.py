@@ -10,7 +10,9 @@ Rules:
 2. A refused frame is not queued anywhere: the fan-out core remembers the
    connection's last delivered position per topic instead (overflow policy
    "conflate": memory per slow client is bounded by its subscriptions).
-3. A connection that stays over budget (paused) longer than
+3. A connection is slow from the moment its transport pauses (over half the
+   budget) or a frame is refused, until its buffer drains (below an eighth).
+   A connection that stays slow longer than
    `fanout.slow_client_timeout_s` is closed with 4008 (overflow policy "evict").
 """
 
@@ -23,9 +25,12 @@ def admits(buffered: int, frame_bytes: int, budget: int) -> bool:
 
 
 def watermarks(budget: int) -> tuple[int, int]:
-    """(high, low) write-buffer limits for a transport: over `high` the transport
-    pauses (the connection is over budget); below `low` it resumes and gets its catch-up."""
-    return budget, budget // 4
+    """(high, low) write-buffer limits for a transport.
+
+    Over `high` (half the budget) the transport pauses and the connection counts
+    as slow: it is sent nothing new, so what it holds stays under the budget.
+    Below `low` (an eighth) it resumes and gets its catch-up."""
+    return budget // 2, budget // 8
 
 
 def slow_expired(paused_since: float | None, now: float, timeout_s: float) -> bool:

@@ -158,6 +158,7 @@ class Fanout:
         for t in self.topics.values():
             t.clear()
             for g in t.groups.values():
+                g.flushed_pos = _NEEDS_SNAP
                 g.behind.clear()
                 for sub in g.subs:
                     sub.sent_pos = _NEEDS_SNAP
@@ -245,7 +246,7 @@ class Fanout:
         stale: dict[tuple[TopicState, int], tuple[bytes, int]] = {}
         epoch = self.epoch
         for period, topics in pending.items():
-            if not topics or tick % period:
+            if not topics:
                 continue
             for t in topics:
                 g = t.groups.get(period)

@@ -4,6 +4,7 @@ misbehaving clients, its big dumps, and `run_hub` as a real process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ from engine.bus import hub_socket_path, wire
 from engine.bus.base import Update
 from engine.bus.hub import Hub
 from engine.bus.local import LocalBus
+from engine.errors import BusUnavailable
 from engine.supervisor.board import Board
 from tests.contract.conftest import WAIT_S, Recorder, until
 
@@ -58,7 +60,11 @@ def raw_client(path: str, first: bytes | None = None) -> socket.socket:
 
 
 async def read_all(sock: socket.socket) -> tuple[list[object], bool]:
-    """Everything the hub sends until it closes: (messages, closed cleanly)."""
+    """Everything the hub sends until it closes: (messages, ended on a frame boundary).
+
+    The end may be a reset rather than EOF: a Unix socket closed with unread
+    input (requests the hub no longer reads) resets its peer after the data.
+    """
     loop = asyncio.get_running_loop()
     reader = wire.FrameReader()
     messages: list[object] = []
@@ -66,7 +72,7 @@ async def read_all(sock: socket.socket) -> tuple[list[object], bool]:
         try:
             chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), WAIT_S)
         except ConnectionResetError:
-            return messages, False
+            chunk = b""
         if not chunk:
             return messages, reader.buffered == 0
         messages.extend(reader.feed(chunk))
@@ -87,6 +93,7 @@ async def test_epoch_is_fresh_per_hub(run_dir: str) -> None:
 async def test_a_client_that_does_not_read_is_dropped_not_buffered(
     hub: Hub, publisher: LocalBus
 ) -> None:
+    loop = asyncio.get_running_loop()
     stalled = raw_client(hub.path, wire.handshake(True))
     healthy = Recorder()
     good = LocalBus(hub.path)
@@ -95,13 +102,22 @@ async def test_a_client_that_does_not_read_is_dropped_not_buffered(
         sent = 0
         while hub.overflow_drops == 0:
             await publisher.publish_wait([Update("flood.t", f"k{sent % 10}", val("x" * 16_000))])
+            # The stalled client publishes too (it writes, it just does not read).
+            with contextlib.suppress(OSError):  # once dropped, the hub may be gone
+                await loop.sock_sendall(
+                    stalled, wire.encode_frame(("p", sent, [("stalled.t", f"k{sent}", b"\x01")]))
+                )
             sent += 1
             assert sent < 2_000, "the stalled client was never dropped"
         assert hub.overflow_drops == 1
-        # What the hub had queued still arrives, then a clean close: the stalled
-        # client resyncs on reconnect; the others are not affected.
+        # What the hub had queued still arrives, then a clean close; in particular
+        # every publish the hub applied for it is answered (never "applied but lost").
         messages, clean = await read_all(stalled)
         assert clean and messages[0] == ("hello", hub.epoch)
+        replied = {m[1] for m in messages if isinstance(m, tuple) and m[0] == "r"}
+        applied = {key for key, _, _ in hub.core.snapshot("stalled.t").items}
+        assert applied and {f"k{i}" for i in replied} == applied
+        # The others are not affected.
         (p,) = await publisher.publish_wait([Update("flood.t", "last", val(1))])
         await until(lambda: ("flood.t", p) in healthy.marks(), "healthy client keeps up")
         assert healthy.links == [True] and hub.overflow_drops == 1
@@ -109,6 +125,14 @@ async def test_a_client_that_does_not_read_is_dropped_not_buffered(
     finally:
         stalled.close()
         await good.close()
+
+
+async def test_requests_in_flight_when_the_hub_dies_fail(hub: Hub, publisher: LocalBus) -> None:
+    answers: list[object] = []
+    publisher.publish([Update("dies.t", "k", val(1))], answers.append)
+    await hub.close()  # before the hub's loop turn could read the request
+    await until(lambda: bool(answers), "publish answered")
+    assert len(answers) == 1 and isinstance(answers[0], BusUnavailable)
 
 
 class _BlockingSink(Recorder):

@@ -1,0 +1,145 @@
+"""Slow consumers against a real `fanout serve`: memory bounded by keys, not
+updates; catch-up to the final values on drain; eviction with 4008."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+import pytest
+
+from engine.client.raw import connect
+from tests.support.rawws import RawWS
+from tests.support.serve import Served
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+KEYS = 100
+UPDATES = 100_000
+BATCH = 1000
+
+
+def serve(tmp_path: Any, slow_timeout_s: float) -> Served:
+    s = Served(
+        ["--workers", "1"],
+        env={
+            "FANOUT_FANOUT_SLOW_CLIENT_TIMEOUT_S": str(slow_timeout_s),
+            "FANOUT_FANOUT_MAX_BUFFER_BYTES": "65536",
+            "FANOUT_LIMITS_MAX_PUBLISH_ITEMS": str(BATCH),
+        },
+        log_path=str(tmp_path / "serve.log"),
+    )
+    s.wait_ready()
+    return s
+
+
+@pytest.fixture
+def patient(tmp_path: Any) -> Iterator[Served]:
+    s = serve(tmp_path, slow_timeout_s=120)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def strict(tmp_path: Any) -> Iterator[Served]:
+    s = serve(tmp_path, slow_timeout_s=2)
+    yield s
+    s.stop()
+
+
+def stalled_subscriber(served: Served, topic: str) -> RawWS:
+    """A client that subscribes, then stops reading (a tiny receive buffer)."""
+    raw = RawWS("127.0.0.1", served.port, rcvbuf=4096)
+    raw.recv_messages()  # hello
+    raw.send_msg({"op": "sub", "topics": [topic], "id": 1})
+    raw.recv_messages()  # ack + snap
+    return raw
+
+
+def publish_burst(served: Served, topic: str) -> dict[str, int]:
+    final: dict[str, int] = {}
+    for start in range(0, UPDATES, BATCH):
+        items = []
+        for i in range(start, start + BATCH):
+            key = f"k{i % KEYS}"
+            items.append({"topic": topic, "key": key, "data": i})
+            final[key] = i
+        status, body = served.post("/publish", {"items": items})
+        assert status == 200, body
+    return final
+
+
+def worker_rss(served: Served) -> int:
+    (pid,) = served.worker_pids().values()
+    return int(psutil.Process(pid).memory_info().rss)
+
+
+async def test_stalled_client_costs_keys_not_updates_and_catches_up(patient: Served) -> None:
+    topic = "slow.t"
+    honest = await connect(patient.ws_url)
+    await honest.recv()
+    honest.subscribe([topic], id=1)
+    raw = await asyncio.to_thread(stalled_subscriber, patient, topic)
+    try:
+        rss_before = worker_rss(patient)
+        final = await asyncio.to_thread(publish_burst, patient, topic)
+        await asyncio.sleep(0.5)
+        rss_after = worker_rss(patient)
+        # the stalled client holds a few KB of kernel and user buffers, not 100,000 updates
+        assert rss_after - rss_before < 8 * 1024 * 1024, (rss_before, rss_after)
+        # the honest client on the same worker kept up and converged
+        seen: dict[str, Any] = {}
+        deadline = time.monotonic() + 20
+        while seen != final and time.monotonic() < deadline:
+            for m in honest.take_nowait() or [await honest.recv()]:
+                if m.get("op") in ("snap", "upd"):
+                    seen.update(m["items"])
+        assert seen == final
+
+        # the stalled client reads again: it ends at the final value of all 100 keys
+        def read_until_final() -> dict[str, Any]:
+            view: dict[str, Any] = {}
+            raw.sock.settimeout(10)
+            while view != final:
+                for m in raw.recv_messages():
+                    if m.get("op") in ("snap", "upd"):
+                        view.update(m["items"])
+            return view
+
+        assert await asyncio.to_thread(read_until_final) == final
+        _, stats = patient.get("/stats")
+        assert stats["totals"]["slow_closes"] == 0
+    finally:
+        raw.close()
+        honest.close()
+
+
+async def test_client_that_never_reads_is_closed_4008(strict: Served) -> None:
+    topic = "slow.evict"
+    honest = await connect(strict.ws_url)
+    await honest.recv()
+    honest.subscribe([topic], id=1)
+    raw = await asyncio.to_thread(stalled_subscriber, strict, topic)
+    try:
+        await asyncio.to_thread(publish_burst, strict, topic)
+        # wait past slow_client_timeout_s, then read what is left: the close frame says 4008
+        await asyncio.sleep(4)
+        code = await asyncio.to_thread(raw.recv_close_code)
+        # The engine sent 4008 and dropped the backlog at once (so the memory is
+        # freed now); the close frame itself may be dropped with it, so the
+        # client sees 4008 or an abrupt end.
+        assert code in (4008, 1006)
+        _, stats = strict.get("/stats")
+        assert stats["totals"]["slow_closes"] == 1
+        # the honest client still receives
+        assert strict.post("/publish", {"topic": topic, "key": "after", "data": 1})[0] == 200
+        while True:
+            m = await honest.recv()
+            if m.get("op") == "upd" and "after" in m["items"]:
+                break
+    finally:
+        raw.close()
+        honest.close()
