@@ -78,10 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
         "gracefully (clients get `bye` and close 1001).",
     )
     _config_arg(s)
-    s.add_argument("--workers", type=int, metavar="N", help="worker processes (0 = one per core) [workers.count]")
+    s.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes (0 = one per core) [workers.count]",
+    )
     s.add_argument("--host", metavar="HOST", help="WebSocket listen address [server.host]")
-    s.add_argument("--port", type=int, metavar="P", help="WebSocket port (0 = any free port) [server.port]")
-    s.add_argument("--admin-port", type=int, metavar="P", help="admin HTTP port [server.admin_port]")
+    s.add_argument(
+        "--port", type=int, metavar="P", help="WebSocket port (0 = any free port) [server.port]"
+    )
+    s.add_argument(
+        "--admin-port", type=int, metavar="P", help="admin HTTP port [server.admin_port]"
+    )
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="[log.level]")
     s.add_argument(
         "--demo",
@@ -90,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_serve)
 
-    c = sub.add_parser("check-config", help="validate the settings and print the effective config as TOML")
+    c = sub.add_parser(
+        "check-config", help="validate the settings and print the effective config as TOML"
+    )
     _config_arg(c)
     c.set_defaults(func=cmd_check_config)
 
@@ -104,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("topic")
     pub.add_argument("key")
     pub.add_argument("data", help="the value, as JSON")
-    pub.add_argument("--admin", metavar="URL", help="admin base URL (default: from server.admin_host/admin_port)")
+    pub.add_argument(
+        "--admin", metavar="URL", help="admin base URL (default: from server.admin_host/admin_port)"
+    )
     pub.set_defaults(func=cmd_publish)
 
     w = sub.add_parser(
@@ -116,14 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(w)
     w.add_argument("topics", nargs="+", metavar="TOPIC")
     w.add_argument("--url", help="WebSocket URL (default: from server.port/path on 127.0.0.1)")
-    w.add_argument("--max-hz", type=float, help="ask for at most this many updates per second per topic")
-    w.add_argument("--seconds", type=float, default=0, help="stop after this long (0 = until Ctrl-C)")
+    w.add_argument(
+        "--max-hz", type=float, help="ask for at most this many updates per second per topic"
+    )
+    w.add_argument(
+        "--seconds", type=float, default=0, help="stop after this long (0 = until Ctrl-C)"
+    )
     w.set_defaults(func=cmd_watch)
     return p
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="PATH", help="config file (default: $FANOUT_CONFIG or ./config.toml)")
+    p.add_argument(
+        "--config", metavar="PATH", help="config file (default: $FANOUT_CONFIG or ./config.toml)"
+    )
 
 
 def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Config:
@@ -237,7 +256,8 @@ def _print_banner(cfg: Config, demo: bool) -> None:
     admin = f"http://{_public_host(cfg.server.admin_host)}:{cfg.server.admin_port}"
     lines = [
         f"fanout {__version__}: {n} worker{'s' if n != 1 else ''}, bus {cfg.bus.backend}",
-        f"  WebSocket  {ws}" + ("   (listening on all interfaces)" if cfg.server.host in ("0.0.0.0", "::") else ""),
+        f"  WebSocket  {ws}"
+        + ("   (listening on all interfaces)" if cfg.server.host in ("0.0.0.0", "::") else ""),
         f"  admin      {admin}   (/healthz /readyz /stats, POST /publish)",
     ]
     if demo:
@@ -245,7 +265,9 @@ def _print_banner(cfg: Config, demo: bool) -> None:
 
         lines.append(f"  demo feed  {', '.join(DEMO_TOPICS)}: 300 keys, ~400 updates/s")
         lines.append(f"  watch it   fanout watch prices.fx --url {ws}")
-    lines.append(f"  publish    fanout publish prices.fx EURUSD '{{\"px\": 1.0842}}' --admin {admin}")
+    lines.append(
+        f"  publish    fanout publish prices.fx EURUSD '{{\"px\": 1.0842}}' --admin {admin}"
+    )
     lines.append("  stop       Ctrl-C (quick) or SIGTERM (graceful drain)")
     print("\n".join(lines), file=sys.stderr, flush=True)
 
@@ -365,10 +387,14 @@ async def _watch(url: str, topics: list[str], max_hz: float | None, seconds: flo
     return codes.EXIT_OK
 
 
-def _draw(state: dict[str, dict[str, Any]], url: str, received: int, latency_ms: float | None) -> None:
+def _draw(
+    state: dict[str, dict[str, Any]], url: str, received: int, latency_ms: float | None
+) -> None:
     cols, rows = shutil.get_terminal_size((100, 30))
-    lines = [f"fanout watch {url}   updates received: {received}"
-             + (f"   latency of last: {latency_ms:.1f} ms" if latency_ms is not None else "")]
+    lines = [
+        f"fanout watch {url}   updates received: {received}"
+        + (f"   latency of last: {latency_ms:.1f} ms" if latency_ms is not None else "")
+    ]
     for topic, view in state.items():
         lines.append(f"── {topic} ({len(view)} keys)")
         for k in sorted(view)[: max(1, rows - 4 - len(state) * 2)]:

@@ -25,11 +25,54 @@ from engine.logs import setup_logging
 
 log = logging.getLogger("fanout.demo")
 
-FX = ["EURUSD", "GBPUSD", "USDJPY", "USDCHF", "AUDUSD", "USDCAD", "NZDUSD", "EURGBP",
-      "EURJPY", "GBPJPY", "EURCHF", "AUDJPY", "EURAUD", "EURCAD", "USDSEK", "USDNOK",
-      "USDDKK", "USDPLN", "USDMXN", "USDZAR", "USDSGD", "USDHKD", "USDTRY", "USDCNH"]
-CRYPTO = ["BTC", "ETH", "SOL", "XRP", "ADA", "DOGE", "DOT", "AVAX", "LINK", "LTC",
-          "MATIC", "ATOM", "XLM", "ALGO", "NEAR", "FIL", "APT", "ARB", "OP", "UNI"]
+FX = [
+    "EURUSD",
+    "GBPUSD",
+    "USDJPY",
+    "USDCHF",
+    "AUDUSD",
+    "USDCAD",
+    "NZDUSD",
+    "EURGBP",
+    "EURJPY",
+    "GBPJPY",
+    "EURCHF",
+    "AUDJPY",
+    "EURAUD",
+    "EURCAD",
+    "USDSEK",
+    "USDNOK",
+    "USDDKK",
+    "USDPLN",
+    "USDMXN",
+    "USDZAR",
+    "USDSGD",
+    "USDHKD",
+    "USDTRY",
+    "USDCNH",
+]
+CRYPTO = [
+    "BTC",
+    "ETH",
+    "SOL",
+    "XRP",
+    "ADA",
+    "DOGE",
+    "DOT",
+    "AVAX",
+    "LINK",
+    "LTC",
+    "MATIC",
+    "ATOM",
+    "XLM",
+    "ALGO",
+    "NEAR",
+    "FIL",
+    "APT",
+    "ARB",
+    "OP",
+    "UNI",
+]
 
 UPDATES_PER_S = 400
 BATCH_INTERVAL_S = 0.05

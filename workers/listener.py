@@ -16,12 +16,12 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from picows import WSFrame, WSListener, WSMsgType, WSTransport
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 from engine import codes
-from engine.bus.base import BusError, Update
+from engine.bus.base import Update
 from engine.codes import ErrorCode
-from engine.errors import BusUnavailable, RemoteProtocolError
+from engine.errors import BusError, BusUnavailable, RemoteProtocolError
 from engine.fanout.budget import admits
 from engine.fanout.core import Session
 from engine.protocol import codec
@@ -36,7 +36,7 @@ _BINARY = WSMsgType.BINARY
 _CONTINUATION = WSMsgType.CONTINUATION
 
 
-class Connection(WSListener):  # type: ignore[misc]
+class Connection(WSListener):
     """One client connection of a worker."""
 
     __slots__ = (
@@ -110,7 +110,9 @@ class Connection(WSListener):  # type: ignore[misc]
         elif mtype == WSMsgType.PONG:
             self.ping_sent_at = None
         elif mtype == WSMsgType.TEXT:
-            self.close(codes.CLOSE_UNSUPPORTED_DATA, "text frames are not accepted; send binary msgpack")
+            self.close(
+                codes.CLOSE_UNSUPPORTED_DATA, "text frames are not accepted; send binary msgpack"
+            )
         elif mtype == WSMsgType.CLOSE:
             transport.send_close(frame.get_close_code(), frame.get_close_message())
             transport.disconnect()
@@ -165,7 +167,7 @@ class Connection(WSListener):  # type: ignore[misc]
         if self.closing or self.transport is None:
             return
         self.closing = True
-        self.transport.send_close(code, reason.encode()[:120])
+        self.transport.send_close(WSCloseCode(code), reason.encode()[:120])
         if code in (codes.CLOSE_SLOW_CONSUMER,):
             self.transport.disconnect(graceful=False)
         else:
@@ -256,7 +258,9 @@ class Connection(WSListener):  # type: ignore[misc]
         def done(result: Sequence[int] | BusError) -> None:
             if isinstance(result, BusError):
                 code = (
-                    ErrorCode.UNAVAILABLE if isinstance(result, BusUnavailable) else ErrorCode.INTERNAL
+                    ErrorCode.UNAVAILABLE
+                    if isinstance(result, BusUnavailable)
+                    else ErrorCode.INTERNAL
                 )
                 self.server.count_error(code)
                 self.send_control(codec.err(code, str(result) or "bus unavailable", rid, topic))

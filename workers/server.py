@@ -143,7 +143,9 @@ class WorkerServer:
         """picows listener factory: route, refuse, or accept an upgrade."""
         path = request.path.split(b"?", 1)[0].decode("latin-1")
         if path != self.cfg.server.path:
-            return _http_error(HTTPStatus.NOT_FOUND, "not_found", f"no WebSocket endpoint at {path}")
+            return _http_error(
+                HTTPStatus.NOT_FOUND, "not_found", f"no WebSocket endpoint at {path}"
+            )
         if not self.accepting:
             return _http_error(
                 HTTPStatus.SERVICE_UNAVAILABLE, "draining", "this worker is shutting down"
@@ -197,7 +199,11 @@ class WorkerServer:
     def on_bus_epoch(self, epoch: str) -> None:
         if epoch != self.fanout.epoch:
             if self.fanout.epoch:
-                log.warning("bus epoch changed (%s -> %s): clients get full snapshots", self.fanout.epoch, epoch)
+                log.warning(
+                    "bus epoch changed (%s -> %s): clients get full snapshots",
+                    self.fanout.epoch,
+                    epoch,
+                )
             self.fanout.reset(epoch)
 
     def on_bus_entries(self, entries: Sequence[Entry]) -> None:
@@ -303,7 +309,7 @@ def _close_code(conn: Connection) -> int:
     if hs is not None:
         info = hs.sent if hs.sent is not None else hs.recv
         if info is not None:
-            return int(info.code)
+            return int(info.code.value)
     return 1006
 
 

@@ -4,7 +4,7 @@ A thin shell: it moves bytes between asyncio streams and h11, reads the status
 board, and awaits the bus; every decision is made in `engine.admin.http`.
 
 Limits (each with its overflow policy):
-- request head: `MAX_HEAD_BYTES` (h11 refuses more: 431, then close);
+- request head: `MAX_HEAD_BYTES` (431, then close);
 - request body: `http.body_limit_bytes(limits.max_message_bytes)` (413, then
   close after a short linger: the rest of the body is not kept);
 - a client gets `REQUEST_TIMEOUT_S` to send a request (head and body) and to
@@ -123,18 +123,23 @@ class AdminServer:
                 conn.start_next_cycle()
         except (_Closing, OSError, TimeoutError):
             pass
+        except Exception:
+            log.exception("admin: connection failed")
         finally:
             self._tasks.discard(task)
             writer.close()
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 await writer.wait_closed()
 
-    async def _next_event(self, conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
+    async def _next_event(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, deadline: float
+    ) -> Any:
+        """The next h11 event, reading as needed; TimeoutError past `deadline` (loop time)."""
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+            async with asyncio.timeout_at(deadline):
                 data = await reader.read(READ_CHUNK_BYTES)
             conn.receive_data(data)  # b"" tells h11 the peer closed
 
@@ -142,8 +147,11 @@ class AdminServer:
         self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
         """Serve one request. True when the connection can carry another one."""
+        # One deadline for the whole request (idle wait, head and body): a
+        # client trickling bytes cannot hold its connection for longer.
+        deadline = asyncio.get_running_loop().time() + REQUEST_TIMEOUT_S
         try:
-            event = await self._next_event(conn, reader)
+            event = await self._next_event(conn, reader, deadline)
         except h11.RemoteProtocolError as exc:
             error = http.HttpError(
                 exc.error_status_hint, "bad_request", f"malformed HTTP request: {exc}"
@@ -152,6 +160,15 @@ class AdminServer:
             return False
         if not isinstance(event, h11.Request):
             return False  # ConnectionClosed (or a peer that only closed)
+        # h11 bounds only an incomplete head; one that arrived whole in a read
+        # is measured here.
+        head_bytes = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+        if head_bytes > MAX_HEAD_BYTES:
+            error = http.HttpError(
+                431, "bad_request", f"request head over the limit of {MAX_HEAD_BYTES} bytes"
+            )
+            await self._refuse(conn, reader, writer, error)
+            return False
         headers = {
             name.decode("latin-1").lower(): value.decode("latin-1") for name, value in event.headers
         }
@@ -171,7 +188,7 @@ class AdminServer:
         # A refused request's body (under the cap) is read and dropped all the
         # same: closing on unread bytes would reset the connection, and the
         # client could lose our answer.
-        body = await self._read_body(conn, reader, writer)
+        body = await self._read_body(conn, reader, writer, deadline)
         if body is None:
             return False
         if refusal is not None:
@@ -205,7 +222,11 @@ class AdminServer:
                     received += len(chunk)
 
     async def _read_body(
-        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        deadline: float,
     ) -> bytes | None:
         """The whole body, or None after answering 413 or 400 (bad framing) and closing."""
         if conn.they_are_waiting_for_100_continue:
@@ -214,7 +235,7 @@ class AdminServer:
         size = 0
         while True:
             try:
-                event = await self._next_event(conn, reader)
+                event = await self._next_event(conn, reader, deadline)
             except h11.RemoteProtocolError as exc:
                 error = http.HttpError(400, "bad_request", f"malformed HTTP body: {exc}")
                 await self._refuse(conn, reader, writer, error)

@@ -36,7 +36,7 @@ import secrets
 import signal
 import time
 from collections.abc import Callable
-from typing import cast, TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import uvloop
 

@@ -28,16 +28,19 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable, Sequence
-from typing import cast, Any, Final
+from typing import Any, Final, cast
 
 from engine.bus import wire
 from engine.bus.base import BusSink, PublishDone, Snapshot, Update
 from engine.errors import BusError, BusUnavailable
-from engine.supervisor.backoff import Backoff
+from engine.supervisor.backoff import Backoff, FailureStreak
 
 log = logging.getLogger(__name__)
 
 RECONNECT_BACKOFF: Final = Backoff(min_ms=100, max_ms=5000)
+# A link that stayed up this long broke for a new reason: retry at once (100 ms).
+# One that keeps breaking sooner (a flapping hub, a sink that fails) backs off.
+STABLE_LINK_S: Final = 10.0
 HELLO_TIMEOUT_S: Final = 5.0
 MAX_UNSENT_BYTES: Final = 16 * 1024 * 1024
 CLOSE_TIMEOUT_S: Final = 1.0
@@ -57,7 +60,6 @@ class _Link(asyncio.Protocol):
         "reader",
         "transport",
         "up",
-        "was_up",
     )
 
     def __init__(self, bus: LocalBus, loop: asyncio.AbstractEventLoop) -> None:
@@ -65,7 +67,6 @@ class _Link(asyncio.Protocol):
         self.reader = wire.FrameReader()
         self.transport: asyncio.WriteTransport | None = None
         self.up = False  # handshake complete ("d" received) and not lost since
-        self.was_up = False  # the handshake completed at some point
         self.pending: dict[int, _Reply] = {}  # request id -> reply callback
         self.lost: asyncio.Future[None] = loop.create_future()
         self.idle: asyncio.Future[None] | None = None  # set by close(): no pending left
@@ -78,7 +79,7 @@ class _Link(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports don't subclass asyncio.WriteTransport: cast, don't assert
         self.transport = cast(asyncio.WriteTransport, transport)
-        transport.write(wire.handshake(self.bus._wants_entries()))
+        self.transport.write(wire.handshake(self.bus._wants_entries()))
         self.hello_timer = self.lost.get_loop().call_later(HELLO_TIMEOUT_S, self._no_hello)
 
     def _no_hello(self) -> None:
@@ -137,6 +138,7 @@ class LocalBus:
         self.socket_path = socket_path
         self.want_entries = want_entries
         self.backoff = backoff
+        self._streak = FailureStreak(backoff, stable_s=STABLE_LINK_S)
         self.max_unsent_bytes = max_unsent_bytes
         self.close_timeout_s = close_timeout_s
         self._sink: BusSink | None = None
@@ -187,7 +189,11 @@ class LocalBus:
             )
             return
         req_id = self._new_id()
-        frame = wire.publish_request(req_id, updates)
+        try:
+            frame = wire.publish_request(req_id, updates)
+        except (TypeError, ValueError, OverflowError) as exc:  # not msgpack-encodable
+            loop.call_soon(_call, done, BusError(f"cannot encode the publish: {exc}"))
+            return
         if len(frame) > link.reader.max_frame_bytes:
             loop.call_soon(
                 _call,
@@ -279,8 +285,9 @@ class LocalBus:
             if sink is not None:
                 sink.on_bus_epoch(msg[1])
         elif tag == "d":
-            link.up = link.was_up = True
+            link.up = True
             self._link = link
+            self._streak.record_success(link.lost.get_loop().time())
             log.info("bus: connected to the hub (epoch %s)", self._epoch)
             if sink is not None:
                 sink.on_bus_connected(True)
@@ -317,7 +324,7 @@ class LocalBus:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        attempt = 0
+        streak = self._streak
         while not self._closed:
             link = _Link(self, loop)
             self._current = link
@@ -325,19 +332,16 @@ class LocalBus:
                 await loop.create_unix_connection(link.itself, self.socket_path)
             except OSError as exc:
                 self._current = None
-                (log.warning if attempt == 0 else log.debug)(
+                (log.warning if streak.failures == 0 else log.debug)(
                     "bus: cannot reach the hub at %s: %s", self.socket_path, exc
                 )
             else:
                 await link.lost
-                if link.was_up:
-                    attempt = 0  # a working link broke: retry soon, then back off
+            streak.record_failure(loop.time())
             self._settle_first()
             if self._closed:
                 break
-            delay_s = self.backoff.delay_ms(attempt, random.random()) / 1000.0
-            attempt += 1
-            await asyncio.sleep(delay_s)
+            await asyncio.sleep(streak.next_delay_ms(random.random()) / 1000.0)
 
     def _settle_first(self) -> None:
         if self._first is not None and not self._first.done():

@@ -32,7 +32,7 @@ class ConnectionClosed(Exception):
         self.reason = reason
 
 
-class _Listener(WSListener):  # type: ignore[misc]
+class _Listener(WSListener):
     def __init__(self, conn: RawConnection) -> None:
         self.conn = conn
 
@@ -48,7 +48,7 @@ class _Listener(WSListener):  # type: ignore[misc]
             unpacker.feed(frame.get_payload_as_bytes())
             conn.push(list(unpacker))
         elif mtype == WSMsgType.CLOSE:
-            conn.close_code = int(frame.get_close_code())
+            conn.close_code = frame.get_close_code().value
             conn.close_reason = frame.get_close_reason() or ""
             transport.send_close(frame.get_close_code())
             transport.disconnect()

@@ -246,7 +246,7 @@ class Fanout:
         stale: dict[tuple[TopicState, int], tuple[bytes, int]] = {}
         epoch = self.epoch
         for period, topics in pending.items():
-            if not topics:
+            if not topics or tick % period:
                 continue
             for t in topics:
                 g = t.groups.get(period)
@@ -276,8 +276,7 @@ class Fanout:
                         # conflate: remember nothing but sent_pos. A sub that is
                         # already at tpos (subscribed since) is not behind: resume
                         # would not visit it, so it would linger in `behind`.
-                        if sub.sent_pos < tpos:
-                            g.behind.add(sub)
+                        pass
                         continue
                     sent = sub.sent_pos
                     if sent == base:

@@ -67,7 +67,9 @@ class Engine:
         assert hello["op"] == "hello"
         return conn
 
-    async def subscriber(self, topics: list[str], **kw: Any) -> tuple[RawConnection, list[dict[str, Any]]]:
+    async def subscriber(
+        self, topics: list[str], **kw: Any
+    ) -> tuple[RawConnection, list[dict[str, Any]]]:
         """A client subscribed to `topics`; returns it and its ack + snaps."""
         conn = await self.client()
         conn.subscribe(topics, id=1, **kw)

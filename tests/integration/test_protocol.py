@@ -76,7 +76,7 @@ async def test_sub_snap_then_coalesced_updates(engine: Engine) -> None:
 async def test_delete_with_nil(engine: Engine) -> None:
     await engine.publish("t.del", "a", 1)
     await engine.publish("t.del", "b", 2)
-    conn, (_, snap) = await engine.subscriber(["t.del"])
+    conn, _ = await engine.subscriber(["t.del"])
     await engine.publish("t.del", "a", None)
     upd = await conn.recv_op("upd")
     assert upd["items"] == {"a": None}
@@ -128,15 +128,24 @@ async def test_pub_forbidden_when_anonymous_publish_is_off(engine: Engine) -> No
     conn = await engine.client()
     conn.send({"op": "pub", "topic": "a.b", "key": "k", "data": 1, "id": 5})
     err = await conn.recv()
-    assert err["op"] == "err" and err["code"] == "forbidden" and err["id"] == 5 and err["topic"] == "a.b"
+    assert (
+        err["op"] == "err"
+        and err["code"] == "forbidden"
+        and err["id"] == 5
+        and err["topic"] == "a.b"
+    )
     await still_served(engine, watcher)
 
 
 async def test_pub_when_allowed_reaches_subscribers(engine_factory: Any) -> None:
-    engine = await engine_factory(auth={"allow_anonymous_publish": True}, fanout={"flush_interval_ms": 5})
+    engine = await engine_factory(
+        auth={"allow_anonymous_publish": True}, fanout={"flush_interval_ms": 5}
+    )
     sub, _ = await engine.subscriber(["p.t"])
     pub = await engine.client()
-    pub.send({"op": "pub", "topic": "p.t", "key": "k", "data": {"px": 1.5, "raw": b"\x00\x01"}, "id": 7})
+    pub.send(
+        {"op": "pub", "topic": "p.t", "key": "k", "data": {"px": 1.5, "raw": b"\x00\x01"}, "id": 7}
+    )
     ack = await pub.recv()
     assert ack["op"] == "ack" and ack["id"] == 7 and "-" in ack["pos"]
     upd = await sub.recv_op("upd")
@@ -158,7 +167,9 @@ async def test_pub_when_allowed_reaches_subscribers(engine_factory: Any) -> None
         ({"op": "sub", "topics": ["x" * 201]}, "bad_topic"),
     ],
 )
-async def test_bad_messages_get_err_and_connection_stays(engine: Engine, message: Any, code: str) -> None:
+async def test_bad_messages_get_err_and_connection_stays(
+    engine: Engine, message: Any, code: str
+) -> None:
     watcher = await bystander(engine)
     conn = await engine.client()
     conn.send(message)
@@ -195,7 +206,9 @@ async def test_sub_is_all_or_nothing(engine: Engine) -> None:
 
 
 async def test_too_many_topics(engine_factory: Any) -> None:
-    engine = await engine_factory(limits={"max_topics_per_conn": 3}, fanout={"flush_interval_ms": 5})
+    engine = await engine_factory(
+        limits={"max_topics_per_conn": 3}, fanout={"flush_interval_ms": 5}
+    )
     watcher = await bystander(engine)
     conn = await engine.client()
     conn.subscribe(["a", "b", "c", "d"], id=1)
@@ -219,7 +232,9 @@ async def test_text_frame_closes_1003(engine: Engine) -> None:
 
 
 async def test_oversized_frame_closes_1009(engine_factory: Any) -> None:
-    engine = await engine_factory(limits={"max_message_bytes": 1024}, fanout={"flush_interval_ms": 5})
+    engine = await engine_factory(
+        limits={"max_message_bytes": 1024}, fanout={"flush_interval_ms": 5}
+    )
     watcher = await bystander(engine)
     conn = await engine.client()
     conn.send({"op": "ping", "pad": "x" * 2000})
@@ -228,7 +243,9 @@ async def test_oversized_frame_closes_1009(engine_factory: Any) -> None:
 
 
 async def test_fragmented_message_is_reassembled_and_counted(engine_factory: Any) -> None:
-    engine = await engine_factory(limits={"max_message_bytes": 1024}, fanout={"flush_interval_ms": 5})
+    engine = await engine_factory(
+        limits={"max_message_bytes": 1024}, fanout={"flush_interval_ms": 5}
+    )
     watcher = await bystander(engine)
     port = engine.worker.port
     payload = msgpack.packb({"op": "ping", "id": 11})
@@ -238,7 +255,11 @@ async def test_fragmented_message_is_reassembled_and_counted(engine_factory: Any
         raw.send_frame(OP_BINARY, payload[:3], fin=False)
         raw.send_frame(OP_CONT, payload[3:6], fin=False)
         raw.send_frame(OP_CONT, payload[6:], fin=True)
-        assert (await asyncio.to_thread(raw.recv_messages))[0] == {"op": "pong", "id": 11, "ts": pytest.approx(0, abs=1e13)}
+        assert (await asyncio.to_thread(raw.recv_messages))[0] == {
+            "op": "pong",
+            "id": 11,
+            "ts": pytest.approx(0, abs=1e13),
+        }
         # fragments that add up past the limit: 1009, even though each fragment is small
         for _ in range(3):
             raw.send_frame(OP_BINARY if _ == 0 else OP_CONT, b"\x00" * 500, fin=False)

@@ -16,8 +16,15 @@ OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x
 
 
 class RawWS:
-    def __init__(self, host: str, port: int, path: str = "/ws", rcvbuf: int | None = None,
-                 headers: dict[str, str] | None = None, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        path: str = "/ws",
+        rcvbuf: int | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -26,9 +33,11 @@ class RawWS:
         key = base64.b64encode(os.urandom(16)).decode()
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self.sock.sendall(
-            (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-             f"Sec-WebSocket-Version: 13\r\n{extra}\r\n").encode()
+            (
+                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
+            ).encode()
         )
         self.buf = b""
         while b"\r\n\r\n" not in self.buf:
@@ -50,7 +59,11 @@ class RawWS:
         else:
             header = struct.pack("!BBQ", b0, 0x80 | 127, n)
         mask = os.urandom(4)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) if n < 1 << 16 else _xor(payload, mask)
+        masked = (
+            bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            if n < 1 << 16
+            else _xor(payload, mask)
+        )
         self.sock.sendall(header + mask + masked)
 
     def send_msg(self, message: Any) -> None:

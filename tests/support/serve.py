@@ -25,7 +25,9 @@ def free_port() -> int:
 class Served:
     """A running `fanout serve` in its own process group."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_path: str | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, log_path: str | None = None
+    ) -> None:
         self.port = free_port()
         self.admin_port = free_port()
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("FANOUT_")}
@@ -81,7 +83,9 @@ class Served:
         deadline = time.monotonic() + timeout * TIMEOUT_FACTOR
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"fanout serve exited with {self.proc.returncode}: {self.output()}")
+                raise AssertionError(
+                    f"fanout serve exited with {self.proc.returncode}: {self.output()}"
+                )
             try:
                 status, _ = self.get("/readyz")
                 if status == 200:

@@ -21,7 +21,8 @@ def pj(obj: Any) -> bytes:
 
 
 def pm(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    out: bytes = msgpack.packb(obj, use_bin_type=True)
+    return out
 
 
 def refused(body: bytes, media: str = "json", max_items: int = MAX_ITEMS) -> HttpError:

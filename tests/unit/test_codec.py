@@ -671,7 +671,7 @@ def test_upd_decodes_to_the_documented_map() -> None:
 
 
 def test_upd_splices_value_bytes_unchanged() -> None:
-    data = pack(1.5, use_single_float=True) + b""  # float32: a re-encoder would widen it
+    data = pack(1.5, use_single_float=True)  # float32: a re-encoder would widen it
     frame = build_upd(pack_str("t"), 1, [pack_item("k", data)])
     assert frame.endswith(pack("k") + data)
 
