@@ -244,7 +244,7 @@ def _check_item(fields: Mapping[str, Any], where: str) -> tuple[str, str]:
     for name in fields:
         if name not in _PUBLISH_FIELDS:
             shown = name[:60] if isinstance(name, str) else repr(name)[:60]
-            raise _bad(f"unknown field {where}{shown!r}: expected 'topic', 'key', 'data'")
+            raise _bad(f"unknown field '{where}{shown}': expected 'topic', 'key', 'data'")
     if "topic" not in fields:
         raise _bad(f"'{where}topic' is required")
     topic = fields["topic"]

@@ -9,7 +9,8 @@ Limits (each with its overflow policy):
   close after a short linger: the rest of the body is not kept);
 - a client gets `REQUEST_TIMEOUT_S` to send a request (head and body) and to
   read our answer, idle keep-alive included; past it the connection is closed;
-- at most `MAX_CONNECTIONS` connections at once; more are answered 503 and closed.
+- at most `MAX_CONNECTIONS` connections at once; more are answered 503 and
+  closed (lingering for at most `MAX_CONNECTIONS` more, then closed at once).
 Each connection is its own task, so a slow client holds only its own task.
 """
 
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 import h11
 
 from engine.admin import http
-from engine.codes import EXIT_PORT_IN_USE
+from engine.codes import EXIT_PORT_IN_USE, ErrorCode
 from engine.errors import BusError, BusUnavailable
 from engine.supervisor.board import SUPERVISOR, Board
 
@@ -81,6 +82,7 @@ class AdminServer:
         self.body_limit = http.body_limit_bytes(cfg.limits.max_message_bytes)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._shedding: set[asyncio.Task[Any]] = set()  # over the cap, lingering
 
     @property
     def port(self) -> int:
@@ -96,7 +98,7 @@ class AdminServer:
         """Stop listening and drop open connections (in-flight requests are cancelled)."""
         if self._server is not None:
             self._server.close()
-        tasks = list(self._tasks)
+        tasks = [*self._tasks, *self._shedding]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -112,9 +114,7 @@ class AdminServer:
         task = asyncio.current_task()
         assert task is not None
         if len(self._tasks) >= MAX_CONNECTIONS:
-            with contextlib.suppress(OSError):
-                writer.write(_BUSY)
-            writer.close()
+            await self._shed(task, reader, writer)
             return
         self._tasks.add(task)
         try:
@@ -130,6 +130,39 @@ class AdminServer:
             writer.close()
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 await writer.wait_closed()
+
+    async def _shed(
+        self, task: asyncio.Task[Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Answer 503 to a connection over the cap and close it, lingering (as in
+        `_refuse`) so the answer is not lost to a reset, when few enough are
+        lingering already; otherwise close at once."""
+        lingering = len(self._shedding) < MAX_CONNECTIONS
+        try:
+            writer.write(_BUSY)
+            if lingering:
+                self._shedding.add(task)
+                await self._linger(reader, writer)
+        except OSError:
+            pass
+        finally:
+            self._shedding.discard(task)
+            writer.close()
+
+    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Half-close, then drop what the client still sends (up to the body
+        limit, for `LINGER_S`) until it closes: closing on unread bytes would
+        reset the connection before it reads our answer (RFC 9112 section 9.6)."""
+        with contextlib.suppress(OSError, TimeoutError):
+            if writer.can_write_eof():
+                writer.write_eof()
+            received = 0
+            async with asyncio.timeout(LINGER_S):
+                while received <= self.body_limit:
+                    chunk = await reader.read(READ_CHUNK_BYTES)
+                    if not chunk:
+                        break
+                    received += len(chunk)
 
     async def _next_event(
         self, conn: h11.Connection, reader: asyncio.StreamReader, deadline: float
@@ -207,19 +240,9 @@ class AdminServer:
         error: http.HttpError,
     ) -> None:
         """Answer `error` and close, lingering: the client may still be sending
-        a body we won't read, and closing on unread bytes would reset the
-        connection before it reads the answer (RFC 9112 section 9.6)."""
+        a body we won't read."""
         await self._send(conn, writer, error.response(), close=True)
-        with contextlib.suppress(OSError, TimeoutError):
-            if writer.can_write_eof():
-                writer.write_eof()
-            received = 0
-            async with asyncio.timeout(LINGER_S):
-                while received <= self.body_limit:
-                    chunk = await reader.read(READ_CHUNK_BYTES)
-                    if not chunk:
-                        break
-                    received += len(chunk)
+        await self._linger(reader, writer)
 
     async def _read_body(
         self,
@@ -299,7 +322,9 @@ class AdminServer:
             return exc.response()
         except Exception:
             log.exception("admin: %s failed", plan.path)
-            return http.json_response(500, {"error": "internal", "message": "internal error"})
+            return http.json_response(
+                500, {"error": ErrorCode.INTERNAL, "message": "internal error"}
+            )
         raise AssertionError(f"unrouted path {plan.path}")
 
     def _parent_alive(self) -> bool:

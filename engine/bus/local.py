@@ -251,9 +251,9 @@ class LocalBus:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(link.idle), self.close_timeout_s)
         link = self._current
-        if link is not None:
+        if link is not None and link.transport is not None:
             link.abort()
-            await link.lost
+            await link.lost  # connection_lost has run: pending failed, sink told
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

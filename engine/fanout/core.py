@@ -276,7 +276,8 @@ class Fanout:
                         # conflate: remember nothing but sent_pos. A sub that is
                         # already at tpos (subscribed since) is not behind: resume
                         # would not visit it, so it would linger in `behind`.
-                        pass
+                        if sub.sent_pos < tpos:
+                            g.behind.add(sub)
                         continue
                     sent = sub.sent_pos
                     if sent == base:

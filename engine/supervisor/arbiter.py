@@ -34,6 +34,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from engine.codes import EXIT_BOOT_FAILURE, EXIT_FAILURE, EXIT_OK
+from engine.logs import setup_logging
 from engine.supervisor.backoff import Backoff, FailureStreak
 from engine.supervisor.board import SUPERVISOR, Board, worker_name
 from engine.supervisor.preflight import format_address
@@ -360,6 +361,8 @@ class Arbiter:
                 os.close(self.pipe[0])
                 os.close(self.pipe[1])
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            # log lines say which process wrote them (the target may refine it)
+            setup_logging(self.cfg.log.level, self.cfg.log.format, name)
             target()
             code = EXIT_OK
         except SystemExit as exc:

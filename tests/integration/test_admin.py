@@ -407,6 +407,35 @@ async def test_a_slow_client_does_not_block_others(admin: AdminServer) -> None:
         slow_body.close()
 
 
+async def test_connections_over_the_cap_are_answered_503(admin: AdminServer) -> None:
+    from engine.admin.server import MAX_CONNECTIONS
+
+    def open_idle() -> list[socket.socket]:
+        return [
+            socket.create_connection(("127.0.0.1", admin.port), timeout=TIMEOUT_S)
+            for _ in range(MAX_CONNECTIONS)
+        ]
+
+    idle = await asyncio.to_thread(open_idle)
+    try:
+        out = await raw(admin.port, b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 503 ")
+        assert json.loads(out.split(b"\r\n\r\n", 1)[1])["error"] == "unavailable"
+    finally:
+        for s in idle:
+            s.close()
+    # Once they are gone, clients are served again.
+    async with asyncio.timeout(TIMEOUT_S):
+        while True:
+            try:
+                r = await call(admin.port, "GET", "/stats")
+            except (ConnectionError, http.client.RemoteDisconnected):
+                continue
+            if r.status == 200:
+                break
+            await asyncio.sleep(0.01)
+
+
 # -- probes and statistics --------------------------------------------------------------
 
 

@@ -36,13 +36,14 @@ def test_an_empty_frame_fits_while_under_the_budget() -> None:
     assert not admits(BUDGET + 1, 0, BUDGET)
 
 
-def test_watermarks_pause_at_the_budget_and_resume_at_a_quarter() -> None:
-    assert watermarks(BUDGET) == (BUDGET, BUDGET // 4)
-    assert watermarks(1_048_576) == (1_048_576, 262_144)
-    assert watermarks(3) == (3, 0)
+def test_watermarks_pause_at_half_the_budget_and_resume_at_an_eighth() -> None:
+    assert watermarks(BUDGET) == (BUDGET // 2, BUDGET // 8)
+    assert watermarks(1_048_576) == (524_288, 131_072)
+    assert watermarks(7) == (3, 0)
     assert watermarks(0) == (0, 0)
-    high, low = watermarks(65_536)
-    assert low < high
+    for budget in (8, 1000, 65_536, 10**9):
+        high, low = watermarks(budget)
+        assert 0 <= low < high <= budget  # a paused transport still holds under the budget
 
 
 def test_a_connection_that_is_not_paused_never_expires() -> None:
