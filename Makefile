@@ -46,4 +46,4 @@ clean:
 
 # Long property-based fuzzing of the codec and core (many more examples).
 fuzz: $(STAMP)
-	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/property
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q --timeout=0 tests/property

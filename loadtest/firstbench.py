@@ -505,14 +505,17 @@ async def _converge(
 class _Publisher:
     """POST /publish batches over one keep-alive HTTP/1.1 connection (msgpack bodies)."""
 
-    def __init__(self, admin: str, topic: str, keys: Sequence[str], max_items: int) -> None:
+    def __init__(
+        self, admin: str, topic: str, keys: Sequence[str], max_items: int, body: str
+    ) -> None:
         parsed = urllib.parse.urlsplit(admin)
         self.host = parsed.hostname or "127.0.0.1"
         self.port = parsed.port or 80
         self.topic = topic
         self.keys = list(keys)
         self.max_items = max_items
-        self.headers = {"Content-Type": "application/msgpack"}
+        self.body = body
+        self.headers = {"Content-Type": f"application/{body}"}
         api_key = os.environ.get("FANOUT_API_KEY", "")
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
@@ -551,7 +554,10 @@ class _Publisher:
         return finals
 
     def _send(self, items: list[dict[str, Any]]) -> bool:
-        body = msgpack.packb({"items": items})
+        if self.body == "json":
+            body = json.dumps({"items": items}, separators=(",", ":")).encode()
+        else:
+            body = msgpack.packb({"items": items})
         t0 = time.perf_counter_ns()
         self.requests += 1
         try:
@@ -591,12 +597,13 @@ def _publisher_process(
     duration_s: float,
     batch_ms: float,
     max_items: int,
+    body: str,
     budget_s: float,
 ) -> None:
     """Entry point of the publisher process: waits for `go`, publishes, then `final`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    pub = _Publisher(admin, topic, keys, max_items)
+    pub = _Publisher(admin, topic, keys, max_items, body)
     deadline = time.monotonic() + budget_s
     try:
         while time.monotonic() < deadline:
@@ -700,10 +707,23 @@ def _set_parent_death_signal() -> None:
         libc.prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
 
 
+def _server_preexec(cpus: tuple[int, ...] | None) -> None:
+    _set_parent_death_signal()
+    if cpus:
+        os.sched_setaffinity(0, cpus)  # inherited by every process the supervisor forks
+
+
 class Server:
     """A `fanout serve` started by this script: own process group, free ports, own run dir."""
 
-    def __init__(self, workers: int, flush_ms: int, config: str | None, log_level: str) -> None:
+    def __init__(
+        self,
+        workers: int,
+        flush_ms: int,
+        config: str | None,
+        log_level: str,
+        cpus: tuple[int, ...] | None = None,
+    ) -> None:
         self.base = tempfile.mkdtemp(
             prefix="fb-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
         )
@@ -754,7 +774,7 @@ class Server:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             cwd=self.base,
-            preexec_fn=_set_parent_death_signal,
+            preexec_fn=lambda: _server_preexec(cpus),
         )
 
     @property
@@ -854,16 +874,29 @@ def server_pids(supervisor_pid: int) -> list[int]:
         return []
 
 
-def cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
-    """utime+stime of each process that still exists (psutil reads /proc/<pid>/stat)."""
-    out: dict[int, float] = {}
+def cpu_seconds(pids: Iterable[int]) -> dict[int, tuple[float, float]]:
+    """(utime, stime) of each process that still exists (psutil reads /proc/<pid>/stat)."""
+    out: dict[int, tuple[float, float]] = {}
     for pid in pids:
         try:
             t = psutil.Process(pid).cpu_times()
         except psutil.Error:
             continue
-        out[pid] = t.user + t.system
+        out[pid] = (t.user, t.system)
     return out
+
+
+def _used(
+    before: Mapping[int, tuple[float, float]],
+    after: Mapping[int, tuple[float, float]],
+    pid: int,
+    part: int | None = None,
+) -> float:
+    """CPU-seconds `pid` used between two `cpu_seconds` samples (user+system, or one part)."""
+    a, b = before[pid], after[pid]
+    if part is None:
+        return (b[0] + b[1]) - (a[0] + a[1])
+    return b[part] - a[part]
 
 
 def machine_busy_seconds() -> float:
@@ -895,6 +928,9 @@ class Settings:
     settle_s: float
     connect_concurrency: int
     max_publish_items: int
+    body: str
+    server_cpus: tuple[int, ...] | None
+    loadgen_cpus: tuple[int, ...] | None
     url: str | None
     admin: str | None
     config: str | None
@@ -993,10 +1029,12 @@ class Bench:
                 raise SetupError(f"{admin}/readyz answered {status or 'nothing'}")
             server_cmd = None
         else:
-            self.server = Server(s.workers, s.flush_ms, s.config, s.server_log_level)
+            self.server = Server(s.workers, s.flush_ms, s.config, s.server_log_level, s.server_cpus)
             self.server.wait_ready(30.0)
             url, admin = self.server.url, self.server.admin
             server_cmd = self.server.command()
+        if s.loadgen_cpus:  # after the server started: it must not inherit this
+            os.sched_setaffinity(0, s.loadgen_cpus)  # children forked from here inherit it
         _, stats0 = http_get(admin, "/stats")
         supervisor = self._supervisor_pid(stats0)
         names = self.server.board_pids() if self.server else {}
@@ -1037,6 +1075,7 @@ class Bench:
             s.duration_s,
             s.batch_ms,
             s.max_publish_items,
+            s.body,
             budget,
         )
         setup: dict[str, Any] = {}
@@ -1204,15 +1243,16 @@ class Bench:
 
         by_name = {pid: name for name, pid in names.items()}
         cpu0, cpu1 = cpu
-        per_process = {
-            by_name.get(pid, f"pid {pid}"): round(cpu1[pid] - cpu0[pid], 3)
-            for pid in cpu0
-            if pid in cpu1
+        both = [pid for pid in cpu0 if pid in cpu1]
+        per_process = {by_name.get(p, f"pid {p}"): round(_used(cpu0, cpu1, p), 3) for p in both}
+        per_process_sys = {
+            by_name.get(p, f"pid {p}"): round(_used(cpu0, cpu1, p, 1), 3) for p in both
         }
-        server_cpu = sum(cpu1[p] - cpu0[p] for p in cpu0 if p in cpu1) if cpu0 else None
+        server_cpu = sum(_used(cpu0, cpu1, p) for p in both) if cpu0 else None
+        workers_cpu = sum(v for k, v in per_process.items() if k.startswith("worker-"))
         gen0, gen1 = gen
         gen_by_name = {
-            name: round(gen1[pid] - gen0[pid], 3)
+            name: round(_used(gen0, gen1, pid), 3)
             for name, pid in gen_pids.items()
             if pid in gen0 and pid in gen1
         }
@@ -1247,8 +1287,10 @@ class Bench:
                 "batch_interval_ms": s.batch_ms,
                 "workers": s.workers if self.server else None,
                 "flush_interval_ms": s.flush_ms if self.server else None,
-                "publish_via": "POST /publish (msgpack body, one keep-alive HTTP/1.1 connection)",
+                "publish_via": f"POST /publish ({s.body} body, one keep-alive HTTP/1.1 connection)",
                 "data": "[seq, time.time_ns()] stamped per batch just before it is sent",
+                "server_cpus": list(s.server_cpus) if s.server_cpus else None,
+                "loadgen_cpus": list(s.loadgen_cpus) if s.loadgen_cpus else None,
             },
             "server": {
                 "url": url,
@@ -1293,6 +1335,12 @@ class Bench:
                     round(server_cpu / millions, 4) if server_cpu is not None and millions else None
                 ),
                 "server_per_process_s": per_process,
+                "server_per_process_system_s": per_process_sys,
+                # the workers alone: the figure to hold against the bare coalescing loop,
+                # which had no publish path (admin HTTP parsing, hub)
+                "workers_s_per_million_updates": (
+                    round(workers_cpu / millions, 4) if workers_cpu and millions else None
+                ),
                 "loadgen_s": round(loadgen_cpu, 3),
                 "loadgen_core_share": round(loadgen_cpu / window, 3),
                 "loadgen_per_process_s": gen_by_name,
@@ -1364,7 +1412,7 @@ def summary(r: Mapping[str, Any], path: str) -> str:
         "",
         f"- workload: {w['subscribers']:,} subscribers ({w['subscriber_processes']} processes) of "
         f"`{w['topic']}` ({w['keys']} keys); {num(w['rate_per_s'])} updates/s for {w['duration_s']:g} s "
-        f"in {w['batch_interval_ms']:g} ms batches via POST /publish; "
+        f"in {w['batch_interval_ms']:g} ms batches via {w['publish_via']}; "
         f"{num(w['workers'], 'd')} workers, flush {num(w['flush_interval_ms'], 'd')} ms",
         f"- published: {pub['accepted']:,} accepted ({num(pub['achieved_rate'])}/s achieved), "
         f"{pub['failed']:,} failed; HTTP round trip p50 {num(pub['rtt_ms'].get('p50'), '.1f')} ms, "
@@ -1377,7 +1425,8 @@ def summary(r: Mapping[str, Any], path: str) -> str:
         f"max {num(lat.get('max'), '.1f')} ms ({lat['samples']:,} samples)",
         f"- server CPU: **{num(cpu['server_s_per_million_updates'], '.3f')} CPU-s per million "
         f"delivered updates**; {num(cpu['server_s'], '.1f')} CPU-s in {r['window_s']:.1f} s = "
-        f"{num(cpu['server_core_share'], '.2f')} of a core ("
+        f"{num(cpu['server_core_share'], '.2f')} of a core; workers alone "
+        f"{num(cpu['workers_s_per_million_updates'], '.3f')} CPU-s per million ("
         + ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu["server_per_process_s"].items()))
         + ")",
         f"- load generator CPU: {cpu['loadgen_s']:.1f} CPU-s = {cpu['loadgen_core_share']:.2f} "
@@ -1397,6 +1446,20 @@ def summary(r: Mapping[str, Any], path: str) -> str:
 
 
 # -- command line ------------------------------------------------------------------------------
+
+
+def _cpu_list(text: str) -> tuple[int, ...]:
+    """ "0", "0-3", "0,2" -> CPU numbers."""
+    cpus: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            cpus.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a CPU list: {text!r}") from None
+    if not cpus:
+        raise argparse.ArgumentTypeError("empty CPU list")
+    return tuple(cpus)
 
 
 def parse_args(argv: Sequence[str] | None) -> Settings:
@@ -1465,6 +1528,24 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         default=1000,
         help="items per POST /publish at most (limits.max_publish_items)",
     )
+    p.add_argument(
+        "--body",
+        choices=("msgpack", "json"),
+        default="msgpack",
+        help="POST /publish body encoding (default msgpack)",
+    )
+    p.add_argument(
+        "--server-cpus",
+        type=_cpu_list,
+        metavar="LIST",
+        help="pin the server started here to these CPUs (e.g. 0 or 0-1 or 0,2)",
+    )
+    p.add_argument(
+        "--loadgen-cpus",
+        type=_cpu_list,
+        metavar="LIST",
+        help="pin this script's processes to these CPUs",
+    )
     p.add_argument("--url", help="WebSocket URL of a running server (with --admin)")
     p.add_argument("--admin", help="admin base URL of a running server (with --url)")
     p.add_argument("--config", help="config file for the server started here")
@@ -1508,6 +1589,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         settle_s=a.settle,
         connect_concurrency=a.connect_concurrency,
         max_publish_items=a.max_publish_items,
+        body=a.body,
+        server_cpus=a.server_cpus,
+        loadgen_cpus=a.loadgen_cpus,
         url=a.url,
         admin=a.admin,
         config=a.config,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -39,6 +42,8 @@ class Served:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        self.run_base = tempfile.mkdtemp(prefix="fanout-test-")
+        full_env["FANOUT_RUN_DIR"] = self.run_base
         full_env.update(env or {})
         self.log_path = log_path
         self.log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
@@ -99,6 +104,14 @@ class Served:
         _, stats = self.get("/stats")
         return {w["slot"]: w["pid"] for w in stats["workers"]}
 
+    def supervisor_status(self) -> dict[str, Any]:
+        """The supervisor's status on the board (names its aux processes' pids)."""
+        for path in glob.glob(os.path.join(self.run_base, "fanout-*", "supervisor.json")):
+            with open(path, encoding="utf-8") as fh:
+                status: dict[str, Any] = json.load(fh)
+            return status
+        raise AssertionError("no supervisor status on the board")
+
     def output(self) -> str:
         if self.log_path and os.path.exists(self.log_path):
             with open(self.log_path, encoding="utf-8", errors="replace") as fh:
@@ -124,5 +137,6 @@ class Served:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        shutil.rmtree(self.run_base, ignore_errors=True)
         if self.log is not subprocess.DEVNULL:
             self.log.close()  # type: ignore[union-attr]
