@@ -282,6 +282,7 @@ class WorkerServer:
             "slot": self.slot,
             "accepting": self.accepting,
             "bus_connected": self.bus.connected,
+            "bus_lag_ms": self.bus.lag_ms(),
             "connections": len(self.connections),
             "subscriptions": self.fanout.subscription_count(),
             "frames_sent": s.frames_sent + self.stats_control_frames,

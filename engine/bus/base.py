@@ -89,6 +89,10 @@ class Bus(Protocol):
         """True when the backend delivers every topic's full state on connect
         (the local hub does), so no `snapshot` call is needed for a new subscription."""
 
+    def lag_ms(self) -> float | None:
+        """How far this client is behind the bus head (the worst shard), in ms;
+        None when the backend cannot tell. `/readyz` fails past `bus.max_lag_ms`."""
+
     async def start(self, sink: BusSink | None) -> None:
         """Connect (and keep reconnecting with backoff in the background).
 

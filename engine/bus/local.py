@@ -165,6 +165,12 @@ class LocalBus:
     def holds_all_state(self) -> bool:
         return True
 
+    def lag_ms(self) -> float | None:
+        # The hub pushes entries as it orders them over a local socket: there is
+        # no head to lag behind that this client could see. A dead link shows as
+        # `connected = False` instead.
+        return 0.0 if self.connected else None
+
     async def start(self, sink: BusSink | None) -> None:
         """Connect; return once the first attempt is up (dump delivered) or failed."""
         if self._task is not None:
