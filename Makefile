@@ -47,3 +47,7 @@ clean:
 # Long property-based fuzzing of the codec and core (many more examples).
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q --timeout=0 tests/property
+
+# The first measurement: 1,000 subscribers, 10,000 updates/s for 30 s, 2 workers (README, Benchmarks).
+bench-first: $(STAMP)
+	$(BIN)/python -m loadtest.firstbench

@@ -282,6 +282,7 @@ class LimitsConfig:
     max_connections_per_ip: int = _int(0, 0)
     handshake_timeout_s: float = _float(5, 0, lo_open=True)
     max_publish_items: int = _int(1000, 1)
+    min_max_hz: float = _float(0.1, 0, lo_open=True)
 
 
 @dataclass(frozen=True, slots=True)

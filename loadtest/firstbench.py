@@ -265,7 +265,7 @@ def _make_client_class() -> type:
     close = WSMsgType.CLOSE
     continuation = WSMsgType.CONTINUATION
 
-    class Client(WSListener):  # type: ignore[misc]
+    class Client(WSListener):
         """One subscriber connection: a view {key: data} and nothing else."""
 
         __slots__ = ("close_code", "closed", "fragments", "ready", "st", "transport", "view")
@@ -469,10 +469,10 @@ async def _converge(
         if pending:
             await asyncio.sleep(0.02)
     settle = time.monotonic() - t0
-    ok = [c for c in st.clients if not c.closed and _converged(c.view, finals)]
-    examples = []
+    ok = {id(c) for c in st.clients if not c.closed and _converged(c.view, finals)}
+    examples: list[dict[str, Any]] = []
     for c in st.clients:
-        if c in ok or len(examples) >= 3:
+        if id(c) in ok or len(examples) >= 3:
             continue
         wrong = {
             k: (c.view.get(k) or [None])[0]
@@ -611,7 +611,10 @@ def _publisher_process(
                 continue
             cmd = pipe.recv()
             if cmd[0] == "go":
-                pipe.send(("done", _publish_for(pub, pipe, rate, duration_s, batch_ms)))
+                done = _publish_for(pub, pipe, rate, duration_s, batch_ms)
+                pipe.send(("done", done))
+                if done["exit"]:
+                    return
             elif cmd[0] == "final":
                 pipe.send(("finals", pub.post_finals()))
             elif cmd[0] == "exit":
@@ -644,7 +647,7 @@ def _publish_for(
     hard_stop = start + duration_s + 30.0
     next_tick = start
     next_report = start + 1.0
-    aborted = False
+    aborted = exiting = False
     while sent < total:
         now = time.perf_counter()
         if now > hard_stop:
@@ -663,8 +666,8 @@ def _publish_for(
             next_report += 1.0
         if pipe.poll():
             cmd = pipe.recv()
-            if cmd[0] == "abort":
-                aborted = True
+            if cmd[0] in ("abort", "exit"):
+                aborted, exiting = True, cmd[0] == "exit"
                 break
         next_tick += interval
         delay = next_tick - time.perf_counter()
@@ -687,6 +690,7 @@ def _publish_for(
             "max": round(bucket_mid_ns(max(pub.rtt_hist)) / 1e6, 3) if pub.rtt_hist else None,
         },
         "aborted": aborted,
+        "exit": exiting,
     }
 
 
@@ -699,12 +703,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _set_parent_death_signal() -> None:
-    """In the server's child before exec: SIGINT it if this script dies (Linux only), so
-    that a `kill -9` of the benchmark does not leave an engine running."""
+def _set_parent_death_signal(signum: int = signal.SIGINT) -> None:
+    """Have the kernel send `signum` to this process when its parent dies (Linux only),
+    so that a `kill -9` of the benchmark does not leave anything running. SIGINT
+    for the server (its quick stop), SIGKILL for this script's own children."""
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signum)  # PR_SET_PDEATHSIG
+
+
+def _child_entry(parent_pid: int, inherited: list[Pipe], target: Any, *args: Any) -> None:
+    """Start of every forked child: close the parent's ends of the pipes inherited
+    from the fork (while any copy is open, a pipe never reports EOF, and a child
+    would not notice that the parent is gone), then run `target`."""
+    _set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+    for pipe in inherited:
+        with contextlib.suppress(OSError):
+            pipe.close()
+    target(*args)
 
 
 def _server_preexec(cpus: tuple[int, ...] | None) -> None:
@@ -971,7 +989,13 @@ class Bench:
 
     def _spawn(self, name: str, target: Any, *args: Any) -> _Child:
         parent, child = self.ctx.Pipe(duplex=True)
-        proc = self.ctx.Process(target=target, args=(child, *args), name=name, daemon=True)
+        inherited = [parent, *(c.pipe for c in self.children)]
+        proc = self.ctx.Process(
+            target=_child_entry,
+            args=(os.getpid(), inherited, target, child, *args),
+            name=name,
+            daemon=True,
+        )
         proc.start()
         child.close()
         c = _Child(name, proc, parent)
@@ -1189,7 +1213,7 @@ class Bench:
                 upd = sum(int(c.progress.get("updates", 0)) for c in self.subs)
                 frames = sum(int(c.progress.get("frames", 0)) for c in self.subs)
                 p99s = [
-                    c.progress.get("p99_ms")
+                    float(c.progress["p99_ms"])
                     for c in self.subs
                     if c.progress.get("p99_ms") is not None
                 ]
@@ -1221,8 +1245,8 @@ class Bench:
         start_counts: Mapping[str, Any],
         end_counts: Mapping[str, Any],
         conv: Mapping[str, Any],
-        cpu: tuple[dict[int, float], dict[int, float]],
-        gen: tuple[dict[int, float], dict[int, float]],
+        cpu: tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]]],
+        gen: tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]]],
         busy: float,
         gen_pids: Mapping[str, int],
         names: Mapping[str, int],
@@ -1413,13 +1437,21 @@ def summary(r: Mapping[str, Any], path: str) -> str:
         f"- workload: {w['subscribers']:,} subscribers ({w['subscriber_processes']} processes) of "
         f"`{w['topic']}` ({w['keys']} keys); {num(w['rate_per_s'])} updates/s for {w['duration_s']:g} s "
         f"in {w['batch_interval_ms']:g} ms batches via {w['publish_via']}; "
-        f"{num(w['workers'], 'd')} workers, flush {num(w['flush_interval_ms'], 'd')} ms",
+        + (
+            f"{w['workers']} workers, flush {w['flush_interval_ms']} ms"
+            if w["workers"] is not None
+            else "a server started elsewhere"
+        ),
         f"- published: {pub['accepted']:,} accepted ({num(pub['achieved_rate'])}/s achieved), "
         f"{pub['failed']:,} failed; HTTP round trip p50 {num(pub['rtt_ms'].get('p50'), '.1f')} ms, "
         f"p99 {num(pub['rtt_ms'].get('p99'), '.1f')} ms",
         f"- delivered: **{num(d['updates_per_s'])} updates/s** in {num(d['frames_per_s'])} frames/s "
-        f"({num(d['updates_per_frame'], '.1f')} updates/frame; ideal for this workload "
-        f"~{num(d['ideal_updates_per_s'])}/s)",
+        f"({num(d['updates_per_frame'], '.1f')} updates/frame"
+        + (
+            f"; ideal for this workload ~{d['ideal_updates_per_s']:,}/s)"
+            if d["ideal_updates_per_s"] is not None
+            else ")"
+        ),
         f"- latency publish->receive: p50 **{num(lat.get('p50'), '.1f')} ms**, p99 "
         f"**{num(lat.get('p99'), '.1f')} ms**, p99.9 {num(lat.get('p999'), '.1f')} ms, "
         f"max {num(lat.get('max'), '.1f')} ms ({lat['samples']:,} samples)",

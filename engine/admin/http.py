@@ -19,6 +19,10 @@ Rules this module owns:
    error names the item (`items[3].key`).
 5. Readiness and statistics are computed from the status board's dicts and a
    clock reading passed in; nothing here reads a file or the time.
+6. Static files (the dashboard at `/`, the browser client under `/static/`)
+   are named by `static_file`: a flat file name of safe characters with a
+   known extension, or 404; it never names a path outside the static folder.
+   They are the only answers that are not JSON.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -49,7 +54,24 @@ ROUTES: Final[Mapping[str, tuple[str, ...]]] = {
     "/readyz": ("GET",),
     "/stats": ("GET",),
     "/publish": ("POST",),
+    "/": ("GET",),  # the live dashboard (engine/static/index.html)
+    "/config.json": ("GET",),  # what the dashboard needs to connect (client_config)
 }
+STATIC_PREFIX: Final = "/static/"
+
+# Extension -> Content-Type of the files under /static/.
+STATIC_TYPES: Final[Mapping[str, str]] = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".ts": "text/plain; charset=utf-8",  # fanout.d.ts, for reading
+    ".json": JSON_TYPE,
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+    ".ico": "image/x-icon",
+}
+_STATIC_NAME: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
 
 # Worker counters summed in /stats totals (each worker's status carries them).
 COUNTERS: Final = (
@@ -75,6 +97,7 @@ class Response:
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
+    content_type: str = JSON_TYPE
 
 
 def json_response(
@@ -187,6 +210,9 @@ def plan_request(
     `body_limit`); the body, if any, is then read only for an accepted plan."""
     path = target.split("?", 1)[0].split("#", 1)[0]
     methods = ROUTES.get(path)
+    if methods is None and path.startswith(STATIC_PREFIX):
+        static_file(path)  # 404 for a name that cannot be served
+        methods = ("GET",)
     if methods is None:
         raise HttpError(404, "not_found", f"no such path {path[:100]!r}")
     if method not in methods:
@@ -213,6 +239,32 @@ def declared_length(headers: Mapping[str, str]) -> int | None:
 
 def too_large(body_limit: int) -> HttpError:
     return HttpError(413, "too_large", f"request body over the limit of {body_limit} bytes")
+
+
+# -- static files and the dashboard's settings ---------------------------------------
+
+
+def static_file(path: str) -> tuple[str, str]:
+    """The file name under the static folder and its Content-Type for a request
+    path (`/` is `index.html`; `/static/<name>`); raises HttpError(404)."""
+    name = "index.html" if path == "/" else path[len(STATIC_PREFIX) :]
+    if not path.startswith(STATIC_PREFIX) and path != "/":
+        raise HttpError(404, "not_found", f"no such path {path[:100]!r}")
+    dot = name.rfind(".")
+    ctype = STATIC_TYPES.get(name[dot:].lower()) if dot > 0 else None
+    if _STATIC_NAME.fullmatch(name) is None or ".." in name or ctype is None:
+        raise HttpError(404, "not_found", f"no such file {name[:100]!r}")
+    return name, ctype
+
+
+def static_response(content_type: str, body: bytes) -> Response:
+    return Response(200, body, content_type=content_type)
+
+
+def client_config(ws_port: int, ws_path: str) -> Response:
+    """/config.json: where the dashboard's WebSocket is (the page joins it with
+    the host name it was loaded from)."""
+    return json_response(200, {"ws_port": ws_port, "ws_path": ws_path})
 
 
 # -- the /publish body --------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The admin HTTP process: /healthz /readyz /stats /publish on the admin port.
+"""The admin HTTP process: /healthz /readyz /stats /publish on the admin port,
+and the live dashboard (`/`, `/config.json`, `/static/<file>` from engine/static).
 
 A thin shell: it moves bytes between asyncio streams and h11, reads the status
 board, and awaits the bus; every decision is made in `engine.admin.http`.
@@ -24,6 +25,7 @@ import signal
 import socket
 import time
 from http import HTTPStatus
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import h11
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fanout.admin")
 
+# The dashboard and the browser client, served at / and /static/ (package data).
+STATIC_DIR: Final = Path(__file__).resolve().parent.parent / "static"
 MAX_HEAD_BYTES: Final = 16 * 1024
 REQUEST_TIMEOUT_S: Final = 30.0
 MAX_CONNECTIONS: Final = 256
@@ -282,7 +286,7 @@ class AdminServer:
         close: bool,
     ) -> None:
         headers = [
-            ("content-type", http.JSON_TYPE),
+            ("content-type", response.content_type),
             ("content-length", str(len(response.body))),
             ("cache-control", "no-store"),
             *response.headers,
@@ -318,6 +322,10 @@ class AdminServer:
                 return self.readiness()
             if plan.path == "/stats":
                 return http.json_response(200, self.stats())
+            if plan.path == "/config.json":
+                return http.client_config(self.cfg.server.port, self.cfg.server.path)
+            if plan.path == "/" or plan.path.startswith(http.STATIC_PREFIX):
+                return self.static(plan.path)
         except http.HttpError as exc:
             return exc.response()
         except Exception:
@@ -326,6 +334,15 @@ class AdminServer:
                 500, {"error": ErrorCode.INTERNAL, "message": "internal error"}
             )
         raise AssertionError(f"unrouted path {plan.path}")
+
+    def static(self, path: str) -> http.Response:
+        """A file of engine/static (the dashboard and the browser client)."""
+        name, ctype = http.static_file(path)
+        try:
+            body = (STATIC_DIR / name).read_bytes()  # small files on local disk
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise http.HttpError(404, "not_found", f"no such file {name!r}") from None
+        return http.static_response(ctype, body)
 
     def _parent_alive(self) -> bool:
         # Reparented (to init or a subreaper) means the supervisor is gone.

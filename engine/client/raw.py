@@ -44,7 +44,8 @@ class _Listener(WSListener):
         mtype = frame.msg_type
         if mtype == _BINARY:
             conn.frames += 1
-            unpacker = msgpack.Unpacker(raw=False)
+            # strict_map_key=False: a publisher's data may use non-string map keys
+            unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
             unpacker.feed(frame.get_payload_as_bytes())
             conn.push(list(unpacker))
         elif mtype == WSMsgType.CLOSE:

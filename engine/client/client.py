@@ -1,0 +1,476 @@
+"""The Python client: subscribe, keep the latest state, recover after any disconnect.
+
+    async with connect("ws://127.0.0.1:8000/ws") as client:
+        await client.subscribe(["prices.fx"])
+        print(client.topic("prices.fx")["EURUSD"])
+        async for change in client.changes():
+            ...
+
+A thin I/O shell: `engine.client.raw` moves frames, `engine.client.state`
+decides (the state view, the reconnect delays). One task per client reads the
+connection; changes reach callbacks synchronously and iterators through
+bounded queues.
+
+Guarantees:
+- `client.topic(t)` converges to the server's latest value of every key of
+  `t` whenever the client is connected; after a disconnect it resubscribes
+  with `since` (the epoch and last position per topic), so the server sends
+  only the keys it missed (`snap` with `full: false`).
+- Reconnects use exponential backoff with full jitter (`ReconnectPolicy`),
+  reset after a connection stayed up `stable_s`; a `bye` sets the next delay
+  to its `retry_ms`; after close 4001 or 4003 the client does not reconnect
+  until `set_token` gives it a new token (state "unauthorized").
+- Limits: an iterator from `changes()` holds at most `max_pending_changes`
+  changes; past that its oldest change is dropped and counted in
+  `counters.changes_dropped` (the state view itself is never behind). The
+  connection's receive queue is bounded by `engine.client.raw` (overflow
+  closes the connection, and the client recovers with `since`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final
+
+from engine.client import raw
+from engine.client.state import Change, Reconnector, ReconnectPolicy, StateView, TopicView
+
+log = logging.getLogger("fanout.client")
+
+# Connection states (`Client.conn_state`).
+IDLE: Final = "idle"
+CONNECTING: Final = "connecting"
+CONNECTED: Final = "connected"
+WAITING: Final = "waiting"  # between two attempts (backoff or bye.retry_ms)
+UNAUTHORIZED: Final = "unauthorized"  # closed 4001/4003: waits for set_token()
+CLOSED: Final = "closed"  # close() was called
+
+ChangeCallback = Callable[[Change], None]
+StateCallback = Callable[[str], None]
+
+
+class SubscribeError(Exception):
+    """The server refused a `sub` (nothing in it was subscribed)."""
+
+    def __init__(self, code: str, message: str, topic: str | None) -> None:
+        super().__init__(f"{code}: {message}" + (f" (topic {topic})" if topic else ""))
+        self.code = code
+        self.topic = topic
+
+
+class Unauthorized(Exception):
+    """The server closed with 4001/4003: a new token is needed (`set_token`)."""
+
+
+@dataclass(slots=True)
+class Counters:
+    """What the client has seen, since it was created (never reset)."""
+
+    connects: int = 0  # connections that reached "connected"
+    connect_failures: int = 0  # attempts that never got there
+    disconnects: int = 0
+    messages: int = 0
+    snaps_full: int = 0
+    snaps_partial: int = 0
+    updates: int = 0  # keys received in snap and upd
+    byes: int = 0
+    changes_dropped: int = 0
+    last_close_code: int | None = None
+    retry_delays_ms: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+
+
+class ChangeStream:
+    """An async iterator of changes, from its creation on; ends when the client closes.
+
+    Bounded: holds at most `limit` changes not yet read; on overflow the
+    oldest is dropped (counted in the client's `counters.changes_dropped`).
+    """
+
+    def __init__(self, client: Client, limit: int) -> None:
+        self._client = client
+        self._queue: deque[Change] = deque()
+        self._limit = limit
+        self._waiter: asyncio.Future[None] | None = None
+        self._ended = False
+
+    def push(self, change: Change) -> None:
+        if len(self._queue) >= self._limit:
+            self._queue.popleft()
+            self._client.counters.changes_dropped += 1
+        self._queue.append(change)
+        self._wake()
+
+    def end(self) -> None:
+        self._ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def __aiter__(self) -> ChangeStream:
+        return self
+
+    async def __anext__(self) -> Change:
+        while not self._queue:
+            if self._ended:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._queue.popleft()
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+
+class _SubWait:
+    __slots__ = ("future", "remaining")
+
+    def __init__(self, topics: Iterable[str]) -> None:
+        self.remaining = set(topics)
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+class Client:
+    """A resilient subscriber. Create it with `connect(...)` and use it in `async with`.
+
+    `clock` (monotonic seconds) and `rng` are injectable so that the backoff
+    timing is reproducible in tests.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        policy: ReconnectPolicy | None = None,
+        max_pending_changes: int = 10_000,
+        connect_timeout_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.url = url
+        self.token = token
+        self.policy = policy or ReconnectPolicy()
+        self.connect_timeout_s = connect_timeout_s
+        self.max_pending_changes = max_pending_changes
+        self.state = StateView()
+        self.counters = Counters()
+        self.conn_state = IDLE
+        self.last_error: BaseException | None = None
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._rec = Reconnector(self.policy)
+        self._subs: dict[str, float | None] = {}  # topic -> max_hz, in subscription order
+        self._sent: dict[int, tuple[str, ...]] = {}  # sub id -> topics (for err)
+        self._waits: list[_SubWait] = []
+        self._streams: weakref.WeakSet[ChangeStream] = weakref.WeakSet()
+        self._on_change: list[ChangeCallback] = []
+        self._on_state: list[StateCallback] = []
+        self._ids = itertools.count(1)
+        self._conn: raw.RawConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()  # interrupts a backoff wait (close, set_token)
+        self._state_event = asyncio.Event()
+        self._closing = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Client:
+        self.start()
+        try:
+            await self.wait_connected(self.connect_timeout_s)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def start(self) -> None:
+        """Start connecting in the background (idempotent)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until connected. Raises `Unauthorized` if the server refused the
+        token, TimeoutError after `timeout` seconds (the client keeps trying)."""
+        async with asyncio.timeout(timeout):
+            while self.conn_state != CONNECTED:
+                if self.conn_state == UNAUTHORIZED:
+                    raise Unauthorized(f"the server closed with {self.counters.last_close_code}")
+                if self.conn_state == CLOSED:
+                    raise ConnectionError("the client is closed")
+                self._state_event.clear()
+                await self._state_event.wait()
+
+    async def close(self) -> None:
+        """Close the connection (code 1000) and stop reconnecting. Iterators end."""
+        self._closing = True
+        self._wake.set()
+        if self._conn is not None:
+            self._conn.close(1000)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._set_state(CLOSED)
+        for stream in list(self._streams):
+            stream.end()
+        for wait in self._waits:
+            if not wait.future.done():
+                wait.future.set_exception(ConnectionError("the client was closed"))
+        self._waits.clear()
+
+    def set_token(self, token: str | None) -> None:
+        """Use `token` from the next connection on; after a 4001/4003 close,
+        reconnect now (with backoff reset)."""
+        self.token = token
+        if self._rec.blocked:
+            self._rec.new_token()
+            self._wake.set()
+
+    # -- what users call -------------------------------------------------------------
+
+    async def subscribe(self, topics: Iterable[str], *, max_hz: float | None = None) -> None:
+        """Subscribe, and wait until every topic's snapshot is in the view.
+
+        Raises `SubscribeError` when the server refuses (then nothing in this
+        call is subscribed). Subscriptions survive reconnects. If the client
+        is not connected, this waits for the next connection.
+        """
+        names = tuple(dict.fromkeys(topics))
+        if not names:
+            return
+        for t in names:
+            self._subs[t] = max_hz
+        wait = _SubWait(names)
+        self._waits.append(wait)
+        conn = self._conn
+        if conn is not None and self.conn_state == CONNECTED:
+            self._send_sub(conn, names, max_hz)
+        try:
+            await wait.future
+        finally:
+            if wait in self._waits:
+                self._waits.remove(wait)
+
+    async def unsubscribe(self, topics: Iterable[str]) -> None:
+        names = [t for t in dict.fromkeys(topics) if t in self._subs]
+        for t in names:
+            del self._subs[t]
+            self.state.forget(t)
+        conn = self._conn
+        if names and conn is not None and self.conn_state == CONNECTED:
+            conn.send({"op": "unsub", "topics": names, "id": next(self._ids)})
+
+    def topic(self, name: str) -> TopicView:
+        """The view of a topic: a read-only Mapping key -> latest value."""
+        return self.state.view(name)
+
+    @property
+    def subscriptions(self) -> Mapping[str, float | None]:
+        return dict(self._subs)
+
+    def changes(self) -> ChangeStream:
+        """An async iterator of every change from now on (see `ChangeStream`)."""
+        stream = ChangeStream(self, self.max_pending_changes)
+        self._streams.add(stream)
+        return stream
+
+    def on_change(self, callback: ChangeCallback) -> None:
+        """Call `callback(change)` for every change, synchronously, in the reader task."""
+        self._on_change.append(callback)
+
+    def on_state(self, callback: StateCallback) -> None:
+        """Call `callback(conn_state)` whenever the connection state changes."""
+        self._on_state.append(callback)
+
+    # -- the connection loop ---------------------------------------------------------
+
+    def _set_state(self, new: str) -> None:
+        if new == self.conn_state:
+            return
+        self.conn_state = new
+        self._state_event.set()
+        for cb in self._on_state:
+            try:
+                cb(new)
+            except Exception:
+                log.exception("client: state callback failed")
+
+    async def _run(self) -> None:
+        while not self._closing:
+            delay_ms = self._rec.delay_ms(self._rng.random())
+            if delay_ms is None:
+                self._set_state(UNAUTHORIZED)
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self.counters.connects or self.counters.connect_failures:
+                self.counters.retry_delays_ms.append(delay_ms)
+                self._set_state(WAITING)
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay_ms / 1000.0)
+                if self._closing:
+                    break
+            self._set_state(CONNECTING)
+            try:
+                conn = await raw.connect(self.url, timeout=self.connect_timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # refused, reset, handshake failed (HTTP 503...)
+                self.last_error = exc
+                self.counters.connect_failures += 1
+                self._rec.failed(self._clock())
+                continue
+            self._conn = conn
+            try:
+                code = await self._serve(conn)
+            finally:
+                self._conn = None
+                conn.close(1000)
+            self.counters.last_close_code = code
+            self._rec.closed(self._clock(), code)
+
+    async def _serve(self, conn: raw.RawConnection) -> int:
+        """Run one connection until it closes; returns its close code."""
+        try:
+            hello = await conn.recv(self.connect_timeout_s)
+            if hello.get("op") != "hello":
+                raise ValueError(f"expected hello, got {hello.get('op')!r}")
+            if self.token is not None:
+                rid = next(self._ids)
+                conn.send({"op": "auth", "token": self.token, "id": rid})
+                while True:
+                    msg = await conn.recv(self.connect_timeout_s)
+                    if msg.get("op") == "ack" and msg.get("id") == rid:
+                        break
+                    if msg.get("op") == "err" and msg.get("id") == rid:
+                        conn.close(1000)
+                        return await conn.wait_closed()
+            self._rec.connected(self._clock())
+            self.counters.connects += 1
+            self._set_state(CONNECTED)
+            self._resubscribe(conn)
+            while True:
+                self._handle(await conn.recv(None))
+        except raw.ConnectionClosed as exc:
+            self.counters.disconnects += 1
+            return exc.code
+        except (TimeoutError, ValueError, TypeError) as exc:
+            # no hello/ack in time, or the server broke the protocol: start over
+            self.last_error = exc
+            log.warning("client: dropping the connection: %r", exc)
+            self.counters.disconnects += 1
+            conn.close(1002 if not isinstance(exc, TimeoutError) else 1000)
+            return 1006
+
+    def _resubscribe(self, conn: raw.RawConnection) -> None:
+        groups: dict[float | None, list[str]] = {}
+        for topic, hz in self._subs.items():
+            groups.setdefault(hz, []).append(topic)
+        for hz, names in groups.items():
+            self._send_sub(conn, tuple(names), hz)
+
+    def _send_sub(self, conn: raw.RawConnection, names: tuple[str, ...], hz: float | None) -> None:
+        rid = next(self._ids)
+        self._sent[rid] = names
+        msg: dict[str, Any] = {"op": "sub", "topics": list(names), "id": rid}
+        since = self.state.since(names)
+        if since:
+            msg["since"] = {t: list(mark) for t, mark in since.items()}
+        if hz is not None:
+            msg["max_hz"] = hz
+        conn.send(msg)
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        self.counters.messages += 1
+        op = msg.get("op")
+        if op == "bye":
+            self.counters.byes += 1
+            retry = msg.get("retry_ms")
+            if isinstance(retry, int | float) and not isinstance(retry, bool):
+                self._rec.bye(retry)
+            return
+        if op == "ack":
+            self._sent.pop(msg.get("id", -1), None)
+            return
+        if op == "err":
+            self._refused(msg)
+            return
+        change = self.state.apply(msg)
+        if change is None:
+            return
+        if change.kind == "snap":
+            if change.full:
+                self.counters.snaps_full += 1
+            else:
+                self.counters.snaps_partial += 1
+            for wait in self._waits:
+                wait.remaining.discard(change.topic)
+                if not wait.remaining and not wait.future.done():
+                    wait.future.set_result(None)
+        self.counters.updates += len(change.items)
+        for cb in self._on_change:
+            try:
+                cb(change)
+            except Exception:
+                log.exception("client: change callback failed")
+        for stream in list(self._streams):
+            stream.push(change)
+
+    def _refused(self, msg: Mapping[str, Any]) -> None:
+        error = SubscribeError(str(msg.get("code")), str(msg.get("msg")), msg.get("topic"))
+        self.last_error = error
+        names = self._sent.pop(msg.get("id", -1), None)
+        if names is None:
+            log.warning("client: server error: %s", error)
+            return
+        # `sub` is all or nothing: none of these topics is subscribed
+        for t in names:
+            self._subs.pop(t, None)
+        for wait in self._waits:
+            if wait.remaining & set(names) and not wait.future.done():
+                wait.future.set_exception(error)
+
+
+def connect(
+    url: str,
+    *,
+    token: str | None = None,
+    policy: ReconnectPolicy | None = None,
+    max_pending_changes: int = 10_000,
+    connect_timeout_s: float = 10.0,
+    clock: Callable[[], float] = time.monotonic,
+    rng: random.Random | None = None,
+) -> Client:
+    """A client for `url` (`ws://host:port/ws`). Use it as `async with connect(...) as c`:
+    entering waits (up to `connect_timeout_s`) for the first connection."""
+    return Client(
+        url,
+        token=token,
+        policy=policy,
+        max_pending_changes=max_pending_changes,
+        connect_timeout_s=connect_timeout_s,
+        clock=clock,
+        rng=rng,
+    )

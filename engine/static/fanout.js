@@ -1,0 +1,663 @@
+// fanout.js: the browser client of fanout's wire protocol v1 (docs/protocol.md).
+// An ES module with no dependencies and no build step:
+//
+//   import { FanoutClient } from "/static/fanout.js";
+//   const client = new FanoutClient("ws://127.0.0.1:8000/ws");
+//   client.addEventListener("change", (e) => console.log(e.detail.topic, e.detail.items));
+//   client.connect();
+//   await client.subscribe(["prices.fx"]);
+//   client.topic("prices.fx").get("EURUSD");   // the latest value
+//
+// The same rules as the Python client (engine/client/state.py):
+// - a per-topic view (a Map) applying `snap` (full: true replaces, full: false
+//   merges) and `upd`; a nil value deletes a key;
+// - reconnect with exponential backoff and full jitter, reset after a connection
+//   stayed up `stableMs`; a `bye` sets the next delay to its `retry_ms`; after
+//   close 4001/4003 no reconnect until `setToken()`;
+// - resubscribe with `since` (epoch and last position per topic) so that only
+//   the keys missed while away are sent;
+// - the token goes in the first message (`auth`): browsers cannot set headers;
+// - sends respect `bufferedAmount`: over `maxBufferedBytes`, messages wait in a
+//   bounded outbox (overflow: the message is refused, `send` returns false and
+//   `counters.sendRefused` counts it).
+// Events (EventTarget): "state" {state}, "change" {topic, kind, pos, full,
+// epoch, items: {key: value|null}, events, from, to}, "error" {code, msg,
+// topic}, "bye" {reason, retry_ms}.
+
+// -- msgpack ----------------------------------------------------------------------
+
+const utf8Decoder = new TextDecoder("utf-8");
+const utf8Encoder = new TextEncoder();
+
+/** An ext value this decoder does not interpret: `type` and raw `data`. */
+export class Ext {
+  constructor(type, data) {
+    this.type = type;
+    this.data = data;
+  }
+}
+
+/**
+ * Decode every msgpack value in `bytes` (a frame may hold several messages
+ * back to back). Throws RangeError when the input ends inside a value.
+ * Integers beyond 2^53 become BigInt; bin becomes Uint8Array; map keys become
+ * strings (as object keys); nesting deeper than `maxDepth` throws.
+ */
+export function decodeAll(bytes, { maxDepth = 64 } = {}) {
+  const buf = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
+  const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  let at = 0;
+  const need = (n) => {
+    if (at + n > buf.length) throw new RangeError("msgpack: truncated input");
+  };
+  const u8 = () => { need(1); return buf[at++]; };
+  const u16 = () => { need(2); const v = view.getUint16(at); at += 2; return v; };
+  const u32 = () => { need(4); const v = view.getUint32(at); at += 4; return v; };
+  const big = (v) => (v <= BigInt(Number.MAX_SAFE_INTEGER) && v >= BigInt(Number.MIN_SAFE_INTEGER) ? Number(v) : v);
+  const str = (n) => { need(n); const s = utf8Decoder.decode(buf.subarray(at, at + n)); at += n; return s; };
+  const bin = (n) => { need(n); const b = buf.slice(at, at + n); at += n; return b; };
+  const arr = (n, d) => {
+    const out = new Array(n);
+    for (let i = 0; i < n; i++) out[i] = value(d);
+    return out;
+  };
+  const map = (n, d) => {
+    const out = {};
+    for (let i = 0; i < n; i++) {
+      const k = value(d);
+      const v = value(d);
+      Object.defineProperty(out, String(k), { value: v, enumerable: true, writable: true, configurable: true });
+    }
+    return out;
+  };
+  const ext = (n) => { need(1); const type = view.getInt8(at); at += 1; return new Ext(type, bin(n)); };
+  function value(depth) {
+    if (depth > maxDepth) throw new RangeError("msgpack: nested too deeply");
+    const d = depth + 1;
+    const b = u8();
+    if (b <= 0x7f) return b;
+    if (b >= 0xe0) return b - 0x100;
+    if (b >= 0xa0 && b <= 0xbf) return str(b & 0x1f);
+    if (b >= 0x90 && b <= 0x9f) return arr(b & 0x0f, d);
+    if (b >= 0x80 && b <= 0x8f) return map(b & 0x0f, d);
+    switch (b) {
+      case 0xc0: return null;
+      case 0xc2: return false;
+      case 0xc3: return true;
+      case 0xc4: return bin(u8());
+      case 0xc5: return bin(u16());
+      case 0xc6: return bin(u32());
+      case 0xc7: return ext(u8());
+      case 0xc8: return ext(u16());
+      case 0xc9: return ext(u32());
+      case 0xca: { need(4); const v = view.getFloat32(at); at += 4; return v; }
+      case 0xcb: { need(8); const v = view.getFloat64(at); at += 8; return v; }
+      case 0xcc: return u8();
+      case 0xcd: return u16();
+      case 0xce: return u32();
+      case 0xcf: { need(8); const v = view.getBigUint64(at); at += 8; return big(v); }
+      case 0xd0: { need(1); const v = view.getInt8(at); at += 1; return v; }
+      case 0xd1: { need(2); const v = view.getInt16(at); at += 2; return v; }
+      case 0xd2: { need(4); const v = view.getInt32(at); at += 4; return v; }
+      case 0xd3: { need(8); const v = view.getBigInt64(at); at += 8; return big(v); }
+      case 0xd4: return ext(1);
+      case 0xd5: return ext(2);
+      case 0xd6: return ext(4);
+      case 0xd7: return ext(8);
+      case 0xd8: return ext(16);
+      case 0xd9: return str(u8());
+      case 0xda: return str(u16());
+      case 0xdb: return str(u32());
+      case 0xdc: return arr(u16(), d);
+      case 0xdd: return arr(u32(), d);
+      case 0xde: return map(u16(), d);
+      case 0xdf: return map(u32(), d);
+      default: throw new RangeError(`msgpack: unknown type byte 0x${b.toString(16)}`);
+    }
+  }
+  const out = [];
+  while (at < buf.length) out.push(value(0));
+  return out;
+}
+
+/** Decode exactly one msgpack value. */
+export function decode(bytes) {
+  const all = decodeAll(bytes);
+  if (all.length !== 1) throw new RangeError(`msgpack: expected one value, found ${all.length}`);
+  return all[0];
+}
+
+/**
+ * Encode a value as msgpack: null/undefined -> nil, booleans, numbers (integers
+ * in the smallest int form, others as float64), BigInt (64-bit), strings,
+ * Uint8Array/ArrayBuffer (bin), arrays, Map and plain objects (maps).
+ */
+export function encode(value) {
+  const chunks = [];
+  let size = 0;
+  const push = (arr) => { chunks.push(arr); size += arr.length; };
+  const bytes = (...b) => push(Uint8Array.from(b));
+  const withView = (n, fill) => { const a = new Uint8Array(n); fill(new DataView(a.buffer)); push(a); };
+  const head = (n, fix, fixMax, c8, c16, c32) => {
+    if (fix !== null && n <= fixMax) bytes(fix | n);
+    else if (c8 !== null && n < 0x100) bytes(c8, n);
+    else if (n < 0x10000) withView(3, (v) => { v.setUint8(0, c16); v.setUint16(1, n); });
+    else withView(5, (v) => { v.setUint8(0, c32); v.setUint32(1, n); });
+  };
+  const int = (n) => {
+    if (n >= 0) {
+      if (n < 0x80) bytes(n);
+      else if (n < 0x100) bytes(0xcc, n);
+      else if (n < 0x10000) withView(3, (v) => { v.setUint8(0, 0xcd); v.setUint16(1, n); });
+      else if (n < 0x100000000) withView(5, (v) => { v.setUint8(0, 0xce); v.setUint32(1, n); });
+      else withView(9, (v) => { v.setUint8(0, 0xcf); v.setBigUint64(1, BigInt(n)); });
+    } else {
+      if (n >= -32) bytes(n + 0x100);
+      else if (n >= -0x80) withView(2, (v) => { v.setUint8(0, 0xd0); v.setInt8(1, n); });
+      else if (n >= -0x8000) withView(3, (v) => { v.setUint8(0, 0xd1); v.setInt16(1, n); });
+      else if (n >= -0x80000000) withView(5, (v) => { v.setUint8(0, 0xd2); v.setInt32(1, n); });
+      else withView(9, (v) => { v.setUint8(0, 0xd3); v.setBigInt64(1, BigInt(n)); });
+    }
+  };
+  function put(v, depth) {
+    if (depth > 64) throw new RangeError("msgpack: nested too deeply");
+    if (v === null || v === undefined) bytes(0xc0);
+    else if (v === false) bytes(0xc2);
+    else if (v === true) bytes(0xc3);
+    else if (typeof v === "number") {
+      if (Number.isInteger(v) && Number.isSafeInteger(v)) int(v);
+      else withView(9, (dv) => { dv.setUint8(0, 0xcb); dv.setFloat64(1, v); });
+    } else if (typeof v === "bigint") {
+      if (v >= 0n) withView(9, (dv) => { dv.setUint8(0, 0xcf); dv.setBigUint64(1, v); });
+      else withView(9, (dv) => { dv.setUint8(0, 0xd3); dv.setBigInt64(1, v); });
+    } else if (typeof v === "string") {
+      const s = utf8Encoder.encode(v);
+      head(s.length, 0xa0, 31, 0xd9, 0xda, 0xdb);
+      push(s);
+    } else if (v instanceof Uint8Array || v instanceof ArrayBuffer) {
+      const b = v instanceof Uint8Array ? v : new Uint8Array(v);
+      head(b.length, null, 0, 0xc4, 0xc5, 0xc6);
+      push(b);
+    } else if (Array.isArray(v)) {
+      head(v.length, 0x90, 15, null, 0xdc, 0xdd);
+      for (const x of v) put(x, depth + 1);
+    } else if (v instanceof Map) {
+      head(v.size, 0x80, 15, null, 0xde, 0xdf);
+      for (const [k, x] of v) { put(k, depth + 1); put(x, depth + 1); }
+    } else if (typeof v === "object") {
+      const keys = Object.keys(v).filter((k) => v[k] !== undefined);
+      head(keys.length, 0x80, 15, null, 0xde, 0xdf);
+      for (const k of keys) { put(k, depth + 1); put(v[k], depth + 1); }
+    } else {
+      throw new TypeError(`msgpack: cannot encode a ${typeof v}`);
+    }
+  }
+  put(value, 0);
+  const out = new Uint8Array(size);
+  let at = 0;
+  for (const c of chunks) { out.set(c, at); at += c.length; }
+  return out;
+}
+
+// -- the state view (pure) ----------------------------------------------------------
+
+const own = (obj) => Object.keys(obj);
+
+/** Every topic's view, fed with decoded server messages (rules of engine/client/state.py). */
+export class StateView {
+  constructor() {
+    /** @type {Map<string, {items: Map<string, any>, epoch: string|null, pos: string|null}>} */
+    this.topics = new Map();
+  }
+
+  view(topic) {
+    let tv = this.topics.get(topic);
+    if (!tv) {
+      tv = { items: new Map(), epoch: null, pos: null };
+      this.topics.set(topic, tv);
+    }
+    return tv;
+  }
+
+  forget(topic) {
+    this.topics.delete(topic);
+  }
+
+  /** topic -> [epoch, pos] for every topic with a mark (restricted to `topics`). */
+  since(topics) {
+    const out = {};
+    for (const [name, tv] of this.topics) {
+      if (topics && !topics.includes(name)) continue;
+      if (tv.epoch !== null && tv.pos !== null) out[name] = [tv.epoch, tv.pos];
+    }
+    return out;
+  }
+
+  /** Apply one message; returns the change it made, or null (hello, ack, ...). */
+  apply(msg) {
+    const op = msg && msg.op;
+    if (op === "snap") return this._snap(msg);
+    if (op === "upd") return this._upd(msg);
+    if (op === "evt") {
+      const tv = this.view(str(msg, "topic"));
+      const events = msg.items;
+      if (!Array.isArray(events)) throw new TypeError("evt: 'items' must be a list");
+      if (events.length) tv.pos = events[events.length - 1][0];
+      return { topic: msg.topic, kind: "evt", pos: tv.pos, full: false, items: {}, events };
+    }
+    if (op === "gap") {
+      return { topic: str(msg, "topic"), kind: "gap", pos: str(msg, "to"), full: false, items: {}, from: msg.from, to: msg.to };
+    }
+    return null;
+  }
+
+  _snap(msg) {
+    const topic = str(msg, "topic");
+    const epoch = str(msg, "epoch");
+    const pos = str(msg, "pos");
+    if (typeof msg.full !== "boolean") throw new TypeError("snap: 'full' must be a boolean");
+    const tv = this.view(topic);
+    if (Array.isArray(msg.items)) {
+      tv.epoch = epoch;
+      tv.pos = msg.items.length ? msg.items[msg.items.length - 1][0] : pos;
+      return { topic, kind: "snap", pos: tv.pos, full: msg.full, epoch, items: {}, events: msg.items };
+    }
+    const items = msg.items;
+    if (!items || typeof items !== "object") throw new TypeError("snap: 'items' must be a map");
+    let full = msg.full;
+    const changed = {};
+    if (full || tv.epoch !== epoch) {
+      for (const k of tv.items.keys()) {
+        if (!(k in items) || items[k] === null) changed[k] = null;
+      }
+      tv.items = new Map();
+      full = true;
+    }
+    for (const k of own(items)) {
+      const v = items[k];
+      if (v === null) tv.items.delete(k);
+      else tv.items.set(k, v);
+      changed[k] = v;
+    }
+    tv.epoch = epoch;
+    tv.pos = pos;
+    return { topic, kind: "snap", pos, full, epoch, items: changed };
+  }
+
+  _upd(msg) {
+    const topic = str(msg, "topic");
+    const pos = str(msg, "pos");
+    const items = msg.items;
+    if (!items || typeof items !== "object") throw new TypeError("upd: 'items' must be a map");
+    const tv = this.view(topic);
+    for (const k of own(items)) {
+      const v = items[k];
+      if (v === null) tv.items.delete(k);
+      else tv.items.set(k, v);
+    }
+    tv.pos = pos;
+    return { topic, kind: "upd", pos, full: false, items };
+  }
+}
+
+function str(msg, name) {
+  const v = msg[name];
+  if (typeof v !== "string") throw new TypeError(`${msg.op}: '${name}' must be a string`);
+  return v;
+}
+
+// -- the reconnect policy (pure) ------------------------------------------------------
+
+export const AUTH_CLOSE_CODES = new Set([4001, 4003]);
+
+/**
+ * When to reconnect (rules of engine/client/state.py Reconnector): retry n of a
+ * streak waits `rand * min(maxMs, baseMs * factor**n)`; a connection up for
+ * `stableMs` ends the streak; `bye` sets the next delay; 4001/4003 block until
+ * `newToken()`. `delayMs(rand)` returns null while blocked.
+ */
+export class Reconnector {
+  constructor({ baseMs = 250, maxMs = 30000, factor = 2, stableMs = 30000 } = {}) {
+    this.baseMs = baseMs;
+    this.maxMs = maxMs;
+    this.factor = factor;
+    this.stableMs = stableMs;
+    this.failures = 0;
+    this.upSince = null;
+    this.byeMs = null;
+    this.blocked = false;
+  }
+
+  ceilingMs(attempt) {
+    return Math.min(this.maxMs, this.baseMs * Math.pow(this.factor, Math.max(0, attempt)));
+  }
+
+  connected(now) {
+    if (this.upSince === null) this.upSince = now;
+  }
+
+  bye(retryMs) {
+    this.byeMs = Math.max(0, Number(retryMs) || 0);
+  }
+
+  _failure(now) {
+    if (this.upSince !== null && now - this.upSince >= this.stableMs) this.failures = 0;
+    this.upSince = null;
+    this.failures += 1;
+  }
+
+  closed(now, code) {
+    if (AUTH_CLOSE_CODES.has(code)) this.blocked = true;
+    this._failure(now);
+    if (this.byeMs !== null) this.failures -= 1; // a planned close does not grow the streak
+  }
+
+  failed(now) {
+    this.byeMs = null;
+    this._failure(now);
+  }
+
+  newToken() {
+    this.blocked = false;
+    this.failures = 0;
+    this.upSince = null;
+  }
+
+  delayMs(rand) {
+    if (this.blocked) return null;
+    if (this.byeMs !== null) {
+      const d = this.byeMs;
+      this.byeMs = null;
+      return d;
+    }
+    const r = Math.min(Math.max(rand, 0), 1);
+    return r * this.ceilingMs(Math.max(this.failures - 1, 0));
+  }
+}
+
+// -- the client ---------------------------------------------------------------------
+
+export const STATES = Object.freeze(["idle", "connecting", "connected", "waiting", "unauthorized", "closed"]);
+
+/** A resilient subscriber over one WebSocket (see the top of this file). */
+export class FanoutClient extends EventTarget {
+  constructor(url, options = {}) {
+    super();
+    this.url = url;
+    this.token = options.token ?? null;
+    this.maxBufferedBytes = options.maxBufferedBytes ?? 1 << 20;
+    this.maxOutbox = options.maxOutbox ?? 1000;
+    this.connectTimeoutMs = options.connectTimeoutMs ?? 10000;
+    this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    this._random = options.random ?? Math.random;
+    this._now = options.now ?? (() => Date.now());
+    this.reconnector = new Reconnector(options.backoff ?? {});
+    this.view = new StateView();
+    this.state = "idle";
+    this.counters = {
+      connects: 0, connectFailures: 0, disconnects: 0, messages: 0, frames: 0,
+      snapsFull: 0, snapsPartial: 0, updates: 0, byes: 0, sendRefused: 0,
+      lastCloseCode: null, lastRetryMs: null,
+    };
+    this._subs = new Map(); // topic -> maxHz
+    this._sent = new Map(); // id -> topics
+    this._waits = new Set();
+    this._pending = new Map(); // id -> {resolve, reject} for pub/auth
+    this._ids = 1;
+    this._ws = null;
+    this._outbox = [];
+    this._timer = null;
+    this._flushTimer = null;
+    this._opened = false; // hello (and auth) done on the current socket
+    this._closing = false;
+  }
+
+  /** Start connecting (idempotent). */
+  connect() {
+    if (this._ws || this._timer || this.state === "closed") return this;
+    this._closing = false;
+    this._open();
+    return this;
+  }
+
+  /** Close (1000) and stop reconnecting. */
+  close() {
+    this._closing = true;
+    clearTimeout(this._timer);
+    this._timer = null;
+    if (this._ws) this._ws.close(1000);
+    this._setState("closed");
+    for (const w of this._waits) w.reject(new Error("the client was closed"));
+    this._waits.clear();
+  }
+
+  /** Use `token` from the next connection on; after 4001/4003, reconnect now. */
+  setToken(token) {
+    this.token = token;
+    if (this.reconnector.blocked) {
+      this.reconnector.newToken();
+      if (!this._ws && !this._closing) this._open();
+    }
+  }
+
+  /** The latest value of every key of `topic` (a Map; read it, don't change it). */
+  topic(name) {
+    return this.view.view(name).items;
+  }
+
+  /** Subscribe; resolves once every topic's snapshot is in the view. Survives reconnects. */
+  subscribe(topics, { maxHz = null } = {}) {
+    const names = [...new Set(topics)];
+    for (const t of names) this._subs.set(t, maxHz);
+    const promise = new Promise((resolve, reject) => {
+      const w = { remaining: new Set(names), resolve, reject };
+      this._waits.add(w);
+    });
+    if (this.state === "connected") this._sendSub(names, maxHz);
+    return promise;
+  }
+
+  unsubscribe(topics) {
+    const names = topics.filter((t) => this._subs.has(t));
+    for (const t of names) {
+      this._subs.delete(t);
+      this.view.forget(t);
+    }
+    if (names.length && this.state === "connected") this.send({ op: "unsub", topics: names, id: this._ids++ });
+  }
+
+  /** Publish over the WebSocket (needs permission); resolves with the position. */
+  publish(topic, key, data) {
+    const id = this._ids++;
+    return new Promise((resolve, reject) => {
+      this._pending.set(id, { resolve: (m) => resolve(m.pos), reject });
+      if (!this.send({ op: "pub", topic, key, data, id })) {
+        this._pending.delete(id);
+        reject(new Error("not sent: outbox full or not connected"));
+      }
+    });
+  }
+
+  /**
+   * Send one message. Goes out now when the socket's bufferedAmount is under
+   * `maxBufferedBytes`; otherwise waits in the outbox (at most `maxOutbox`
+   * messages: beyond, the message is refused and false is returned).
+   */
+  send(msg) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== 1) return false;
+    const bytes = encode(msg);
+    if (this._outbox.length === 0 && ws.bufferedAmount <= this.maxBufferedBytes) {
+      ws.send(bytes);
+      return true;
+    }
+    if (this._outbox.length >= this.maxOutbox) {
+      this.counters.sendRefused += 1;
+      return false;
+    }
+    this._outbox.push(bytes);
+    this._scheduleFlush();
+    return true;
+  }
+
+  _scheduleFlush() {
+    if (this._flushTimer) return;
+    this._flushTimer = setTimeout(() => {
+      this._flushTimer = null;
+      const ws = this._ws;
+      if (!ws || ws.readyState !== 1) { this._outbox = []; return; }
+      while (this._outbox.length && ws.bufferedAmount <= this.maxBufferedBytes) ws.send(this._outbox.shift());
+      if (this._outbox.length) this._scheduleFlush();
+    }, 50);
+  }
+
+  _setState(state) {
+    if (state === this.state) return;
+    this.state = state;
+    this.dispatchEvent(new CustomEvent("state", { detail: { state } }));
+  }
+
+  _open() {
+    this._timer = null;
+    this._setState("connecting");
+    let ws;
+    try {
+      ws = new this._WebSocket(this.url, ["fanout.v1"]);
+    } catch (err) {
+      this.counters.connectFailures += 1;
+      this.reconnector.failed(this._now());
+      this._retry();
+      return;
+    }
+    ws.binaryType = "arraybuffer";
+    this._ws = ws;
+    this._opened = false;
+    const helloTimer = setTimeout(() => { if (!this._opened) ws.close(); }, this.connectTimeoutMs);
+    ws.onmessage = (ev) => this._onFrame(ws, ev.data);
+    ws.onclose = (ev) => {
+      clearTimeout(helloTimer);
+      if (this._ws !== ws) return;
+      this._ws = null;
+      this._outbox = [];
+      for (const [, p] of this._pending) p.reject(new Error("connection closed"));
+      this._pending.clear();
+      this.counters.lastCloseCode = ev.code;
+      if (this._opened) {
+        this.counters.disconnects += 1;
+        this.reconnector.closed(this._now(), ev.code);
+      } else {
+        this.counters.connectFailures += 1;
+        if (AUTH_CLOSE_CODES.has(ev.code)) this.reconnector.closed(this._now(), ev.code);
+        else this.reconnector.failed(this._now());
+      }
+      this._opened = false;
+      if (!this._closing) this._retry();
+    };
+  }
+
+  _retry() {
+    const delay = this.reconnector.delayMs(this._random());
+    if (delay === null) {
+      this._setState("unauthorized");
+      return;
+    }
+    this.counters.lastRetryMs = delay;
+    this._setState("waiting");
+    this._timer = setTimeout(() => this._open(), delay);
+  }
+
+  _onFrame(ws, data) {
+    if (typeof data === "string") return; // protocol v1 sends binary frames only
+    this.counters.frames += 1;
+    let messages;
+    try {
+      messages = decodeAll(new Uint8Array(data));
+    } catch (err) {
+      this.dispatchEvent(new CustomEvent("error", { detail: { code: "bad_frame", msg: String(err) } }));
+      ws.close(1002);
+      return;
+    }
+    for (const msg of messages) this._handle(ws, msg);
+  }
+
+  _handle(ws, msg) {
+    this.counters.messages += 1;
+    const op = msg && msg.op;
+    if (op === "hello") {
+      if (this.token !== null) {
+        const id = this._ids++;
+        this._pending.set(id, { resolve: () => this._ready(), reject: () => {} });
+        ws.send(encode({ op: "auth", token: this.token, id }));
+      } else {
+        this._ready();
+      }
+      return;
+    }
+    if (op === "ack") {
+      const p = this._pending.get(msg.id);
+      if (p) { this._pending.delete(msg.id); p.resolve(msg); }
+      this._sent.delete(msg.id);
+      return;
+    }
+    if (op === "err") return this._refused(msg);
+    if (op === "bye") {
+      this.counters.byes += 1;
+      this.reconnector.bye(msg.retry_ms);
+      this.dispatchEvent(new CustomEvent("bye", { detail: msg }));
+      return;
+    }
+    const change = this.view.apply(msg);
+    if (!change) return;
+    if (change.kind === "snap") {
+      if (change.full) this.counters.snapsFull += 1;
+      else this.counters.snapsPartial += 1;
+      for (const w of [...this._waits]) {
+        w.remaining.delete(change.topic);
+        if (w.remaining.size === 0) { this._waits.delete(w); w.resolve(); }
+      }
+    }
+    this.counters.updates += Object.keys(change.items).length;
+    this.dispatchEvent(new CustomEvent("change", { detail: change }));
+  }
+
+  _ready() {
+    this._opened = true;
+    this.counters.connects += 1;
+    this.reconnector.connected(this._now());
+    this._setState("connected");
+    const groups = new Map();
+    for (const [t, hz] of this._subs) {
+      if (!groups.has(hz)) groups.set(hz, []);
+      groups.get(hz).push(t);
+    }
+    for (const [hz, names] of groups) this._sendSub(names, hz);
+  }
+
+  _sendSub(names, maxHz) {
+    const id = this._ids++;
+    this._sent.set(id, names);
+    const msg = { op: "sub", topics: names, id };
+    const since = this.view.since(names);
+    if (Object.keys(since).length) msg.since = since;
+    if (maxHz !== null && maxHz !== undefined) msg.max_hz = maxHz;
+    this.send(msg);
+  }
+
+  _refused(msg) {
+    const detail = { code: msg.code, msg: msg.msg, topic: msg.topic ?? null };
+    const p = this._pending.get(msg.id);
+    if (p) { this._pending.delete(msg.id); p.reject(Object.assign(new Error(`${msg.code}: ${msg.msg}`), detail)); }
+    const names = this._sent.get(msg.id);
+    if (names) {
+      this._sent.delete(msg.id);
+      for (const t of names) this._subs.delete(t); // `sub` is all or nothing
+      for (const w of [...this._waits]) {
+        if (names.some((t) => w.remaining.has(t))) {
+          this._waits.delete(w);
+          w.reject(Object.assign(new Error(`${msg.code}: ${msg.msg}`), detail));
+        }
+      }
+    }
+    this.dispatchEvent(new CustomEvent("error", { detail }));
+  }
+}
