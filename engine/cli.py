@@ -17,7 +17,7 @@ import socket
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from engine import __version__, codes
@@ -188,7 +188,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     base = os.environ.get("FANOUT_RUN_DIR") or _default_run_base()
     run_dir = make_run_dir(base)
     _print_banner(cfg, args.demo)
-    return _run_arbiter(cfg, run_dir, demo=args.demo)
+    overrides = {
+        "workers.count": args.workers,
+        "log.level": args.log_level,
+        # what the running node is bound to cannot change on reload
+        "server.host": cfg.server.host,
+        "server.port": cfg.server.port,
+        "server.admin_host": cfg.server.admin_host,
+        "server.admin_port": cfg.server.admin_port,
+    }
+    return _run_arbiter(cfg, run_dir, demo=args.demo, reload=lambda: _load(args, overrides))
 
 
 def _default_run_base() -> str:
@@ -197,7 +206,9 @@ def _default_run_base() -> str:
     return default_run_dir()
 
 
-def _run_arbiter(cfg: Config, run_dir: str, *, demo: bool) -> int:
+def _run_arbiter(
+    cfg: Config, run_dir: str, *, demo: bool, reload: Callable[[], Config] | None = None
+) -> int:
     from engine.admin.server import run_admin
     from engine.bus import hub_socket_path
     from engine.supervisor.arbiter import Arbiter, AuxSpec
@@ -221,12 +232,22 @@ def _run_arbiter(cfg: Config, run_dir: str, *, demo: bool) -> int:
         from engine.demo import run_demo
 
         aux.append(AuxSpec("demo", lambda: run_demo(cfg, run_dir)))
+    # Workers forked after a SIGHUP get the reloaded config; the hub, admin and
+    # demo processes keep the one they started with.
+    current = {"cfg": cfg}
+
+    def reload_config() -> Config:
+        assert reload is not None
+        current["cfg"] = reload()
+        return current["cfg"]
+
     arbiter = Arbiter(
         cfg,
         run_dir,
-        worker_target=lambda slot: run_worker(cfg, slot, run_dir),
+        worker_target=lambda slot: run_worker(current["cfg"], slot, run_dir),
         aux=aux,
         remove_run_dir=True,
+        reload=reload_config if reload is not None else None,
     )
     return arbiter.run()
 

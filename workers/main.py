@@ -4,6 +4,9 @@ Signals (installed on the worker's own loop):
 - SIGTERM: graceful drain: stop accepting, `bye` with a jittered `retry_ms`,
   close 1001, exit 0 once clients are gone (the supervisor SIGKILLs after
   `workers.graceful_timeout_s`).
+- SIGUSR1: retire (the supervisor's rolling restart, or SIGTTOU): the same
+  drain, closing with 1012 (service restart) so clients reconnect at once to
+  the other workers.
 - SIGINT / SIGQUIT: quick stop: close connections, exit 0.
 """
 
@@ -77,16 +80,24 @@ async def _main(cfg: Config, slot: int, run_dir: str) -> int:
             stop.set()
 
     loop.add_signal_handler(signal.SIGTERM, on_signal, "term")
+    loop.add_signal_handler(signal.SIGUSR1, on_signal, "retire")
     loop.add_signal_handler(signal.SIGINT, on_signal, "quick")
     loop.add_signal_handler(signal.SIGQUIT, on_signal, "quick")
     log.info("accepting on port %d", server.port)
     await stop.wait()
-    if mode[0] == "term":
-        log.info("draining %d connections", len(server.connections))
+    if mode[0] in ("term", "retire"):
+        retire = mode[0] == "retire"
+        log.info(
+            "draining %d connections (%s)",
+            len(server.connections),
+            "restart" if retire else "shutdown",
+        )
         server.accepting = False
         board.write(name, server.status())
         await server.drain(
-            codes.CLOSE_GOING_AWAY, "shutdown", max(0.1, cfg.workers.graceful_timeout_s - 1.0)
+            codes.CLOSE_SERVICE_RESTART if retire else codes.CLOSE_GOING_AWAY,
+            "restart" if retire else "shutdown",
+            max(0.1, cfg.workers.graceful_timeout_s - 1.0),
         )
     await server.close()
     await server.bus.close()

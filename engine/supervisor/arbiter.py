@@ -15,6 +15,16 @@ Rules:
 5. A worker has booted when its board status says `accepting` with its own
    pid; its `ts` is the heartbeat. An aux process with a `ready` check has
    booted when the check passes; without one, as soon as it is forked.
+6. A slot is a worker's identity on the board. A crashed worker is respawned
+   in its slot; a worker added by SIGTTIN or by a rolling restart (SIGHUP)
+   gets a new slot, and counts toward readiness only once it has booted, so a
+   roll never makes /readyz fail. A retired worker (SIGTTOU, or the old one of
+   a roll) is sent SIGUSR1: it drains with `bye` and close 1012, and is not
+   respawned; SIGKILL after `workers.graceful_timeout_s`.
+7. A rolling restart replaces one worker at a time: the new worker is
+   listening (booted) before the old one is retired, and the next step starts
+   when the old one has exited. If a new worker fails to boot, the roll is
+   abandoned and the old workers keep serving.
 """
 
 from __future__ import annotations
@@ -93,6 +103,7 @@ class Child:
     kill_reason: str | None = None  # set when the arbiter killed it, and why
     beat_ts: object = None  # the last `ts` seen in its board status
     beat_at: float = 0.0  # monotonic time `beat_ts` was first seen
+    retiring_since: float | None = None  # monotonic time it was told to drain for good
 
 
 class Arbiter:
@@ -115,6 +126,7 @@ class Arbiter:
         worker_target: Callable[[int], None],
         aux: Sequence[AuxSpec] = (),
         remove_run_dir: bool = False,
+        reload: Callable[[], Config] | None = None,
     ) -> None:
         for spec in aux:
             if spec.name.startswith("worker-"):
@@ -126,6 +138,7 @@ class Arbiter:
         self.remove_run_dir = remove_run_dir
         self.board = Board(run_dir)
         self.worker_target = worker_target
+        self.reload = reload
         self.aux_specs = {spec.name: spec for spec in aux}
         self.worker_count = cfg.resolved_worker_count(os.cpu_count() or 1)
         self.backoff = Backoff(
@@ -133,6 +146,12 @@ class Arbiter:
         )
 
         self.state = "starting"
+        self.slots: set[int] = set()  # slots that should have a worker
+        self.pending: set[int] = set()  # slots added while running, not booted yet
+        self.last_slot = 0
+        self.roll_queue: list[int] = []  # old slots a rolling restart still has to replace
+        self.roll_step: tuple[int, int] | None = None  # (old slot, new slot) being replaced
+        self.rolling = False
         self.children: dict[int, Child] = {}  # by pid
         self.respawns: dict[str, float] = {}  # child key -> monotonic time it is due
         self.streaks: dict[str, FailureStreak] = {}
@@ -177,6 +196,8 @@ class Arbiter:
         statuses = self.board.read_workers() if self.has_workers() else {}
         self.check_boots(statuses)
         self.check_heartbeats(statuses)
+        self.check_retiring()
+        self.advance_roll()
         self.spawn_due()
         if time.monotonic() >= self.status_due:
             self.write_status()
@@ -274,13 +295,97 @@ class Arbiter:
         self.reap()
 
     def handle_hup(self) -> None:
-        log.warning("SIGHUP: rolling restart is not supported yet; ignored")
+        """Rolling restart: re-read the config, then replace workers one at a time."""
+        if self.state != "running":
+            log.warning("SIGHUP while %s: ignored", self.state)
+            return
+        if self.rolling:
+            log.warning("SIGHUP: a rolling restart is already under way; ignored")
+            return
+        if self.reload is not None:
+            try:
+                self.cfg = self.reload()
+            except Exception as exc:  # a bad config.toml must not stop a running node
+                log.error("SIGHUP: config not reloaded, keeping the running one: %s", exc)
+                return
+        self.roll_queue = sorted(self.slots - self.pending)
+        self.rolling = True
+        log.info("SIGHUP: rolling restart of %d workers", len(self.roll_queue))
+        self.advance_roll()
 
     def handle_ttin(self) -> None:
-        log.warning("SIGTTIN: adding a worker is not supported yet; ignored")
+        """One worker more (a new slot; it counts for readiness once booted)."""
+        if self.state != "running":
+            log.warning("SIGTTIN while %s: ignored", self.state)
+            return
+        slot = self.add_slot()
+        log.info("SIGTTIN: adding worker %d (%d workers)", slot, len(self.slots))
 
     def handle_ttou(self) -> None:
-        log.warning("SIGTTOU: removing a worker is not supported yet; ignored")
+        """One worker less: the newest is retired (drains with 1012)."""
+        serving = sorted(self.slots - self.pending - {s for s in (self.roll_step or ())})
+        if self.state != "running" or len(serving) <= 1:
+            log.warning("SIGTTOU: keeping the last worker (or not running); ignored")
+            return
+        slot = serving[-1]
+        log.info("SIGTTOU: retiring worker %d (%d workers left)", slot, len(self.slots) - 1)
+        self.retire(slot)
+
+    # -- adding, retiring and rolling workers ------------------------------------------
+
+    def add_slot(self) -> int:
+        self.last_slot += 1
+        slot = self.last_slot
+        self.slots.add(slot)
+        self.pending.add(slot)
+        self.spawn_worker(slot)
+        return slot
+
+    def retire(self, slot: int) -> None:
+        """Stop keeping a worker in `slot`: SIGUSR1 (drain with 1012), no respawn."""
+        self.slots.discard(slot)
+        self.pending.discard(slot)
+        self.respawns.pop(worker_name(slot), None)
+        now = time.monotonic()
+        for child in self.workers():
+            if child.slot == slot and child.retiring_since is None:
+                child.retiring_since = now
+                self.signal_children([child], signal.SIGUSR1)
+        self.status_due = 0.0
+
+    def advance_roll(self) -> None:
+        if not self.rolling or self.roll_step is not None or self.state != "running":
+            return
+        while self.roll_queue:
+            old = self.roll_queue.pop(0)
+            if old in self.slots:
+                new = self.add_slot()
+                self.roll_step = (old, new)
+                log.info("rolling restart: worker %d replaces worker %d", new, old)
+                return
+        self.rolling = False
+        log.info("rolling restart done: %d workers", len(self.slots))
+
+    def abort_roll(self, why: str) -> None:
+        if not self.rolling:
+            return
+        log.error("rolling restart abandoned (%s); the running workers keep serving", why)
+        self.rolling = False
+        self.roll_step = None
+        self.roll_queue.clear()
+
+    def check_retiring(self) -> None:
+        """SIGKILL retired workers still draining after `workers.graceful_timeout_s`."""
+        timeout_s = self.cfg.workers.graceful_timeout_s
+        now = time.monotonic()
+        for child in self.workers():
+            since = child.retiring_since
+            if since is not None and not child.kill_reason and now - since > timeout_s:
+                child.kill_reason = (
+                    f"still draining after workers.graceful_timeout_s = {timeout_s:g}s"
+                )
+                log.warning("%s (pid %d) %s: killing it", child.name, child.pid, child.kill_reason)
+                self.signal_children([child], signal.SIGKILL)
 
     # -- starting and respawning ------------------------------------------------------
 
@@ -299,8 +404,10 @@ class Arbiter:
         if not all(name in booted for name in early):
             return
         self.workers_started = True
-        for slot in range(1, self.worker_count + 1):
-            self.spawn_worker(slot)
+        for _ in range(self.worker_count):
+            self.last_slot += 1
+            self.slots.add(self.last_slot)
+            self.spawn_worker(self.last_slot)
         for spec in self.aux_specs.values():
             if not spec.start_before_workers:
                 self.spawn_aux(spec)
@@ -334,7 +441,9 @@ class Arbiter:
             if spec is not None:
                 self.spawn_aux(spec)
             else:
-                self.spawn_worker(int(key.removeprefix("worker-")))
+                slot = int(key.removeprefix("worker-"))
+                if slot in self.slots:
+                    self.spawn_worker(slot)
 
     def fork(self, name: str, target: Callable[[], None]) -> int:
         for stream in (sys.stdout, sys.stderr):  # or the child would print it again
@@ -405,6 +514,24 @@ class Arbiter:
             self.board.remove(child.key)
         if self.state in ("draining", "stopping"):
             log.info("%s (pid %d) %s", child.name, child.pid, how)
+            return
+        if child.slot and child.slot not in self.slots:
+            # retired (SIGTTOU or the old worker of a roll): not respawned
+            log.info("%s (pid %d) retired: %s", child.name, child.pid, how)
+            if self.roll_step is not None and self.roll_step[0] == child.slot:
+                self.roll_step = None
+                self.advance_roll()
+            return
+        if child.slot in self.pending and not child.booted:
+            # a worker added while running (roll or SIGTTIN) that cannot boot
+            # (say, a bad reloaded config): give up on it, keep the running ones
+            log.error(
+                "%s (pid %d) failed to boot: %s", child.name, child.pid, child.kill_reason or how
+            )
+            self.slots.discard(child.slot)
+            self.pending.discard(child.slot)
+            if self.roll_step is not None and self.roll_step[1] == child.slot:
+                self.abort_roll(f"new {child.name} failed to boot")
             return
         now = time.monotonic()
         streak = self.streak(child.key)
@@ -482,6 +609,11 @@ class Arbiter:
         if not child.slot:
             self.maybe_start_workers()
             return
+        if child.slot in self.pending:
+            self.pending.discard(child.slot)
+            if self.roll_step is not None and self.roll_step[1] == child.slot:
+                # the new worker is listening: now the old one may drain
+                self.retire(self.roll_step[0])
         if not self.ready_logged and self.booted_workers() == self.worker_count:
             self.ready_logged = True
             self.set_state("running")
@@ -595,8 +727,12 @@ class Arbiter:
             {
                 "pid": os.getpid(),
                 "state": self.state,
-                "workers_expected": self.worker_count,
-                "workers": {str(c.slot): c.pid for c in self.workers()},
+                "workers_expected": len(self.slots - self.pending),
+                "workers": {
+                    str(c.slot): c.pid
+                    for c in self.workers()
+                    if c.slot in self.slots and c.slot not in self.pending
+                },
                 "aux": {c.name: c.pid for c in self.aux()},
                 "port": server.port,
                 "admin_port": server.admin_port,

@@ -163,9 +163,6 @@ def test_ready_crash_respawn_and_sigterm(start: Callable[..., Run]) -> None:
     run.wait_until(lambda: run.supervisor()["workers"].get("1") == new, "status shows new pid")
     assert f"worker 1 (pid {old}) was killed by SIGKILL" in run.log()
 
-    run.signal(signal.SIGHUP)  # not supported yet: logged, nothing else changes
-    run.wait_until(lambda: "SIGHUP: rolling restart is not supported yet" in run.log(), "HUP")
-
     run.signal(signal.SIGTERM)
     assert run.exit_code() == EXIT_OK
     assert set(run.markers("term")) == {new, pids[2]}
