@@ -48,11 +48,12 @@ MSGPACK_TYPES: Final = frozenset(
 )
 JSON_TYPES: Final = frozenset({"application/json", "text/json"})
 
-# path -> methods allowed. /metrics is served by the metrics module when it exists.
+# path -> methods allowed.
 ROUTES: Final[Mapping[str, tuple[str, ...]]] = {
     "/healthz": ("GET",),
     "/readyz": ("GET",),
     "/stats": ("GET",),
+    "/metrics": ("GET",),
     "/publish": ("POST",),
     "/": ("GET",),  # the live dashboard (engine/static/index.html)
     "/config.json": ("GET",),  # what the dashboard needs to connect (client_config)

@@ -24,12 +24,15 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Mapping
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import h11
+import psutil
 
+from engine import metrics
 from engine.admin import http
 from engine.codes import EXIT_PORT_IN_USE, ErrorCode
 from engine.errors import BusError, BusUnavailable
@@ -84,6 +87,10 @@ class AdminServer:
         self.supervisor_pid = supervisor_pid
         self.started = time.time()
         self.body_limit = http.body_limit_bytes(cfg.limits.max_message_bytes)
+        # /publish figures, rendered by /metrics with the workers' from the board
+        self.publish_hist = metrics.Histogram()
+        self.published = 0
+        self.publish_failures = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._shedding: set[asyncio.Task[Any]] = set()  # over the cap, lingering
@@ -322,6 +329,8 @@ class AdminServer:
                 return self.readiness()
             if plan.path == "/stats":
                 return http.json_response(200, self.stats())
+            if plan.path == "/metrics":
+                return http.Response(200, self.metrics().encode(), (), metrics.CONTENT_TYPE)
             if plan.path == "/config.json":
                 return http.client_config(self.cfg.server.port, self.cfg.server.path)
             if plan.path == "/" or plan.path.startswith(http.STATIC_PREFIX):
@@ -370,6 +379,57 @@ class AdminServer:
         )
         return http.ready_response(ready, reasons, len(http.expected_workers(supervisor)))
 
+    def metrics(self) -> str:
+        """Prometheus text: every worker's figures from the board, psutil figures
+        of every fanout process, and this process' /publish figures."""
+        now = time.time()
+        supervisor = self.board.read(SUPERVISOR) or {}
+        workers = self.board.read_workers()
+        expected = {int(k) for k in (supervisor.get("workers") or {})}
+        if expected:
+            workers = {s: st for s, st in workers.items() if s in expected}
+        ages = {
+            s: now - float(st["ts"])
+            for s, st in workers.items()
+            if isinstance(st.get("ts"), int | float)
+        }
+        pids: dict[str, int] = {}
+        if isinstance(supervisor.get("pid"), int):
+            pids["supervisor"] = supervisor["pid"]
+        for name, pid in (supervisor.get("aux") or {}).items():
+            if isinstance(pid, int):
+                pids[str(name)] = pid
+        for slot, st in workers.items():
+            if isinstance(st.get("pid"), int):
+                pids[f"worker {slot}"] = st["pid"]
+        pids["admin"] = os.getpid()
+        families = [
+            *metrics.worker_families(workers, ages),
+            *metrics.process_families(sample_processes(pids)),
+            metrics.Family(
+                "fanout_publish_duration_seconds", "histogram",
+                "POST /publish: time for the bus to accept a batch.",
+                (({}, self.publish_hist.to_dict()),),
+            ),
+            metrics.Family(
+                "fanout_http_published_total", "counter",
+                "Updates accepted by the bus through POST /publish.", (({}, self.published),),
+            ),
+            metrics.Family(
+                "fanout_http_publish_failures_total", "counter",
+                "POST /publish answered 503: nothing was published.", (({}, self.publish_failures),),
+            ),
+            metrics.Family(
+                "fanout_workers", "gauge", "Workers the supervisor keeps running.",
+                (({}, len(expected)),),
+            ),
+            metrics.Family(
+                "fanout_admin_bus_connected", "gauge", "1 when the admin process' bus link is up.",
+                (({}, 1 if self.bus.connected else 0),),
+            ),
+        ]  # fmt: skip
+        return metrics.render(families)
+
     def stats(self) -> dict[str, Any]:
         return http.stats(
             node=self.cfg.node_name(socket.gethostname()),
@@ -386,12 +446,17 @@ class AdminServer:
 
     async def _publish(self, body: bytes, media: str) -> http.Response:
         request = http.parse_publish(body, media, self.cfg.limits.max_publish_items)
+        t0 = time.perf_counter()
         try:
             positions = await self.bus.publish_wait(request.updates)
         except BusUnavailable as exc:
+            self.publish_failures += 1
             return http.unavailable(f"the bus is unavailable, nothing was published: {exc}")
         except BusError as exc:
+            self.publish_failures += 1
             return http.unavailable(f"the bus refused the publish: {exc}")
+        self.publish_hist.observe(time.perf_counter() - t0)
+        self.published += len(request.updates)
         return http.publish_response(request, positions)
 
 
@@ -462,3 +527,25 @@ async def _main(cfg: Config, run_dir: str, supervisor_pid: int) -> None:
     finally:
         await server.close()
         await bus.close()
+
+
+def sample_processes(pids: Mapping[str, int]) -> dict[str, dict[str, float]]:
+    """CPU seconds, RSS and open fds of each named process (gone ones are skipped).
+
+    Called at scrape time.
+    """
+
+    out: dict[str, dict[str, float]] = {}
+    for name, pid in pids.items():
+        try:
+            p = psutil.Process(pid)
+            with p.oneshot():
+                cpu = p.cpu_times()
+                out[name] = {
+                    "cpu_s": round(cpu.user + cpu.system, 3),
+                    "rss_bytes": float(p.memory_info().rss),
+                    "fds": float(p.num_fds()),
+                }
+        except (psutil.Error, OSError):
+            continue
+    return out

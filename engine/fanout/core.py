@@ -93,12 +93,14 @@ class Stats:
         "frames_refused",
         "frames_sent",
         "updates_applied",
+        "updates_coalesced",
         "updates_delivered",
         "updates_stale",
     )
 
     def __init__(self) -> None:
         self.updates_applied = 0  # entries that changed a key
+        self.updates_coalesced = 0  # applied over a value no flush had sent yet
         self.updates_stale = 0  # entries ignored: not newer than what was held (replays)
         self.frames_sent = 0
         self.bytes_sent = 0
@@ -145,12 +147,18 @@ class Fanout:
         t = self.topics.get(topic)
         if t is None:
             t = self.topics[topic] = TopicState(topic)
-        if t.apply(key, pos, data):
-            self.stats.updates_applied += 1
-            if t.groups:
+        if t.groups:
+            old = t.entries.get(key)
+            if t.apply(key, pos, data):
+                self.stats.updates_applied += 1
                 self.dirty.add(t)
-        else:
-            self.stats.updates_stale += 1
+                if old is not None and old[0] > t.sent_mark:
+                    self.stats.updates_coalesced += 1
+                return
+        elif t.apply(key, pos, data):
+            self.stats.updates_applied += 1
+            return
+        self.stats.updates_stale += 1
 
     def reset(self, epoch: str) -> None:
         """The bus has a new epoch: forget all state; every subscriber gets a full snap."""
@@ -265,6 +273,8 @@ class Fanout:
                         shared = build_upd(t.packed_name, tpos, items)
                     shared_n = len(items)
                     g.flushed_pos = tpos
+                    if tpos > t.sent_mark:
+                        t.sent_mark = tpos
                 else:
                     # Nothing new since the group's last flush: only laggards to serve.
                     members = list(g.behind)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 class TopicState:
     """Latest value and position of every key of one topic."""
 
-    __slots__ = ("entries", "groups", "live", "name", "packed_name", "pos")
+    __slots__ = ("entries", "groups", "live", "name", "packed_name", "pos", "sent_mark")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -37,6 +37,9 @@ class TopicState:
         self.entries: dict[str, tuple[int, bytes, bool]] = {}
         self.pos = 0  # position of the newest entry applied
         self.live = 0  # keys that are not deleted
+        # position as of the last flush that visited this topic: a key changed
+        # after it and changed again before the next flush was coalesced
+        self.sent_mark = 0
         # period (in flush ticks) -> subscriber group; owned by engine.fanout.core
         self.groups: dict[int, Group] = {}
 
@@ -81,3 +84,4 @@ class TopicState:
         self.entries = {}
         self.pos = 0
         self.live = 0
+        self.sent_mark = 0

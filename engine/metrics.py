@@ -1,0 +1,209 @@
+"""Metrics: bounded histograms and the Prometheus text rendering. PURE: no I/O.
+
+How metrics travel: each worker keeps plain counters and histograms in its
+own memory and writes them into its board status once a second (the status
+file is also its heartbeat); the admin process reads every status, adds
+per-process figures (CPU, RSS, open fds) and its own publish metrics, and
+renders them here. This is the "equivalent aggregation across workers" of
+the design: no shared memory, no lock, nothing on the hot path but an
+integer increment. A worker's counters restart from zero when the worker is
+replaced; every series carries its `worker` slot, so Prometheus' `rate()`
+treats that as an ordinary counter reset.
+
+Names follow Prometheus conventions: `fanout_` prefix, base units in the
+name (`_seconds`, `_bytes`), `_total` for counters.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+# Latency-style buckets in seconds: 0.5 ms .. 10 s.
+LATENCY_BUCKETS_S: Final = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+class Histogram:
+    """Cumulative-on-render histogram with fixed buckets (memory: one int per bucket)."""
+
+    __slots__ = ("buckets", "count", "counts", "sum")
+
+    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS_S) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.buckets, value)] += 1
+        self.count += 1
+        self.sum += value
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form for a board status."""
+        return {"b": list(self.buckets), "c": list(self.counts), "n": self.count, "s": self.sum}
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """One metric family: name, type (counter | gauge | histogram), help, samples."""
+
+    name: str
+    kind: str
+    help: str
+    samples: tuple[tuple[Mapping[str, str], Any], ...]
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return ""
+    parts = []
+    for k, v in labels.items():
+        v = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        parts.append(f'{k}="{v}"')
+    return "{" + ",".join(parts) + "}"
+
+
+def _num(v: float) -> str:
+    if v != v:
+        return "NaN"
+    if v in (float("inf"), float("-inf")):
+        return "+Inf" if v > 0 else "-Inf"
+    if float(v).is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    return repr(float(v))
+
+
+def render(families: Iterable[Family]) -> str:
+    """Prometheus text exposition format 0.0.4."""
+    out: list[str] = []
+    for fam in families:
+        if not fam.samples:
+            continue
+        out.append(f"# HELP {fam.name} {fam.help}")
+        out.append(f"# TYPE {fam.name} {fam.kind}")
+        for labels, value in fam.samples:
+            if fam.kind == "histogram":
+                out.extend(_histogram_lines(fam.name, labels, value))
+            else:
+                out.append(f"{fam.name}{_labels(labels)} {_num(value)}")
+    return "\n".join(out) + "\n"
+
+
+def _histogram_lines(name: str, labels: Mapping[str, str], h: Mapping[str, Any]) -> list[str]:
+    lines = []
+    cumulative = 0
+    bounds = list(h.get("b", ()))
+    counts = list(h.get("c", ()))
+    for bound, count in zip([*bounds, float("inf")], counts, strict=False):
+        cumulative += int(count)
+        le = "+Inf" if bound == float("inf") else _num(bound)
+        lines.append(f"{name}_bucket{_labels({**labels, 'le': le})} {cumulative}")
+    lines.append(f"{name}_sum{_labels(labels)} {_num(float(h.get('s', 0.0)))}")
+    lines.append(f"{name}_count{_labels(labels)} {int(h.get('n', 0))}")
+    return lines
+
+
+# -- what the admin renders from the board -------------------------------------------
+
+# (status field, metric name, kind, help): per-worker figures written by workers.
+WORKER_SERIES: Final = (
+    ("connections", "fanout_connections", "gauge", "Open WebSocket connections."),
+    ("subscriptions", "fanout_subscriptions", "gauge", "Topic subscriptions held."),
+    ("connects", "fanout_connects_total", "counter", "WebSocket connections accepted."),
+    ("updates_applied", "fanout_updates_applied_total", "counter", "Bus entries that changed a key's value."),
+    ("updates_delivered", "fanout_updates_delivered_total", "counter", "Key values delivered to clients (in upd and snap messages)."),
+    ("updates_coalesced", "fanout_updates_coalesced_total", "counter", "Updates replaced by a newer value of the same key before they were sent."),
+    ("frames_sent", "fanout_frames_sent_total", "counter", "WebSocket frames sent (updates and replies)."),
+    ("bytes_sent", "fanout_bytes_sent_total", "counter", "Bytes of update frames handed to sockets."),
+    ("frames_refused", "fanout_send_budget_overflows_total", "counter", "Update frames not sent because the connection was over its send budget."),
+    ("slow_clients", "fanout_slow_consumers", "gauge", "Connections over their send budget right now."),
+    ("slow_events", "fanout_slow_consumer_events_total", "counter", "Times a connection went over its send budget."),
+    ("slow_closes", "fanout_slow_consumer_closes_total", "counter", "Connections closed with 4008 (over budget too long)."),
+    ("ping_timeouts", "fanout_ping_timeouts_total", "counter", "Connections dropped for not answering WebSocket pings."),
+    ("published", "fanout_updates_published_total", "counter", "Updates accepted by the bus from WebSocket `pub`."),
+)  # fmt: skip
+
+
+def worker_families(
+    workers: Mapping[int, Mapping[str, Any]], heartbeat_age_s: Mapping[int, float]
+) -> list[Family]:
+    """Families built from worker statuses (slot -> status)."""
+    fams: list[Family] = []
+    slots = sorted(workers)
+    for field, name, kind, help_ in WORKER_SERIES:
+        samples = tuple(
+            ({"worker": str(s)}, workers[s][field])
+            for s in slots
+            if isinstance(workers[s].get(field), int | float)
+            and not isinstance(workers[s].get(field), bool)
+        )
+        fams.append(Family(name, kind, help_, samples))
+    closes = []
+    errors = []
+    for s in slots:
+        for code, n in sorted((workers[s].get("closes") or {}).items()):
+            closes.append(({"worker": str(s), "code": str(code)}, n))
+        for code, n in sorted((workers[s].get("errors") or {}).items()):
+            errors.append(({"worker": str(s), "code": str(code)}, n))
+    fams.append(
+        Family(
+            "fanout_disconnects_total",
+            "counter",
+            "Connections ended, by close code (1006: no close handshake).",
+            tuple(closes),
+        )
+    )
+    fams.append(
+        Family(
+            "fanout_errors_total",
+            "counter",
+            "`err` replies sent to clients, by code.",
+            tuple(errors),
+        )
+    )
+    fams.append(Family(
+        "fanout_bus_connected", "gauge", "1 when the worker's bus link is up.",
+        tuple(({"worker": str(s)}, 1 if workers[s].get("bus_connected") is True else 0) for s in slots),
+    ))  # fmt: skip
+    fams.append(Family(
+        "fanout_bus_lag_seconds", "gauge", "How far the worker is behind the bus head (worst shard).",
+        tuple(
+            ({"worker": str(s)}, float(workers[s]["bus_lag_ms"]) / 1000.0)
+            for s in slots
+            if isinstance(workers[s].get("bus_lag_ms"), int | float)
+        ),
+    ))  # fmt: skip
+    fams.append(Family(
+        "fanout_worker_heartbeat_age_seconds", "gauge", "Seconds since the worker last wrote its status (its heartbeat).",
+        tuple(({"worker": str(s)}, round(heartbeat_age_s[s], 3)) for s in slots if s in heartbeat_age_s),
+    ))  # fmt: skip
+    fams.append(Family(
+        "fanout_flush_duration_seconds", "histogram", "Time one flush tick took (plan and write every frame).",
+        tuple(({"worker": str(s)}, workers[s]["flush_hist"]) for s in slots if isinstance(workers[s].get("flush_hist"), dict)),
+    ))  # fmt: skip
+    fams.append(Family(
+        "fanout_ws_publish_duration_seconds", "histogram", "WebSocket `pub`: time from the request to the bus's acceptance.",
+        tuple(({"worker": str(s)}, workers[s]["publish_hist"]) for s in slots if isinstance(workers[s].get("publish_hist"), dict)),
+    ))  # fmt: skip
+    return fams
+
+
+def process_families(processes: Mapping[str, Mapping[str, float]]) -> list[Family]:
+    """Per-process figures (name -> {"cpu_s", "rss_bytes", "fds"}) from psutil."""
+    names = sorted(processes)
+
+    def series(field: str) -> tuple[tuple[Mapping[str, str], Any], ...]:
+        return tuple(({"process": n}, processes[n][field]) for n in names if field in processes[n])
+
+    return [
+        Family("fanout_process_cpu_seconds_total", "counter", "CPU time (user + system) of each fanout process.", series("cpu_s")),
+        Family("fanout_process_resident_memory_bytes", "gauge", "Resident memory of each fanout process.", series("rss_bytes")),
+        Family("fanout_process_open_fds", "gauge", "Open file descriptors of each fanout process.", series("fds")),
+    ]  # fmt: skip
