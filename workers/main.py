@@ -7,6 +7,9 @@ Signals (installed on the worker's own loop):
 - SIGUSR1: retire (the supervisor's rolling restart, or SIGTTOU): the same
   drain, closing with 1012 (service restart) so clients reconnect at once to
   the other workers.
+- SIGUSR2: rebalance: read the admin's shedding request from the board and
+  close that many connections, paced over its `pace_s`, each with `bye`
+  (reason "rebalance") and 1012, so clients reconnect to other nodes.
 - SIGINT / SIGQUIT: quick stop: close connections, exit 0.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
 
 import uvloop
@@ -22,7 +26,8 @@ from engine import codes
 from engine.bus import create_bus
 from engine.config import Config
 from engine.logs import setup_logging
-from engine.supervisor.board import Board, worker_name
+from engine.protocol import codec
+from engine.supervisor.board import REBALANCE, Board, worker_name
 from workers.server import WorkerServer
 
 log = logging.getLogger("fanout.worker")
@@ -81,6 +86,16 @@ async def _main(cfg: Config, slot: int, run_dir: str) -> int:
 
     loop.add_signal_handler(signal.SIGTERM, on_signal, "term")
     loop.add_signal_handler(signal.SIGUSR1, on_signal, "retire")
+    shedding: list[asyncio.Task[None]] = []
+
+    def on_rebalance() -> None:
+        request = board.read(REBALANCE) or {}
+        count = (request.get("shed") or {}).get(str(slot), 0)
+        if isinstance(count, int) and count > 0:
+            pace_s = float(request.get("pace_s") or 0.0)
+            shedding.append(loop.create_task(shed(server, count, pace_s)))
+
+    loop.add_signal_handler(signal.SIGUSR2, on_rebalance)
     loop.add_signal_handler(signal.SIGINT, on_signal, "quick")
     loop.add_signal_handler(signal.SIGQUIT, on_signal, "quick")
     log.info("accepting on port %d", server.port)
@@ -99,7 +114,30 @@ async def _main(cfg: Config, slot: int, run_dir: str) -> int:
             "restart" if retire else "shutdown",
             max(0.1, cfg.workers.graceful_timeout_s - 1.0),
         )
+    for task in shedding:
+        task.cancel()
     await server.close()
     await server.bus.close()
     board.write(name, server.status())
     return codes.EXIT_OK
+
+
+async def shed(server: WorkerServer, count: int, pace_s: float) -> None:
+    """Close `count` connections, spread evenly over `pace_s`, each told to come
+    back later (`bye` with a jittered `retry_ms`, close 1012): through the load
+    balancer they land on other nodes."""
+    victims = [c for c in list(server.connections) if not c.closing][:count]
+    log.info(
+        "rebalance: shedding %d of %d connections over %gs",
+        len(victims),
+        len(server.connections),
+        pace_s,
+    )
+    gap_s = pace_s / len(victims) if victims and pace_s > 0 else 0.0
+    lo, hi = server.cfg.workers.retry_min_ms, server.cfg.workers.retry_max_ms
+    for i, conn in enumerate(victims):
+        if not conn.closing:
+            conn.send_control(codec.bye("rebalance", random.randint(lo, hi)))
+            conn.close(codes.CLOSE_SERVICE_RESTART, "rebalance")
+        if gap_s and i + 1 < len(victims):
+            await asyncio.sleep(gap_s)

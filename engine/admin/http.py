@@ -55,6 +55,7 @@ ROUTES: Final[Mapping[str, tuple[str, ...]]] = {
     "/stats": ("GET",),
     "/metrics": ("GET",),
     "/publish": ("POST",),
+    "/rebalance": ("POST",),
     "/": ("GET",),  # the live dashboard (engine/static/index.html)
     "/config.json": ("GET",),  # what the dashboard needs to connect (client_config)
 }
@@ -223,7 +224,7 @@ def plan_request(
             f"{method[:20]} is not allowed on {path}: use {', '.join(methods)}",
             headers=(("allow", ", ".join(methods)),),
         )
-    if path != "/publish":
+    if path not in ("/publish", "/rebalance"):
         return Plan(path)
     check_api_key(headers.get("authorization"), api_key)
     media = media_kind(headers.get("content-type"))
@@ -663,3 +664,58 @@ def stats(
         "totals": totals,
         "bus": dict(bus),
     }
+
+
+# -- POST /rebalance ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RebalanceRequest:
+    """Shed connections down to `connections` on this node, or shed `fraction` of them."""
+
+    connections: int | None = None
+    fraction: float | None = None
+
+
+def parse_rebalance(body: bytes) -> RebalanceRequest:
+    """`{"connections": N}` (keep at most N on this node) or `{"fraction": F}`
+    (shed that share, 0 < F <= 1). 400 for anything else."""
+    try:
+        doc = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise HttpError(400, "bad_request", "the body is not valid JSON") from None
+    if not isinstance(doc, dict) or len(doc) != 1 or not ({"connections", "fraction"} & doc.keys()):
+        raise HttpError(
+            400, "bad_request", 'send exactly one of {"connections": N} or {"fraction": F}'
+        )
+    if "connections" in doc:
+        n = doc["connections"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise HttpError(400, "bad_request", "'connections' must be an integer >= 0")
+        return RebalanceRequest(connections=n)
+    f = doc["fraction"]
+    if isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f <= 1:
+        raise HttpError(400, "bad_request", "'fraction' must be a number in (0, 1]")
+    return RebalanceRequest(fraction=float(f))
+
+
+def plan_shedding(connections: Mapping[int, int], req: RebalanceRequest) -> dict[int, int]:
+    """How many connections each worker (slot -> open connections) sheds.
+
+    The excess over the target is taken from the workers in proportion to what
+    they hold (the largest remainders first), so the node ends balanced too.
+    """
+    total = sum(connections.values())
+    if req.connections is not None:
+        excess = max(0, total - req.connections)
+    else:
+        assert req.fraction is not None
+        excess = min(total, round(total * req.fraction))
+    if excess == 0 or total == 0:
+        return {}
+    shares = {s: excess * n / total for s, n in connections.items()}
+    plan = {s: int(v) for s, v in shares.items()}
+    left = excess - sum(plan.values())
+    for s in sorted(shares, key=lambda s: shares[s] - plan[s], reverse=True)[:left]:
+        plan[s] += 1
+    return {s: n for s, n in plan.items() if n > 0}

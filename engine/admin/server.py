@@ -36,7 +36,7 @@ from engine import metrics
 from engine.admin import http
 from engine.codes import EXIT_PORT_IN_USE, ErrorCode
 from engine.errors import BusError, BusUnavailable
-from engine.supervisor.board import SUPERVISOR, Board
+from engine.supervisor.board import REBALANCE, SUPERVISOR, Board
 
 if TYPE_CHECKING:
     from engine.bus.base import Bus
@@ -329,6 +329,8 @@ class AdminServer:
                 return self.readiness()
             if plan.path == "/stats":
                 return http.json_response(200, self.stats())
+            if plan.path == "/rebalance":
+                return self.rebalance(body)
             if plan.path == "/metrics":
                 return http.Response(200, self.metrics().encode(), (), metrics.CONTENT_TYPE)
             if plan.path == "/config.json":
@@ -378,6 +380,44 @@ class AdminServer:
             max_lag_ms=self.cfg.bus.max_lag_ms,
         )
         return http.ready_response(ready, reasons, len(http.expected_workers(supervisor)))
+
+    def rebalance(self, body: bytes) -> http.Response:
+        """Ask workers to shed connections (paced over workers.drain_s, `bye` +
+        1012) so that clients reconnect, through the Service, to other nodes."""
+        req = http.parse_rebalance(body)
+        supervisor = self.board.read(SUPERVISOR) or {}
+        expected = {int(k): v for k, v in (supervisor.get("workers") or {}).items()}
+        statuses = self.board.read_workers()
+        open_conns = {
+            slot: int(st.get("connections", 0))
+            for slot, st in statuses.items()
+            if slot in expected and st.get("pid") == expected[slot]
+        }
+        plan = http.plan_shedding(open_conns, req)
+        pace_s = self.cfg.workers.drain_s
+        request_id = f"{time.time():.6f}"
+        self.board.write(
+            REBALANCE,
+            {"id": request_id, "shed": {str(s): n for s, n in plan.items()}, "pace_s": pace_s},
+        )
+        for slot in plan:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(expected[slot], signal.SIGUSR2)
+        log.info(
+            "rebalance: shedding %d of %d connections over %gs",
+            sum(plan.values()),
+            sum(open_conns.values()),
+            pace_s,
+        )
+        return http.json_response(
+            202,
+            {
+                "connections": sum(open_conns.values()),
+                "shed": sum(plan.values()),
+                "per_worker": {str(s): n for s, n in sorted(plan.items())},
+                "pace_s": pace_s,
+            },
+        )
 
     def metrics(self) -> str:
         """Prometheus text: every worker's figures from the board, psutil figures

@@ -22,6 +22,9 @@ import time
 from typing import Any
 
 SUPERVISOR = "supervisor"
+# A shedding request from POST /rebalance: {"id", "shed": {slot: n}, "pace_s"};
+# workers read it on SIGUSR2.
+REBALANCE = "rebalance"
 
 
 def worker_name(slot: int) -> str:
