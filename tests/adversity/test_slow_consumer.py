@@ -88,6 +88,9 @@ async def test_stalled_client_costs_keys_not_updates_and_catches_up(patient: Ser
         final = await asyncio.to_thread(publish_burst, patient, topic)
         await asyncio.sleep(0.5)
         rss_after = worker_rss(patient)
+        print(
+            f"worker RSS {rss_before / 2**20:.1f} MiB -> {rss_after / 2**20:.1f} MiB after {UPDATES} updates"
+        )
         # the stalled client holds a few KB of kernel and user buffers, not 100,000 updates
         assert rss_after - rss_before < 8 * 1024 * 1024, (rss_before, rss_after)
         # the honest client on the same worker kept up and converged
