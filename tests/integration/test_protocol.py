@@ -333,3 +333,25 @@ async def test_max_hz_limits_frames(engine_factory: Any) -> None:
     # ~0.9 s of publishing at 5 Hz: a handful of frames, far fewer than the fast client got
     assert len(slow_upds) <= 8, len(slow_upds)
     assert len(fast_upds) > 8
+
+
+async def test_pub_while_the_bus_is_down_gets_unavailable_and_keeps_state(
+    engine_factory: Any,
+) -> None:
+    engine = await engine_factory(
+        auth={"allow_anonymous_publish": True}, fanout={"flush_interval_ms": 5}
+    )
+    await engine.publish("down.t", "k", 1)
+    sub, (_, snap) = await engine.subscriber(["down.t"])
+    assert snap["items"] == {"k": 1}
+    await engine.hub.close()
+    await eventually(lambda: not engine.worker.bus.connected)
+    pub = await engine.client()
+    pub.send({"op": "pub", "topic": "down.t", "key": "k", "data": 2, "id": 4})
+    err = await pub.recv()
+    assert err["op"] == "err" and err["code"] == "unavailable" and err["id"] == 4
+    # the subscriber keeps its connection and is still answered from the state held
+    late, (_, snap2) = await engine.subscriber(["down.t"])
+    assert snap2["items"] == {"k": 1}
+    sub.send({"op": "ping", "id": 5})
+    assert (await sub.recv_op("pong"))["id"] == 5
