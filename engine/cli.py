@@ -271,7 +271,9 @@ def _public_host(host: str) -> str:
 
 
 def _print_banner(cfg: Config, demo: bool) -> None:
-    n = cfg.resolved_worker_count(os.cpu_count() or 1)
+    from engine.supervisor.preflight import available_cpus
+
+    n = cfg.resolved_worker_count(available_cpus())
     host = _public_host(cfg.server.host)
     ws = f"ws://{host}:{cfg.server.port}{cfg.server.path}"
     admin = f"http://{_public_host(cfg.server.admin_host)}:{cfg.server.admin_port}"
@@ -290,7 +292,10 @@ def _print_banner(cfg: Config, demo: bool) -> None:
         f"  publish    fanout publish prices.fx EURUSD '{{\"px\": 1.0842}}' --admin {admin}"
     )
     lines.append("  stop       Ctrl-C (quick) or SIGTERM (graceful drain)")
-    print("\n".join(lines), file=sys.stderr, flush=True)
+    if cfg.log.format == "json":  # log shippers want one JSON object per line
+        logging.getLogger("fanout.supervisor").info(" | ".join(x.strip() for x in lines))
+    else:
+        print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 # -- publish ---------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from engine.codes import EXIT_BOOT_FAILURE, EXIT_FAILURE, EXIT_OK
 from engine.logs import setup_logging
 from engine.supervisor.backoff import Backoff, FailureStreak
 from engine.supervisor.board import SUPERVISOR, Board, worker_name
-from engine.supervisor.preflight import format_address
+from engine.supervisor.preflight import available_cpus, format_address
 
 if TYPE_CHECKING:
     from engine.config import Config
@@ -140,7 +140,7 @@ class Arbiter:
         self.worker_target = worker_target
         self.reload = reload
         self.aux_specs = {spec.name: spec for spec in aux}
-        self.worker_count = cfg.resolved_worker_count(os.cpu_count() or 1)
+        self.worker_count = cfg.resolved_worker_count(available_cpus())
         self.backoff = Backoff(
             cfg.workers.restart_backoff_min_ms, cfg.workers.restart_backoff_max_ms
         )

@@ -91,3 +91,24 @@ def make_run_dir(base: str) -> str:
     path = tempfile.mkdtemp(prefix="fanout-", dir=base)
     os.chmod(path, 0o700)  # mkdtemp already does; say it where the rule lives
     return path
+
+
+def available_cpus(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """Cores this process may really use: the CPU affinity mask, capped by a
+    cgroup v2 CPU quota (a container's CPU limit), rounded up; at least 1.
+
+    `os.cpu_count()` counts the host's cores, which in a container limited to
+    2 CPUs on a 64-core node would start 64 workers.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        with open(cgroup_cpu_max, encoding="ascii") as fh:
+            quota, period = fh.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)

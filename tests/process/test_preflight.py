@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,15 @@ def test_run_dir_is_private_and_fresh(tmp_path: os.PathLike[str]) -> None:
         assert os.path.basename(path).startswith("fanout-")
         assert os.path.dirname(path) == str(tmp_path)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+
+
+def test_available_cpus_honours_a_cgroup_quota(tmp_path: Path) -> None:
+    from engine.supervisor.preflight import available_cpus
+
+    free = available_cpus(str(tmp_path / "no-such-file"))
+    limited = tmp_path / "cpu.max"
+    limited.write_text("150000 100000\n")  # 1.5 CPUs: 2 workers
+    assert available_cpus(str(limited)) == min(2, free)
+    unlimited = tmp_path / "max"
+    unlimited.write_text("max 100000\n")
+    assert available_cpus(str(unlimited)) == free >= 1
