@@ -358,7 +358,7 @@ async def test_pub_while_the_bus_is_down_gets_unavailable_and_keeps_state(
     err = await pub.recv()
     assert err["op"] == "err" and err["code"] == "unavailable" and err["id"] == 4
     # the subscriber keeps its connection and is still answered from the state held
-    late, (_, snap2) = await engine.subscriber(["down.t"])
+    _, (_, snap2) = await engine.subscriber(["down.t"])
     assert snap2["items"] == {"k": 1}
     sub.send({"op": "ping", "id": 5})
     assert (await sub.recv_op("pong"))["id"] == 5
