@@ -8,9 +8,11 @@ Guarantees every backend gives:
 1. Each topic belongs to one shard (`shard_of`); entries of one topic are
    delivered to every bus client in position order, with strictly increasing
    positions. Positions are integers (see `engine.protocol.codec.make_pos`).
-2. A publish is accepted whole or not at all. When `publish` reports positions,
-   the entries are in the log and in the latest state; `BusUnavailable` means
-   nothing was published.
+2. A publish is accepted whole or not at all, per shard: the local hub applies
+   a whole batch at once; the Redis backend applies each shard's part of a
+   batch atomically (one script call per shard). When `publish` reports
+   positions, the entries are in the log and in the latest state;
+   `BusUnavailable` means nothing was published.
 3. Applying an entry is idempotent by position: a client may see an entry twice
    (replays after a reconnect); it keeps a key's value only if the entry's
    position is newer than what it holds.
