@@ -346,6 +346,9 @@ class Arbiter:
         self.slots.discard(slot)
         self.pending.discard(slot)
         self.respawns.pop(worker_name(slot), None)
+        # Publish the new set of workers before the retired one stops accepting,
+        # so /readyz never sees an expected worker that is draining.
+        self.write_status()
         now = time.monotonic()
         for child in self.workers():
             if child.slot == slot and child.retiring_since is None:
