@@ -6,7 +6,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test check lint typecheck unit fuzz bench-first install system-deps clean
+.PHONY: run test check lint typecheck unit fuzz bench-first bench install system-deps clean screenshot
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,11 +16,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Debian packages the tests use (real redis-server: no mocks stand in for Redis).
+# Debian packages the tests use (real redis-server: no mocks stand in for Redis;
+# chromium for the browser tests).
 system-deps:
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  echo "installing redis-server (Debian package)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 || { \
+	  echo "installing redis-server and redis-cli (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null; }
+	@# headless Chromium for the browser tests (tests/e2e), driven by Playwright's Python
+	@# package with this system browser: `playwright install` is never needed.
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium (Debian package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 run: $(STAMP)
 	$(BIN)/fanout serve --demo
@@ -51,3 +57,12 @@ fuzz: $(STAMP)
 # The first measurement: 1,000 subscribers, 10,000 updates/s for 30 s, 2 workers (README, Benchmarks).
 bench-first: $(STAMP)
 	$(BIN)/python -m loadtest.firstbench
+
+# The hot-workload capacity comparison of docs/benchmarks.md: fanout next to the naive
+# picows broadcaster, 1,000 subscribers, 10,000 updates/s, 60 s (reports/ gets JSON + Markdown).
+bench: $(STAMP)
+	$(BIN)/fanout bench --workload hot -S 1000 -U 10000 -D 60 --baseline
+
+# Retake docs/dashboard.png (the live dashboard in headless Chromium).
+screenshot: $(STAMP) system-deps
+	$(BIN)/python -m tests.e2e.screenshot docs/dashboard.png

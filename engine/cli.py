@@ -1,4 +1,4 @@
-"""The `fanout` command: serve | publish | watch | check-config.
+"""The `fanout` command: serve | publish | watch | check-config | bench.
 
 Settings come from config.toml, then FANOUT_<SECTION>_<KEY> environment
 variables, then these flags; a bad value stops here, before anything forks,
@@ -39,6 +39,7 @@ examples:
   fanout watch prices.fx                   watch a topic live in the terminal
   fanout publish prices.fx EURUSD '{"px": 1.0842}'
   fanout check-config                      print the effective settings
+  fanout bench --baseline                  load-test fanout next to a naive broadcaster
   FANOUT_SERVER_PORT=9000 fanout serve     any setting from the environment
 
 Settings: config.toml (or --config / FANOUT_CONFIG), then FANOUT_<SECTION>_<KEY>
@@ -47,6 +48,9 @@ environment variables, then flags. Protocol: docs/protocol.md.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["bench"]:
+        return cmd_bench(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -136,7 +140,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--seconds", type=float, default=0, help="stop after this long (0 = until Ctrl-C)"
     )
     w.set_defaults(func=cmd_watch)
+
+    # `fanout bench ...` is dispatched by main() before parsing (its flags are the load
+    # generator's: loadtest/bench); this entry only lists it in --help.
+    sub.add_parser(
+        "bench",
+        help="run the load generator against fanout (and the baseline): `fanout bench --help`",
+        add_help=False,
+    )
     return p
+
+
+def cmd_bench(argv: list[str]) -> int:
+    """Delegate to the load generator (loadtest.bench); imported only when used."""
+    import importlib
+
+    try:
+        bench = importlib.import_module("loadtest.bench")
+    except ImportError as exc:
+        print(f"fanout: bench needs the loadtest package: {exc}", file=sys.stderr)
+        return codes.EXIT_CONFIG
+    return int(bench.main(argv))
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:

@@ -46,22 +46,14 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import ctypes
 import http.client
 import json
 import logging
-import math
-import multiprocessing
-import multiprocessing.connection
 import os
 import platform
 import shlex
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -74,63 +66,24 @@ from typing import Any
 import msgpack
 import psutil
 
-# -- the latency histogram ---------------------------------------------------------------
-#
-# Buckets are integers so that a subscriber adds a sample with one shift and one
-# dict update. Fine buckets are 2**16 ns (65.5 us) wide up to 2**32 ns (4.3 s);
-# beyond that, coarse buckets of 2**26 ns (67 ms). Negative differences (a clock
-# step) go to bucket 0 and are counted apart.
-
-_FINE_SHIFT = 16
-_FINE_BUCKETS = 1 << 16
-_COARSE_SHIFT = 26
-
-
-def bucket_of(d_ns: int) -> int:
-    """The histogram bucket of a latency in nanoseconds."""
-    if d_ns < 0:
-        return 0
-    b = d_ns >> _FINE_SHIFT
-    if b < _FINE_BUCKETS:
-        return b
-    return _FINE_BUCKETS + (d_ns >> _COARSE_SHIFT)
-
-
-def bucket_mid_ns(b: int) -> float:
-    """The middle of a bucket, in nanoseconds."""
-    if b < _FINE_BUCKETS:
-        return (b + 0.5) * (1 << _FINE_SHIFT)
-    return (b - _FINE_BUCKETS + 0.5) * (1 << _COARSE_SHIFT)
-
-
-def merge_hist(into: dict[int, int], other: Mapping[int, int]) -> None:
-    for b, c in other.items():
-        into[b] = into.get(b, 0) + c
-
-
-def percentiles_ms(hist: Mapping[int, int], qs: Sequence[float]) -> dict[str, float | None]:
-    """Percentiles (0 < q <= 1) of a histogram, in milliseconds (bucket middles)."""
-    total = sum(hist.values())
-    out: dict[str, float | None] = {}
-    if not total:
-        return {_qname(q): None for q in qs}
-    ordered = sorted(hist.items())
-    for q in qs:
-        rank = max(1, math.ceil(q * total))
-        seen = 0
-        value = ordered[-1][0]
-        for b, c in ordered:
-            seen += c
-            if seen >= rank:
-                value = b
-                break
-        out[_qname(q)] = round(bucket_mid_ns(value) / 1e6, 3)
-    return out
-
-
-def _qname(q: float) -> str:
-    return "p" + f"{q * 100:g}".replace(".", "")
-
+from loadtest.common import (
+    _FINE_BUCKETS,
+    _FINE_SHIFT,
+    Child,
+    Children,
+    Server,
+    SetupError,
+    bucket_mid_ns,
+    bucket_of,
+    cpu_seconds,
+    http_get,
+    machine_busy_seconds,
+    merge_hist,
+    percentiles_ms,
+    raise_nofile,
+    server_pids,
+    used,
+)
 
 # -- subscriber processes ------------------------------------------------------------------
 
@@ -356,6 +309,10 @@ async def _subscriber_main(
         wake.set()
 
     loop.add_reader(pipe.fileno(), on_pipe)
+    # the loop made the pipe non-blocking; a large message (a latency histogram spread
+    # over seconds is hundreds of KB) to a parent busy elsewhere would then fail with
+    # EAGAIN: sends block instead (the parent is always reading while it waits on us)
+    os.set_blocking(pipe.fileno(), True)
 
     # -- connect and subscribe every client ---------------------------------------------
     sem = asyncio.Semaphore(concurrency)
@@ -630,21 +587,26 @@ def _publisher_process(
 
 
 def _publish_for(
-    pub: _Publisher, pipe: Pipe, rate: float, duration_s: float, batch_ms: float
+    pub: _Publisher,
+    pipe: Pipe,
+    rate: float,
+    duration_s: float,
+    batch_ms: float,
+    grace_s: float = 30.0,
 ) -> dict[str, Any]:
     """Publish `rate` updates/s for `duration_s`, paced against the clock.
 
     Every tick (`batch_ms`) sends what is due by then (`rate * elapsed`, minus
     what was sent), so a slow request is made up for by a larger next batch
     instead of lowering the rate. Bounded: at most `rate * duration_s` updates,
-    and it gives up 30 s past the end.
+    and it gives up `grace_s` (30) s past the end.
     """
     total = round(rate * duration_s)
     interval = batch_ms / 1000.0
     sent = 0
     max_behind = 0
     start = time.perf_counter()
-    hard_stop = start + duration_s + 30.0
+    hard_stop = start + duration_s + grace_s
     next_tick = start
     next_report = start + 1.0
     aborted = exiting = False
@@ -694,241 +656,6 @@ def _publish_for(
     }
 
 
-# -- the server under test -------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _set_parent_death_signal(signum: int = signal.SIGINT) -> None:
-    """Have the kernel send `signum` to this process when its parent dies (Linux only),
-    so that a `kill -9` of the benchmark does not leave anything running. SIGINT
-    for the server (its quick stop), SIGKILL for this script's own children."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signum)  # PR_SET_PDEATHSIG
-
-
-def _child_entry(parent_pid: int, inherited: list[Pipe], target: Any, *args: Any) -> None:
-    """Start of every forked child: close the parent's ends of the pipes inherited
-    from the fork (while any copy is open, a pipe never reports EOF, and a child
-    would not notice that the parent is gone), then run `target`."""
-    _set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-    for pipe in inherited:
-        with contextlib.suppress(OSError):
-            pipe.close()
-    target(*args)
-
-
-def _server_preexec(cpus: tuple[int, ...] | None) -> None:
-    _set_parent_death_signal()
-    if cpus:
-        os.sched_setaffinity(0, cpus)  # inherited by every process the supervisor forks
-
-
-class Server:
-    """A `fanout serve` started by this script: own process group, free ports, own run dir."""
-
-    def __init__(
-        self,
-        workers: int,
-        flush_ms: int,
-        config: str | None,
-        log_level: str,
-        cpus: tuple[int, ...] | None = None,
-    ) -> None:
-        self.base = tempfile.mkdtemp(
-            prefix="fb-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
-        )
-        self.log_path = os.path.join(self.base, "serve.log")
-        self.port = free_port()
-        self.admin_port = free_port()
-        env = dict(os.environ)
-        env.update(
-            {
-                "FANOUT_FANOUT_FLUSH_INTERVAL_MS": str(flush_ms),
-                "FANOUT_RUN_DIR": self.base,
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        self.args = [
-            sys.executable,
-            "-m",
-            "engine.cli",
-            "serve",
-            "--workers",
-            str(workers),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--admin-port",
-            str(self.admin_port),
-            "--log-level",
-            log_level,
-        ]
-        if config:
-            self.args += ["--config", config]
-        self.env_shown = {"FANOUT_FANOUT_FLUSH_INTERVAL_MS": str(flush_ms)}
-        self.env_shown.update(
-            {
-                k: v
-                for k, v in os.environ.items()
-                if k.startswith("FANOUT_") and k != "FANOUT_API_KEY"
-            }
-        )
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
-        # cwd: the run dir, so that no ./config.toml of the caller's directory is read
-        # unless --config names one.
-        self.proc = subprocess.Popen(
-            self.args,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=self.base,
-            preexec_fn=lambda: _server_preexec(cpus),
-        )
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    @property
-    def admin(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
-
-    def command(self) -> str:
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env_shown.items()))
-        return f"{env} fanout {shlex.join(self.args[3:])}"
-
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SetupError(
-                    f"fanout serve exited with code {self.proc.returncode}:\n" + self.log_tail()
-                )
-            status, _ = http_get(self.admin, "/readyz")
-            if status == 200:
-                return
-            time.sleep(0.1)
-        raise SetupError(f"fanout serve not ready after {timeout_s:.0f} s:\n" + self.log_tail())
-
-    def board_pids(self) -> dict[str, int]:
-        """Names of the server's processes from the supervisor's status file."""
-        names: dict[str, int] = {}
-        with contextlib.suppress(OSError):
-            for entry in os.listdir(self.base):
-                path = os.path.join(self.base, entry, "supervisor.json")
-                try:
-                    with open(path, encoding="utf-8") as fh:
-                        sup = json.load(fh)
-                except (OSError, ValueError):
-                    continue
-                names["supervisor"] = int(sup.get("pid", self.proc.pid))
-                for slot, pid in (sup.get("workers") or {}).items():
-                    names[f"worker-{slot}"] = int(pid)
-                for name, pid in (sup.get("aux") or {}).items():
-                    names[str(name)] = int(pid)
-        return names
-
-    def log_tail(self, n: int = 3000) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as fh:
-                return fh.read()[-n:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        """SIGINT the group (a quick stop), SIGKILL what is left after 10 s."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGINT)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # anything left in the group
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(5)
-        self._log.close()
-
-    def cleanup_dir(self, keep_log_to: str | None) -> None:
-        if keep_log_to:
-            with contextlib.suppress(OSError):
-                shutil.copyfile(self.log_path, keep_log_to)
-        shutil.rmtree(self.base, ignore_errors=True)
-
-
-class SetupError(Exception):
-    """The benchmark could not set up (server, subscribers); nothing was measured."""
-
-
-def http_get(base: str, path: str, timeout: float = 5.0) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(base.rstrip("/") + path, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
-    except (OSError, ValueError):
-        return 0, None
-
-
-# -- CPU accounting ------------------------------------------------------------------------
-
-
-def server_pids(supervisor_pid: int) -> list[int]:
-    """The supervisor and all its descendants."""
-    try:
-        sup = psutil.Process(supervisor_pid)
-        return [supervisor_pid, *(p.pid for p in sup.children(recursive=True))]
-    except psutil.Error:
-        return []
-
-
-def cpu_seconds(pids: Iterable[int]) -> dict[int, tuple[float, float]]:
-    """(utime, stime) of each process that still exists (psutil reads /proc/<pid>/stat)."""
-    out: dict[int, tuple[float, float]] = {}
-    for pid in pids:
-        try:
-            t = psutil.Process(pid).cpu_times()
-        except psutil.Error:
-            continue
-        out[pid] = (t.user, t.system)
-    return out
-
-
-def _used(
-    before: Mapping[int, tuple[float, float]],
-    after: Mapping[int, tuple[float, float]],
-    pid: int,
-    part: int | None = None,
-) -> float:
-    """CPU-seconds `pid` used between two `cpu_seconds` samples (user+system, or one part)."""
-    a, b = before[pid], after[pid]
-    if part is None:
-        return (b[0] + b[1]) - (a[0] + a[1])
-    return b[part] - a[part]
-
-
-def machine_busy_seconds() -> float:
-    """CPU-seconds the whole machine spent not idle, all cores together (from /proc/stat)."""
-    t = psutil.cpu_times()
-    return float(
-        sum(t)
-        - t.idle
-        - getattr(t, "iowait", 0.0)
-        - getattr(t, "guest", 0.0)
-        - getattr(t, "guest_nice", 0.0)
-    )
-
-
 # -- orchestration -------------------------------------------------------------------------
 
 
@@ -957,22 +684,6 @@ class Settings:
     quiet: bool
 
 
-class _Child:
-    """A child process of this script and its pipe; messages are sorted by kind."""
-
-    def __init__(self, name: str, proc: multiprocessing.process.BaseProcess, pipe: Pipe) -> None:
-        self.name = name
-        self.proc = proc
-        self.pipe = pipe
-        self.inbox: collections.deque[tuple[str, Any]] = collections.deque()
-        self.progress: dict[str, Any] = {}
-        self.gone = False
-
-    def send(self, *msg: Any) -> None:
-        with contextlib.suppress(OSError, ValueError, BrokenPipeError):
-            self.pipe.send(msg)
-
-
 class Bench:
     """One run: set up, measure, check, report, and always tear down."""
 
@@ -980,66 +691,21 @@ class Bench:
         self.s = s
         self.argv = list(argv)
         self.server: Server | None = None
-        self.children: list[_Child] = []
-        self.subs: list[_Child] = []
-        self.publisher: _Child | None = None
-        self.ctx = multiprocessing.get_context("fork")
+        self.procs = Children()
+        self.children = self.procs.children
+        self.subs: list[Child] = []
+        self.publisher: Child | None = None
 
-    # -- child processes ----------------------------------------------------------------
+    # -- child processes (shared machinery: loadtest.common.Children) --------------------
 
-    def _spawn(self, name: str, target: Any, *args: Any) -> _Child:
-        parent, child = self.ctx.Pipe(duplex=True)
-        inherited = [parent, *(c.pipe for c in self.children)]
-        proc = self.ctx.Process(
-            target=_child_entry,
-            args=(os.getpid(), inherited, target, child, *args),
-            name=name,
-            daemon=True,
-        )
-        proc.start()
-        child.close()
-        c = _Child(name, proc, parent)
-        self.children.append(c)
-        return c
+    def _spawn(self, name: str, target: Any, *args: Any) -> Child:
+        return self.procs.spawn(name, target, *args)
 
     def _pump(self, timeout: float) -> None:
-        """Read every message that arrives within `timeout` seconds."""
-        live = {c.pipe: c for c in self.children if not c.gone}
-        if not live:
-            time.sleep(timeout)
-            return
-        for pipe in multiprocessing.connection.wait(list(live), timeout):
-            c = live[pipe]  # type: ignore[index]
-            try:
-                while c.pipe.poll():
-                    kind, payload = c.pipe.recv()
-                    if kind == "progress":
-                        c.progress = payload
-                    elif kind == "error":
-                        raise RuntimeError(payload)
-                    else:
-                        c.inbox.append((kind, payload))
-            except (EOFError, OSError):
-                c.gone = True
+        self.procs.pump(timeout)
 
-    def _expect(self, child: _Child, kind: str, timeout_s: float) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for i, (k, payload) in enumerate(child.inbox):
-                if k == kind:
-                    del child.inbox[i]
-                    return payload
-            if child.gone or not child.proc.is_alive():
-                self._pump(0)
-                if not any(k == kind for k, _ in child.inbox):
-                    raise RuntimeError(
-                        f"{child.name} exited (code {child.proc.exitcode}) before sending {kind!r}"
-                    )
-                continue
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"{child.name} sent no {kind!r} within {timeout_s:.0f} s")
-            self._pump(min(left, 0.5))
+    def _expect(self, child: Child, kind: str, timeout_s: float) -> Any:
+        return self.procs.expect(child, kind, timeout_s)
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -1268,15 +934,15 @@ class Bench:
         by_name = {pid: name for name, pid in names.items()}
         cpu0, cpu1 = cpu
         both = [pid for pid in cpu0 if pid in cpu1]
-        per_process = {by_name.get(p, f"pid {p}"): round(_used(cpu0, cpu1, p), 3) for p in both}
+        per_process = {by_name.get(p, f"pid {p}"): round(used(cpu0, cpu1, p), 3) for p in both}
         per_process_sys = {
-            by_name.get(p, f"pid {p}"): round(_used(cpu0, cpu1, p, 1), 3) for p in both
+            by_name.get(p, f"pid {p}"): round(used(cpu0, cpu1, p, 1), 3) for p in both
         }
-        server_cpu = sum(_used(cpu0, cpu1, p) for p in both) if cpu0 else None
+        server_cpu = sum(used(cpu0, cpu1, p) for p in both) if cpu0 else None
         workers_cpu = sum(v for k, v in per_process.items() if k.startswith("worker-"))
         gen0, gen1 = gen
         gen_by_name = {
-            name: round(_used(gen0, gen1, pid), 3)
+            name: round(used(gen0, gen1, pid), 3)
             for name, pid in gen_pids.items()
             if pid in gen0 and pid in gen1
         }
@@ -1398,20 +1064,7 @@ class Bench:
 
     def cleanup(self, keep_log_to: str | None) -> None:
         """Stop every child (exit, then terminate, then kill) and the server; bounded."""
-        for c in self.children:
-            c.send("exit")
-        deadline = time.monotonic() + 5.0
-        for c in self.children:
-            c.proc.join(max(0.0, deadline - time.monotonic()))
-        for c in self.children:
-            if c.proc.is_alive():
-                c.proc.terminate()
-                c.proc.join(2.0)
-            if c.proc.is_alive():
-                c.proc.kill()
-                c.proc.join(2.0)
-            with contextlib.suppress(OSError):
-                c.pipe.close()
+        self.procs.stop_all()
         if self.server is not None:
             self.server.stop()
             self.server.cleanup_dir(keep_log_to)
@@ -1639,6 +1292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed midway; 130 interrupted."""
     args = list(sys.argv[1:] if argv is None else argv)
     s = parse_args(args)
+    raise_nofile()  # inherited by the subscriber processes forked later
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

@@ -9,16 +9,36 @@ The connection owns its `Session` (engine.fanout.core) and implements its
 (engine.fanout.budget); control replies (ack, err, snap, pong) bypass the
 budget, but a connection whose buffer passes `hard_cap_bytes` with them is
 evicted as a slow consumer (4008).
+
+Security rules this module applies (the policies live in engine/auth):
+
+- Every complete inbound message (and every WebSocket ping: auto-pong is off,
+  pings are answered here) passes the connection's `RateLimiter` before
+  it is copied or decoded: refused messages cost a bucket check, at most one
+  `err rate_limited` per second is written, a connection past three times the
+  rate is not read until its next one-second interval (TCP holds the rest
+  back), and sustained abuse closes 4029.
+- Until a token is accepted (`auth.mode = "jwt"` without a token at upgrade)
+  only `auth` is served; anything else, or no `auth` by `deadline`, closes 4001.
+- `perms` decides `sub` (all or nothing, `err forbidden` naming the first
+  refused topic) and `pub`. A token refresh (`auth` on an authenticated
+  connection) replaces them; if the new token no longer covers a current
+  subscription the connection is closed with 4003, like an expired token.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 from typing import TYPE_CHECKING
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 from engine import codes
+from engine.auth.permissions import Permissions
+from engine.auth.ratelimit import ABUSIVE, ADMITTED, PAUSE, RATE_LIMITED, RateLimiter
+from engine.auth.tokens import TokenError
 from engine.bus.base import Update
 from engine.codes import ErrorCode
 from engine.errors import BusError, BusUnavailable, RemoteProtocolError
@@ -34,26 +54,33 @@ if TYPE_CHECKING:
 
 _BINARY = WSMsgType.BINARY
 _CONTINUATION = WSMsgType.CONTINUATION
+_PING = WSMsgType.PING
 
 
 class Connection(WSListener):
     """One client connection of a worker."""
 
     __slots__ = (
+        "authed",
         "bad_frames",
         "closing",
         "conn_id",
+        "deadline",
         "fragments",
         "fragments_size",
         "last_ping_at",
+        "limiter",
         "opened_at",
         "paused_since",
         "peer",
+        "perms",
         "ping_sent_at",
+        "reads_paused",
         "server",
         "session",
         "transport",
         "underlying",
+        "user",
     )
 
     def __init__(self, server: WorkerServer, conn_id: str, peer: str) -> None:
@@ -70,6 +97,23 @@ class Connection(WSListener):
         self.ping_sent_at: float | None = None
         self.opened_at = self.last_ping_at = time.monotonic()
         self.closing = False
+        self.limiter = RateLimiter(server.rate_policy, self.opened_at)
+        self.authed = False
+        self.reads_paused = False
+        self.perms: Permissions | None = None
+        self.user: str | None = None
+        # monotonic time by which the connection must (re)authenticate: inf = never
+        self.deadline = math.inf
+
+    def grant(self, perms: Permissions, user: str | None, expires_at: float | None) -> None:
+        """Authenticated: `perms` apply; the connection ends (4003) at `expires_at`
+        (seconds since the epoch) unless a fresh token arrives before."""
+        self.authed = True
+        self.perms = perms
+        self.user = user
+        self.deadline = (
+            math.inf if expires_at is None else time.monotonic() + (expires_at - time.time())
+        )
 
     # -- picows callbacks ------------------------------------------------------------
 
@@ -77,7 +121,7 @@ class Connection(WSListener):
         self.transport = transport
         self.underlying = transport.underlying_transport
         self.server.connection_opened(self)
-        self.send_control(self.server.hello(self.conn_id))
+        self.send_control(self.server.hello(self.conn_id, not self.authed))
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.closing = True
@@ -85,11 +129,15 @@ class Connection(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         # valid only inside on_ws_frame: copy the payload out before returning
-        if self.closing:
-            return
+        if self.closing or self.reads_paused:
+            return  # paused: the rest of the current read is dropped unread (abuse)
         mtype = frame.msg_type
         if mtype == _BINARY:
             if frame.fin:
+                verdict = self.limiter.admit(time.monotonic())
+                if verdict != ADMITTED:
+                    self.throttle(verdict, frame, None)
+                    return
                 self.receive_message(frame.get_payload_as_bytes())
             else:
                 self.fragments = [frame.get_payload_as_bytes()]
@@ -106,7 +154,19 @@ class Connection(WSListener):
             if frame.fin:
                 payload = b"".join(self.fragments)
                 self.fragments = None
+                verdict = self.limiter.admit(time.monotonic())
+                if verdict != ADMITTED:
+                    self.throttle(verdict, frame, payload)
+                    return
                 self.receive_message(payload)
+        elif mtype == _PING:
+            # answered here, not by picows: a client's pings count against its
+            # rate limit like messages (each pong is a write)
+            verdict = self.limiter.admit(time.monotonic())
+            if verdict == ADMITTED:
+                transport.send_pong(frame.get_payload_as_bytes())
+            elif verdict in (ABUSIVE, PAUSE):
+                self.throttle(verdict, frame, None)
         elif mtype == WSMsgType.PONG:
             self.ping_sent_at = None
         elif mtype == WSMsgType.TEXT:
@@ -116,7 +176,42 @@ class Connection(WSListener):
         elif mtype == WSMsgType.CLOSE:
             transport.send_close(frame.get_close_code(), frame.get_close_message())
             transport.disconnect()
-        # PING frames are answered by picows (auto-pong)
+
+    def throttle(self, verdict: int, frame: WSFrame, payload: bytes | None) -> None:
+        """A message the rate limiter did not admit: it is dropped, answered
+        (at most once a second) or the connection closed, as the limiter says.
+        `payload` is the reassembled message, or None to read it from `frame`."""
+        if verdict == ABUSIVE:
+            self.close(codes.CLOSE_RATE_LIMITED, "rate limit abused")
+            return
+        self.server.count_error(ErrorCode.RATE_LIMITED)
+        if verdict == PAUSE:
+            if not self.reads_paused:
+                self.reads_paused = True
+                self.underlying.pause_reading()  # type: ignore[attr-defined]
+                delay = self.limiter.resume_at - time.monotonic() + 0.005
+                asyncio.get_running_loop().call_later(max(0.0, delay), self.resume_reads)
+        elif verdict == RATE_LIMITED:
+            # the id of the refused request, for the reply (a bounded decode, once a second)
+            if payload is None:
+                payload = frame.get_payload_as_bytes()
+            try:
+                rid = codec.decode_request(payload, self.server.max_topics_per_conn).id
+            except RemoteProtocolError as exc:
+                rid = exc.request_id
+            self.send_control(
+                codec.err(
+                    ErrorCode.RATE_LIMITED,
+                    f"over limits.messages_per_s ({self.limiter.policy.rate:g}/s);"
+                    " message not processed",
+                    rid,
+                )
+            )
+
+    def resume_reads(self) -> None:
+        self.reads_paused = False
+        if not self.closing and self.transport is not None:
+            self.underlying.resume_reading()  # type: ignore[attr-defined]
 
     def pause_writing(self) -> None:
         # the transport crossed its high watermark (half the budget): stop sending
@@ -128,6 +223,7 @@ class Connection(WSListener):
 
     def mark_slow(self) -> None:
         if not self.session.paused:
+            self.server.slow_events += 1
             self.session.paused = True
             self.paused_since = time.monotonic()
             self.server.paused.add(self)
@@ -180,6 +276,9 @@ class Connection(WSListener):
         try:
             request = codec.decode_request(payload, server.max_topics_per_conn)
         except RemoteProtocolError as exc:
+            if not self.authed:
+                self.close(codes.CLOSE_NOT_AUTHENTICATED, "send 'auth' first")
+                return
             self.refuse(exc)
             if exc.code == ErrorCode.BAD_REQUEST:
                 self.bad_frames += 1
@@ -187,6 +286,9 @@ class Connection(WSListener):
                     self.close(codes.CLOSE_POLICY_VIOLATION, "too many undecodable messages")
             return
         self.bad_frames = 0
+        if not self.authed and type(request) is not Auth:
+            self.close(codes.CLOSE_NOT_AUTHENTICATED, "send 'auth' first")
+            return
         if type(request) is Sub:
             self.handle_sub(request)
         elif type(request) is Pub:
@@ -196,16 +298,44 @@ class Connection(WSListener):
         elif type(request) is Ping:
             self.send_control(codec.pong(request.id, int(time.time() * 1000)))
         elif type(request) is Auth:
-            # auth.mode = "none": there is nothing to authenticate; accept politely.
-            self.send_control(codec.ack(request.id, user=None))
+            self.handle_auth(request)
 
     def refuse(self, exc: RemoteProtocolError) -> None:
         self.server.count_error(exc.code)
         self.send_control(codec.err(exc.code, exc.message, exc.request_id, exc.topic))
 
+    def handle_auth(self, req: Auth) -> None:
+        verifier = self.server.verifier
+        if verifier is None:
+            # auth.mode = "none": there is nothing to authenticate; accept politely.
+            self.send_control(codec.ack(req.id, user=None))
+            return
+        try:
+            identity = verifier.verify(req.token, time.time())
+        except TokenError as exc:
+            self.close(codes.CLOSE_NOT_AUTHENTICATED, str(exc))
+            return
+        perms = identity.permissions
+        if self.authed and perms.first_refused_sub(self.session.subs) is not None:
+            self.close(codes.CLOSE_TOKEN_EXPIRED, "the new token does not cover the subscriptions")
+            return
+        self.grant(perms, identity.user, identity.expires_at)
+        self.send_control(codec.ack(req.id, user=identity.user))
+
     def handle_sub(self, req: Sub) -> None:
         server = self.server
         subs = self.session.subs
+        refused = self.perms.first_refused_sub(req.topics)  # type: ignore[union-attr]
+        if refused is not None:
+            self.refuse(
+                RemoteProtocolError(
+                    ErrorCode.FORBIDDEN,
+                    f"not allowed to subscribe to {refused!r}",
+                    topic=refused,
+                    request_id=req.id,
+                )
+            )
+            return
         new = sum(1 for t in req.topics if t not in subs)
         if len(subs) + new > server.max_topics_per_conn:
             self.refuse(
@@ -232,11 +362,14 @@ class Connection(WSListener):
 
     def handle_pub(self, req: Pub) -> None:
         server = self.server
-        if not server.allow_publish:
+        if not self.perms.can_pub(req.topic):  # type: ignore[union-attr]
             self.refuse(
                 RemoteProtocolError(
                     ErrorCode.FORBIDDEN,
-                    "publishing over WebSocket is disabled (auth.allow_anonymous_publish = false)",
+                    f"not allowed to publish to {req.topic!r} (the token's pub_topics)"
+                    if server.verifier is not None
+                    else "publishing over WebSocket is disabled"
+                    " (auth.allow_anonymous_publish = false)",
                     topic=req.topic,
                     request_id=req.id,
                 )
@@ -265,6 +398,9 @@ class Connection(WSListener):
                 self.server.count_error(code)
                 self.send_control(codec.err(code, str(result) or "bus unavailable", rid, topic))
             else:
+                self.server.published += 1
+                self.server.publish_hist.observe(time.monotonic() - t0)
                 self.send_control(codec.ack(rid, pos=codec.format_pos(result[0])))
 
+        t0 = time.monotonic()
         server.bus.publish([Update(topic, req.key, req.data)], done)

@@ -113,6 +113,8 @@ async def _main(cfg: Config, slot: int, run_dir: str) -> int:
             codes.CLOSE_SERVICE_RESTART if retire else codes.CLOSE_GOING_AWAY,
             "restart" if retire else "shutdown",
             max(0.1, cfg.workers.graceful_timeout_s - 1.0),
+            # spread the reconnects over workers.drain_s (not all at one instant)
+            pace_s=cfg.workers.drain_s,
         )
     for task in shedding:
         task.cancel()

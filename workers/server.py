@@ -5,11 +5,21 @@ the bus client's data callback; one flush task per worker asks the core what to
 send every `fanout.flush_interval_ms` and writes one frame per session,
 yielding to the loop every `_YIELD_EVERY` sessions so reads and pings are
 served during a large flush. Everything else runs from one timer per second.
+
+Admission happens before the WebSocket upgrade, in `accept` (the picows
+listener factory), in this order: path (404), draining (503), connections per
+worker (503), connections per client IP (429), `Origin` allowlist (403),
+`Authorization: Bearer` token (401). Refusals are JSON bodies
+`{"error", "message"}`. picows gives the factory no peer address, so the
+server builds its own protocol factory (`_create_ws_server`, the few lines of
+picows' `ws_create_server`) whose protocols record the peer in
+`connection_made`, before the request is parsed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import os
@@ -21,18 +31,24 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
+import aiofastnet
 from picows import (
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
-    ws_create_server,
 )
+from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-defined]
 
 from engine import codes
+from engine.auth.origins import OriginPolicy
+from engine.auth.permissions import anonymous
+from engine.auth.ratelimit import IpCounter, RatePolicy
+from engine.auth.tokens import Identity, TokenError, TokenVerifier, load_verifier, parse_jwks
 from engine.bus.base import Bus, Entry
 from engine.config import Config
 from engine.fanout.budget import slow_expired, watermarks
 from engine.fanout.core import Fanout, Session, period_ticks
+from engine.metrics import Histogram
 from engine.protocol import codec
 from engine.topics import TopicRules
 from workers.listener import Connection
@@ -46,7 +62,15 @@ SUBPROTOCOL = "fanout.v1"
 class WorkerServer:
     """Serves clients of one worker process and keeps them at the latest state."""
 
-    def __init__(self, cfg: Config, bus: Bus, *, slot: int = 1, node: str = "") -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        bus: Bus,
+        *,
+        slot: int = 1,
+        node: str = "",
+        verifier: TokenVerifier | None = None,
+    ) -> None:
         self.cfg = cfg
         self.bus = bus
         self.slot = slot
@@ -64,6 +88,18 @@ class WorkerServer:
         self.max_message_bytes = cfg.limits.max_message_bytes
         self.max_topics_per_conn = cfg.limits.max_topics_per_conn
         self.allow_publish = cfg.auth.allow_anonymous_publish
+        # security (engine/auth): who may connect, and how much they may send
+        self.origins = OriginPolicy(cfg.server.allowed_origins)
+        self.rate_policy = RatePolicy(cfg.limits.messages_per_s, cfg.limits.abuse_window_s)
+        self.per_ip = IpCounter(cfg.limits.max_connections_per_ip)
+        self.anonymous = anonymous(cfg.auth.allow_anonymous_publish)
+        self.verifier: TokenVerifier | None = None
+        self._jwks_mtime = 0.0
+        if cfg.auth.mode == "jwt":
+            self.verifier = verifier or load_verifier(cfg.auth, os.environ, _read_text)
+            if cfg.auth.jwks_file:
+                self._jwks_mtime = _mtime(cfg.auth.jwks_file)
+        self.auth_timeout_s = cfg.auth.timeout_s
         self.high, self.low = watermarks(cfg.fanout.max_buffer_bytes)
         self.notsent_lowat = cfg.fanout.socket_notsent_lowat_bytes
         # counters (exported on the board and, later, as metrics)
@@ -71,6 +107,16 @@ class WorkerServer:
         self.errors: Counter[str] = Counter()
         self.connects = 0
         self.ping_timeouts = 0
+        self.published = 0  # updates the bus accepted from WebSocket `pub`
+        self.slow_events = 0  # times a connection went over its send budget
+        self.flush_hist = Histogram()
+        self.publish_hist = Histogram()
+        self.draining = False
+        self.refused: Counter[int] = Counter()  # HTTP status -> upgrades refused
+        self._trim_peak = 0  # most connections held since the last malloc_trim
+        self._trim_at = 0.0
+        self._timer_due = 0.0
+        self.loop_lag_max_s = 0.0  # the latest the one-second timer ever fired
         self.stats_control_frames = 0
         self._ids = itertools.count(1)
         self._server: asyncio.Server | None = None
@@ -83,22 +129,18 @@ class WorkerServer:
     async def start(self, host: str | None = None, port: int | None = None) -> None:
         """Listen (SO_REUSEPORT) and start the flush task and timers."""
         cfg = self.cfg
-        self._server = await ws_create_server(
-            self.accept,
+        self._server = await _create_ws_server(
+            self,
             cfg.server.host if host is None else host,
             cfg.server.port if port is None else port,
-            reuse_port=True,
-            backlog=2048,
             max_frame_size=cfg.limits.max_message_bytes,
-            read_buffer_init_size=2048,
-            websocket_handshake_timeout=cfg.limits.handshake_timeout_s,
-            enable_auto_ping=False,
-            logger_name="server",
+            handshake_timeout_s=cfg.limits.handshake_timeout_s,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self.accepting = True
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.flush_loop()))
+        self._timer_due = loop.time() + 1.0
         self._timer = loop.call_later(1.0, self.every_second)
 
     async def stop_accepting(self) -> None:
@@ -106,15 +148,31 @@ class WorkerServer:
         if self._server is not None:
             self._server.close()
 
-    async def drain(self, close_code: int, reason: str, timeout_s: float) -> None:
-        """Stop accepting, send every client `bye` with a jittered `retry_ms`,
-        close with `close_code`, and wait (up to `timeout_s`) for them to go."""
+    async def drain(
+        self, close_code: int, reason: str, timeout_s: float, pace_s: float = 0.0
+    ) -> None:
+        """Stop accepting, then send every client `bye` with a jittered
+        `retry_ms` and close it with `close_code`, spreading the closes evenly
+        over `pace_s` (so that clients do not all reconnect elsewhere at the
+        same instant), and wait (up to `timeout_s` in all) for them to go."""
         await self.stop_accepting()
+        self.draining = True
         lo, hi = self.cfg.workers.retry_min_ms, self.cfg.workers.retry_max_ms
-        for conn in list(self.connections):
-            conn.send_control(codec.bye(reason, random.randint(lo, hi)))
-            conn.close(close_code, reason)
         deadline = time.monotonic() + timeout_s
+        victims = list(self.connections)
+        pace_s = min(pace_s, max(0.0, timeout_s - 1.0))
+        gap_s = pace_s / len(victims) if victims and pace_s > 0 else 0.0
+        # Close in batches of at least 10 ms: one timer per close would cost more
+        # than the closes for a large worker.
+        per_batch = max(1, round(0.01 / gap_s)) if gap_s else len(victims)
+        for i in range(0, len(victims), per_batch):
+            # wait first: /readyz has turned 503 by now, so the load balancer
+            # stops sending new clients before the first one is told to leave
+            if gap_s:
+                await asyncio.sleep(gap_s * per_batch)
+            for conn in victims[i : i + per_batch]:
+                conn.send_control(codec.bye(reason, random.randint(lo, hi)))
+                conn.close(close_code, reason)
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
@@ -139,31 +197,76 @@ class WorkerServer:
 
     # -- accepting -------------------------------------------------------------------
 
-    def accept(self, request: WSUpgradeRequest) -> Any:
-        """picows listener factory: route, refuse, or accept an upgrade."""
+    def accept(self, request: WSUpgradeRequest, peer: str = "") -> Any:
+        """picows listener factory: route, refuse, or accept an upgrade (the
+        order of checks is in the module docstring). `peer` is the client's IP."""
         path = request.path.split(b"?", 1)[0].decode("latin-1")
         if path != self.cfg.server.path:
-            return _http_error(
+            return self.refuse_upgrade(
                 HTTPStatus.NOT_FOUND, "not_found", f"no WebSocket endpoint at {path}"
             )
         if not self.accepting:
-            return _http_error(
+            return self.refuse_upgrade(
                 HTTPStatus.SERVICE_UNAVAILABLE, "draining", "this worker is shutting down"
             )
         if len(self.connections) >= self.cfg.limits.max_connections:
-            return _http_error(
+            return self.refuse_upgrade(
                 HTTPStatus.SERVICE_UNAVAILABLE, "full", "this worker is at limits.max_connections"
             )
-        headers = {}
-        offered = request.headers.get("Sec-WebSocket-Protocol")
+        if not self.per_ip.allows(peer):
+            return self.refuse_upgrade(
+                HTTPStatus.TOO_MANY_REQUESTS,
+                "too_many_connections",
+                "too many connections from this address (limits.max_connections_per_ip)",
+            )
+        headers = request.headers
+        if not self.origins.allows(headers.get("Origin")):
+            return self.refuse_upgrade(
+                HTTPStatus.FORBIDDEN, "forbidden_origin", "this origin may not connect"
+            )
+        identity: Identity | None = None
+        authorization = headers.get("Authorization")
+        if self.verifier is not None and authorization is not None:
+            scheme, _, token = authorization.strip().partition(" ")
+            try:
+                if scheme.lower() != "bearer":
+                    raise TokenError("expected 'Authorization: Bearer <token>'")
+                identity = self.verifier.verify(token.strip(), time.time())
+            except TokenError as exc:
+                return self.refuse_upgrade(
+                    HTTPStatus.UNAUTHORIZED,
+                    "unauthorized",
+                    str(exc),
+                    (("WWW-Authenticate", 'Bearer realm="fanout"'),),
+                )
+        reply = {}
+        offered = headers.get("Sec-WebSocket-Protocol")
         if offered and SUBPROTOCOL in (p.strip() for p in offered.split(",")):
-            headers["Sec-WebSocket-Protocol"] = SUBPROTOCOL
-        conn = Connection(self, f"{os.getpid():x}.{next(self._ids):x}", "")
-        return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(headers), conn)
+            reply["Sec-WebSocket-Protocol"] = SUBPROTOCOL
+        conn = Connection(self, f"{os.getpid():x}.{next(self._ids):x}", peer)
+        if self.verifier is None:
+            conn.grant(self.anonymous, None, None)
+        elif identity is not None:
+            conn.grant(identity.permissions, identity.user, identity.expires_at)
+        else:
+            conn.deadline = time.monotonic() + self.auth_timeout_s
+        return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(reply), conn)
+
+    def refuse_upgrade(
+        self,
+        status: HTTPStatus,
+        code: str,
+        message: str,
+        extra: tuple[tuple[str, str], ...] = (),
+    ) -> WSUpgradeResponseWithListener:
+        self.refused[int(status)] += 1
+        return _http_error(status, code, message, extra)
 
     def connection_opened(self, conn: Connection) -> None:
         self.connections.add(conn)
         self.connects += 1
+        if self.per_ip.limit:
+            self.per_ip.add(conn.peer)
         ut = conn.underlying
         ut.set_write_buffer_limits(self.high, self.low)  # type: ignore[attr-defined]
         if self.notsent_lowat:
@@ -179,10 +282,20 @@ class WorkerServer:
             self.connections.discard(conn)
             self.paused.discard(conn)
             self.fanout.close_session(conn.session)
-            self.closes[_close_code(conn)] += 1
+            code = _close_code(conn)
+            self.closes[code] += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "connection %s closed: code %d after %.1f s",
+                    conn.conn_id,
+                    code,
+                    time.monotonic() - conn.opened_at,
+                )
+            if self.per_ip.limit:
+                self.per_ip.remove(conn.peer)
 
-    def hello(self, conn_id: str) -> bytes:
-        return codec.hello(conn_id, self.node, auth_required=False)
+    def hello(self, conn_id: str, auth_required: bool = False) -> bytes:
+        return codec.hello(conn_id, self.node, auth_required=auth_required)
 
     def count_error(self, code: str) -> None:
         self.errors[code] += 1
@@ -191,7 +304,13 @@ class WorkerServer:
         self, session: Session, topic: str, since: tuple[str, int] | None, max_hz: float | None
     ) -> tuple[bytes, int]:
         rule = self.rules.rule_for(topic)
+        if max_hz is not None:
+            # bounded and quantized: a client may not hold a topic's frames back
+            # for ever, nor split a topic into many groups (one encoding each)
+            max_hz = max(max_hz, self.cfg.limits.min_max_hz)
         period = period_ticks(max_hz, rule.max_hz, self.cfg.fanout.flush_interval_ms)
+        if max_hz is not None and period > 1:
+            period = 1 << (period - 1).bit_length()  # the next power of two: fewer frames
         return self.fanout.subscribe(session, topic, since, period)
 
     # -- bus sink --------------------------------------------------------------------
@@ -212,7 +331,7 @@ class WorkerServer:
             apply(topic, key, pos, data)
 
     def on_bus_connected(self, connected: bool) -> None:
-        if not connected:
+        if not connected and not self.draining:
             log.warning("bus link lost; serving the state held until it returns")
 
     # -- the flush task and timers ----------------------------------------------------
@@ -226,6 +345,7 @@ class WorkerServer:
             deadline += interval
             plan = fanout.collect()
             if plan:
+                t0 = loop.time()
                 deliver = fanout.deliver
                 n = 0
                 for session, deliveries in plan.items():
@@ -233,6 +353,7 @@ class WorkerServer:
                     n += 1
                     if n % _YIELD_EVERY == 0:
                         await asyncio.sleep(0)
+                self.flush_hist.observe(loop.time() - t0)
             delay = deadline - loop.time()
             if delay < 0:
                 deadline = loop.time()  # overloaded: don't try to catch up on missed ticks
@@ -241,6 +362,11 @@ class WorkerServer:
 
     def every_second(self) -> None:
         loop = asyncio.get_running_loop()
+        # how late this timer fired: the longest the loop was busy elsewhere
+        lag = loop.time() - self._timer_due
+        if lag > self.loop_lag_max_s:
+            self.loop_lag_max_s = lag
+        self._timer_due = loop.time() + 1.0
         self._timer = loop.call_later(1.0, self.every_second)
         now = time.monotonic()
         timeout = self.cfg.fanout.slow_client_timeout_s
@@ -253,16 +379,63 @@ class WorkerServer:
                 conn.close(codes.CLOSE_SLOW_CONSUMER, "slow consumer")
                 self.paused.discard(conn)
         self.check_pings(now)
+        if self._jwks_mtime:
+            self.reload_jwks()
+        self.maybe_trim(now)
         for fn in self.on_tick:
             fn()
 
+    def maybe_trim(self, now: float) -> None:
+        """After the connection count fell well below its peak (a flood gone, a
+        mass disconnect), hand freed heap memory back to the OS (a full
+        collection, then glibc `malloc_trim`), at most every `_TRIM_EVERY_S`:
+        without it the worker's RSS stays at its peak. Steady churn at a stable
+        count never triggers it (a full collection pauses the loop)."""
+        n = len(self.connections)
+        if n > self._trim_peak:
+            self._trim_peak = n
+        if (
+            self._trim_peak - n >= _TRIM_AFTER_CLOSES
+            and n <= 0.8 * self._trim_peak
+            and now - self._trim_at >= _TRIM_EVERY_S
+        ):
+            self._trim_peak = n
+            self._trim_at = now
+            # a closed connection and its session refer to each other: only the
+            # cyclic collector frees them, so collect before trimming
+            gc.collect()
+            _malloc_trim()
+
+    def reload_jwks(self) -> None:
+        """Key rotation: re-read `auth.jwks_file` when it changed (checked each second).
+        A file that cannot be read or parsed keeps the keys in use (logged)."""
+        path = self.cfg.auth.jwks_file
+        mtime = _mtime(path)
+        if mtime == self._jwks_mtime or self.verifier is None:
+            return
+        self._jwks_mtime = mtime
+        try:
+            self.verifier.replace_jwks(parse_jwks(_read_text(path)))
+        except Exception as exc:  # unreadable or bad JSON: keep the keys in use
+            log.error("auth.jwks_file %s not reloaded, keeping the current keys: %s", path, exc)
+        else:
+            log.info("auth.jwks_file %s reloaded", path)
+
     def check_pings(self, now: float) -> None:
         """One WebSocket ping per `ping_interval_s` per connection, from this one
-        timer (not a task per connection); drop those silent past `ping_timeout_s`."""
+        timer (not a task per connection); drop those silent past `ping_timeout_s`.
+        Also ends connections past their deadline: no `auth` within
+        `auth.timeout_s` (4001), or the token expired (4003)."""
         interval = self.cfg.fanout.ping_interval_s
         timeout = self.cfg.fanout.ping_timeout_s
         for conn in list(self.connections):
             if conn.closing or conn.transport is None:
+                continue
+            if now >= conn.deadline:
+                if conn.authed:
+                    conn.close(codes.CLOSE_TOKEN_EXPIRED, "token expired")
+                else:
+                    conn.close(codes.CLOSE_NOT_AUTHENTICATED, "no auth message in time")
                 continue
             sent = conn.ping_sent_at
             if sent is None:
@@ -289,6 +462,11 @@ class WorkerServer:
             "bytes_sent": s.bytes_sent,
             "updates_applied": s.updates_applied,
             "updates_delivered": s.updates_delivered,
+            "updates_coalesced": s.updates_coalesced,
+            "published": self.published,
+            "slow_events": self.slow_events,
+            "flush_hist": self.flush_hist.to_dict(),
+            "publish_hist": self.publish_hist.to_dict(),
             "frames_refused": s.frames_refused,
             "slow_clients": len(self.paused),
             "slow_closes": self.closes.get(codes.CLOSE_SLOW_CONSUMER, 0),
@@ -296,6 +474,8 @@ class WorkerServer:
             "closes": {str(k): v for k, v in self.closes.items()},
             "errors": dict(self.errors),
             "ping_timeouts": self.ping_timeouts,
+            "upgrades_refused": {str(k): v for k, v in self.refused.items()},
+            "loop_lag_max_ms": round(self.loop_lag_max_s * 1000, 1),
             "started": self.started,
         }
 
@@ -314,11 +494,112 @@ def _close_code(conn: Connection) -> int:
     return 1006
 
 
-def _http_error(status: HTTPStatus, code: str, message: str) -> WSUpgradeResponseWithListener:
+def _http_error(
+    status: HTTPStatus, code: str, message: str, extra: tuple[tuple[str, str], ...] = ()
+) -> WSUpgradeResponseWithListener:
     import json
 
     body = json.dumps({"error": code, "message": message}).encode()
     resp = WSUpgradeResponse.create_error_response(
-        status, body, extra_headers={"Content-Type": "application/json"}
+        status, body, extra_headers={"Content-Type": "application/json", **dict(extra)}
     )
     return WSUpgradeResponseWithListener(resp, None)
+
+
+_TRIM_AFTER_CLOSES = 500
+_TRIM_EVERY_S = 5.0
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return -1.0
+
+
+class _Accept:
+    """The listener factory of one TCP connection: knows its peer's IP."""
+
+    __slots__ = ("peer", "server")
+
+    def __init__(self, server: WorkerServer) -> None:
+        self.server = server
+        self.peer = ""
+
+    def __call__(self, request: WSUpgradeRequest) -> Any:
+        return self.server.accept(request, self.peer)
+
+
+class _PeerProtocol(WSProtocol):  # type: ignore[misc]
+    """picows' server protocol, recording the peer address for its `_Accept`
+    (picows passes the listener factory only the parsed request)."""
+
+    __slots__ = ("_accept",)
+    _accept: _Accept | None
+
+    def connection_made(self, transport: Any) -> None:
+        peer = transport.get_extra_info("peername")
+        if self._accept is not None:
+            self._accept.peer = peer[0] if isinstance(peer, tuple) else ""
+            self._accept = None
+        super().connection_made(transport)
+
+
+# read from the socket by picows; a small initial buffer keeps idle connections cheap
+_READ_BUFFER_INIT_SIZE = 2048
+
+
+async def _create_ws_server(
+    server: WorkerServer,
+    host: str,
+    port: int,
+    *,
+    max_frame_size: int,
+    handshake_timeout_s: float,
+) -> asyncio.Server:
+    """What `picows.ws_create_server` does (aiofastnet transports, SO_REUSEPORT),
+    with a protocol per connection that knows its peer (see `_PeerProtocol`).
+    `handshake_timeout_s` drops a TCP client that does not complete the upgrade."""
+    loop = asyncio.get_running_loop()
+    logger = logging.getLogger("picows.server")
+
+    def protocol_factory() -> WSProtocol:
+        accept = _Accept(server)
+        proto = _PeerProtocol(
+            None,  # host+port: client side only
+            None,  # ws_path: client side only
+            False,  # is_client_side
+            accept,  # the listener factory
+            logger,
+            True,  # disconnect_on_exception
+            handshake_timeout_s,
+            False,  # enable_auto_ping: one ping timer per worker instead
+            20.0,  # auto_ping_idle_timeout (unused)
+            20.0,  # auto_ping_reply_timeout (unused)
+            WSAutoPingStrategy.PING_WHEN_IDLE,
+            False,  # enable_auto_pong: the listener answers pings, rate-limited
+            max_frame_size,
+            None,  # extra_headers
+            _READ_BUFFER_INIT_SIZE,
+        )
+        proto._accept = accept
+        return proto
+
+    srv: asyncio.Server = await aiofastnet.create_server(
+        loop, protocol_factory, host=host, port=port, reuse_port=True, backlog=2048
+    )
+    return srv

@@ -15,7 +15,13 @@ Rules this module owns:
 3. Refusals are answered sparingly: at most one `err rate_limited` per
    interval (`RATE_LIMITED` then `REFUSED_QUIET`), so an abusive client
    cannot make the engine write one reply per message it sends.
-4. State per connection is four numbers (`RateLimiter` is slotted); the
+4. Past `3 * rate` messages in an interval, refusals say `PAUSE`: the shell
+   stops reading the connection until `resume_at` (the next interval), so
+   the kernel and TCP flow control hold the rest back. An abusive connection
+   thus costs the engine about `3 * rate` messages a second however fast it
+   sends, and its next interval again starts over the threshold (rule 2 still
+   sees it).
+5. State per connection is a few numbers (`RateLimiter` is slotted); the
    per-IP table holds one entry per IP with a live connection.
 """
 
@@ -27,6 +33,7 @@ ADMITTED: Final = 0
 RATE_LIMITED: Final = 1  # refused: answer `err rate_limited`
 REFUSED_QUIET: Final = 2  # refused: already answered this interval, drop silently
 ABUSIVE: Final = 3  # close the connection with 4029
+PAUSE: Final = 4  # refused, and over 3x the rate: stop reading until `resume_at`
 
 ABUSE_FACTOR: Final = 3.0
 
@@ -70,10 +77,17 @@ class RateLimiter:
             self._tokens = tokens - 1.0
             return ADMITTED
         self._tokens = tokens
-        if self._answered:
-            return REFUSED_QUIET
-        self._answered = True
-        return RATE_LIMITED
+        if not self._answered:
+            self._answered = True
+            return RATE_LIMITED
+        if self._count > p.abuse_threshold:
+            return PAUSE
+        return REFUSED_QUIET
+
+    @property
+    def resume_at(self) -> float:
+        """When the current interval ends (after a `PAUSE`, resume reading then)."""
+        return self._interval + 1.0
 
 
 class RatePolicy:

@@ -210,17 +210,16 @@ def load_verifier(
         except OSError as exc:
             raise ConfigError(key, f"cannot read {path}: {exc.strerror or exc}") from None
 
-    common = {"issuer": cfg.issuer, "audience": cfg.audience}
+    iss, aud = cfg.issuer, cfg.audience
     if cfg.jwks_file:
-        return TokenVerifier(jwks=parse_jwks(read(cfg.jwks_file, "auth.jwks_file")), **common)
+        jwks = parse_jwks(read(cfg.jwks_file, "auth.jwks_file"))
+        return TokenVerifier(jwks=jwks, issuer=iss, audience=aud)
     if cfg.jwt_public_key_file:
-        key, alg = parse_public_key(
-            read(cfg.jwt_public_key_file, "auth.jwt_public_key_file")
-        )
-        return TokenVerifier(key=key, algorithms=(alg,), **common)
+        key, alg = parse_public_key(read(cfg.jwt_public_key_file, "auth.jwt_public_key_file"))
+        return TokenVerifier(key=key, algorithms=(alg,), issuer=iss, audience=aud)
     secret = env.get(cfg.jwt_secret_env, "") if cfg.jwt_secret_env else ""
     if not secret:
         raise ConfigError(
             "auth.jwt_secret_env", f"the environment variable {cfg.jwt_secret_env} is not set"
         )
-    return TokenVerifier(key=secret, algorithms=("HS256",), **common)
+    return TokenVerifier(key=secret, algorithms=("HS256",), issuer=iss, audience=aud)

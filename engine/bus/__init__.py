@@ -50,5 +50,15 @@ def create_bus(cfg: Config, run_dir: str, *, want_entries: bool = True) -> Bus:
 
         return LocalBus(hub_socket_path(run_dir), want_entries=want_entries)
     if backend == "redis":
-        raise ConfigError("bus.backend", "the 'redis' backend is not implemented yet")
+        from engine.bus.redis_streams import RedisBus
+
+        r = cfg.bus.redis
+        return RedisBus(
+            r.url,
+            shards=cfg.bus.shards,
+            prefix=r.prefix,
+            stream_maxlen=r.stream_maxlen,
+            cluster=r.cluster,
+            want_entries=want_entries,
+        )
     raise ConfigError("bus.backend", f"unknown backend {backend!r}: expected 'local' or 'redis'")

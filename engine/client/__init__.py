@@ -7,24 +7,51 @@
   next to it.
 - `raw` (raw.py): the plain protocol-v1 connection the others build on.
 - `state` (state.py): PURE: the state view and the reconnect policy.
+
+Names are loaded on first use, so that importing the pure `engine.client.state`
+loads no event loop or socket machinery.
 """
 
 from __future__ import annotations
 
-from engine.client.client import (
-    CLOSED,
-    CONNECTED,
-    CONNECTING,
-    UNAUTHORIZED,
-    WAITING,
-    Client,
-    Counters,
-    SubscribeError,
-    Unauthorized,
-    connect,
-)
-from engine.client.publisher import BusPublisher, Publisher, PublishError
-from engine.client.state import Change, ReconnectPolicy, StateView, TopicView
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.client.client import (
+        CLOSED,
+        CONNECTED,
+        CONNECTING,
+        UNAUTHORIZED,
+        WAITING,
+        Client,
+        Counters,
+        SubscribeError,
+        Unauthorized,
+        connect,
+    )
+    from engine.client.publisher import BusPublisher, Publisher, PublishError
+    from engine.client.state import Change, ReconnectPolicy, StateView, TopicView
+
+_WHERE = {
+    **dict.fromkeys(
+        (
+            "CLOSED",
+            "CONNECTED",
+            "CONNECTING",
+            "UNAUTHORIZED",
+            "WAITING",
+            "Client",
+            "Counters",
+            "SubscribeError",
+            "Unauthorized",
+            "connect",
+        ),
+        "engine.client.client",
+    ),
+    **dict.fromkeys(("BusPublisher", "Publisher", "PublishError"), "engine.client.publisher"),
+    **dict.fromkeys(("Change", "ReconnectPolicy", "StateView", "TopicView"), "engine.client.state"),
+}
 
 __all__ = [
     "CLOSED",
@@ -45,3 +72,10 @@ __all__ = [
     "Unauthorized",
     "connect",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine.client' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

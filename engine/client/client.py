@@ -417,6 +417,8 @@ class Client:
         if op == "err":
             self._refused(msg)
             return
+        if msg.get("topic") not in self._subs:
+            return  # in flight when we unsubscribed (or never asked for): not ours to keep
         change = self.state.apply(msg)
         if change is None:
             return

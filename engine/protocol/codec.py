@@ -10,7 +10,13 @@ Rules this module owns:
    `snap`.
 3. Decoding is bounded: the unpacker is given limits for string, binary, array,
    map and extension lengths derived from the frame size, so no frame can make
-   it allocate more than a small multiple of its own size.
+   it allocate more than a small multiple of its own size. Beyond that, only
+   the fields the protocol defines are decoded, and only in their shapes:
+   unknown fields and `data` are skipped without building objects, a
+   container where a scalar belongs is refused before it is decoded, and
+   `topics` / `since` may hold at most `max_topics` entries of scalars. So a
+   request allocates O(its own size) with a small constant, and nesting depth
+   is at most 3 (`since` -> topic -> [epoch, pos]).
 4. Positions are integers inside the engine and strings on the wire
    ("MS-SEQ", the Redis stream ID form, for every bus backend): `format_pos`,
    `parse_pos`.
@@ -39,6 +45,7 @@ _POS_RE: Final = re.compile(r"([0-9]{1,15})-([0-9]{1,10})")
 
 # Hard caps on what one client message may hold, whatever its size.
 MAX_DEPTH_HINT: Final = 32  # documented; msgpack's C unpacker enforces its own stack limit
+_FIELDS: Final = frozenset({"op", "id", "topics", "topic", "key", "since", "max_hz", "token"})
 _MAX_ID: Final = 2**53
 
 
@@ -149,6 +156,8 @@ def decode_request(payload: bytes, max_topics: int) -> Request:
         except msgpack.UnpackValueError:
             raise _bad("a message must be a msgpack map") from None
         for _ in range(n):
+            if _container(payload, unpacker.tell()) is not None:
+                raise _bad("message field names must be strings")
             k = unpacker.unpack()
             if not isinstance(k, str):
                 raise _bad("message field names must be strings")
@@ -157,6 +166,13 @@ def decode_request(payload: bytes, max_topics: int) -> Request:
                 unpacker.skip()
                 # bytes(): a memoryview payload (a picows frame) must not be kept.
                 data = bytes(payload[start : unpacker.tell()])
+            elif k not in _FIELDS:
+                unpacker.skip()  # not ours: never decoded (rule 3)
+            elif k in ("topics", "since"):
+                fields[k] = _read_shallow(unpacker, payload, k, max_topics)
+            elif _container(payload, unpacker.tell()) is not None:
+                fields[k] = _ILL_TYPED  # refused by _validate, with the request's id
+                unpacker.skip()
             else:
                 fields[k] = unpacker.unpack()
         if unpacker.tell() != len(payload):
@@ -168,6 +184,87 @@ def decode_request(payload: bytes, max_topics: int) -> Request:
     except Exception as exc:  # msgpack raises ValueError/TypeError subclasses of many kinds
         raise _bad(f"undecodable msgpack: {type(exc).__name__}") from None
     return _validate(fields, data, max_topics)
+
+
+_ILL_TYPED: Final = object()  # a container where a scalar field belongs (never decoded)
+
+
+@dataclass(frozen=True, slots=True)
+class _TooMany:
+    """`topics` or `since` with more entries than allowed (skipped undecoded)."""
+
+    n: int
+
+
+def _container(payload: bytes, at: int) -> tuple[str, int] | None:
+    """("array" | "map", length) when the msgpack value at `at` is a container
+    (read from its header byte, without decoding it), else None."""
+    if at >= len(payload):
+        return None
+    b = payload[at]
+    if 0x90 <= b <= 0x9F:
+        return "array", b & 0x0F
+    if 0x80 <= b <= 0x8F:
+        return "map", b & 0x0F
+    if b in (0xDC, 0xDE):
+        n = int.from_bytes(payload[at + 1 : at + 3], "big")
+        return ("array" if b == 0xDC else "map"), n
+    if b in (0xDD, 0xDF):
+        n = int.from_bytes(payload[at + 1 : at + 5], "big")
+        return ("array" if b == 0xDD else "map"), n
+    return None
+
+
+def _read_shallow(unpacker: msgpack.Unpacker, payload: bytes, name: str, max_topics: int) -> Any:
+    """`topics` (a list of scalars) or `since` (a map of scalar -> list of two
+    scalars), at most `max_topics` entries: anything else is skipped undecoded
+    and left for `_validate` to refuse (the sentinel `_ILL_TYPED`), or refused here."""
+    shape = _container(payload, unpacker.tell())
+    want = "array" if name == "topics" else "map"
+    if shape is None or shape[0] != want:
+        if shape is None:
+            return unpacker.unpack()  # a scalar: small, refused by _validate
+        unpacker.skip()
+        return _ILL_TYPED
+    if shape[1] > max_topics:
+        unpacker.skip()
+        return _TooMany(shape[1])
+    if name == "topics":
+        n = unpacker.read_array_header()
+        items: list[Any] = []
+        for _ in range(n):
+            if _container(payload, unpacker.tell()) is not None:
+                unpacker.skip()
+                items.append(_ILL_TYPED)
+            else:
+                items.append(unpacker.unpack())
+        return items
+    n = unpacker.read_map_header()
+    since: dict[Any, Any] = {}
+    for _ in range(n):
+        if _container(payload, unpacker.tell()) is not None:
+            unpacker.skip()
+            unpacker.skip()
+            since[("_ill_typed", len(since))] = _ILL_TYPED
+            continue
+        topic = unpacker.unpack()
+        mark = _container(payload, unpacker.tell())
+        if mark is None:
+            value: Any = unpacker.unpack()
+        elif mark != ("array", 2):
+            unpacker.skip()
+            value = _ILL_TYPED
+        else:
+            unpacker.read_array_header()
+            value = []
+            for _ in range(2):
+                if _container(payload, unpacker.tell()) is not None:
+                    unpacker.skip()
+                    value.append(_ILL_TYPED)
+                else:
+                    value.append(unpacker.unpack())
+        since[topic] = value
+    return since
 
 
 def _validate(fields: dict[str, Any], data: bytes | None, max_topics: int) -> Request:
@@ -221,6 +318,12 @@ def _validate(fields: dict[str, Any], data: bytes | None, max_topics: int) -> Re
 
 def _topics(fields: dict[str, Any], rid: int | None, max_topics: int) -> tuple[str, ...]:
     topics = fields.get("topics")
+    if isinstance(topics, _TooMany):
+        raise RemoteProtocolError(
+            ErrorCode.TOO_MANY_TOPICS,
+            f"{topics.n} topics in one message; the limit is {max_topics}",
+            request_id=rid,
+        )
     if not isinstance(topics, list) or not topics:
         raise _bad("'topics' must be a non-empty list of strings", rid)
     if len(topics) > max_topics:
@@ -242,6 +345,10 @@ def _topics(fields: dict[str, Any], rid: int | None, max_topics: int) -> tuple[s
 def _since(value: object, rid: int | None) -> dict[str, tuple[str, int]]:
     if value is None:
         return {}
+    if isinstance(value, _TooMany):
+        raise _bad(
+            f"'since' names {value.n} topics; a message may hold at most as many as 'topics'", rid
+        )
     if not isinstance(value, dict):
         raise _bad("'since' must be a map of topic -> [epoch, pos]", rid)
     out: dict[str, tuple[str, int]] = {}

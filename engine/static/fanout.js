@@ -606,6 +606,7 @@ export class FanoutClient extends EventTarget {
       this.dispatchEvent(new CustomEvent("bye", { detail: msg }));
       return;
     }
+    if (!this._subs.has(msg.topic)) return; // in flight when we unsubscribed: not ours to keep
     const change = this.view.apply(msg);
     if (!change) return;
     if (change.kind === "snap") {

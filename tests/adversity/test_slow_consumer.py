@@ -135,7 +135,11 @@ async def test_client_that_never_reads_is_closed_4008(strict: Served) -> None:
         # freed now); the close frame itself may be dropped with it, so the
         # client sees 4008 or an abrupt end.
         assert code in (4008, 1006)
-        _, stats = strict.get("/stats")
+        for _ in range(50):  # workers report once a second
+            _, stats = strict.get("/stats")
+            if stats["totals"]["slow_closes"]:
+                break
+            await asyncio.sleep(0.1)
         assert stats["totals"]["slow_closes"] == 1
         # the honest client still receives
         assert strict.post("/publish", {"topic": topic, "key": "after", "data": 1})[0] == 200

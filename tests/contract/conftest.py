@@ -24,6 +24,7 @@ import uvloop
 from engine.bus import Bus, Entry, create_bus
 from engine.bus.hub import Hub, serve_hub
 from engine.config import Config, default_config
+from tests.support.redis_server import RedisServer, redis_available
 
 WAIT_S = 10.0 * float(os.environ.get("FANOUT_TEST_TIMEOUT_FACTOR", "1"))
 
@@ -80,18 +81,26 @@ class Recorder:
 class BusEnv:
     """A bus for one test, plus the clients made on it (closed at teardown)."""
 
-    def __init__(self, backend: str, cfg: Config, run_dir: str) -> None:
+    def __init__(
+        self, backend: str, cfg: Config, run_dir: str, redis: RedisServer | None = None
+    ) -> None:
         self.backend = backend
         self.cfg = cfg
         self.run_dir = run_dir
         self.clients: list[Bus] = []
         self._hub: Hub | None = None
+        self.redis = redis  # the redis backend's real redis-server (no persistence)
+        self._redis_started = False
 
     async def up(self) -> None:
         """Start the bus, empty."""
         if self.backend == "local":
             assert self._hub is None
             self._hub = await serve_hub(self.cfg, self.run_dir)
+        elif self.backend == "redis":
+            assert self.redis is not None
+            await asyncio.to_thread(self.redis.start, wipe=self._redis_started)
+            self._redis_started = True
         else:  # pragma: no cover - a backend this suite does not know yet
             raise AssertionError(self.backend)
 
@@ -100,6 +109,8 @@ class BusEnv:
         if self.backend == "local" and self._hub is not None:
             hub, self._hub = self._hub, None
             await hub.close()
+        elif self.backend == "redis" and self.redis is not None:
+            await asyncio.to_thread(self.redis.kill)  # SIGKILL, no persistence: data lost
 
     async def client(self, sink: Recorder | None = None, *, want_entries: bool = True) -> Bus:
         """A started client (connected if the bus is up)."""
@@ -112,9 +123,11 @@ class BusEnv:
         for bus in self.clients:
             await bus.close()
         await self.down()
+        if self.redis is not None:
+            self.redis.close()
 
 
-@pytest.fixture(params=["local"])
+@pytest.fixture(params=["local", "redis"])
 def bus_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -130,10 +143,17 @@ def run_dir() -> Iterator[str]:
 @pytest.fixture
 async def bus_env(bus_backend: str, run_dir: str) -> AsyncIterator[BusEnv]:
     base = default_config()
-    cfg = dataclasses.replace(
-        base, bus=dataclasses.replace(base.bus, backend=bus_backend, shards=4)
-    )
-    env = BusEnv(bus_backend, cfg, run_dir)
+    redis = None
+    bus_cfg = dataclasses.replace(base.bus, backend=bus_backend, shards=4)
+    if bus_backend == "redis":
+        if not redis_available():
+            pytest.skip("redis-server is not installed (`make system-deps` installs it)")
+        redis = RedisServer()
+        bus_cfg = dataclasses.replace(
+            bus_cfg, redis=dataclasses.replace(bus_cfg.redis, url=redis.url)
+        )
+    cfg = dataclasses.replace(base, bus=bus_cfg)
+    env = BusEnv(bus_backend, cfg, run_dir, redis)
     await env.up()
     try:
         yield env

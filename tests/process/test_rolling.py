@@ -28,6 +28,7 @@ def served(tmp_path: Any) -> Iterator[Served]:
             "FANOUT_WORKERS_RETRY_MIN_MS": "50",
             "FANOUT_WORKERS_RETRY_MAX_MS": "300",
             "FANOUT_WORKERS_GRACEFUL_TIMEOUT_S": "10",
+            "FANOUT_WORKERS_DRAIN_S": "1",
         },
         log_path=str(tmp_path / "serve.log"),
     )

@@ -1,0 +1,790 @@
+"""`RedisBus`: the bus on Redis Streams (`bus.backend = "redis"`), for many nodes.
+
+Layout in Redis (`P` is `bus.redis.prefix`, `N` a shard, `engine.bus.base.shard_of`):
+
+    P:{sN}:log            the shard's stream; entry fields t (topic), k (key), d (data)
+    P:{sN}:state:<topic>  the topic's latest state: field key -> "<stream id> <data>"
+    P:{sN}:topics         the set of the shard's topics (what a reader loads)
+    P:epoch               the epoch (random hex), created by the first client
+
+Every key of a shard shares the hash tag `{sN}`, so a shard lives on one Redis
+Cluster node and the publish script touches one slot.
+
+Rules:
+
+1. A publish is `engine/bus/lua/publish.lua`, one script call per shard: it
+   XADDs each entry (`MAXLEN ~ bus.redis.stream_maxlen`) and records the
+   key's `(pos, data)` in the state hash, atomically. Positions are the stream
+   IDs (`make_pos(ms, seq)`). **Atomicity is per shard**: a batch whose topics
+   span shards is one script call per shard; if the link breaks between two of
+   them, part of the batch may be published (the local hub is atomic per batch).
+   Publishes are sent in call order on one connection (pipelined in batches;
+   consecutive requests to one shard share a script call, up to
+   `MERGE_UPDATES` updates), so two publishes of one topic get positions in
+   call order.
+2. `publish` fails fast with `BusUnavailable` while the client is not
+   connected, and when `MAX_QUEUED` requests already wait (the overflow policy
+   of the publish queue). A request that was sent and whose reply was lost with
+   the connection is reported `BusUnavailable` too, though Redis may have
+   applied it (no client can know; a retry publishes the same value again,
+   which is harmless for state topics).
+3. Reading: every shard is read with `XREAD BLOCK` from the last ID read (one
+   call for all shards; one per shard on Redis Cluster, where a command cannot
+   span slots), on a client of its own with no socket timeout; a read that has
+   not returned `BLOCK + READ_GRACE_S` after it was sent counts as a broken link.
+4. Every (re)connect is a sync: `on_bus_epoch(epoch)`, then (for shards read
+   for the first time, or whose stream was trimmed past the last ID read) the
+   shard's head ID H is resolved, the state hashes are loaded and every key at
+   a position <= H is delivered, oldest first, then `on_bus_connected(True)`,
+   then live entries after H. Keys rewritten after H come from the stream, so
+   the loaded state and the stream never disagree and no topic receives an
+   entry below a position it already holds. Otherwise reading resumes from the
+   last ID: no entry that Redis still holds is skipped. A reader that falls
+   behind past the trimming (`MAXLEN ~`) finds out before delivering anything
+   after the gap: XREAD's COUNT is at most MAXLEN, so only a full reply can
+   follow a gap, and after a full reply the shard's first ID is compared with
+   the last ID read; a gap means a sync (the shard's state is loaded again).
+5. The epoch changes when Redis lost its data: the epoch key is gone (created
+   anew by `epoch.lua`), or a stream no longer holds the last entry this
+   client read although it was not trimmed (Redis came back from an older copy
+   of its data, maybe with new entries since: the client replaces the epoch,
+   once for everyone). A new epoch resets the read positions and loads
+   every shard.
+6. Deaf-reader detection (`lag_ms`): a probe every `PROBE_INTERVAL_S` reads each
+   shard's head ID on the command connection; a shard is behind from the first
+   probe that saw a head this client has not read yet, until it reads it. The lag
+   is the oldest such age, or the time since a read last returned beyond BLOCK
+   (a stalled connection), whichever is worse. No heartbeat entries are written:
+   a quiet shard has nothing to be behind on. The probe also re-checks the
+   epoch and trimming (rule 4/5).
+7. Reconnects use exponential backoff with jitter (`FailureStreak`).
+
+Not done: lazy per-topic loading (a worker holding only the topics its
+clients subscribe to). It would need, in the worker: `holds_all_state = False`
+and a `sub` for a topic it does not hold that waits (the snap is sent later)
+while the bus loads it; and here: a `load(topic)` that reads the topic's hash
+together with the shard's head H in one step (a Lua script, or MULTI with
+XREVRANGE + HGETALL), delivers the keys at positions <= H, and until then
+keeps (in a bounded buffer per loading topic) the stream entries of that topic
+read after H, applied after the load so that no entry lands below the topic's
+position; entries of topics not held are dropped by the reader (a filter per
+shard), and an unsubscribed topic is forgotten after a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import importlib.resources
+import logging
+import random
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from engine.bus.base import BusSink, Entry, PublishDone, Snapshot, Update, shard_of
+from engine.errors import BusError, BusUnavailable
+from engine.protocol.codec import format_pos, make_pos
+from engine.supervisor.backoff import Backoff, FailureStreak
+
+log = logging.getLogger(__name__)
+
+RECONNECT_BACKOFF: Final = Backoff(min_ms=100, max_ms=5000)
+STABLE_LINK_S: Final = 10.0
+BLOCK_MS: Final = 1000  # XREAD BLOCK: also how often an idle reader proves it is alive
+READ_GRACE_S: Final = 5.0  # a read not back BLOCK + this after it was sent: broken link
+READ_COUNT: Final = 1000  # entries per XREAD reply (per stream)
+PROBE_INTERVAL_S: Final = 1.0
+COMMAND_TIMEOUT_S: Final = 5.0
+CONNECT_TIMEOUT_S: Final = 2.0
+MAX_QUEUED: Final = 10_000  # publish requests waiting to be sent; more: BusUnavailable
+PIPELINE_REQUESTS: Final = 512  # publish requests per pipeline round trip
+MERGE_UPDATES: Final = 1000  # updates per script call at most (a script blocks Redis while it runs)
+CLOSE_TIMEOUT_S: Final = 1.0
+EPOCH_BYTES: Final = 8
+
+_REDIS_DOWN: Final = (RedisError, OSError, asyncio.TimeoutError)
+
+
+def _script(name: str) -> str:
+    return importlib.resources.files("engine.bus").joinpath("lua", name).read_text("utf-8")
+
+
+def pos_of(stream_id: bytes | str) -> int:
+    """A stream ID ("MS-SEQ") as a position."""
+    text = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
+    ms, _, seq = text.partition("-")
+    return make_pos(int(ms), int(seq))
+
+
+def parse_state(raw: dict[bytes, bytes]) -> list[tuple[str, int, bytes]]:
+    """A topic state hash as (key, pos, data), oldest first."""
+    items = []
+    for field, value in raw.items():
+        sid, _, data = value.partition(b" ")
+        items.append((field.decode(), pos_of(sid), data))
+    items.sort(key=lambda item: item[1])
+    return items
+
+
+class _Resync(Exception):
+    """The probe found the epoch changed or a stream trimmed past us: sync again."""
+
+
+_Call = tuple[int, list[str], list[Any], list[int]]  # shard, state keys, ARGV triples, indices
+
+
+class _Request:
+    __slots__ = ("calls", "done", "results")
+
+    def __init__(self, calls: list[_Call], done: PublishDone):
+        self.calls = calls  # per shard: its updates' state keys, ARGV and indices in the request
+        self.done = done
+        self.results: list[int] = [0] * sum(len(c[3]) for c in calls)
+
+
+class RedisBus:
+    """The `Bus` of the redis backend. See the module's rules.
+
+    `holds_all_state` is True: a connect delivers the whole state (rule 4), so
+    a worker answers `sub` from memory. Limit: memory per worker is every key
+    of every topic; lazy per-topic loading is not implemented.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        shards: int,
+        prefix: str = "fanout",
+        stream_maxlen: int = 100_000,
+        cluster: bool = False,
+        want_entries: bool = True,
+        backoff: Backoff = RECONNECT_BACKOFF,
+        block_ms: int = BLOCK_MS,
+        probe_interval_s: float = PROBE_INTERVAL_S,
+    ) -> None:
+        self.url = url
+        self.shards = shards
+        self.prefix = prefix
+        self.stream_maxlen = stream_maxlen
+        self.cluster = cluster
+        self.want_entries = want_entries
+        self.block_ms = block_ms
+        self.probe_interval_s = probe_interval_s
+        self._streak = FailureStreak(backoff, stable_s=STABLE_LINK_S)
+        self._epoch_key = f"{prefix}:epoch"
+        self._logs = [f"{prefix}:{{s{s}}}:log" for s in range(shards)]
+        self._shard_of_log = {name.encode(): s for s, name in enumerate(self._logs)}
+        self._topic_sets = [f"{prefix}:{{s{s}}}:topics" for s in range(shards)]
+        self._publish_src = _script("publish.lua")
+        self._epoch_src = _script("epoch.lua")
+        self._publish_sha = ""
+        self._epoch_sha = ""
+        self._shard_cache: dict[str, int] = {}
+        self._sink: BusSink | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cmd: Any = None  # Redis | RedisCluster: publishes, loads, probes
+        self._reader: Any = None  # Redis | RedisCluster: XREAD BLOCK, no socket timeout
+        self._task: asyncio.Task[None] | None = None
+        self._publisher: asyncio.Task[None] | None = None
+        self._first: asyncio.Future[None] | None = None
+        self._trouble: asyncio.Future[None] | None = None  # set by the publisher on a link error
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._wake = asyncio.Event()
+        self._epoch: str | None = None
+        self._connected = False
+        self._closed = False
+        # read state, per shard: last ID read (None: load the shard at the next sync)
+        self._last: list[int | None] = [None] * shards
+        # per shard: heads seen by the probe and not read yet, (pos, loop time seen)
+        self._unread: list[collections.deque[tuple[int, float]]] = [
+            collections.deque() for _ in range(shards)
+        ]
+        # reader group -> loop time its pending XREAD was sent (absent: not waiting on Redis)
+        self._read_sent: dict[int, float] = {}
+        self._last_entry_at: float | None = None
+
+    # -- Bus --------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> str | None:
+        return self._epoch
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def holds_all_state(self) -> bool:
+        return True
+
+    def lag_ms(self) -> float | None:
+        """The worst shard's lag (rule 6); None while disconnected."""
+        lags = self.shard_lags_ms()
+        if lags is None:
+            return None
+        return max(lags, default=0.0)
+
+    def shard_lags_ms(self) -> list[float] | None:
+        """Each shard's lag in ms (rule 6), for metrics; None while disconnected.
+
+        A read stuck on a stalled connection counts against every shard it reads.
+        """
+        if not self._connected:
+            return None
+        if self._loop is None or not self._reads_entries():
+            return [0.0] * self.shards
+        now = self._loop.time()
+        block_s = self.block_ms / 1000.0
+        stalled = max((now - sent - block_s for sent in self._read_sent.values()), default=0.0)
+        lags = []
+        for s, unread in enumerate(self._unread):
+            last = self._last[s]
+            while unread and last is not None and unread[0][0] <= last:
+                unread.popleft()
+            lag = now - unread[0][1] if unread else 0.0
+            lags.append(max(lag, stalled, 0.0) * 1000.0)
+        return lags
+
+    def last_entry_age_ms(self) -> float | None:
+        """Milliseconds since this client last received an entry (None: never)."""
+        if self._loop is None or self._last_entry_at is None:
+            return None
+        return (self._loop.time() - self._last_entry_at) * 1000.0
+
+    async def start(self, sink: BusSink | None) -> None:
+        """Connect; return once the first attempt is up (state delivered) or failed."""
+        if self._task is not None:
+            raise RuntimeError("RedisBus.start called twice")
+        self._sink = sink
+        loop = self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._cmd = self._client(COMMAND_TIMEOUT_S)
+        self._reader = self._client(None)
+        self._first = loop.create_future()
+        self._publisher = loop.create_task(self._publish_loop(), name="bus-redis-publish")
+        self._task = loop.create_task(self._run(), name=f"bus-redis:{self.url}")
+        await self._first
+
+    def publish(self, updates: Sequence[Update], done: PublishDone) -> None:
+        """Queue a publish; `done` gets its positions or a `BusError` later (rules 1-2)."""
+        loop = self._loop or asyncio.get_running_loop()
+        if not self._connected or self._closed:
+            loop.call_soon(_call, done, BusUnavailable("not connected to Redis"))
+            return
+        if len(self._queue) >= MAX_QUEUED:
+            loop.call_soon(
+                _call, done, BusUnavailable("Redis is not keeping up (publish queue full)")
+            )
+            return
+        try:
+            calls = self._calls(updates)
+        except BusError as exc:
+            loop.call_soon(_call, done, exc)
+            return
+        if not calls:
+            loop.call_soon(_call, done, [])
+            return
+        self._queue.append(_Request(calls, done))
+        self._wake.set()
+
+    async def publish_wait(self, updates: Sequence[Update]) -> list[int]:
+        """`publish`, awaited: the positions, or raises `BusUnavailable` / `BusError`."""
+        fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+
+        def done(result: Sequence[int] | BusError) -> None:
+            if fut.done():
+                return
+            if isinstance(result, BusError):
+                fut.set_exception(result)
+            else:
+                fut.set_result(list(result))
+
+        self.publish(updates, done)
+        return await fut
+
+    async def snapshot(self, topic: str) -> Snapshot:
+        """The topic's latest state from its hash (deleted keys included with data NIL)."""
+        if not self._connected or self._closed or self._epoch is None:
+            raise BusUnavailable("not connected to Redis")
+        try:
+            raw = await self._cmd.hgetall(self._state_key(topic, self._shard(topic)))
+        except _REDIS_DOWN as exc:
+            raise BusUnavailable(f"Redis: {exc}") from exc
+        items = parse_state(raw)
+        return Snapshot(epoch=self._epoch, pos=items[-1][1] if items else 0, items=items)
+
+    async def close(self) -> None:
+        """Refuse new publishes, send those queued (bounded wait), disconnect."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSE_TIMEOUT_S
+        while self._queue and self._connected and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        await _stop([t for t in (self._task, self._publisher) if t is not None])
+        self._fail_queued("the bus client was closed")
+        self._set_down()
+        for client in (self._cmd, self._reader):
+            if client is not None:
+                with contextlib.suppress(*_REDIS_DOWN):
+                    await client.aclose()
+        self._settle_first()
+
+    # -- connecting -------------------------------------------------------------------
+
+    def _client(self, socket_timeout: float | None) -> Any:
+        kwargs: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": CONNECT_TIMEOUT_S,
+            "decode_responses": False,
+            "protocol": 2,  # pins reply shapes (field notes: RESP3 changes XREAD's)
+        }
+        if self.cluster:
+            return RedisCluster.from_url(self.url, retry=Retry(NoBackoff(), 0), **kwargs)
+        return aioredis.Redis.from_url(
+            self.url, retry=Retry(NoBackoff(), 0), health_check_interval=0, **kwargs
+        )
+
+    def _reads_entries(self) -> bool:
+        return self.want_entries and self._sink is not None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        streak = self._streak
+        while not self._closed:
+            try:
+                await self._sync()
+                await self._serve()
+            except _Resync as why:
+                log.info("bus: resynchronizing with Redis: %s", why)
+                continue  # still connected: no backoff
+            except _REDIS_DOWN as exc:
+                (log.warning if streak.failures == 0 else log.debug)(
+                    "bus: Redis at %s unavailable: %s", self.url, exc
+                )
+            except Exception:
+                # A sink that failed has lost entries: load every shard again.
+                log.exception("bus: error while reading from Redis; resynchronizing")
+                self._last = [None] * self.shards
+            self._set_down()
+            streak.record_failure(loop.time())
+            self._settle_first()
+            if self._closed:
+                break
+            await asyncio.sleep(streak.next_delay_ms(random.random()) / 1000.0)
+
+    async def _sync(self) -> None:
+        """Rules 4 and 5: epoch, heads, state loads; then connected."""
+        loop = asyncio.get_running_loop()
+        cmd = self._cmd
+        if self.cluster:
+            # Discover the slots once, before readers share the client: concurrent
+            # first commands on a fresh RedisCluster fail ("Connection closed").
+            await cmd.initialize()
+            await self._reader.initialize()
+        self._publish_sha = await cmd.script_load(self._publish_src)
+        self._epoch_sha = await cmd.script_load(self._epoch_src)
+        epoch = await self._epoch_call("")
+        reads = self._reads_entries()
+        heads: list[int | None] = []
+        firsts: list[int | None] = []
+        if reads:
+            heads, firsts = await self._heads_and_firsts()
+            if epoch == self._epoch:
+                lost = await self._lost_shards(heads, firsts)
+                if lost:
+                    log.warning(
+                        "bus: Redis lost entries of %d shard(s) it had delivered: new epoch",
+                        len(lost),
+                    )
+                    epoch = await self._epoch_call(epoch)
+        if epoch != self._epoch:
+            if self._epoch is not None:
+                log.warning("bus: epoch changed (%s -> %s)", self._epoch, epoch)
+            self._last = [None] * self.shards
+        self._epoch = epoch
+        sink = self._sink
+        if sink is not None:
+            sink.on_bus_epoch(epoch)
+        if reads:
+            assert sink is not None
+            load = [
+                s
+                for s in range(self.shards)
+                if self._last[s] is None or (firsts[s] or 0) > (self._last[s] or 0)
+            ]
+            for s in load:
+                head = heads[s] or 0
+                entries = await self._load_shard(s, head)
+                if entries:
+                    sink.on_bus_entries(entries)
+                    self._last_entry_at = loop.time()
+                self._last[s] = head
+                self._unread[s].clear()
+            if load:
+                log.info("bus: loaded the state of %d shard(s) from Redis", len(load))
+        self._read_sent.clear()
+        was = self._connected  # a resync while connected is not a new link
+        self._connected = True
+        self._streak.record_success(loop.time())
+        if not was:
+            log.info("bus: connected to Redis at %s (epoch %s)", self.url, epoch)
+            if sink is not None:
+                sink.on_bus_connected(True)
+        self._settle_first()
+
+    async def _lost_shards(self, heads: list[int | None], firsts: list[int | None]) -> list[int]:
+        """Shards where Redis no longer holds the last entry this client read
+        although it was not trimmed: Redis came back from an older copy of its
+        data (even if new entries were added since)."""
+        lost = []
+        check = []
+        for s, last in enumerate(self._last):
+            if last is None or last == 0:
+                continue
+            head = heads[s]
+            if head is None or head < last:
+                lost.append(s)
+            elif (firsts[s] or 0) <= last:
+                check.append(s)
+        if check:
+            replies = await self._many(
+                [
+                    ("XRANGE", self._logs[s], format_pos(p), format_pos(p))
+                    for s in check
+                    if (p := self._last[s]) is not None
+                ]
+            )
+            lost += [s for s, reply in zip(check, replies, strict=True) if not reply]
+        return lost
+
+    async def _epoch_call(self, replace: str) -> str:
+        new = secrets.token_hex(EPOCH_BYTES)
+        args = (self._epoch_key, new, replace)
+        try:
+            value = await self._cmd.evalsha(self._epoch_sha, 1, *args)
+        except NoScriptError:
+            self._epoch_sha = await self._cmd.script_load(self._epoch_src)
+            value = await self._cmd.evalsha(self._epoch_sha, 1, *args)
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    async def _many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Run commands in one round trip (a pipeline; per node on a cluster)."""
+        if not commands:
+            return []
+        pipe = self._cmd.pipeline(transaction=False) if not self.cluster else self._cmd.pipeline()
+        for command in commands:
+            pipe.execute_command(*command)
+        result: list[Any] = await pipe.execute()
+        return result
+
+    async def _heads_and_firsts(self) -> tuple[list[int | None], list[int | None]]:
+        commands: list[tuple[Any, ...]] = []
+        for name in self._logs:
+            commands.append(("XREVRANGE", name, "+", "-", "COUNT", 1))
+            commands.append(("XRANGE", name, "-", "+", "COUNT", 1))
+        replies = await self._many(commands)
+        heads = [pos_of(r[0][0]) if r else None for r in replies[0::2]]
+        firsts = [pos_of(r[0][0]) if r else None for r in replies[1::2]]
+        return heads, firsts
+
+    async def _load_shard(self, shard: int, head: int) -> list[Entry]:
+        """Every key of the shard at a position <= `head`, oldest first (rule 4)."""
+        topics = sorted(t.decode() for t in await self._cmd.smembers(self._topic_sets[shard]))
+        out: list[Entry] = []
+        for i in range(0, len(topics), 256):
+            chunk = topics[i : i + 256]
+            raws = await self._many([("HGETALL", self._state_key(t, shard)) for t in chunk])
+            for topic, raw in zip(chunk, raws, strict=True):
+                if isinstance(raw, list):  # a pipelined HGETALL may come back as pairs
+                    raw = dict(zip(raw[0::2], raw[1::2], strict=True))
+                for key, pos, data in parse_state(raw):
+                    if pos <= head:
+                        out.append((topic, key, pos, data))
+        out.sort(key=lambda e: e[2])
+        return out
+
+    async def _serve(self) -> None:
+        """Run the readers and the probe until one of them fails (raises)."""
+        loop = asyncio.get_running_loop()
+        self._trouble = loop.create_future()
+        tasks: list[asyncio.Future[Any]] = [self._trouble]
+        if self._reads_entries():
+            groups = (
+                [[s] for s in range(self.shards)] if self.cluster else [list(range(self.shards))]
+            )
+            for g, shards in enumerate(groups):
+                tasks.append(loop.create_task(self._read(g, shards), name=f"bus-redis-read-{g}"))
+        else:
+            tasks.append(loop.create_task(self._watch(), name="bus-redis-watch"))
+        tasks.append(loop.create_task(self._probe(), name="bus-redis-probe"))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises why it ended
+            raise RedisError("a reader ended")  # pragma: no cover - they only end by raising
+        finally:
+            self._trouble = None
+            await _stop(tasks)
+
+    async def _read(self, group: int, shards: list[int]) -> None:
+        """Rule 3: XREAD BLOCK the group's shards from their last IDs, forever."""
+        loop = asyncio.get_running_loop()
+        reader = self._reader
+        sink = self._sink
+        assert sink is not None
+        last = self._last
+        of_log = self._shard_of_log
+        timeout = self.block_ms / 1000.0 + READ_GRACE_S
+        # COUNT <= MAXLEN: a stream trimmed past our last ID still holds >= MAXLEN
+        # newer entries, so only a full reply can follow a gap (rule 4).
+        count = min(READ_COUNT, self.stream_maxlen)
+        while True:
+            streams = {self._logs[s]: format_pos(last[s] or 0) for s in shards}
+            self._read_sent[group] = loop.time()
+            reply = await asyncio.wait_for(
+                reader.xread(streams, count=count, block=self.block_ms), timeout
+            )
+            del self._read_sent[group]  # not waiting on Redis while handling the reply
+            if not reply:
+                continue
+            full = [of_log[name] for name, items in reply if len(items) >= count]
+            if full:
+                await self._check_trimmed(full)
+            entries: list[Entry] = []
+            for name, items in reply:
+                s = of_log[name]
+                for sid, fields in items:
+                    entries.append(
+                        (fields[b"t"].decode(), fields[b"k"].decode(), pos_of(sid), fields[b"d"])
+                    )
+                last[s] = entries[-1][2]
+            self._last_entry_at = loop.time()
+            sink.on_bus_entries(entries)
+
+    async def _check_trimmed(self, shards: list[int]) -> None:
+        """Raise `_Resync` (before anything of the reply is delivered) when a
+        shard's first entry is after the last ID read: entries may be lost."""
+        replies = await self._many(
+            [("XRANGE", self._logs[s], "-", "+", "COUNT", 1) for s in shards]
+        )
+        for s, reply in zip(shards, replies, strict=True):
+            last = self._last[s] or 0
+            if reply and pos_of(reply[0][0]) > last:
+                raise _Resync(f"shard {s}: trimmed past the last entry read (a reader fell behind)")
+
+    async def _watch(self) -> None:
+        """A publish-only client's link watch: a blocking read on a stream nobody
+        writes, so a lost Redis shows at once, not at the next publish."""
+        loop = asyncio.get_running_loop()
+        idle = f"{self.prefix}:idle"
+        timeout = self.block_ms / 1000.0 + READ_GRACE_S
+        while True:
+            self._read_sent[0] = loop.time()
+            await asyncio.wait_for(
+                self._reader.xread({idle: "$"}, count=1, block=self.block_ms), timeout
+            )
+            del self._read_sent[0]
+
+    async def _probe(self) -> None:
+        """Rule 6: once per `probe_interval_s`, the epoch, and heads for the lag."""
+        loop = asyncio.get_running_loop()
+        reads = self._reads_entries()
+        while True:
+            await asyncio.sleep(self.probe_interval_s)
+            epoch = await self._cmd.get(self._epoch_key)
+            if epoch is None or epoch.decode() != self._epoch:
+                raise _Resync("the epoch in Redis changed")
+            if not reads:
+                continue
+            heads, firsts = await self._heads_and_firsts()
+            now = loop.time()
+            for s in range(self.shards):
+                last = self._last[s] or 0
+                head = heads[s]
+                if head is None:
+                    if last > 0:
+                        raise _Resync(f"shard {s}: the stream is gone")
+                    continue
+                if head < last:
+                    raise _Resync(f"shard {s}: the stream ends before the last entry read")
+                first = firsts[s] or 0
+                if first > last:
+                    raise _Resync(f"shard {s}: trimmed past the last entry read")
+                unread = self._unread[s]
+                while unread and unread[0][0] <= last:  # read since: bounded by unread heads
+                    unread.popleft()
+                if head > last and (not unread or unread[-1][0] < head):
+                    unread.append((head, now))
+
+    def _set_down(self) -> None:
+        was = self._connected
+        self._connected = False
+        self._read_sent.clear()
+        for unread in self._unread:
+            unread.clear()
+        if was:
+            if not self._closed:
+                log.warning("bus: lost Redis; reconnecting")
+            if self._sink is not None:
+                self._sink.on_bus_connected(False)
+
+    def _settle_first(self) -> None:
+        if self._first is not None and not self._first.done():
+            self._first.set_result(None)
+
+    # -- publishing -------------------------------------------------------------------
+
+    def _shard(self, topic: str) -> int:
+        s = self._shard_cache.get(topic)
+        if s is None:
+            s = self._shard_cache[topic] = shard_of(topic, self.shards)
+        return s
+
+    def _state_key(self, topic: str, shard: int) -> str:
+        return f"{self.prefix}:{{s{shard}}}:state:{topic}"
+
+    def _calls(self, updates: Sequence[Update]) -> list[_Call]:
+        """Group a request's updates by shard (order kept); refuse what is not bytes."""
+        by_shard: dict[int, _Call] = {}
+        for i, u in enumerate(updates):
+            if not isinstance(u.data, bytes | bytearray) or not u.data:
+                raise BusError(f"update {i}: data must be msgpack bytes, got {type(u.data)!r}")
+            if not isinstance(u.topic, str) or not isinstance(u.key, str) or not u.key:
+                raise BusError(f"update {i}: topic and key must be non-empty strings")
+            s = self._shard(u.topic)
+            call = by_shard.get(s)
+            if call is None:
+                call = by_shard[s] = (s, [], [], [])
+            call[1].append(self._state_key(u.topic, s))
+            call[2].extend((u.topic, u.key, bytes(u.data)))
+            call[3].append(i)
+        return list(by_shard.values())
+
+    async def _publish_loop(self) -> None:
+        queue = self._queue
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while queue:
+                if not self._connected:
+                    self._fail_queued("not connected to Redis")
+                    break
+                batch = [queue.popleft() for _ in range(min(PIPELINE_REQUESTS, len(queue)))]
+                try:
+                    await self._send(batch)
+                except _REDIS_DOWN as exc:
+                    for req in batch:
+                        _call(req.done, BusUnavailable(f"Redis: {exc}"))
+                    self._fail_queued(f"Redis: {exc}")
+                    if self._trouble is not None and not self._trouble.done():
+                        self._trouble.set_exception(exc)
+                    break
+
+    async def _send(self, batch: list[_Request]) -> None:
+        """Send the batch: one script call per shard for consecutive requests (up
+        to MERGE_UPDATES updates each), in one pipeline round trip, or one call
+        at a time on a cluster. Per shard, calls keep the requests' order."""
+        merged: list[tuple[list[str], list[Any], list[tuple[_Request, int]]]] = []
+        current: dict[int, int] = {}  # shard -> its call being filled in `merged`
+        for req in batch:
+            for shard, state_keys, argv, indices in req.calls:
+                m = current.get(shard)
+                if m is None or len(merged[m][2]) + len(indices) > MERGE_UPDATES:
+                    m = current[shard] = len(merged)
+                    merged.append(
+                        ([self._logs[shard], self._topic_sets[shard]], [self.stream_maxlen], [])
+                    )
+                keys, args, owners = merged[m]
+                keys.extend(state_keys)
+                args.extend(argv)
+                owners.extend((req, i) for i in indices)
+        sha = self._publish_sha
+        replies: list[Any]
+        if self.cluster:
+            replies = []
+            for keys, args, _ in merged:
+                try:
+                    replies.append(await self._cmd.evalsha(sha, len(keys), *keys, *args))
+                except ResponseError as exc:  # NOSCRIPT included: that call did not run
+                    replies.append(exc)
+                except _REDIS_DOWN as exc:  # the calls before it were published: say so
+                    down = RedisConnectionError(f"Redis: {exc}")
+                    replies.extend([down] * (len(merged) - len(replies)))
+                    if self._trouble is not None and not self._trouble.done():
+                        self._trouble.set_exception(down)
+                    break
+        else:
+            pipe = self._cmd.pipeline(transaction=False)
+            for keys, args, _ in merged:
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            replies = await pipe.execute(raise_on_error=False)
+        failed: dict[int, BusError] = {}
+        for (_, _, owners), reply in zip(merged, replies, strict=True):
+            if isinstance(reply, Exception):
+                if isinstance(reply, RedisConnectionError):  # BusyLoadingError: Redis is starting
+                    err: BusError = BusUnavailable(f"Redis: {reply}")
+                elif isinstance(reply, NoScriptError | ResponseError) and "NOSCRIPT" in str(reply):
+                    err = BusUnavailable("Redis lost the publish script; reconnecting")
+                    if self._trouble is not None and not self._trouble.done():
+                        self._trouble.set_exception(RedisError("NOSCRIPT"))
+                else:
+                    err = BusError(f"Redis refused the publish: {reply}")
+                for req, _ in owners:
+                    failed.setdefault(id(req), err)
+                continue
+            for (req, i), sid in zip(owners, reply, strict=True):
+                req.results[i] = pos_of(sid)
+        for req in batch:
+            err_ = failed.get(id(req))
+            _call(req.done, err_ if err_ is not None else req.results)
+
+    def _fail_queued(self, why: str) -> None:
+        while self._queue:
+            _call(self._queue.popleft().done, BusUnavailable(why))
+
+
+async def _stop(tasks: Sequence[asyncio.Future[Any]]) -> None:
+    """Cancel `tasks` and wait until they are done.
+
+    Cancels again while any is still running: a library that swallows one
+    cancellation (seen with redis-py under load) must not leave a task running
+    or its owner waiting forever. If the caller is cancelled meanwhile, the
+    tasks are still stopped first, then the cancellation goes on.
+    """
+    interrupted = False
+    for _ in range(200):
+        pending = [t for t in tasks if not t.done()]
+        if not pending:
+            break
+        for t in pending:
+            t.cancel()
+        try:
+            await asyncio.wait(pending, timeout=0.05)
+        except asyncio.CancelledError:
+            interrupted = True
+    else:
+        log.error("bus: %d task(s) would not stop", sum(not t.done() for t in tasks))
+    for t in tasks:
+        if t.done() and not t.cancelled():
+            t.exception()  # retrieved: no "exception was never retrieved" warning
+    if interrupted:
+        raise asyncio.CancelledError
+
+
+def _call(callback: Callable[[Any], None], result: Any) -> None:
+    try:
+        callback(result)
+    except Exception:
+        log.exception("bus: a publish callback failed")

@@ -1,0 +1,142 @@
+// Type definitions for fanout.js, the browser client of fanout's wire protocol v1.
+
+/** An ext value the decoder does not interpret. */
+export class Ext {
+  constructor(type: number, data: Uint8Array);
+  type: number;
+  data: Uint8Array;
+}
+
+/** Every msgpack value in `bytes` (a frame may hold several messages). Throws RangeError on truncated input. */
+export function decodeAll(bytes: Uint8Array | ArrayBuffer, options?: { maxDepth?: number }): unknown[];
+/** Exactly one msgpack value. */
+export function decode(bytes: Uint8Array | ArrayBuffer): unknown;
+/** msgpack bytes of a value (null, boolean, number, bigint, string, Uint8Array, array, Map, object). */
+export function encode(value: unknown): Uint8Array;
+
+export type ConnectionState = "idle" | "connecting" | "connected" | "waiting" | "unauthorized" | "closed";
+export const STATES: readonly ConnectionState[];
+export const AUTH_CLOSE_CODES: ReadonlySet<number>;
+
+/** What one server message changed in a topic's view. */
+export interface Change {
+  topic: string;
+  kind: "snap" | "upd" | "evt" | "gap";
+  /** Position of the newest update the message reflects. */
+  pos: string | null;
+  /** A `snap` with full: true replaced the view; full: false was merged. */
+  full: boolean;
+  epoch?: string;
+  /** Changed keys and their new values; null means the key was deleted. */
+  items: Record<string, unknown>;
+  /** Stream topics: [pos, data] in order. */
+  events?: Array<[string, unknown]>;
+  /** `gap`: events between these positions were lost. */
+  from?: string;
+  to?: string;
+}
+
+export interface TopicState {
+  items: Map<string, unknown>;
+  epoch: string | null;
+  pos: string | null;
+}
+
+export class StateView {
+  topics: Map<string, TopicState>;
+  view(topic: string): TopicState;
+  forget(topic: string): void;
+  since(topics?: string[]): Record<string, [string, string]>;
+  apply(msg: Record<string, unknown>): Change | null;
+}
+
+export interface BackoffOptions {
+  /** Ceiling of the first retry (ms); retry n waits rand * min(maxMs, baseMs * factor**n). Default 250. */
+  baseMs?: number;
+  /** Cap (ms). Default 30000. */
+  maxMs?: number;
+  /** Default 2. */
+  factor?: number;
+  /** A connection up this long ends the streak (ms). Default 30000. */
+  stableMs?: number;
+}
+
+export class Reconnector {
+  constructor(options?: BackoffOptions);
+  blocked: boolean;
+  failures: number;
+  ceilingMs(attempt: number): number;
+  connected(now: number): void;
+  bye(retryMs: number): void;
+  closed(now: number, code: number): void;
+  failed(now: number): void;
+  newToken(): void;
+  /** Delay before the next attempt; null while blocked on a new token (after 4001/4003). */
+  delayMs(rand: number): number | null;
+}
+
+export interface ClientOptions {
+  /** Sent in the first message (`auth`). */
+  token?: string | null;
+  backoff?: BackoffOptions;
+  /** Over this bufferedAmount, sends wait in the outbox. Default 1 MiB. */
+  maxBufferedBytes?: number;
+  /** Messages the outbox holds at most; beyond, send() returns false. Default 1000. */
+  maxOutbox?: number;
+  /** Time for hello (and the auth ack) before the attempt is abandoned. Default 10000. */
+  connectTimeoutMs?: number;
+  /** Injectable for tests. */
+  WebSocket?: typeof WebSocket;
+  random?: () => number;
+  now?: () => number;
+}
+
+export interface Counters {
+  connects: number;
+  connectFailures: number;
+  disconnects: number;
+  messages: number;
+  frames: number;
+  snapsFull: number;
+  snapsPartial: number;
+  updates: number;
+  byes: number;
+  sendRefused: number;
+  lastCloseCode: number | null;
+  lastRetryMs: number | null;
+}
+
+export interface FanoutEventMap {
+  state: CustomEvent<{ state: ConnectionState }>;
+  change: CustomEvent<Change>;
+  error: CustomEvent<{ code: string; msg: string; topic?: string | null }>;
+  bye: CustomEvent<{ op: "bye"; reason: string; retry_ms: number }>;
+}
+
+export class FanoutClient extends EventTarget {
+  constructor(url: string, options?: ClientOptions);
+  readonly url: string;
+  token: string | null;
+  state: ConnectionState;
+  counters: Counters;
+  view: StateView;
+  reconnector: Reconnector;
+  connect(): this;
+  close(): void;
+  setToken(token: string | null): void;
+  /** The latest value of every key of `topic` (read it, don't change it). */
+  topic(name: string): Map<string, unknown>;
+  /** Resolves once every topic's snapshot is in the view; rejects (with `code`) if refused. */
+  subscribe(topics: string[], options?: { maxHz?: number | null }): Promise<void>;
+  unsubscribe(topics: string[]): void;
+  /** Resolves with the position once the bus accepted it (needs permission to publish). */
+  publish(topic: string, key: string, data: unknown): Promise<string>;
+  /** bufferedAmount-aware send; false when refused (outbox full or not connected). */
+  send(msg: Record<string, unknown>): boolean;
+  addEventListener<K extends keyof FanoutEventMap>(
+    type: K,
+    listener: (ev: FanoutEventMap[K]) => void,
+    options?: boolean | AddEventListenerOptions,
+  ): void;
+  addEventListener(type: string, listener: EventListenerOrEventListenerObject | null, options?: boolean | AddEventListenerOptions): void;
+}

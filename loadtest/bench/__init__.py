@@ -1,0 +1,278 @@
+"""`fanout bench`: the native load generator (multi-process, picows clients).
+
+    fanout bench                                   # hot workload, 1,000 subs, 10,000 updates/s, 30 s
+    fanout bench --workload market --rate 20000 --baseline
+    fanout bench --idle --subscribers 5000         # memory per connection
+    fanout bench --slow 0.1 --workload market --rate 5000
+    fanout bench --storm --subscribers 5000
+    fanout bench --churn 200
+    fanout bench --sweep rate --steps 1000,5000,10000,20000 --baseline
+
+Each run starts its own server(s) on free ports (fanout: `fanout serve` with
+`--workers` and `flush_interval_ms`; with `--baseline`, then the naive picows
+broadcaster of loadtest/baseline.py on the same workload and seed), measures,
+and writes `reports/bench-<workload>-<scenario>-<time>.json` and `.md` (plus
+PNG plots for a sweep). docs/benchmarks.md explains every figure.
+
+Exit codes: 0 measured and every reading client converged on every target;
+1 measured but some client did not converge; 3 could not set up or failed
+midway; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from typing import Any
+
+from loadtest.bench.run import SCENARIOS, BenchSettings, broke, machine, run_target
+from loadtest.common import SetupError, raise_nofile
+from loadtest.workload import WORKLOADS
+
+
+def _cpu_list(text: str) -> tuple[int, ...]:
+    from loadtest.firstbench import _cpu_list as parse
+
+    return parse(text)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(float(x)) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("steps must be positive numbers")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fanout bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Workloads: hot = 1 topic x 50 keys, every subscriber on it, keys round robin; "
+        "market = 100 topics x 50 keys, Zipf s=1.1 key popularity, 5 random topics per "
+        "subscriber. See docs/benchmarks.md.",
+    )
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="hot")
+    sc = p.add_mutually_exclusive_group()
+    sc.add_argument("--scenario", choices=SCENARIOS, help="what to measure (default fanout)")
+    sc.add_argument("--idle", action="store_true", help="scenario idle: memory per connection")
+    sc.add_argument(
+        "--slow",
+        type=float,
+        metavar="FRACTION",
+        help="scenario slow: this fraction of subscribers stop reading (e.g. 0.1)",
+    )
+    sc.add_argument(
+        "--storm",
+        action="store_true",
+        help="scenario storm: mid-run, every client drops and reconnects with `since`",
+    )
+    sc.add_argument(
+        "--churn",
+        type=float,
+        metavar="PER_S",
+        help="scenario churn: close and reopen this many connections per second",
+    )
+    p.add_argument("-S", "--subscribers", type=int, default=1000)
+    p.add_argument(
+        "--sub-procs", type=int, default=0, help="subscriber processes (default: 1 per 500, 2..8)"
+    )
+    p.add_argument("-U", "--rate", type=float, default=10_000, help="updates/s (default 10000)")
+    p.add_argument("-D", "--duration", type=float, default=30.0, help="seconds (default 30)")
+    p.add_argument("--batch-ms", type=float, default=10.0, help="publish batch interval (10)")
+    p.add_argument("--workers", type=int, default=2, help="fanout workers (default 2)")
+    p.add_argument("--flush-ms", type=int, default=20, help="fanout flush_interval_ms (20)")
+    p.add_argument("--settle", type=float, default=15.0, help="max s to wait for convergence")
+    p.add_argument("--connect-concurrency", type=int, default=200, help="per process")
+    p.add_argument("--max-publish-items", type=int, default=1000)
+    p.add_argument("--body", choices=("msgpack", "json"), default="msgpack")
+    p.add_argument("--max-hz", type=float, help="subscribers ask for at most this many frames/s")
+    p.add_argument(
+        "--source-addrs",
+        type=int,
+        default=0,
+        help="spread client source addresses over 127.0.0.1..N (default: 1 per 20,000 clients)",
+    )
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also run the naive picows broadcaster on the same workload; report ratios",
+    )
+    p.add_argument("--sweep", choices=("rate", "subscribers"), help="step this value up")
+    p.add_argument("--steps", type=_int_list, help="comma-separated values for --sweep")
+    p.add_argument(
+        "--max-p99-ms", type=float, default=250.0, help="a step breaks above this p99 (250)"
+    )
+    p.add_argument(
+        "--max-server-rss-mib",
+        type=int,
+        default=8192,
+        help="stop publishing when the server's RSS exceeds this (the baseline has no bound)",
+    )
+    p.add_argument("--server-cpus", type=_cpu_list, metavar="LIST", help="pin servers to CPUs")
+    p.add_argument(
+        "--loadgen-cpus", type=_cpu_list, metavar="LIST", help="pin the load generator to CPUs"
+    )
+    p.add_argument("--config", help="config file for the fanout server")
+    p.add_argument("--report-dir", default="reports")
+    p.add_argument("--name", help="report file name without extension")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def settings_from(a: argparse.Namespace) -> BenchSettings:
+    scenario = a.scenario or "fanout"
+    if a.idle:
+        scenario = "idle"
+    elif a.slow is not None:
+        scenario = "slow"
+    elif a.storm:
+        scenario = "storm"
+    elif a.churn is not None:
+        scenario = "churn"
+    sub_procs = a.sub_procs or max(2, min(8, -(-a.subscribers // 500)))
+    return BenchSettings(
+        workload=WORKLOADS[a.workload],
+        scenario=scenario,
+        subscribers=a.subscribers,
+        sub_procs=min(sub_procs, a.subscribers),
+        rate=a.rate,
+        duration_s=a.duration,
+        batch_ms=a.batch_ms,
+        workers=a.workers,
+        flush_ms=a.flush_ms,
+        settle_s=a.settle,
+        concurrency=a.connect_concurrency,
+        max_items=a.max_publish_items,
+        body=a.body,
+        slow_fraction=a.slow if a.slow is not None else (0.1 if scenario == "slow" else 0.0),
+        churn_rate=a.churn if a.churn is not None else (50.0 if scenario == "churn" else 0.0),
+        max_hz=a.max_hz,
+        source_addrs=a.source_addrs,
+        seed=a.seed,
+        server_cpus=a.server_cpus,
+        config=a.config,
+        quiet=a.quiet,
+        max_server_rss_mib=a.max_server_rss_mib,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    p = build_parser()
+    a = p.parse_args(args)
+    if a.sweep and not a.steps:
+        p.error("--sweep needs --steps")
+    if a.subscribers < 1 or a.rate <= 0 or a.duration <= 0:
+        p.error("--subscribers, --rate and --duration must be positive")
+    if a.slow is not None and not 0 < a.slow < 1:
+        p.error("--slow is a fraction between 0 and 1")
+    s = settings_from(a)
+    raise_nofile()  # inherited by every process forked from here
+    if a.loadgen_cpus:
+        if not s.server_cpus:  # the servers keep the CPUs this command was given
+            s = replace(s, server_cpus=tuple(sorted(os.sched_getaffinity(0))))
+        os.sched_setaffinity(0, a.loadgen_cpus)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+
+    def log(line: str) -> None:
+        if not s.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = (
+        a.name
+        or f"bench-{s.workload.name}-{s.scenario}"
+        + (f"-sweep-{a.sweep}" if a.sweep else "")
+        + f"-{stamp}"
+    )
+    base = f"{a.report_dir.rstrip('/')}/{name}"
+    targets = ["fanout", *(["baseline"] if a.baseline else [])]
+    values: list[int | None] = list(a.steps) if a.sweep else [None]
+    report: dict[str, Any] = {
+        "tool": "fanout bench",
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": "fanout bench " + shlex.join(args),
+        "machine": machine(),
+        "settings": {
+            **{k: v for k, v in asdict(s).items() if k != "workload"},
+            "workload": s.workload.name,
+        },
+        "workload": s.workload.describe(),
+        "sweep": a.sweep,
+        "steps": [],
+        "sustained": {},
+    }
+    from loadtest import report as rep
+
+    live = set(targets)
+    try:
+        for value in values:
+            step_s = s
+            if value is None:
+                pass
+            elif a.sweep == "rate":
+                step_s = replace(s, rate=float(value))
+            elif a.sweep == "subscribers":
+                sp = a.sub_procs or max(2, min(8, -(-value // 500)))
+                step_s = replace(s, subscribers=value, sub_procs=min(sp, value))
+            if value is not None:
+                log(f"== {a.sweep} = {value:,}")
+            results: dict[str, Any] = {}
+            broken: dict[str, str | None] = {}
+            for t in targets:
+                if t not in live:
+                    continue
+                results[t] = run_target(t, step_s, log)
+                broken[t] = broke(results[t], step_s, a.max_p99_ms)
+                if a.sweep:
+                    if broken[t]:
+                        live.discard(t)
+                        log(f"== {t} broke at {a.sweep} = {value:,}: {broken[t]}")
+                    else:
+                        report["sustained"][t] = value
+            step = {
+                "value": value,
+                "results": results,
+                "broken": broken,
+                "ratios": rep.ratios(results),
+            }
+            report["steps"].append(step)
+            if a.sweep and "fanout" not in live:
+                break
+    except KeyboardInterrupt:
+        print("fanout bench: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+    except (SetupError, RuntimeError) as exc:
+        print(f"fanout bench: {exc}", file=sys.stderr)
+        if not report["steps"]:
+            return 3
+    if a.sweep:
+        for t in targets:
+            report["sustained"].setdefault(t, None)  # broke at the first step
+    report["all_converged"] = bool(report["steps"]) and all(
+        r["convergence"]["all_converged"] for st in report["steps"] for r in st["results"].values()
+    )
+    from loadtest.plots import plot_sweep
+
+    json_path, md_path = rep.write(report, base, plot_sweep)
+    print(rep.markdown(report))
+    log(f"reports: {json_path}, {md_path}")
+    return 0 if report["all_converged"] else 1
+
+
+__all__ = ["build_parser", "main"]

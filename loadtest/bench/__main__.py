@@ -1,0 +1,7 @@
+"""`python -m loadtest.bench` is `fanout bench`."""
+
+import sys
+
+from loadtest.bench import main
+
+sys.exit(main())

@@ -1,0 +1,461 @@
+"""`fanout bench`: orchestration of one measured run against fanout and/or the baseline.
+
+One *run* of a target (fanout or the baseline) is: start the server on free
+ports, open S subscribers over P processes (spreading their source addresses
+over 127.0.0.x), wait until every one has its snap, run the scenario for D
+seconds while a publisher sends U updates/s, publish one final value of every
+key, and check every reading client ends at those values. Both targets get the
+same workload from the same seed. Everything started is stopped, whatever
+happens (children: exit, terminate, kill; servers: their whole process group).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from loadtest.bench.publisher import publisher_process
+from loadtest.bench.subscriber import subscriber_process
+from loadtest.common import (
+    Children,
+    Server,
+    SetupError,
+    _server_preexec,
+    cpu_seconds,
+    free_port,
+    machine_busy_seconds,
+    merge_hist,
+    percentiles_ms,
+    rss_bytes,
+    server_pids,
+    used,
+)
+from loadtest.workload import Workload
+
+SCENARIOS = ("fanout", "idle", "slow", "storm", "churn")
+PORTS_PER_SOURCE_ADDR = 20_000  # of the ~28,000 ephemeral ports per (src, dst) pair
+
+
+@dataclass(frozen=True, slots=True)
+class BenchSettings:
+    workload: Workload
+    scenario: str
+    subscribers: int
+    sub_procs: int
+    rate: float
+    duration_s: float
+    batch_ms: float
+    workers: int
+    flush_ms: int
+    settle_s: float
+    concurrency: int
+    max_items: int
+    body: str
+    slow_fraction: float
+    churn_rate: float
+    max_hz: float | None
+    source_addrs: int
+    seed: int
+    server_cpus: tuple[int, ...] | None
+    config: str | None
+    quiet: bool
+    max_server_rss_mib: int = 8192
+
+    def source_addr_count(self) -> int:
+        if self.source_addrs > 0:
+            return self.source_addrs
+        return max(1, -(-self.subscribers // PORTS_PER_SOURCE_ADDR))
+
+
+class BaselineServer:
+    """`python -m loadtest.baseline` on free ports, in its own process group."""
+
+    def __init__(self, cpus: tuple[int, ...] | None = None) -> None:
+        self.base = tempfile.mkdtemp(prefix="fb-base-")
+        self.log_path = os.path.join(self.base, "baseline.log")
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.args = [
+            sys.executable,
+            "-m",
+            "loadtest.baseline",
+            "--port",
+            str(self.port),
+            "--http-port",
+            str(self.admin_port),
+        ]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=root,
+            preexec_fn=lambda: _server_preexec(cpus),
+        )
+
+    url = Server.url
+    admin = Server.admin
+    wait_ready = Server.wait_ready
+    log_tail = Server.log_tail
+    stop = Server.stop
+
+    def command(self) -> str:
+        return f"python {shlex.join(self.args[1:])}"
+
+    def board_pids(self) -> dict[str, int]:
+        return {"baseline": self.proc.pid}
+
+    def cleanup_dir(self, keep_log_to: str | None) -> None:
+        Server.cleanup_dir(self, keep_log_to)  # type: ignore[arg-type]
+
+
+def _fanout_server(s: BenchSettings) -> Server:
+    env = {}
+    if s.workload.mode == "stream":
+        rules = [{"pattern": t, "mode": "stream"} for t in s.workload.topic_names()]
+        env["FANOUT_TOPICS"] = json.dumps(rules)
+    return Server(s.workers, s.flush_ms, s.config, "warning", s.server_cpus, env)
+
+
+def run_target(target: str, s: BenchSettings, log: Callable[[str], None]) -> dict[str, Any]:
+    """One measured run of `target` ("fanout" or "baseline"); always tears down."""
+    server: Any = None
+    procs = Children()
+    keep_log = False
+    try:
+        server = BaselineServer(s.server_cpus) if target == "baseline" else _fanout_server(s)
+        server.wait_ready(30.0)
+        result = _measure(target, s, server, procs, log)
+        return result
+    except BaseException:
+        keep_log = True
+        raise
+    finally:
+        procs.stop_all()
+        if server is not None:
+            server.stop()
+            if keep_log:
+                tail = server.log_tail()
+                if tail:
+                    log(f"{target} server log (tail):\n{tail}")
+            server.cleanup_dir(None)
+
+
+def _tree_rss(sup: int) -> int:
+    return sum(rss_bytes(server_pids(sup)).values())
+
+
+def _measure(
+    target: str, s: BenchSettings, server: Any, procs: Children, log: Callable[[str], None]
+) -> dict[str, Any]:
+    w = s.workload
+    sup = int(server.proc.pid)
+    names = server.board_pids()
+    log(f"[{target}] server ready: {server.url} (admin {server.admin}), pid {sup}")
+    rss_before = _tree_rss(sup)
+
+    # -- subscribers ----------------------------------------------------------------------
+    topics_of = w.subscriptions(s.subscribers, s.seed)
+    n_addrs = s.source_addr_count()
+    n_slow = round(s.slow_fraction * s.subscribers) if s.scenario == "slow" else 0
+    slow_every = s.subscribers / n_slow if n_slow else 0.0
+    slow_set = {int(i * slow_every) for i in range(n_slow)}
+    plans: list[list[tuple[int, tuple[str, ...], str, bool]]] = [[] for _ in range(s.sub_procs)]
+    for i in range(s.subscribers):
+        addr = f"127.0.0.{1 + i % n_addrs}"
+        plans[i % s.sub_procs].append((i, topics_of[i], addr, i in slow_set))
+    budget = s.duration_s + s.settle_s + 180.0 + s.subscribers / 20.0
+    subs = []
+    for p, plan in enumerate(plans):
+        if not plan:
+            continue
+        spec = {
+            "url": server.url,
+            "clients": plan,
+            "concurrency": s.concurrency,
+            "budget_s": budget,
+            "max_hz": s.max_hz,
+        }
+        subs.append(procs.spawn(f"subscriber-{p + 1}", subscriber_process, p + 1, spec))
+    publisher = procs.spawn(
+        "publisher",
+        publisher_process,
+        server.admin,
+        w,
+        s.seed,
+        s.rate,
+        s.duration_s,
+        s.batch_ms,
+        s.max_items,
+        s.body,
+        budget,
+    )
+    setup = {c.name: procs.expect(c, "ready", 60.0 + s.subscribers / 20.0) for c in subs}
+    ready = sum(v["ready"] for v in setup.values())
+    log(
+        f"[{target}] {ready} of {s.subscribers} subscribers ready ("
+        + ", ".join(f"{k} {v['ready']} in {v['setup_s']} s" for k, v in setup.items())
+        + ")"
+    )
+    if ready < s.subscribers:
+        raise SetupError(f"only {ready} of {s.subscribers} subscribers are subscribed: {setup}")
+    time.sleep(1.0)  # let the server settle before taking its memory
+    rss_connected = _tree_rss(sup)
+
+    if n_slow:
+        slowed = sum(procs.expect(c, "slowed", 10.0) for c in _send_all(subs, "slow"))
+        log(f"[{target}] {slowed} slow clients stopped reading")
+
+    # -- the measured window ----------------------------------------------------------------
+    for c in subs:
+        c.send("mark_start")
+    start_counts = {c.name: procs.expect(c, "marked_start", 10.0) for c in subs}
+    pids = server_pids(sup)
+    gen_pids = {c.name: int(c.proc.pid or 0) for c in procs.children}
+    gen_pids["orchestrator"] = os.getpid()
+    cpu0, gen0, busy0 = cpu_seconds(pids), cpu_seconds(gen_pids.values()), machine_busy_seconds()
+    t0 = time.monotonic()
+    if s.scenario == "churn":
+        for c in subs:
+            c.send("churn", s.churn_rate / len(subs))
+    done: dict[str, Any] = {}
+    storm_at = t0 + s.duration_s / 2 if s.scenario == "storm" else None
+    if s.scenario != "idle":
+        publisher.send("go")
+    rss_peak = rss_connected
+    rss_guard = False
+    rss_timeline: list[float] = []  # MiB, once a second (a soak: is it flat?)
+    last = (t0, 0, sum(int(v["updates"]) for v in start_counts.values()), 0)
+    next_line = t0 + 1.1
+    hard_stop = t0 + s.duration_s + 60.0
+    while True:
+        if s.scenario == "idle":
+            if time.monotonic() >= t0 + s.duration_s:
+                break
+        else:
+            found, payload = procs.take(publisher, "done")
+            if found:
+                done = dict(payload)
+                break
+            if time.monotonic() > hard_stop:
+                publisher.send("abort")
+                done = dict(procs.expect(publisher, "done", 30.0))
+                break
+            if publisher.gone or not publisher.proc.is_alive():
+                raise RuntimeError("the publisher exited during the run")
+        if storm_at is not None and time.monotonic() >= storm_at:
+            log(f"[{target}] storm: every reading client drops and reconnects with `since`")
+            _send_all(subs, "storm")
+            storm_at = None
+        procs.pump(max(0.0, min(0.2, next_line - time.monotonic())))
+        now = time.monotonic()
+        if now >= next_line:
+            rss_now = _tree_rss(sup)
+            rss_peak = max(rss_peak, rss_now)
+            if len(rss_timeline) < 100_000:  # one sample a second: bounded
+                rss_timeline.append(round(rss_now / 2**20, 1))
+            if not rss_guard and rss_peak > s.max_server_rss_mib * 2**20:
+                rss_guard = True  # an unbounded server (the baseline): stop feeding it
+                log(f"[{target}] server RSS over {s.max_server_rss_mib} MiB: publishing stops")
+                publisher.send("abort")
+            sent = int(publisher.progress.get("sent", 0))
+            upd = sum(int(c.progress.get("updates", 0)) for c in subs)
+            frames = sum(int(c.progress.get("frames", 0)) for c in subs)
+            p99s = [float(c.progress["p99_ms"]) for c in subs if c.progress.get("p99_ms")]
+            dt = max(now - last[0], 1e-6)
+            log(
+                f"[{target} {now - t0:5.1f}s] published {(sent - last[1]) / dt:>8,.0f}/s  "
+                f"delivered {(upd - last[2]) / dt:>10,.0f}/s  "
+                f"frames {(frames - last[3]) / dt:>9,.0f}/s  "
+                f"p99 so far {max(p99s) if p99s else float('nan'):.1f} ms  "
+                f"server RSS {rss_peak / 2**20:,.0f} MiB"
+            )
+            last = (now, sent, upd, frames)
+            next_line += 1.0
+    churned: dict[str, Any] = {}
+    if s.scenario == "churn":
+        per = [procs.expect(c, "churned", 30.0) for c in _send_all(subs, "churn_stop")]
+        churned = {
+            "requested_per_s": s.churn_rate,
+            "churned": sum(p["churned"] for p in per),
+            "failed": sum(p["failed"] for p in per),
+        }
+    t1 = time.monotonic()
+    for c in subs:
+        c.send("mark_end")
+    cpu1, gen1, busy1 = cpu_seconds(pids), cpu_seconds(gen_pids.values()), machine_busy_seconds()
+    rss_end = _tree_rss(sup)
+    rss_peak = max(rss_peak, rss_end)
+    gen_rss = sum(rss_bytes(gen_pids.values()).values())
+    end_counts = {c.name: procs.expect(c, "marked_end", 20.0) for c in subs}
+    window = t1 - t0
+    storm: dict[str, Any] = {}
+    if s.scenario == "storm":
+        per_proc = [procs.expect(c, "stormed", 90.0) for c in subs]
+        storm = {
+            "dropped": sum(p["dropped"] for p in per_proc),
+            "reconnected": sum(p["reconnected"] for p in per_proc),
+            "resubscribed": sum(p["resubscribed"] for p in per_proc),
+            "connected_s": max(p["connected_s"] for p in per_proc),
+            "recover_s": max(p["recover_s"] for p in per_proc),
+        }
+        log(f"[{target}] storm: {storm}")
+
+    # -- final values and convergence -------------------------------------------------------
+    publisher.send("final")
+    finals = procs.expect(publisher, "finals", 60.0)
+    for c in subs:
+        c.send("converge", finals, s.settle_s)
+    conv = {c.name: procs.expect(c, "converged", s.settle_s + 60.0) for c in subs}
+    for c in procs.children:
+        c.send("exit")
+
+    # -- figures ------------------------------------------------------------------------------
+    updates = sum(end_counts[n]["updates"] - start_counts[n]["updates"] for n in end_counts)
+    frames = sum(end_counts[n]["frames"] - start_counts[n]["frames"] for n in end_counts)
+    hist: dict[int, int] = {}
+    for v in end_counts.values():
+        merge_hist(hist, v["hist"])
+    latency: dict[str, Any] = dict(percentiles_ms(hist, (0.5, 0.9, 0.99, 0.999)))
+    latency["max"] = round(max(v["max_ns"] for v in end_counts.values()) / 1e6, 3)
+    latency["samples"] = sum(v["samples"] for v in end_counts.values())
+    by_name = {pid: name for name, pid in names.items()}
+    both = [p for p in cpu0 if p in cpu1]
+    per_process = {by_name.get(p, f"pid {p}"): round(used(cpu0, cpu1, p), 3) for p in both}
+    server_cpu = sum(used(cpu0, cpu1, p) for p in both)
+    gen_by_name = {
+        n: round(used(gen0, gen1, p), 3) for n, p in gen_pids.items() if p in gen0 and p in gen1
+    }
+    loadgen_cpu = sum(gen_by_name.values())
+    clients = sum(v["clients"] for v in conv.values())
+    converged = sum(v["converged"] for v in conv.values())
+    errors: collections.Counter[str] = collections.Counter()
+    close_codes: collections.Counter[str] = collections.Counter()
+    slow_codes: collections.Counter[str] = collections.Counter()
+    connect_errors: collections.Counter[str] = collections.Counter()
+    for v in conv.values():
+        errors.update(v["errors"])
+        close_codes.update(v["close_codes"])
+        slow_codes.update(v["slow_close_codes"])
+        connect_errors.update(v["connect_errors"])
+    addrs = sorted({a for v in conv.values() for a in v["local_addrs"]})
+    connections = s.subscribers
+    return {
+        "target": target,
+        "server_command": server.command(),
+        "server_processes": {by_name.get(p, f"pid {p}"): p for p in sorted(set(pids))},
+        "window_s": round(window, 3),
+        "setup": {
+            "ready": ready,
+            "per_process": setup,
+            "source_addrs": addrs,
+        },
+        "publish": done,
+        "delivery": {
+            "updates": updates,
+            "updates_per_s": round(updates / window, 1),
+            "frames": frames,
+            "frames_per_s": round(frames / window, 1),
+            "updates_per_frame": round(updates / frames, 2) if frames else None,
+        },
+        "latency_ms": latency,
+        "cpu": {
+            "server_s": round(server_cpu, 3),
+            "server_core_share": round(server_cpu / window, 3),
+            "server_s_per_million_updates": (
+                round(server_cpu / (updates / 1e6), 3) if updates else None
+            ),
+            "server_s_per_million_frames": (
+                round(server_cpu / (frames / 1e6), 3) if frames else None
+            ),
+            "server_per_process_s": per_process,
+            "loadgen_s": round(loadgen_cpu, 3),
+            "loadgen_core_share": round(loadgen_cpu / window, 3),
+            "loadgen_per_process_s": gen_by_name,
+            "machine_busy_core_share": round((busy1 - busy0) / window, 3),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+        },
+        "memory": {
+            "server_rss_before_bytes": rss_before,
+            "server_rss_connected_bytes": rss_connected,
+            "server_rss_end_bytes": rss_end,
+            "server_rss_peak_bytes": rss_peak,
+            "rss_per_connection_bytes": round((rss_connected - rss_before) / connections),
+            "loadgen_rss_bytes": gen_rss,
+            "rss_guard_tripped": rss_guard,
+            "rss_timeline_mib": rss_timeline,
+            "rss_end_over_connected": round(rss_end / rss_connected, 4) if rss_connected else None,
+            "note": "sum of RSS over the server's process tree (shared pages counted per process)",
+        },
+        "convergence": {
+            "clients": clients,
+            "converged": converged,
+            "fraction": round(converged / clients, 4) if clients else None,
+            "all_converged": clients > 0 and converged == clients,
+            "settle_s": max(v["settle_s"] for v in conv.values()),
+            "examples": [e for v in conv.values() for e in v["examples"]][:3],
+            "slow_clients": sum(v["slow_clients"] for v in conv.values()),
+            "slow_closed": sum(v["slow_closed"] for v in conv.values()),
+            "slow_close_codes": dict(slow_codes),
+        },
+        "storm": storm or None,
+        "churn": churned or None,
+        "errors": dict(errors),
+        "close_codes": dict(close_codes),
+        "connect_errors": dict(connect_errors),
+    }
+
+
+def _send_all(children: list[Any], *msg: Any) -> list[Any]:
+    for c in children:
+        c.send(*msg)
+    return children
+
+
+def broke(result: Mapping[str, Any], s: BenchSettings, max_p99_ms: float) -> str | None:
+    """Why a run counts as broken (latency, delivery or publishing), or None."""
+    if result["memory"]["rss_guard_tripped"]:
+        return f"server RSS went over {s.max_server_rss_mib} MiB"
+    p99 = result["latency_ms"].get("p99")
+    if s.scenario != "idle" and (p99 is None or p99 > max_p99_ms):
+        return f"p99 {p99} ms > {max_p99_ms:g} ms"
+    if not result["convergence"]["all_converged"]:
+        c = result["convergence"]
+        return f"only {c['converged']} of {c['clients']} clients converged"
+    pub = result["publish"]
+    if s.scenario != "idle" and pub and pub.get("achieved_rate", 0) < 0.9 * s.rate:
+        return f"publisher reached {pub.get('achieved_rate')}/s of {s.rate:g}/s"
+    return None
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "fd_limit": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+    }

@@ -1,0 +1,166 @@
+"""What only the redis backend has to prove (the shared contract is
+test_bus_contract.py): resuming from the last ID after Redis restarts with its
+data, reloading the state when a reader fell behind past the stream's trimming,
+the lag of a reader whose link stalls, and an epoch change when Redis comes
+back with less than a reader had seen."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import pytest
+
+from engine.bus import Update
+from engine.bus.redis_streams import RedisBus, parse_state, pos_of
+from engine.errors import BusUnavailable
+from engine.protocol.codec import make_pos
+from engine.supervisor.backoff import Backoff
+from tests.contract.conftest import Recorder, until
+from tests.support.redis_server import RedisServer, redis_available
+from tests.support.tcpproxy import StallProxy
+
+pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
+
+
+def val(x: object) -> bytes:
+    return msgpack.packb(x, use_bin_type=True)
+
+
+class OrderedRecorder(Recorder):
+    """Also checks what the worker's core relies on: an entry that changes a key
+    is never below a position its topic already reached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.topic_pos: dict[str, int] = {}
+        self.below: list[tuple[str, str, int]] = []
+
+    def on_bus_epoch(self, epoch: str) -> None:
+        if self.epochs and self.epochs[-1] != epoch:
+            self.topic_pos.clear()
+        super().on_bus_epoch(epoch)
+
+    def on_bus_entries(self, entries: Any) -> None:
+        for topic, key, pos, _data in entries:
+            held = self.state.get((topic, key))
+            if held is None or pos > held[0]:
+                if pos < self.topic_pos.get(topic, 0):
+                    self.below.append((topic, key, pos))
+                self.topic_pos[topic] = max(pos, self.topic_pos.get(topic, 0))
+        super().on_bus_entries(entries)
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    server = RedisServer(persistent=True).start()
+    yield server
+    server.close()
+
+
+def test_stream_ids_are_positions() -> None:
+    assert pos_of(b"1700000000123-7") == make_pos(1700000000123, 7)
+    assert pos_of("0-0") == 0
+    raw = {b"b": b"5-1 \x02", b"a": b"5-0 \xc0", b"c": b"4-9 two words"}
+    assert parse_state(raw) == [
+        ("c", make_pos(4, 9), b"two words"),
+        ("a", make_pos(5, 0), b"\xc0"),
+        ("b", make_pos(5, 1), b"\x02"),
+    ]
+
+
+async def test_resume_after_a_restart_with_data_skips_nothing(redis: RedisServer) -> None:
+    sink = OrderedRecorder()
+    reader = RedisBus(redis.url, shards=4)
+    pub = RedisBus(redis.url, shards=4, want_entries=False)
+    await reader.start(sink)
+    await pub.start(None)
+    try:
+        before = [await pub.publish_wait([Update("r.t", f"k{i}", val(i))]) for i in range(20)]
+        await until(lambda: ("r.t", before[-1][0]) in sink.marks(), "entries before")
+        epoch = reader.epoch
+        await asyncio.to_thread(redis.kill)
+        await until(lambda: not reader.connected and not pub.connected, "the outage seen")
+        with pytest.raises(BusUnavailable):
+            await pub.publish_wait([Update("r.t", "never", val(0))])
+        await asyncio.to_thread(redis.start)
+        await until(lambda: reader.connected and pub.connected, "reconnected")
+        assert reader.epoch == pub.epoch == epoch, "the same data: the same epoch"
+        after = [await pub.publish_wait([Update("r.t", f"k{i}", val(-i))]) for i in range(20)]
+        want = {("r.t", p[0]) for p in before + after}
+        await until(lambda: want <= sink.marks(), "every entry, before and after")
+        assert sink.marks() == want
+        assert ("r.t", "never") not in sink.state
+        assert sink.below == []
+        assert sink.epochs == [epoch, epoch] and sink.links == [True, False, True]
+    finally:
+        await reader.close()
+        await pub.close()
+
+
+async def test_a_reader_behind_the_trimming_reloads_the_state(redis: RedisServer) -> None:
+    proxy = StallProxy(redis.port).start()
+    sink = OrderedRecorder()
+    # stream_maxlen 10: MAXLEN ~ trims whole nodes (100 entries), so 1,000 entries
+    # written while the reader is stalled are mostly trimmed before it reads them.
+    reader = RedisBus(proxy.url, shards=2, stream_maxlen=10)
+    pub = RedisBus(redis.url, shards=2, stream_maxlen=10, want_entries=False)
+    await reader.start(sink)
+    await pub.start(None)
+    try:
+        (first,) = await pub.publish_wait([Update("trim.t", "k0", val("first"))])
+        await until(lambda: ("trim.t", first) in sink.marks(), "the first entry")
+        proxy.stall()
+        for i in range(1000):
+            pub.publish([Update("trim.t", f"k{i % 37}", val(i))], lambda r: None)
+        (last,) = await pub.publish_wait([Update("trim.t", "end", val("end"))])
+        await until(lambda: (reader.lag_ms() or 0) > 0, "the stalled reader lags")
+        proxy.resume()
+        await until(lambda: ("trim.t", "end") in sink.state, "the reader caught up")
+        snap = await pub.snapshot("trim.t")
+        await until(
+            lambda: sink.topic_state("trim.t") == {k: (p, d) for k, p, d in snap.items},
+            "the reader's state equals Redis's",
+        )
+        assert sink.state[("trim.t", "end")] == (last, val("end"))
+        assert sink.below == [], "the reload came before any entry after the gap"
+        assert len(sink.entries) < 1002, "entries were trimmed: the state was reloaded"
+        await until(lambda: reader.lag_ms() == 0.0, "no lag once caught up")
+    finally:
+        await reader.close()
+        await pub.close()
+        proxy.close()
+
+
+async def test_redis_back_with_less_data_is_a_new_epoch(redis: RedisServer) -> None:
+    sink = OrderedRecorder()
+    # The reader retries after a second: the restarted Redis gets a new entry
+    # first, so its stream's head is past what the reader had read.
+    reader = RedisBus(redis.url, shards=1, backoff=Backoff(min_ms=1000, max_ms=1000))
+    pub = RedisBus(redis.url, shards=1, want_entries=False)
+    await reader.start(sink)
+    await pub.start(None)
+    try:
+        await pub.publish_wait([Update("old.t", "a", val(1))])
+        await asyncio.to_thread(redis.cli, "save")  # a copy of the data as it is now
+        await asyncio.to_thread(redis.cli, "config", "set", "appendonly", "no")
+        (p,) = await pub.publish_wait([Update("old.t", "b", val(2))])
+        await until(lambda: ("old.t", p) in sink.marks(), "the entry the copy lacks")
+        epoch = reader.epoch
+        await asyncio.to_thread(redis.kill)
+        await until(lambda: not reader.connected, "the outage seen")
+        redis.persistent = False  # restart from the RDB copy, without entry b
+        await asyncio.to_thread(redis.start)
+        other = RedisBus(redis.url, shards=1, want_entries=False)
+        await other.start(None)
+        await other.publish_wait([Update("old.t", "c", val(3))])
+        await other.close()
+        await until(lambda: reader.connected and reader.epoch != epoch, "a new epoch")
+        await until(lambda: pub.epoch == reader.epoch, "every client agrees")
+        assert ("old.t", "b") not in sink.state
+        assert set(sink.topic_state("old.t")) == {"a", "c"}
+    finally:
+        await reader.close()
+        await pub.close()

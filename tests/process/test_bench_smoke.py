@@ -1,0 +1,134 @@
+"""`fanout bench` run for real at a tiny scale: it starts fanout (and the baseline),
+measures, writes its JSON and Markdown reports (and PNG plots for a sweep), says
+whether every client converged, and stops everything it started. Behaviour only:
+no figure is asserted on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_FACTOR = float(os.environ.get("FANOUT_TEST_TIMEOUT_FACTOR", "1"))
+
+
+def bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FANOUT_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "bench", *args,
+         "--report-dir", str(tmp_path), "--name", "r", "--quiet", "--settle", "5"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60 * TIMEOUT_FACTOR,
+    )  # fmt: skip
+    path = tmp_path / "r.json"
+    assert path.exists(), result.stdout[-2000:] + result.stderr[-3000:]
+    return result, json.loads(path.read_text())
+
+
+def _pids(report: dict[str, Any]) -> list[int]:
+    return [
+        int(pid)
+        for step in report["steps"]
+        for r in step["results"].values()
+        for pid in r["server_processes"].values()
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_hot_run_with_baseline_reports_both_side_by_side_and_every_client_converged(
+    tmp_path: Path,
+) -> None:
+    result, report = bench(
+        tmp_path, "-S", "40", "-U", "400", "-D", "2", "--baseline", "--source-addrs", "2"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert report["all_converged"] is True
+    (step,) = report["steps"]
+    assert set(step["results"]) == {"fanout", "baseline"}
+    for r in step["results"].values():
+        assert r["convergence"]["converged"] == r["convergence"]["clients"] == 40
+        assert r["delivery"]["updates"] > 0 and r["latency_ms"]["samples"] > 0
+        assert r["errors"] == {} and r["close_codes"] == {}
+        # clients were spread over two source addresses
+        assert r["setup"]["source_addrs"] == ["127.0.0.1", "127.0.0.2"]
+    assert "delivered updates/s" in step["ratios"]
+    md = (tmp_path / "r.md").read_text()
+    assert "| metric | fanout | baseline | fanout ÷ baseline |" in md
+    assert "every reading client converged" in md
+    assert md in result.stdout
+    started = _pids(report)
+    assert len(started) >= 4  # fanout: supervisor, 2 workers, ...; the baseline
+    assert not [p for p in started if _running(p)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_market_storm_every_client_reconnects_with_since_and_converges(tmp_path: Path) -> None:
+    result, report = bench(
+        tmp_path, "--workload", "market", "--storm", "-S", "40", "-U", "300", "-D", "2"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = report["steps"][0]["results"]["fanout"]
+    assert r["storm"]["dropped"] == r["storm"]["reconnected"] == r["storm"]["resubscribed"] == 40
+    assert r["convergence"]["all_converged"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_rate_sweep_writes_plots_and_the_sustained_step(tmp_path: Path) -> None:
+    result, report = bench(tmp_path, "--sweep", "rate", "--steps", "100,200", "-S", "20", "-D", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [s["value"] for s in report["steps"]] == [100, 200]
+    assert report["sustained"] == {"fanout": 200}
+    for png in report["plots"]:
+        assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(report["plots"]) == 2
+
+
+def test_bench_help_lists_every_scenario_and_workload() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "bench", "--help"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0
+    for word in ("--idle", "--slow", "--storm", "--churn", "--baseline", "--sweep", "market"):
+        assert word in result.stdout
+
+
+def _running(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("flags", "check"),
+    [
+        (["--idle"], lambda r: r["memory"]["rss_per_connection_bytes"] is not None),
+        (["--slow", "0.25"], lambda r: r["convergence"]["slow_clients"] == 5),
+        (["--churn", "20"], lambda r: r["churn"]["churned"] > 0 and r["churn"]["failed"] == 0),
+    ],
+    ids=["idle", "slow", "churn"],
+)
+def test_scenarios_report_their_figures_and_the_reading_clients_converge(
+    tmp_path: Path, flags: list[str], check: Any
+) -> None:
+    result, report = bench(tmp_path, *flags, "-S", "20", "-U", "200", "-D", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = report["steps"][0]["results"]["fanout"]
+    assert r["convergence"]["all_converged"] is True
+    assert check(r)

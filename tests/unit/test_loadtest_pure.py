@@ -1,0 +1,72 @@
+"""The pure parts of the load-testing tools: workloads and report tables."""
+
+from __future__ import annotations
+
+import collections
+
+from loadtest.report import markdown, ratios, step_table
+from loadtest.workload import HOT, MARKET, key_sampler
+
+
+def test_hot_is_one_topic_of_fifty_keys_published_round_robin() -> None:
+    assert HOT.topic_names() == ["bench.hot"]
+    sample = key_sampler(HOT, seed=1)
+    first = sample(50)
+    assert len(set(first)) == 50 and sample(50) == first
+    assert HOT.subscriptions(3, seed=1) == [("bench.hot",)] * 3
+
+
+def test_market_keys_are_zipf_skewed_and_the_same_for_the_same_seed() -> None:
+    assert MARKET.total_keys == 5000 and len(MARKET.topic_names()) == 100
+    draws = key_sampler(MARKET, seed=7)(20_000)
+    assert draws == key_sampler(MARKET, seed=7)(20_000)
+    counts = collections.Counter(draws).most_common()
+    # the most popular key is drawn far more often than a typical one
+    assert counts[0][1] > 20 * (20_000 / 5000)
+    assert all(topic in MARKET.topic_names() for (topic, _key), _n in counts)
+
+
+def test_market_subscribers_take_five_distinct_topics_reproducibly() -> None:
+    subs = MARKET.subscriptions(100, seed=3)
+    assert subs == MARKET.subscriptions(100, seed=3)
+    assert all(len(set(s)) == 5 for s in subs)
+    assert len({t for s in subs for t in s}) > 50
+
+
+def _result(updates_per_s: float, p99: float, converged: int) -> dict[str, object]:
+    return {
+        "delivery": {"updates_per_s": updates_per_s, "frames_per_s": 10.0},
+        "latency_ms": {"p99": p99},
+        "cpu": {"server_s_per_million_updates": 0.5},
+        "convergence": {"fraction": converged / 10, "converged": converged, "clients": 10},
+        "publish": {},
+    }
+
+
+def test_ratios_are_fanout_over_baseline_and_the_table_shows_both() -> None:
+    results = {"fanout": _result(3000.0, 20.0, 10), "baseline": _result(1000.0, 200.0, 10)}
+    r = ratios(results)
+    assert r["delivered updates/s"] == 3.0 and r["latency p99 (ms)"] == 0.1
+    lines = step_table({"results": results, "ratios": r})
+    assert lines[0] == "| metric | fanout | baseline | fanout ÷ baseline |"
+    assert "| delivered updates/s | 3,000 | 1,000 | 3x |" in lines
+    assert ratios({"fanout": results["fanout"]}) == {}
+
+
+def test_markdown_names_the_command_and_says_whether_every_client_converged() -> None:
+    report = {
+        "started_at": "t",
+        "command": "fanout bench -S 10",
+        "workload": "hot",
+        "settings": {
+            "workload": "hot", "scenario": "fanout", "subscribers": 10, "sub_procs": 2,
+            "rate": 100.0, "duration_s": 1.0, "batch_ms": 10.0, "workers": 2, "flush_ms": 20,
+        },
+        "machine": {"cpu_model": "x", "cpus": 2, "memory_bytes": 2**30, "python": "3.11",
+                    "fd_limit": [1, 2]},
+        "steps": [{"value": None, "results": {"fanout": _result(1.0, 1.0, 9)}, "ratios": {}}],
+        "all_converged": False,
+    }  # fmt: skip
+    md = markdown(report)
+    assert "`fanout bench -S 10`" in md
+    assert "NOT every client converged" in md
