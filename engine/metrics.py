@@ -112,6 +112,11 @@ def _histogram_lines(name: str, labels: Mapping[str, str], h: Mapping[str, Any])
 
 # -- what the admin renders from the board -------------------------------------------
 
+# Per-shard series are workers x shards per node: above this many shards
+# (bus.shards, 16 by default, up to 1024) only the worst shard is exported
+# (fanout_bus_lag_seconds), to keep a node's series count bounded.
+SHARD_SERIES_MAX: Final = 64
+
 # (status field, metric name, kind, help): per-worker figures written by workers.
 WORKER_SERIES: Final = (
     ("connections", "fanout_connections", "gauge", "Open WebSocket connections."),
@@ -181,6 +186,25 @@ def worker_families(
         ),
     ))  # fmt: skip
     fams.append(Family(
+        "fanout_bus_shard_lag_seconds", "gauge",
+        "How far the worker is behind each shard's head (label shard; at most"
+        f" {SHARD_SERIES_MAX} shards per worker, else only fanout_bus_lag_seconds).",
+        tuple(
+            ({"worker": str(s), "shard": str(shard)}, float(lag) / 1000.0)
+            for s in slots
+            for shard, lag in enumerate(_shard_lags(workers[s]))
+        ),
+    ))  # fmt: skip
+    fams.append(Family(
+        "fanout_bus_last_entry_age_seconds", "gauge",
+        "Seconds since the worker last read an entry from the bus (any shard).",
+        tuple(
+            ({"worker": str(s)}, float(workers[s]["bus_last_entry_age_ms"]) / 1000.0)
+            for s in slots
+            if _is_number(workers[s].get("bus_last_entry_age_ms"))
+        ),
+    ))  # fmt: skip
+    fams.append(Family(
         "fanout_worker_heartbeat_age_seconds", "gauge", "Seconds since the worker last wrote its status (its heartbeat).",
         tuple(({"worker": str(s)}, round(heartbeat_age_s[s], 3)) for s in slots if s in heartbeat_age_s),
     ))  # fmt: skip
@@ -193,6 +217,21 @@ def worker_families(
         tuple(({"worker": str(s)}, workers[s]["publish_hist"]) for s in slots if isinstance(workers[s].get("publish_hist"), dict)),
     ))  # fmt: skip
     return fams
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _shard_lags(status: Mapping[str, Any]) -> list[float]:
+    """A worker's per-shard lags in ms (index = shard): none while it is
+    disconnected, on a bus without shards to report, or past SHARD_SERIES_MAX."""
+    lags = status.get("bus_shard_lag_ms")
+    if not isinstance(lags, list) or len(lags) > SHARD_SERIES_MAX:
+        return []
+    if not all(_is_number(x) for x in lags):
+        return []
+    return [float(x) for x in lags]
 
 
 def process_families(processes: Mapping[str, Mapping[str, float]]) -> list[Family]:

@@ -450,12 +450,20 @@ class WorkerServer:
 
     def status(self) -> dict[str, Any]:
         s = self.fanout.stats
+        # Per-shard figures only some buses have (the redis bus; not the local hub).
+        shard_lags = getattr(self.bus, "shard_lags_ms", None)
+        lags = shard_lags() if callable(shard_lags) else None
+        entry_age = getattr(self.bus, "last_entry_age_ms", None)
+        age = entry_age() if callable(entry_age) else None
         return {
             "pid": os.getpid(),
             "slot": self.slot,
             "accepting": self.accepting,
             "bus_connected": self.bus.connected,
             "bus_lag_ms": self.bus.lag_ms(),
+            # index = shard; None while disconnected (or on the local bus)
+            "bus_shard_lag_ms": None if lags is None else [round(x, 1) for x in lags],
+            "bus_last_entry_age_ms": None if age is None else round(age, 1),
             "connections": len(self.connections),
             "subscriptions": self.fanout.subscription_count(),
             "frames_sent": s.frames_sent + self.stats_control_frames,

@@ -630,7 +630,8 @@ def stats(
     bus: Mapping[str, Any],
 ) -> dict[str, Any]:
     """/stats: per-worker counters (those the supervisor runs, or every status
-    on the board when it has none), their totals, the bus link and uptime.
+    on the board when it has none), their totals, the bus link (connected, lag:
+    the worst shard's and each shard's, age of the last entry read) and uptime.
 
     `uptime_s` counts from the supervisor's `started` when it reports one, else
     from `started` (the admin's own start).
@@ -653,6 +654,12 @@ def stats(
         row["accepting"] = status.get("accepting") is True
         row["bus_connected"] = status.get("bus_connected") is True
         row["bus_lag_ms"] = _number(status.get("bus_lag_ms"))
+        # index = shard; None on a bus without shards to report, or while disconnected
+        shard_lags = status.get("bus_shard_lag_ms")
+        row["bus_shard_lag_ms"] = (
+            [_number(x) for x in shard_lags] if isinstance(shard_lags, list) else None
+        )
+        row["bus_last_entry_age_ms"] = _number(status.get("bus_last_entry_age_ms"))
         rows.append(row)
     totals["workers"] = len(rows)
     sup_started = None if supervisor is None else _number(supervisor.get("started"))

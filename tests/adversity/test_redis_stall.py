@@ -2,15 +2,18 @@
 stop moving, connections stay open) while node B talks to Redis directly.
 
 What an operator sees: node A's workers report their bus lag growing past
-`bus.max_lag_ms` in /stats and A's /readyz turns 503, while node B stays ready
-and keeps delivering; when the path heals, A is ready again and its
+`bus.max_lag_ms` in /stats, and in /metrics the lag of every shard and the age
+of the last entry read grow with it; A's /readyz turns 503, while node B stays
+ready and keeps delivering; when the path heals, A is ready again and its
 subscribers converge to every key published meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +32,7 @@ pytestmark = [
 
 WAIT_S = 30.0 * TIMEOUT_FACTOR
 MAX_LAG_MS = 500
+SHARDS = 4
 TOPIC = "stall.t"
 
 
@@ -46,6 +50,7 @@ def setup(tmp_path: Any) -> Iterator[tuple[StallProxy, Served, Served]]:
                         "FANOUT_BUS_BACKEND": "redis",
                         "FANOUT_BUS_REDIS_URL": url,
                         "FANOUT_BUS_MAX_LAG_MS": str(MAX_LAG_MS),
+                        "FANOUT_BUS_SHARDS": str(SHARDS),
                     },
                     log_path=str(tmp_path / f"node-{name}.log"),
                 )
@@ -69,6 +74,25 @@ async def subscriber(node: Served) -> tuple[RawConnection, dict[str, Any]]:
     return conn, {}
 
 
+def bus_gauges(node: Served) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
+    """From /metrics: shard lags by (worker, shard) and last-entry ages by worker (s)."""
+    with urllib.request.urlopen(node.admin_url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    lags = {
+        (w, shard): float(v)
+        for w, shard, v in re.findall(
+            r'^fanout_bus_shard_lag_seconds\{worker="(\d+)",shard="(\d+)"\} (\S+)$', text, re.M
+        )
+    }
+    ages = {
+        w: float(v)
+        for w, v in re.findall(
+            r'^fanout_bus_last_entry_age_seconds\{worker="(\d+)"\} (\S+)$', text, re.M
+        )
+    }
+    return lags, ages
+
+
 def pump(conn: RawConnection, state: dict[str, Any]) -> None:
     for msg in conn.take_nowait():
         if msg.get("op") in ("snap", "upd"):
@@ -82,6 +106,23 @@ async def test_a_stalled_link_shows_as_lag_and_not_ready(
     conn_a, state_a = await subscriber(a)
     conn_b, state_b = await subscriber(b)
     try:
+        # healthy: a gauge per shard, near zero, and a recent last entry
+        assert (
+            await asyncio.to_thread(b.post, "/publish", {"topic": TOPIC, "key": "pre", "data": 0})
+        )[0] == 200
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            pump(conn_a, state_a)
+            shard_lags, ages = await asyncio.to_thread(bus_gauges, a)
+            if state_a == {"pre": 0} and ages:
+                break
+            assert time.monotonic() < deadline, f"node A reads the bus: {state_a}, {ages}"
+            await asyncio.sleep(0.1)
+        (worker,) = ages
+        assert sorted(shard_lags) == [(worker, str(n)) for n in range(SHARDS)]
+        assert max(shard_lags.values()) < MAX_LAG_MS / 1000, shard_lags
+        assert ages[worker] < 5.0
+
         proxy.stall()
         lags: list[float] = []
         a_ready: list[int] = []
@@ -96,13 +137,23 @@ async def test_a_stalled_link_shows_as_lag_and_not_ready(
             _, stats = await asyncio.to_thread(a.get, "/stats")
             lags += [w["bus_lag_ms"] for w in stats["workers"] if w.get("bus_lag_ms")]
             a_ready.append((await asyncio.to_thread(a.get, "/readyz"))[0])
-            if any(lag > MAX_LAG_MS for lag in lags) and a_ready[-1] == 503:
+            shard_lags, ages = await asyncio.to_thread(bus_gauges, a)
+            if (
+                any(lag > MAX_LAG_MS for lag in lags)
+                and a_ready[-1] == 503
+                and len(shard_lags) == SHARDS
+                and min(shard_lags.values()) > MAX_LAG_MS / 1000
+            ):
                 break
             await asyncio.sleep(0.1)
         assert any(lag > MAX_LAG_MS for lag in lags), f"node A's lag was visible: {lags}"
         assert a_ready[-1] == 503
+        # a stalled link holds back every shard, and nothing has been read since
+        assert sorted(shard_lags) == [(worker, str(n)) for n in range(SHARDS)]
+        assert min(shard_lags.values()) > MAX_LAG_MS / 1000, shard_lags
+        assert ages[worker] > MAX_LAG_MS / 1000, ages
         assert (await asyncio.to_thread(b.get, "/readyz"))[0] == 200, "node B stays ready"
-        final = {f"k{j % 5}": j for j in range(i - 4, i + 1)}
+        final = {"pre": 0} | {f"k{j % 5}": j for j in range(i - 4, i + 1)}
         deadline = time.monotonic() + WAIT_S
         while state_b != final:
             pump(conn_b, state_b)

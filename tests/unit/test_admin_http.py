@@ -466,6 +466,26 @@ def test_stats_without_supervisor_lists_the_board() -> None:
     assert out["workers"][0]["slot"] == 3 and out["totals"]["connections"] == 2
 
 
+def test_stats_shows_each_shards_lag_and_the_last_entry_age() -> None:
+    out = http.stats(
+        node="n",
+        started=NOW,
+        supervisor=sup(),
+        workers={
+            1: worker(101, bus_lag_ms=900.0, bus_shard_lag_ms=[0.0, 900.0, 12.5],
+                      bus_last_entry_age_ms=40.0),
+            2: worker(102, bus_shard_lag_ms=None),  # disconnected, or the local bus
+        },
+        now=NOW,
+        bus={},
+    )  # fmt: skip
+    one, two = out["workers"]
+    assert one["bus_shard_lag_ms"] == [0.0, 900.0, 12.5]
+    assert one["bus_last_entry_age_ms"] == 40.0
+    assert two["bus_shard_lag_ms"] is None and two["bus_last_entry_age_ms"] is None
+    json.dumps(out, allow_nan=False)
+
+
 def test_stats_of_a_missing_worker_status() -> None:
     out = http.stats(node="n", started=NOW, supervisor=sup(), workers={}, now=NOW, bus={})
     assert out["workers"][0]["pid"] == 101

@@ -6,7 +6,14 @@ from __future__ import annotations
 import re
 
 from engine.fanout.core import Fanout, Session
-from engine.metrics import Family, Histogram, process_families, render, worker_families
+from engine.metrics import (
+    SHARD_SERIES_MAX,
+    Family,
+    Histogram,
+    process_families,
+    render,
+    worker_families,
+)
 from engine.protocol.codec import make_pos
 
 
@@ -49,6 +56,50 @@ def test_worker_families_from_board_statuses() -> None:
                 r'[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? -?[0-9.e+-]+|.*\+Inf"\} \d+',
                 line,
             ), line
+
+
+def test_each_shards_lag_is_a_gauge_per_worker_and_shard() -> None:
+    workers = {
+        1: {"bus_lag_ms": 1500.0, "bus_shard_lag_ms": [0.0, 1500.0, 2.5], "bus_last_entry_age_ms": 250.0},
+        2: {"bus_lag_ms": 0.0, "bus_shard_lag_ms": [0.0, 0.0, 0.0], "bus_last_entry_age_ms": 0},
+        3: {"bus_shard_lag_ms": None, "bus_last_entry_age_ms": None},  # disconnected
+        4: {"connections": 1},  # the local bus reports neither
+    }  # fmt: skip
+    text = render(worker_families(workers, {}))
+    lines = [ln for ln in text.splitlines() if ln.startswith("fanout_bus_shard_lag_seconds{")]
+    assert lines == [
+        'fanout_bus_shard_lag_seconds{worker="1",shard="0"} 0',
+        'fanout_bus_shard_lag_seconds{worker="1",shard="1"} 1.5',
+        'fanout_bus_shard_lag_seconds{worker="1",shard="2"} 0.0025',
+        'fanout_bus_shard_lag_seconds{worker="2",shard="0"} 0',
+        'fanout_bus_shard_lag_seconds{worker="2",shard="1"} 0',
+        'fanout_bus_shard_lag_seconds{worker="2",shard="2"} 0',
+    ]
+    assert "# TYPE fanout_bus_shard_lag_seconds gauge" in text
+    ages = [ln for ln in text.splitlines() if ln.startswith("fanout_bus_last_entry_age_seconds{")]
+    assert ages == [
+        'fanout_bus_last_entry_age_seconds{worker="1"} 0.25',
+        'fanout_bus_last_entry_age_seconds{worker="2"} 0',
+    ]
+    assert "# TYPE fanout_bus_last_entry_age_seconds gauge" in text
+    # the worst shard stays the per-worker figure
+    assert 'fanout_bus_lag_seconds{worker="1"} 1.5' in text
+
+
+def test_per_shard_series_are_bounded_and_bad_values_dropped() -> None:
+    many = {1: {"bus_lag_ms": 7.0, "bus_shard_lag_ms": [7.0] * (SHARD_SERIES_MAX + 1)}}
+    text = render(worker_families(many, {}))
+    assert "fanout_bus_shard_lag_seconds" not in text
+    assert 'fanout_bus_lag_seconds{worker="1"} 0.007' in text
+    at_cap = render(worker_families({1: {"bus_shard_lag_ms": [1.0] * SHARD_SERIES_MAX}}, {}))
+    assert at_cap.count("fanout_bus_shard_lag_seconds{") == SHARD_SERIES_MAX
+    # a malformed status (not a list of numbers) is not rendered at all
+    for bad in ("12", [1.0, "x"], [True], {"0": 1.0}):
+        text = render(
+            worker_families({1: {"bus_shard_lag_ms": bad, "bus_last_entry_age_ms": True}}, {})
+        )
+        assert "fanout_bus_shard_lag_seconds" not in text
+        assert "fanout_bus_last_entry_age_seconds" not in text
 
 
 def test_process_families_and_label_escaping() -> None:
