@@ -108,6 +108,8 @@ class RawWS:
                 op, payload = self.recv_frame()
                 if op == OP_CLOSE:
                     return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+        except TimeoutError:
+            raise  # still open: not a close
         except (ConnectionError, OSError):
             return 1006
 
