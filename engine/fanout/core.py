@@ -25,16 +25,26 @@ Rules this module owns:
    period flush on the same ticks (tick % period == 0), so they share messages.
 7. A new epoch (the bus lost its data) clears every topic; every subscriber
    then gets a full `snap` in place of its next `upd`.
+8. Stream topics (`history_of` names them, engine/fanout/stream.py) go through
+   the same groups, plans and frames: their shared message per flush is one
+   `evt` of the events since the group's previous flush; a subscriber that is
+   behind gets the events after its own position, preceded by a `gap` when the
+   topic's bounded buffer no longer holds them all. Nothing else is kept for
+   it. State topics pay nothing for this: a topic's kind is decided once, when
+   the core first sees it, and both kinds answer the same calls.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from engine.fanout.state import TopicState
-from engine.protocol.codec import build_snap, build_upd
+from engine.fanout.stream import STREAM_BUFFER_MIN, StreamState
+
+# A topic of either kind: both answer apply, update_since, full_snap, snap_since, clear.
+Topic = TopicState | StreamState
 
 # One planned delivery: (subscription, message bytes, topic position it reflects, items in it)
 Delivery = tuple["Sub", bytes, int, int]
@@ -66,7 +76,7 @@ class Sub:
 
     __slots__ = ("group", "sent_pos", "session", "topic")
 
-    def __init__(self, session: Session, topic: TopicState, group: Group, sent_pos: int) -> None:
+    def __init__(self, session: Session, topic: Topic, group: Group, sent_pos: int) -> None:
         self.session = session
         self.topic = topic
         self.group = group
@@ -122,31 +132,55 @@ def period_ticks(max_hz: float | None, cap_hz: float, flush_interval_ms: int) ->
 
 
 class Fanout:
-    """Everything one worker knows about topics and who wants them."""
+    """Everything one worker knows about topics and who wants them.
 
-    def __init__(self, epoch: str = "") -> None:
+    `history_of(topic)` is the `history` of a stream topic, None for a state
+    topic (the `[[topics]]` rules; without it every topic is a state topic).
+    `stream_buffer_events` is the least a worker keeps of each subscribed
+    stream topic (engine/fanout/stream.py rule 2).
+    """
+
+    def __init__(
+        self,
+        epoch: str = "",
+        history_of: Callable[[str], int | None] | None = None,
+        stream_buffer_events: int = STREAM_BUFFER_MIN,
+    ) -> None:
         self.epoch = epoch
-        self.topics: dict[str, TopicState] = {}
-        self.dirty: set[TopicState] = set()
+        self.history_of = history_of
+        self.stream_buffer_events = stream_buffer_events
+        self.topics: dict[str, Topic] = {}
+        self.dirty: set[Topic] = set()
         # period -> topics to visit at that period's next due tick
-        self.pending: dict[int, set[TopicState]] = {}
+        self.pending: dict[int, set[Topic]] = {}
         self.periods: dict[int, int] = {}  # period -> number of groups using it
         self.tick = 0
         self.stats = Stats()
 
     # -- bus side --------------------------------------------------------------------
 
-    def topic(self, name: str) -> TopicState:
+    def topic(self, name: str) -> Topic:
         t = self.topics.get(name)
         if t is None:
-            t = self.topics[name] = TopicState(name)
+            t = self._new_topic(name)
+        return t
+
+    def _new_topic(self, name: str) -> Topic:
+        history = self.history_of(name) if self.history_of is not None else None
+        t: Topic
+        if history is None:
+            t = TopicState(name)
+        else:
+            t = StreamState(name, history, self.stream_buffer_events)
+        self.topics[name] = t
         return t
 
     def apply(self, topic: str, key: str, pos: int, data: bytes) -> None:
-        """Apply one bus entry (idempotent by position)."""
+        """Apply one bus entry (idempotent by position): a state topic's key
+        update, or a stream topic's event."""
         t = self.topics.get(topic)
         if t is None:
-            t = self.topics[topic] = TopicState(topic)
+            t = self._new_topic(topic)
         if t.groups:
             old = t.entries.get(key)
             if t.apply(key, pos, data):
@@ -159,6 +193,14 @@ class Fanout:
             self.stats.updates_applied += 1
             return
         self.stats.updates_stale += 1
+
+    def lose(self, topic: str, floor: int) -> None:
+        """The bus no longer holds the events of stream topic `topic` up to
+        `floor` (`BusSink.on_bus_floors`): if this worker lacks some of them,
+        its subscribers get a `gap` at the next flush. Ignored for state topics."""
+        t = self.topic(topic)
+        if isinstance(t, StreamState) and t.lose(floor) and t.groups:
+            self.dirty.add(t)
 
     def reset(self, epoch: str) -> None:
         """The bus has a new epoch: forget all state; every subscriber gets a full snap."""
@@ -180,30 +222,28 @@ class Fanout:
     ) -> tuple[bytes, int]:
         """Subscribe (or re-subscribe) `session` to `topic`.
 
-        Returns the `snap` message and the number of items in it: full unless
-        `since` is in the current epoch, in which case it holds only the keys
-        changed after that position (deletions included), however old it is.
+        Returns the `snap` message and the number of items in it. A state
+        topic's is full unless `since` is in the current epoch, in which case
+        it holds only the keys changed after that position (deletions
+        included), however old it is. A stream topic's holds the events after
+        `since` when its history still reaches back to it, else its newest
+        `history` events (engine/fanout/stream.py rule 4).
         """
         t = self.topic(topic)
         old = session.subs.get(topic)
         if old is not None:
             self._remove(old)
-        if since is not None and since[0] == self.epoch:
-            full = False
-            items = t.changed_since(since[1])
-        else:
-            full = True
-            items = t.live_items()
-        snap = build_snap(t.packed_name, self.epoch, t.pos, full, items)
+        mark = since[1] if since is not None and since[0] == self.epoch else None
+        snap, n, at = t.snap_since(self.epoch, mark)
         g = t.groups.get(period)
         if g is None:
             g = t.groups[period] = Group(period, t.pos)
             self.periods[period] = self.periods.get(period, 0) + 1
             self.pending.setdefault(period, set())
-        sub = Sub(session, t, g, t.pos)
+        sub = Sub(session, t, g, at)
         g.subs.add(sub)
         session.subs[topic] = sub
-        return snap, len(items)
+        return snap, n
 
     def unsubscribe(self, session: Session, topic: str) -> bool:
         sub = session.subs.pop(topic, None)
@@ -231,7 +271,7 @@ class Fanout:
                 del self.periods[g.period]
                 self.pending.pop(g.period, None)
 
-    def _visit(self, t: TopicState, period: int) -> None:
+    def _visit(self, t: Topic, period: int) -> None:
         self.pending.setdefault(period, set()).add(t)
 
     # -- flush -----------------------------------------------------------------------
@@ -251,7 +291,7 @@ class Fanout:
                     pending.setdefault(p, set()).add(t)
             self.dirty = set()
         out: dict[Session, list[Delivery]] = {}
-        stale: dict[tuple[TopicState, int], tuple[bytes, int]] = {}
+        stale: dict[tuple[Topic, int], tuple[bytes, int]] = {}
         epoch = self.epoch
         for period, topics in pending.items():
             if not topics or tick % period:
@@ -266,12 +306,9 @@ class Fanout:
                     # The topic changed for this group: everyone is a candidate.
                     members: set[Sub] | list[Sub] = list(g.subs)
                     if base == _NEEDS_SNAP:
-                        items = t.live_items()
-                        shared = build_snap(t.packed_name, epoch, tpos, True, items)
+                        shared, shared_n = t.full_snap(epoch)
                     else:
-                        items = t.changed_since(base)
-                        shared = build_upd(t.packed_name, tpos, items)
-                    shared_n = len(items)
+                        shared, shared_n = t.update_since(base)
                     g.flushed_pos = tpos
                     if tpos > t.sent_mark:
                         t.sent_mark = tpos
@@ -307,12 +344,10 @@ class Fanout:
             topics.clear()
         return out
 
-    def _catch_up(self, t: TopicState, sent: int) -> tuple[bytes, int]:
+    def _catch_up(self, t: Topic, sent: int) -> tuple[bytes, int]:
         if sent == _NEEDS_SNAP:
-            items = t.live_items()
-            return build_snap(t.packed_name, self.epoch, t.pos, True, items), len(items)
-        items = t.changed_since(sent)
-        return build_upd(t.packed_name, t.pos, items), len(items)
+            return t.full_snap(self.epoch)
+        return t.update_since(sent)
 
     def deliver(self, session: Session, deliveries: list[Delivery]) -> bool:
         """Write one session's planned messages as one frame. On refusal (over

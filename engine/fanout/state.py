@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from engine.protocol.codec import NIL, pack_item, pack_str
+from engine.protocol.codec import NIL, build_snap, build_upd, pack_item, pack_str
 
 if TYPE_CHECKING:
     from engine.fanout.core import Group
@@ -78,6 +78,27 @@ class TopicState:
     def live_items(self) -> list[bytes]:
         """Packed items of every key that exists (a full snapshot)."""
         return [item for _, item, deleted in self.entries.values() if not deleted]
+
+    def update_since(self, since: int) -> tuple[bytes, int]:
+        """The `upd` of the keys changed after `since` (at the topic's position)
+        and its item count."""
+        items = self.changed_since(since)
+        return build_upd(self.packed_name, self.pos, items), len(items)
+
+    def full_snap(self, epoch: str) -> tuple[bytes, int]:
+        """A `full: true` snap of every live key and its item count."""
+        items = self.live_items()
+        return build_snap(self.packed_name, epoch, self.pos, True, items), len(items)
+
+    def snap_since(self, epoch: str, since: int | None) -> tuple[bytes, int, int]:
+        """A new subscriber's `snap`, its item count and the position it reflects:
+        full unless `since` (a position of this epoch) is given, then only the
+        keys changed after it (deletions included), however old it is."""
+        if since is None:
+            snap, n = self.full_snap(epoch)
+            return snap, n, self.pos
+        items = self.changed_since(since)
+        return build_snap(self.packed_name, epoch, self.pos, False, items), len(items), self.pos
 
     def clear(self) -> None:
         """Forget every key (the bus lost its history: a new epoch)."""

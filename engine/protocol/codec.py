@@ -451,6 +451,60 @@ def build_snap(
     )
 
 
+# -- stream topics (docs/protocol.md 4.2) ----------------------------------------------
+
+_EVT_HEAD: Final = map_header(3) + _pack("op") + _pack("evt") + _pack("topic")
+_GAP_HEAD: Final = map_header(4) + _pack("op") + _pack("gap") + _pack("topic")
+_K_FROM: Final = _pack("from")
+_K_TO: Final = _pack("to")
+_EVENT_HEADER: Final = array_header(2)
+
+
+def pack_event(pos: int, data: bytes) -> bytes:
+    """One `[pos, data]` pair of an `evt` or stream `snap`, `data` spliced in as is."""
+    return _EVENT_HEADER + _pack(format_pos(pos)) + data
+
+
+def build_evt(packed_topic: bytes, events: Sequence[bytes]) -> bytes:
+    """`{op: evt, topic, items: [[pos, data], ...]}` from pre-packed events (`pack_event`)."""
+    return b"".join((_EVT_HEAD, packed_topic, _K_ITEMS, array_header(len(events)), *events))
+
+
+def build_gap(packed_topic: bytes, from_pos: int, to_pos: int) -> bytes:
+    """`{op: gap, topic, from, to}`: the events after `from_pos` up to `to_pos` were lost."""
+    return b"".join(
+        (
+            _GAP_HEAD,
+            packed_topic,
+            _K_FROM,
+            _pack(format_pos(from_pos)),
+            _K_TO,
+            _pack(format_pos(to_pos)),
+        )
+    )
+
+
+def build_stream_snap(
+    packed_topic: bytes, epoch: str, pos: int, full: bool, events: Sequence[bytes]
+) -> bytes:
+    """A stream topic's `{op: snap, topic, epoch, pos, full, items: [[pos, data], ...]}`."""
+    return b"".join(
+        (
+            _SNAP_HEAD,
+            packed_topic,
+            _K_EPOCH,
+            _pack(epoch),
+            _K_POS,
+            _pack(format_pos(pos)),
+            _K_FULL,
+            _TRUE if full else _FALSE,
+            _K_ITEMS,
+            array_header(len(events)),
+            *events,
+        )
+    )
+
+
 def hello(conn: str, node: str, auth_required: bool) -> bytes:
     return encode({"op": "hello", "v": 1, "conn": conn, "node": node, "auth": auth_required})
 

@@ -25,7 +25,10 @@ from engine.protocol.codec import (
     Unsub,
     ack,
     array_header,
+    build_evt,
+    build_gap,
     build_snap,
+    build_stream_snap,
     build_upd,
     bye,
     decode_frame,
@@ -36,6 +39,7 @@ from engine.protocol.codec import (
     iter_items,
     make_pos,
     map_header,
+    pack_event,
     pack_item,
     pack_str,
     parse_pos,
@@ -696,6 +700,54 @@ def test_snap_decodes_to_the_documented_map(full: bool) -> None:
             "items": {"a": [1, 2], "b": "x" if full else None},
         }
     ]
+
+
+def test_evt_decodes_to_the_documented_map_with_events_in_order() -> None:
+    p1, p2 = make_pos(NOW_MS, 0), make_pos(NOW_MS, 1)
+    frame = build_evt(pack_str("trades"), [pack_event(p1, pack({"px": 1})), pack_event(p2, NIL)])
+    assert decode_frame(frame) == [
+        {
+            "op": "evt",
+            "topic": "trades",
+            "items": [[f"{NOW_MS}-0", {"px": 1}], [f"{NOW_MS}-1", None]],
+        }
+    ]
+
+
+def test_evt_splices_event_bytes_unchanged() -> None:
+    data = pack(1.5, use_single_float=True)
+    frame = build_evt(pack_str("t"), [pack_event(7, data)])
+    assert frame.endswith(pack("0-7") + data)
+
+
+@pytest.mark.parametrize("n", [15, 16, 65535, 65536])
+def test_evt_with_many_events_crosses_array_header_sizes(n: int) -> None:
+    (msg,) = decode_frame(build_evt(pack_str("t"), [pack_event(i, pack(i)) for i in range(n)]))
+    assert msg["items"] == [[f"0-{i}", i] for i in range(n)]
+
+
+def test_gap_decodes_to_the_documented_map() -> None:
+    frame = build_gap(pack_str("trades"), make_pos(NOW_MS, 3), make_pos(NOW_MS + 5, 0))
+    assert decode_frame(frame) == [
+        {"op": "gap", "topic": "trades", "from": f"{NOW_MS}-3", "to": f"{NOW_MS + 5}-0"}
+    ]
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_a_stream_snap_holds_a_list_of_events(full: bool) -> None:
+    p = make_pos(NOW_MS, 4)
+    frame = build_stream_snap(pack_str("trades"), "ep", p, full, [pack_event(p, pack("x"))])
+    assert decode_frame(frame) == [
+        {
+            "op": "snap",
+            "topic": "trades",
+            "epoch": "ep",
+            "pos": f"{NOW_MS}-4",
+            "full": full,
+            "items": [[f"{NOW_MS}-4", "x"]],
+        }
+    ]
+    assert decode_frame(build_stream_snap(pack_str("t"), "ep", 0, True, []))[0]["items"] == []
 
 
 @pytest.mark.parametrize("n", [15, 16, 65535, 65536])
