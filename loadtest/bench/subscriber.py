@@ -12,8 +12,8 @@ counters once a second and obeys commands from the orchestrator:
 - `converge finals settle_s`: wait until every reading client holds the final
   value of every key of its topics, then answer.
 
-Bounds: one decode cache of at most 4,096 payloads (identical frames are decoded
-once), one histogram, one view per client; every wait is bounded in time.
+Bounds: decode caches of at most 4,096 payloads and 4,096 messages each (identical
+frames and messages are decoded once), one histogram, one view per client; every wait is bounded in time.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class ProcState:
 
     def __init__(self) -> None:
         self.cache: dict[bytes, _Entry] = {}
+        self.mcache: dict[bytes, _Decoded] = {}
         self.clients: list[Any] = []
         self.frames = 0
         self.updates = 0
@@ -101,59 +102,45 @@ class ProcState:
                     self.max_ns = d
 
     def _decode(self, payload: bytes) -> _Entry:
+        """Split a frame into its messages (msgpack `skip`, no objects built) and
+        decode each message once per process: the engine sends the same `upd`
+        bytes to every subscriber of a topic, inside frames that differ per
+        client (the market workload), so messages repeat where frames do not."""
         unpacker = msgpack.Unpacker(raw=False)
         unpacker.feed(payload)
         msgs: list[_Msg] = []
         n = 0
-        stamps: collections.Counter[int] = collections.Counter()
+        stamps: list[tuple[int, int]] = []
         control: list[tuple[str, Any]] = []
         cacheable = True
+        mcache = self.mcache
+        end = len(payload)
+        at = 0
         try:
-            for msg in unpacker:
-                if not isinstance(msg, dict):
-                    control.append(("bad", repr(msg)[:80]))
-                    cacheable = False
-                    continue
-                op = msg.get("op")
-                if op == "upd":
-                    its = msg.get("items") or {}
-                    msgs.append((str(msg.get("topic")), False, its, None, msg.get("pos"), False))
-                    n += len(its)
-                    for v in its.values():
-                        if isinstance(v, list) and len(v) == 2 and isinstance(v[1], int):
-                            stamps[v[1]] += 1
-                elif op == "evt":
-                    events = msg.get("items") or []
-                    n += len(events)
-                    for ev in events:
-                        v = ev[1] if isinstance(ev, list) and len(ev) == 2 else None
-                        if isinstance(v, list) and len(v) == 2 and isinstance(v[1], int):
-                            stamps[v[1]] += 1
-                    last = {STREAM_KEY: events[-1][1]} if events else {}
-                    pos = events[-1][0] if events else None
-                    msgs.append((str(msg.get("topic")), False, last, None, pos, False))
-                elif op == "snap":
-                    its = msg.get("items") or {}
-                    if isinstance(its, list):  # a stream topic: [[pos, data], ...]
-                        its = {STREAM_KEY: its[-1][1]} if its else {}
-                    msgs.append(
-                        (
-                            str(msg.get("topic")),
-                            bool(msg.get("full")),
-                            its,
-                            msg.get("epoch"),
-                            msg.get("pos"),
-                            True,
-                        )
-                    )
-                    cacheable = False  # rare; and it changes client state beyond the view
-                else:
-                    control.append((str(op), msg))
-                    cacheable = False
+            while at < end:
+                unpacker.skip()
+                nxt = unpacker.tell()
+                raw = payload[at:nxt]
+                at = nxt
+                m = mcache.get(raw)
+                if m is None:
+                    m = _decode_msg(msgpack.unpackb(raw, raw=False))
+                    if m[4]:
+                        if len(mcache) >= self._CACHE_MAX:
+                            mcache.clear()
+                        mcache[raw] = m
+                msg, count, st, ctl, ok = m
+                if msg is not None:
+                    msgs.append(msg)
+                n += count
+                stamps.extend(st)
+                if ctl is not None:
+                    control.append(ctl)
+                cacheable = cacheable and ok
         except (ValueError, msgpack.UnpackException) as exc:
             control.append(("bad", str(exc)[:80]))
             cacheable = False
-        entry = (tuple(msgs), n, tuple(stamps.items()), tuple(control))
+        entry = (tuple(msgs), n, tuple(stamps), tuple(control))
         if cacheable:
             if len(self.cache) >= self._CACHE_MAX:
                 self.cache.clear()
@@ -178,6 +165,50 @@ class ProcState:
             "closed": self.closed,
             "clients": len(self.clients),
         }
+
+
+# one decoded message: (message for the views or None, key values in it,
+# ((stamp, count), ...), control item or None, cacheable)
+_Decoded = tuple[_Msg | None, int, tuple[tuple[int, int], ...], tuple[str, Any] | None, bool]
+
+
+def _decode_msg(msg: Any) -> _Decoded:
+    if not isinstance(msg, dict):
+        return None, 0, (), ("bad", repr(msg)[:80]), False
+    op = msg.get("op")
+    stamps: collections.Counter[int] = collections.Counter()
+    if op == "upd":
+        its = msg.get("items") or {}
+        for v in its.values():
+            if isinstance(v, list) and len(v) == 2 and isinstance(v[1], int):
+                stamps[v[1]] += 1
+        m: _Msg = (str(msg.get("topic")), False, its, None, msg.get("pos"), False)
+        return m, len(its), tuple(stamps.items()), None, True
+    if op == "evt":
+        events = msg.get("items") or []
+        for ev in events:
+            v = ev[1] if isinstance(ev, list) and len(ev) == 2 else None
+            if isinstance(v, list) and len(v) == 2 and isinstance(v[1], int):
+                stamps[v[1]] += 1
+        last = {STREAM_KEY: events[-1][1]} if events else {}
+        pos = events[-1][0] if events else None
+        m = (str(msg.get("topic")), False, last, None, pos, False)
+        return m, len(events), tuple(stamps.items()), None, True
+    if op == "snap":
+        its = msg.get("items") or {}
+        if isinstance(its, list):  # a stream topic: [[pos, data], ...]
+            its = {STREAM_KEY: its[-1][1]} if its else {}
+        m = (
+            str(msg.get("topic")),
+            bool(msg.get("full")),
+            its,
+            msg.get("epoch"),
+            msg.get("pos"),
+            True,
+        )
+        # rare; and it changes client state beyond the view
+        return m, 0, (), None, False
+    return None, 0, (), (str(op), msg), False
 
 
 def make_client_class() -> type:
