@@ -164,7 +164,7 @@ class WorkerServer:
         gap_s = pace_s / len(victims) if victims and pace_s > 0 else 0.0
         # Close in batches of at least 10 ms: one timer per close would cost more
         # than the closes for a large worker.
-        per_batch = max(1, round(0.01 / gap_s)) if gap_s else len(victims)
+        per_batch = max(1, round(0.01 / gap_s)) if gap_s else max(1, len(victims))
         for i in range(0, len(victims), per_batch):
             # wait first: /readyz has turned 503 by now, so the load balancer
             # stops sending new clients before the first one is told to leave

@@ -71,3 +71,22 @@ async def test_sigterm_readyz_first_then_paced_closes_then_exit_0(tmp_path: Any)
         assert max(closed_at) - min(closed_at) > 1.0
     finally:
         served.stop()
+
+
+def test_sigterm_with_no_clients_exits_cleanly(tmp_path: Any) -> None:
+    """A worker with nothing to drain (an idle node, a retired idle worker)
+    exits 0 without an error in the log."""
+    served = Served(
+        ["--workers", "2"],
+        env={"FANOUT_WORKERS_DRAIN_S": "2", "FANOUT_WORKERS_GRACEFUL_TIMEOUT_S": "10"},
+        log_path=str(tmp_path / "serve.log"),
+    )
+    try:
+        served.wait_ready()
+        served.signal(signal.SIGTERM)
+        assert served.wait(20) == 0
+        out = served.output()
+        assert "Traceback" not in out, out
+        assert "exited with code 1" not in out and "ERROR" not in out, out
+    finally:
+        served.stop()
