@@ -1,6 +1,12 @@
 """Logging setup shared by every process: readable text or one JSON object per line.
 
 No payloads or tokens are ever logged: log calls pass counts, codes and names only.
+
+Repeated warnings and errors are rate-limited (`RepeatLimiter`): at most
+`REPEAT_BURST` records of the same message template from the same logger per
+`REPEAT_WINDOW_S`; the first record let through after a suppression says how
+many were dropped. A reconnect loop or a bug hit by every request cannot flood
+the log (or the disk under it); counters in /metrics still count every event.
 """
 
 from __future__ import annotations
@@ -10,6 +16,65 @@ import logging
 import os
 import sys
 import time
+
+REPEAT_BURST = 5
+REPEAT_WINDOW_S = 10.0
+REPEAT_MAX_KEYS = 1024  # distinct templates tracked; beyond it the oldest window is forgotten
+
+
+class RepeatLimiter:
+    """Admit at most `burst` events per key per `window_s`. PURE: time is passed in.
+
+    `admit(key, now)` returns None when the event must be dropped, else the
+    number of events of that key dropped since the last one admitted (0 usually).
+    Memory: at most `max_keys` keys (the oldest is evicted first).
+    """
+
+    def __init__(
+        self,
+        burst: int = REPEAT_BURST,
+        window_s: float = REPEAT_WINDOW_S,
+        max_keys: int = REPEAT_MAX_KEYS,
+    ) -> None:
+        self.burst = burst
+        self.window_s = window_s
+        self.max_keys = max_keys
+        # key -> [window start, admitted in window, dropped since last admitted]
+        self._state: dict[object, list[float]] = {}
+
+    def admit(self, key: object, now: float) -> int | None:
+        st = self._state.get(key)
+        if st is None:
+            if len(self._state) >= self.max_keys:
+                del self._state[next(iter(self._state))]
+            self._state[key] = [now, 1, 0]
+            return 0
+        if now - st[0] >= self.window_s:
+            st[0], st[1] = now, 0
+        if st[1] >= self.burst:
+            st[2] += 1
+            return None
+        st[1] += 1
+        dropped, st[2] = int(st[2]), 0
+        return dropped
+
+
+class RepeatFilter(logging.Filter):
+    """The logging shell of `RepeatLimiter`, for records at WARNING and above."""
+
+    def __init__(self, limiter: RepeatLimiter | None = None) -> None:
+        super().__init__()
+        self.limiter = limiter or RepeatLimiter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        dropped = self.limiter.admit((record.name, record.msg), record.created)
+        if dropped is None:
+            return False
+        if dropped:
+            record.msg = f"{record.msg} (and {dropped} more like it, not logged)"
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,6 +111,7 @@ def setup_logging(level: str, fmt: str, process_name: str) -> None:
         )
         f.converter = time.localtime
         handler.setFormatter(f)
+    handler.addFilter(RepeatFilter())
     root.addHandler(handler)
     root.setLevel(level.upper())
     # picows logs every connect/disconnect at INFO (field notes): keep it quiet.
