@@ -152,6 +152,11 @@ class TopicRules:
         self._cache[topic] = rule
         return rule
 
+    def history_of(self, topic: str) -> int | None:
+        """The `history` of `topic` if its rule makes it a stream topic, else None."""
+        rule = self.rule_for(topic)
+        return rule.history if rule.mode == "stream" else None
+
     def cached(self) -> int:
         """How many topic names the cache holds now (for tests and stats)."""
         return len(self._cache)

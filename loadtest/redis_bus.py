@@ -43,6 +43,9 @@ class Sink:
     def on_bus_connected(self, connected: bool) -> None:
         pass
 
+    def on_bus_floors(self, floors: Sequence[tuple[str, int]]) -> None:
+        pass
+
     def on_bus_entries(self, entries: Sequence[Entry]) -> None:
         self.count += len(entries)
         if self.waiting:

@@ -330,6 +330,12 @@ class WorkerServer:
         for topic, key, pos, data in entries:
             apply(topic, key, pos, data)
 
+    def on_bus_floors(self, floors: Sequence[tuple[str, int]]) -> None:
+        # stream topics: events this worker missed while away are lost (a gap)
+        lose = self.fanout.lose
+        for topic, floor in floors:
+            lose(topic, floor)
+
     def on_bus_connected(self, connected: bool) -> None:
         if not connected and not self.draining:
             log.warning("bus link lost; serving the state held until it returns")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Final
 
-from engine.bus.base import Bus, BusSink, Entry, Snapshot, Update, shard_of
+from engine.bus.base import Bus, BusSink, Entry, History, HistoryOf, Snapshot, Update, shard_of
 from engine.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -20,9 +20,12 @@ __all__ = [
     "Bus",
     "BusSink",
     "Entry",
+    "History",
+    "HistoryOf",
     "Snapshot",
     "Update",
     "create_bus",
+    "history_of",
     "hub_socket_path",
     "shard_of",
 ]
@@ -38,16 +41,26 @@ def hub_socket_path(run_dir: str) -> str:
     return os.path.join(run_dir, HUB_SOCKET)
 
 
+def history_of(cfg: Config) -> HistoryOf:
+    """The `[[topics]]` rules of `cfg` as the bus uses them: topic -> the
+    `history` of a stream topic, None for a state topic."""
+    from engine.topics import TopicRules
+
+    return TopicRules(cfg.topics).history_of
+
+
 def create_bus(cfg: Config, run_dir: str, *, want_entries: bool = True) -> Bus:
     """A client of the configured bus backend (not started: call `start`).
 
     `want_entries=False` makes a client that only publishes and takes snapshots
-    (admin, demo feed): the bus sends it no entries.
+    (admin, demo feed): the bus sends it no entries. The client is given the
+    `[[topics]]` rules (stream topics: engine/bus/base.py guarantee 6).
     """
     backend = cfg.bus.backend
     if backend == "local":
         from engine.bus.local import LocalBus
 
+        # The hub applies its own copy of the rules; the client needs none.
         return LocalBus(hub_socket_path(run_dir), want_entries=want_entries)
     if backend == "redis":
         from engine.bus.redis_streams import RedisBus
@@ -60,5 +73,6 @@ def create_bus(cfg: Config, run_dir: str, *, want_entries: bool = True) -> Bus:
             stream_maxlen=r.stream_maxlen,
             cluster=r.cluster,
             want_entries=want_entries,
+            history_of=history_of(cfg),
         )
     raise ConfigError("bus.backend", f"unknown backend {backend!r}: expected 'local' or 'redis'")

@@ -21,6 +21,14 @@ Guarantees every backend gives:
    new epoch drops what it holds (`BusSink.on_bus_epoch`).
 5. `data` is the publisher's msgpack bytes, never decoded; `NIL` (b"\\xc0")
    deletes the key.
+6. Stream topics (`mode = "stream"` in the `[[topics]]` rules the bus is
+   given): the bus keeps no per-key state for them but their retained history,
+   the newest `history` events (any `key`, even ""), served by `history`.
+   Every (re)connect that delivers state delivers, per stream topic, first its
+   floor (`BusSink.on_bus_floors`: the position of the newest event the bus no
+   longer retains, 0 for none), then its retained events as entries, so a
+   client that was away longer than the history learns what it lost.
+   `snapshot` of a stream topic has no items.
 """
 
 from __future__ import annotations
@@ -55,7 +63,23 @@ class Snapshot:
     items: Sequence[tuple[str, int, bytes]]
 
 
+@dataclass(frozen=True, slots=True)
+class History:
+    """A stream topic's retained events after a position (`Bus.history`).
+
+    `events` are (pos, key, data), oldest first. `complete` is True when they
+    are every event published after the position asked for (the history still
+    reaches back to it, and `limit` cut nothing off).
+    """
+
+    epoch: str
+    events: Sequence[tuple[int, str, bytes]]
+    complete: bool
+
+
 PublishDone = Callable[[Sequence[int] | BusError], None]
+# topic -> `history` of a stream topic, None for a state topic (the `[[topics]]` rules)
+HistoryOf = Callable[[str], int | None]
 
 
 def shard_of(topic: str, shards: int) -> int:
@@ -71,6 +95,11 @@ class BusSink(Protocol):
 
     def on_bus_entries(self, entries: Sequence[Entry]) -> None:
         """Entries in position order per topic. Called from the event loop, synchronously."""
+
+    def on_bus_floors(self, floors: Sequence[tuple[str, int]]) -> None:
+        """During a (re)connect, before the retained events of these stream
+        topics: (topic, floor), the bus no longer holds the topic's events at or
+        before `floor`; those after it follow as entries (guarantee 6)."""
 
     def on_bus_connected(self, connected: bool) -> None:
         """The link to the bus went up or down."""
@@ -112,5 +141,10 @@ class Bus(Protocol):
 
     async def snapshot(self, topic: str) -> Snapshot:
         """The topic's latest state (deleted keys included with data NIL)."""
+
+    async def history(self, topic: str, since: int = 0, limit: int | None = None) -> History:
+        """Stream topic `topic`'s retained events after position `since` (the
+        newest `limit` of them when more), oldest first. Raises `BusError` for a
+        topic the rules make a state topic, `BusUnavailable` when not connected."""
 
     async def close(self) -> None: ...

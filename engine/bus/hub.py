@@ -24,6 +24,9 @@ Rules:
    until the client drains below the limit once.
 4. The epoch is fresh random text per hub start: a restarted hub has lost its
    state, and clients must learn that (see `engine.bus.base`, guarantee 4).
+5. Stream topics follow the `[[topics]]` rules the hub started with (SIGHUP
+   does not reload them: changing a topic's mode or history needs a restart of
+   the node). The dump sends their floors before the entries (guarantee 6).
 """
 
 from __future__ import annotations
@@ -40,13 +43,13 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import uvloop
 
-from engine.bus import hub_socket_path, wire
+from engine.bus import history_of, hub_socket_path, wire
 from engine.bus.hubcore import HubCore
 from engine.codes import ErrorCode
 from engine.supervisor.board import Board
 
 if TYPE_CHECKING:
-    from engine.bus.base import Entry
+    from engine.bus.base import Entry, HistoryOf
     from engine.config import Config
 
 log = logging.getLogger(__name__)
@@ -115,10 +118,12 @@ class Hub:
         max_buffer_bytes: int,
         epoch: str | None = None,
         clock_ms: Callable[[], int] = _wall_ms,
+        history_of: HistoryOf | None = None,
     ) -> None:
         self.path = path
         self.max_buffer_bytes = max_buffer_bytes
-        self.core = HubCore(shards, epoch if epoch is not None else secrets.token_hex(EPOCH_BYTES))
+        epoch = epoch if epoch is not None else secrets.token_hex(EPOCH_BYTES)
+        self.core = HubCore(shards, epoch, history_of)
         self.overflow_drops = 0
         self._clock_ms = clock_ms
         self._conns: set[_HubConn] = set()
@@ -203,15 +208,27 @@ class Hub:
             if entries:
                 self._pending.extend(entries)
             self._queue(conn, wire.published(req.req_id, [e[2] for e in entries]))
+        elif isinstance(req, wire.HistoryRequest):
+            history = self.core.history(req.topic, req.since, req.limit)
+            if history is None:
+                frame = wire.failed(
+                    req.req_id, ErrorCode.BAD_REQUEST, f"{req.topic!r} is not a stream topic"
+                )
+            else:
+                frame = wire.history_reply(req.req_id, history)
+            self._queue(conn, self._fit(conn, req.req_id, frame, f"history of {req.topic!r}"))
         else:
             frame = wire.snapshot_reply(req.req_id, self.core.snapshot(req.topic))
-            if len(frame) > conn.reader.max_frame_bytes:
-                frame = wire.failed(
-                    req.req_id,
-                    ErrorCode.INTERNAL,
-                    f"snapshot of {req.topic!r} is {len(frame)} bytes, over the frame limit",
-                )
-            self._queue(conn, frame)
+            self._queue(conn, self._fit(conn, req.req_id, frame, f"snapshot of {req.topic!r}"))
+
+    @staticmethod
+    def _fit(conn: _HubConn, req_id: int, frame: bytes, what: str) -> bytes:
+        """`frame`, or a refusal when it is over the client's frame limit."""
+        if len(frame) > conn.reader.max_frame_bytes:
+            return wire.failed(
+                req_id, ErrorCode.INTERNAL, f"{what} is {len(frame)} bytes, over the frame limit"
+            )
+        return frame
 
     def _join(self, conn: _HubConn, want_entries: bool) -> None:
         # Synchronous from hello to "d": nothing can be published in between.
@@ -220,6 +237,7 @@ class Hub:
         conn.wants = want_entries
         frames = [wire.hello(self.core.epoch)]
         if want_entries:
+            frames.extend(wire.floor_frames(self.core.floors()))
             frames.extend(wire.entry_frames(self.core.state_entries()))
             self._feed.add(conn)
         frames.append(wire.dump_done())
@@ -298,6 +316,7 @@ async def serve_hub(cfg: Config, run_dir: str) -> Hub:
         hub_socket_path(run_dir),
         shards=cfg.bus.shards,
         max_buffer_bytes=cfg.bus.hub_max_buffer_bytes,
+        history_of=history_of(cfg),
     )
     await hub.start()
     return hub

@@ -1,4 +1,4 @@
-"""The hub's state: positions per shard and the latest value of every key. PURE: no I/O.
+"""The hub's state: positions per shard, the latest value of every key, stream histories. PURE: no I/O.
 
 Rules this module owns (the local backend's half of `engine.bus.base`'s guarantees):
 
@@ -15,14 +15,56 @@ Rules this module owns (the local backend's half of `engine.bus.base`'s guarante
 4. Within a topic, keys are held in position order (a written key moves to the
    end), so a dump lists each topic's entries in position order at no sorting
    cost.
+5. A stream topic (`history_of` gives its `history`; decided when the topic
+   is first written, the rules do not change while the hub runs) keeps no
+   per-key state but its newest `history` events, oldest first, and its
+   floor: the position of the newest event it dropped (0: none). Memory is
+   bounded by `history` per stream topic.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 
-from engine.bus.base import Entry, Snapshot, shard_of
+from engine.bus.base import Entry, History, HistoryOf, Snapshot, shard_of
 from engine.protocol.codec import make_pos
+
+
+def _no_streams(topic: str) -> int | None:
+    return None  # without rules, every topic is a state topic
+
+
+class StreamHistory:
+    """The retained events of one stream topic (rule 5)."""
+
+    __slots__ = ("events", "floor", "history")
+
+    def __init__(self, history: int) -> None:
+        self.history = history
+        self.events: deque[tuple[int, str, bytes]] = deque()  # (pos, key, data)
+        self.floor = 0
+
+    def append(self, pos: int, key: str, data: bytes) -> None:
+        events = self.events
+        events.append((pos, key, data))
+        while len(events) > self.history:
+            self.floor = events.popleft()[0]
+
+    def after(self, since: int, limit: int | None) -> tuple[list[tuple[int, str, bytes]], bool]:
+        """The events after `since` (the newest `limit` of them), and whether
+        they are all the events published after it."""
+        out: list[tuple[int, str, bytes]] = []
+        for event in reversed(self.events):
+            if event[0] <= since:
+                break
+            out.append(event)
+        out.reverse()
+        complete = since >= self.floor
+        if limit is not None and len(out) > limit:
+            out = out[len(out) - limit :]
+            complete = False
+        return out, complete
 
 
 class HubCore:
@@ -32,9 +74,18 @@ class HubCore:
     given (the hub's clients validate them before publishing).
     """
 
-    __slots__ = ("_last", "_shard", "_topics", "entries", "epoch", "shards")
+    __slots__ = (
+        "_history_of",
+        "_last",
+        "_shard",
+        "_streams",
+        "_topics",
+        "entries",
+        "epoch",
+        "shards",
+    )
 
-    def __init__(self, shards: int, epoch: str) -> None:
+    def __init__(self, shards: int, epoch: str, history_of: HistoryOf | None = None) -> None:
         if shards < 1:
             raise ValueError(f"shards must be >= 1, got {shards}")
         self.shards = shards
@@ -44,6 +95,8 @@ class HubCore:
         self._shard: dict[str, int] = {}  # topic -> shard (crc32 once per topic)
         # topic -> key -> (pos, data), each topic's keys in position order.
         self._topics: dict[str, dict[str, tuple[int, bytes]]] = {}
+        self._streams: dict[str, StreamHistory] = {}  # stream topic -> its history
+        self._history_of = history_of or _no_streams
 
     def publish(self, updates: Sequence[tuple[str, str, bytes]], now_ms: int) -> list[Entry]:
         """Apply `updates` (topic, key, data) atomically; return their entries in order."""
@@ -60,25 +113,59 @@ class HubCore:
             pos = floor if floor > prev else prev + 1
             last[shard] = pos
             keys = self._topics.get(topic)
-            if keys is None:
-                keys = self._topics[topic] = {}
-            else:
+            if keys is not None:
                 keys.pop(key, None)  # re-insert at the end: keeps position order
-            keys[key] = (pos, data)
+                keys[key] = (pos, data)
+            else:
+                self._write_new_or_stream(topic, key, pos, data)
             out.append((topic, key, pos, data))
         self.entries += len(out)
         return out
 
+    def _write_new_or_stream(self, topic: str, key: str, pos: int, data: bytes) -> None:
+        """A stream topic's event, or the first entry of a topic."""
+        stream = self._streams.get(topic)
+        if stream is None:
+            history = self._history_of(topic)
+            if history is None:
+                self._topics[topic] = {key: (pos, data)}
+                return
+            stream = self._streams[topic] = StreamHistory(history)
+        stream.append(pos, key, data)
+
     def state_entries(self) -> list[Entry]:
-        """Every key's latest entry (tombstones included), in position order per topic."""
-        return [
+        """Every key's latest entry (tombstones included), then every stream
+        topic's retained events, in position order per topic."""
+        out = [
             (topic, key, pos, data)
             for topic, keys in self._topics.items()
             for key, (pos, data) in keys.items()
         ]
+        out.extend(
+            (topic, key, pos, data)
+            for topic, stream in self._streams.items()
+            for pos, key, data in stream.events
+        )
+        return out
+
+    def floors(self) -> list[tuple[str, int]]:
+        """(topic, floor) of every stream topic (rule 5)."""
+        return [(topic, stream.floor) for topic, stream in self._streams.items()]
+
+    def history(self, topic: str, since: int, limit: int | None) -> History | None:
+        """A stream topic's retained events after `since` (`Bus.history`);
+        None for a state topic."""
+        stream = self._streams.get(topic)
+        if stream is None:
+            if topic in self._topics or self._history_of(topic) is None:
+                return None
+            return History(self.epoch, [], True)  # never written: nothing was lost
+        events, complete = stream.after(since, limit)
+        return History(self.epoch, events, complete)
 
     def snapshot(self, topic: str) -> Snapshot:
-        """The topic's latest state; `pos` is its newest entry's (0 for an unknown topic)."""
+        """The topic's latest state; `pos` is its newest entry's (0 for an unknown
+        topic, and for a stream topic, which has no per-key state)."""
         keys = self._topics.get(topic)
         if not keys:
             return Snapshot(epoch=self.epoch, pos=0, items=[])
@@ -94,7 +181,7 @@ class HubCore:
 
     @property
     def topic_count(self) -> int:
-        return len(self._topics)
+        return len(self._topics) + len(self._streams)
 
     @property
     def key_count(self) -> int:

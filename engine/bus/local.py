@@ -4,8 +4,9 @@ Rules:
 
 1. Everything runs on the event loop, synchronously from `data_received`:
    no task per message. One background task only connects and waits.
-2. Every (re)connect is a handshake: `on_bus_epoch(epoch)`, the hub's whole
-   state as entries, then `on_bus_connected(True)` (so a sink that reports
+2. Every (re)connect is a handshake: `on_bus_epoch(epoch)`, the stream
+   topics' floors (`on_bus_floors`), the hub's whole state (and the stream
+   topics' retained events) as entries, then `on_bus_connected(True)` (so a sink that reports
    "connected" holds the full state), then live entries. A restarted hub has a
    new epoch. When the link drops: `on_bus_connected(False)`, then reconnects
    with exponential backoff and jitter (100 ms .. 5 s).
@@ -31,7 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
 from engine.bus import wire
-from engine.bus.base import BusSink, PublishDone, Snapshot, Update
+from engine.bus.base import BusSink, History, PublishDone, Snapshot, Update
 from engine.errors import BusError, BusUnavailable
 from engine.supervisor.backoff import Backoff, FailureStreak
 
@@ -227,13 +228,27 @@ class LocalBus:
 
     async def snapshot(self, topic: str) -> Snapshot:
         """The topic's latest state from the hub (deleted keys included with data NIL)."""
+        result: Snapshot = await self._request(lambda req_id: wire.snapshot_request(req_id, topic))
+        return result
+
+    async def history(self, topic: str, since: int = 0, limit: int | None = None) -> History:
+        """A stream topic's retained events after `since`, from the hub (`Bus.history`)."""
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0 or None, got {limit}")
+        result: History = await self._request(
+            lambda req_id: wire.history_request(req_id, topic, since, limit)
+        )
+        return result
+
+    async def _request(self, frame_of: Callable[[int], bytes]) -> Any:
+        """Send the request `frame_of(req_id)` and await its reply (or its BusError)."""
         link = self._link
         if link is None or self._closed:
             raise BusUnavailable("not connected to the hub")
         assert link.transport is not None
-        fut: asyncio.Future[Snapshot] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
-        def reply(result: Snapshot | BusError) -> None:
+        def reply(result: Any) -> None:
             if fut.done():
                 return
             if isinstance(result, BusError):
@@ -243,7 +258,7 @@ class LocalBus:
 
         req_id = self._new_id()
         link.pending[req_id] = reply
-        link.transport.write(wire.snapshot_request(req_id, topic))
+        link.transport.write(frame_of(req_id))
         return await fut
 
     async def close(self) -> None:
@@ -281,6 +296,11 @@ class LocalBus:
             self._reply(link, msg[1], wire.positions_of(msg[2]))
         elif tag == "s":
             self._reply(link, msg[1], wire.snapshot_of(msg))
+        elif tag == "y":
+            self._reply(link, msg[1], wire.history_of(msg))
+        elif tag == "f":
+            if sink is not None:
+                sink.on_bus_floors(wire.floors_of(msg[1]))
         elif tag == "x":
             self._reply(link, msg[1], BusError(f"the hub refused the request: {msg[2]}: {msg[3]}"))
         elif tag == "hello":

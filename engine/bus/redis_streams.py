@@ -3,8 +3,12 @@
 Layout in Redis (`P` is `bus.redis.prefix`, `N` a shard, `engine.bus.base.shard_of`):
 
     P:{sN}:log            the shard's stream; entry fields t (topic), k (key), d (data)
-    P:{sN}:state:<topic>  the topic's latest state: field key -> "<stream id> <data>"
-    P:{sN}:topics         the set of the shard's topics (what a reader loads)
+    P:{sN}:state:<topic>  a state topic's latest state: field key -> "<stream id> <data>"
+    P:{sN}:topics         the set of the shard's state topics (what a reader loads)
+    P:{sN}:hist:<topic>   a stream topic's retained history: its newest `history`
+                          events, with the log's IDs; fields k (key), d (data)
+    P:{sN}:streams        hash: the shard's stream topics -> their floor (the ID of
+                          the newest event no longer retained; "0-0": none)
     P:epoch               the epoch (random hex), created by the first client
 
 Every key of a shard shares the hash tag `{sN}`, so a shard lives on one Redis
@@ -21,7 +25,10 @@ Rules:
    Publishes are sent in call order on one connection (pipelined in batches;
    consecutive requests to one shard share a script call, up to
    `MERGE_UPDATES` updates), so two publishes of one topic get positions in
-   call order.
+   call order. A stream topic's update (the `[[topics]]` rules this client is
+   given decide; all publishers must share them) is appended to the topic's
+   history stream, trimmed to `history` exactly, instead of a state hash;
+   its key may be "".
 2. `publish` fails fast with `BusUnavailable` while the client is not
    connected, and when `MAX_QUEUED` requests already wait (the overflow policy
    of the publish queue). A request that was sent and whose reply was lost with
@@ -38,7 +45,10 @@ Rules:
    a position <= H is delivered, oldest first, then `on_bus_connected(True)`,
    then live entries after H. Keys rewritten after H come from the stream, so
    the loaded state and the stream never disagree and no topic receives an
-   entry below a position it already holds. Otherwise reading resumes from the
+   entry below a position it already holds. A stream topic's load is its floor
+   and its retained events <= H (`history.lua`, one atomic read), the floors
+   delivered first (`on_bus_floors`); a floor above H is lowered to H (the
+   events after H come from the shard's stream). Otherwise reading resumes from the
    last ID: no entry that Redis still holds is skipped. A reader that falls
    behind past the trimming (`MAXLEN ~`) finds out before delivering anything
    after the gap: XREAD's COUNT is at most MAXLEN, so only a full reply can
@@ -90,7 +100,16 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from engine.bus.base import BusSink, Entry, PublishDone, Snapshot, Update, shard_of
+from engine.bus.base import (
+    BusSink,
+    Entry,
+    History,
+    HistoryOf,
+    PublishDone,
+    Snapshot,
+    Update,
+    shard_of,
+)
 from engine.errors import BusError, BusUnavailable
 from engine.protocol.codec import format_pos, make_pos
 from engine.supervisor.backoff import Backoff, FailureStreak
@@ -125,6 +144,19 @@ def pos_of(stream_id: bytes | str) -> int:
     return make_pos(int(ms), int(seq))
 
 
+def _no_streams(topic: str) -> int | None:
+    return None  # without rules, every topic is a state topic
+
+
+def parse_events(rows: Sequence[Any]) -> list[tuple[int, str, bytes]]:
+    """History stream rows `[id, [field, value, ...]]` as (pos, key, data)."""
+    out = []
+    for sid, fields in rows:
+        values = dict(zip(fields[0::2], fields[1::2], strict=True))
+        out.append((pos_of(sid), values[b"k"].decode(), values[b"d"]))
+    return out
+
+
 def parse_state(raw: dict[bytes, bytes]) -> list[tuple[str, int, bytes]]:
     """A topic state hash as (key, pos, data), oldest first."""
     items = []
@@ -139,7 +171,8 @@ class _Resync(Exception):
     """The probe found the epoch changed or a stream trimmed past us: sync again."""
 
 
-_Call = tuple[int, list[str], list[Any], list[int]]  # shard, state keys, ARGV triples, indices
+# shard, per-update keys (state hash or history stream), ARGV quadruples, indices
+_Call = tuple[int, list[str], list[Any], list[int]]
 
 
 class _Request:
@@ -171,6 +204,7 @@ class RedisBus:
         backoff: Backoff = RECONNECT_BACKOFF,
         block_ms: int = BLOCK_MS,
         probe_interval_s: float = PROBE_INTERVAL_S,
+        history_of: HistoryOf | None = None,
     ) -> None:
         self.url = url
         self.shards = shards
@@ -185,10 +219,14 @@ class RedisBus:
         self._logs = [f"{prefix}:{{s{s}}}:log" for s in range(shards)]
         self._shard_of_log = {name.encode(): s for s, name in enumerate(self._logs)}
         self._topic_sets = [f"{prefix}:{{s{s}}}:topics" for s in range(shards)]
+        self._floors = [f"{prefix}:{{s{s}}}:streams" for s in range(shards)]
+        self._history_of = history_of or _no_streams
         self._publish_src = _script("publish.lua")
         self._epoch_src = _script("epoch.lua")
+        self._history_src = _script("history.lua")
         self._publish_sha = ""
         self._epoch_sha = ""
+        self._history_sha = ""
         self._shard_cache: dict[str, int] = {}
         self._sink: BusSink | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -323,6 +361,36 @@ class RedisBus:
         items = parse_state(raw)
         return Snapshot(epoch=self._epoch, pos=items[-1][1] if items else 0, items=items)
 
+    async def history(self, topic: str, since: int = 0, limit: int | None = None) -> History:
+        """A stream topic's retained events after `since`, from its history stream."""
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0 or None, got {limit}")
+        if self._history_of(topic) is None:
+            raise BusError(f"{topic!r} is not a stream topic")
+        if not self._connected or self._closed or self._epoch is None:
+            raise BusUnavailable("not connected to Redis")
+        epoch = self._epoch
+        count = 0 if limit is None else limit + 1  # one more: tells whether `limit` cut
+        shard = self._shard(topic)
+        args = (2, self._hist_key(topic, shard), self._floors[shard], topic, format_pos(since))
+        try:
+            try:
+                reply = await self._cmd.evalsha(self._history_sha, *args, "+", count)
+            except NoScriptError:
+                self._history_sha = await self._cmd.script_load(self._history_src)
+                reply = await self._cmd.evalsha(self._history_sha, *args, "+", count)
+        except _REDIS_DOWN as exc:
+            raise BusUnavailable(f"Redis: {exc}") from exc
+        floor = pos_of(reply[0]) if reply[0] else 0
+        events = parse_events(reply[1])
+        if count:
+            events.reverse()  # XREVRANGE: newest first
+        complete = since >= floor
+        if limit is not None and len(events) > limit:
+            events = events[len(events) - limit :]
+            complete = False
+        return History(epoch, events, complete)
+
     async def close(self) -> None:
         """Refuse new publishes, send those queued (bounded wait), disconnect."""
         if self._closed:
@@ -395,6 +463,7 @@ class RedisBus:
             await self._reader.initialize()
         self._publish_sha = await cmd.script_load(self._publish_src)
         self._epoch_sha = await cmd.script_load(self._epoch_src)
+        self._history_sha = await cmd.script_load(self._history_src)
         epoch = await self._epoch_call("")
         reads = self._reads_entries()
         heads: list[int | None] = []
@@ -426,7 +495,9 @@ class RedisBus:
             ]
             for s in load:
                 head = heads[s] or 0
-                entries = await self._load_shard(s, head)
+                floors, entries = await self._load_shard(s, head)
+                if floors:
+                    sink.on_bus_floors(floors)
                 if entries:
                     sink.on_bus_entries(entries)
                     self._last_entry_at = loop.time()
@@ -499,10 +570,36 @@ class RedisBus:
         firsts = [pos_of(r[0][0]) if r else None for r in replies[1::2]]
         return heads, firsts
 
-    async def _load_shard(self, shard: int, head: int) -> list[Entry]:
-        """Every key of the shard at a position <= `head`, oldest first (rule 4)."""
+    async def _load_shard(self, shard: int, head: int) -> tuple[list[tuple[str, int]], list[Entry]]:
+        """Every key of the shard's state topics and every retained event of its
+        stream topics at a position <= `head`, oldest first, and the stream
+        topics' floors (rule 4)."""
         topics = sorted(t.decode() for t in await self._cmd.smembers(self._topic_sets[shard]))
+        streams = sorted(t.decode() for t in await self._cmd.hkeys(self._floors[shard]))
         out: list[Entry] = []
+        floors: list[tuple[str, int]] = []
+        upto = format_pos(head)
+        for i in range(0, len(streams), 256):
+            chunk = streams[i : i + 256]
+            replies = await self._many(
+                [
+                    (
+                        "EVALSHA",
+                        self._history_sha,
+                        2,
+                        self._hist_key(t, shard),
+                        self._floors[shard],
+                        t,
+                        "0-0",
+                        upto,
+                        0,
+                    )
+                    for t in chunk
+                ]
+            )
+            for topic, (floor, rows) in zip(chunk, replies, strict=True):
+                floors.append((topic, min(pos_of(floor) if floor else 0, head)))
+                out.extend((topic, key, pos, data) for pos, key, data in parse_events(rows))
         for i in range(0, len(topics), 256):
             chunk = topics[i : i + 256]
             raws = await self._many([("HGETALL", self._state_key(t, shard)) for t in chunk])
@@ -513,7 +610,7 @@ class RedisBus:
                     if pos <= head:
                         out.append((topic, key, pos, data))
         out.sort(key=lambda e: e[2])
-        return out
+        return floors, out
 
     async def _serve(self) -> None:
         """Run the readers and the probe until one of them fails (raises)."""
@@ -655,20 +752,32 @@ class RedisBus:
     def _state_key(self, topic: str, shard: int) -> str:
         return f"{self.prefix}:{{s{shard}}}:state:{topic}"
 
+    def _hist_key(self, topic: str, shard: int) -> str:
+        return f"{self.prefix}:{{s{shard}}}:hist:{topic}"
+
     def _calls(self, updates: Sequence[Update]) -> list[_Call]:
-        """Group a request's updates by shard (order kept); refuse what is not bytes."""
+        """Group a request's updates by shard (order kept); refuse what is not
+        bytes, and an empty key for a state topic."""
         by_shard: dict[int, _Call] = {}
+        history_of = self._history_of
         for i, u in enumerate(updates):
             if not isinstance(u.data, bytes | bytearray) or not u.data:
                 raise BusError(f"update {i}: data must be msgpack bytes, got {type(u.data)!r}")
-            if not isinstance(u.topic, str) or not isinstance(u.key, str) or not u.key:
-                raise BusError(f"update {i}: topic and key must be non-empty strings")
+            if not isinstance(u.topic, str) or not isinstance(u.key, str):
+                raise BusError(f"update {i}: topic and key must be strings")
+            history = history_of(u.topic)
+            if history is None and not u.key:
+                raise BusError(f"update {i}: a state topic's key must not be empty")
             s = self._shard(u.topic)
             call = by_shard.get(s)
             if call is None:
                 call = by_shard[s] = (s, [], [], [])
-            call[1].append(self._state_key(u.topic, s))
-            call[2].extend((u.topic, u.key, bytes(u.data)))
+            if history is None:
+                call[1].append(self._state_key(u.topic, s))
+                call[2].extend((u.topic, u.key, bytes(u.data), -1))
+            else:
+                call[1].append(self._hist_key(u.topic, s))
+                call[2].extend((u.topic, u.key, bytes(u.data), history))
             call[3].append(i)
         return list(by_shard.values())
 
@@ -704,7 +813,11 @@ class RedisBus:
                 if m is None or len(merged[m][2]) + len(indices) > MERGE_UPDATES:
                     m = current[shard] = len(merged)
                     merged.append(
-                        ([self._logs[shard], self._topic_sets[shard]], [self.stream_maxlen], [])
+                        (
+                            [self._logs[shard], self._topic_sets[shard], self._floors[shard]],
+                            [self.stream_maxlen],
+                            [],
+                        )
                     )
                 keys, args, owners = merged[m]
                 keys.extend(state_keys)

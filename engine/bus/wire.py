@@ -17,17 +17,21 @@ Rules this module owns:
 Messages, hub -> client::
 
     ["hello", epoch]                          first, right after the client's "h"
+    ["f", [[topic, hi, lo], ...]]             stream topics' floors (in the dump, before entries)
     ["e", [[topic, key, hi, lo, data], ...]]  entries (the state dump, then live ones)
     ["d"]                                     the dump is complete (live entries follow)
     ["r", req_id, [hi, lo, hi, lo, ...]]      publish accepted: one position per update
     ["x", req_id, code, message]              request refused; nothing was published
     ["s", req_id, epoch, hi, lo, [[key, hi, lo, data], ...]]   snapshot reply
+    ["y", req_id, epoch, complete, [[hi, lo, key, data], ...]] history reply
 
 client -> hub::
 
     ["h", want_entries]                       first message: does it want the entry stream
     ["p", req_id, [[topic, key, data], ...]]  publish, atomically
     ["s", req_id, topic]                      snapshot of one topic
+    ["y", req_id, topic, hi, lo, limit]       a stream topic's history after a position
+                                              (limit -1: no limit)
 
 `["d"]` is sent to every client (with an empty dump when it wants no entries),
 so "hello ... d" is the whole handshake.
@@ -42,7 +46,7 @@ from typing import Any, Final
 
 import msgpack
 
-from engine.bus.base import Entry, Snapshot, Update
+from engine.bus.base import Entry, History, Snapshot, Update
 from engine.codes import ErrorCode
 from engine.errors import ProtocolError
 
@@ -184,6 +188,19 @@ def _entries_frame(entries: Sequence[Entry]) -> bytes:
     return encode_frame(("e", [(t, k, p >> 32, p & _LO_MASK, d) for t, k, p, d in entries]))
 
 
+FLOORS_PER_FRAME: Final = 10_000  # topic names are at most 200 bytes: frames stay ~2 MB
+
+
+def floor_frames(floors: Sequence[tuple[str, int]]) -> list[bytes]:
+    """`["f", ...]` frames carrying the stream topics' floors (topic, floor)."""
+    return [
+        encode_frame(
+            ("f", [(t, p >> 32, p & _LO_MASK) for t, p in floors[i : i + FLOORS_PER_FRAME]])
+        )
+        for i in range(0, len(floors), FLOORS_PER_FRAME)
+    ]
+
+
 def published(req_id: int, positions: Sequence[int]) -> bytes:
     flat: list[int] = []
     for p in positions:
@@ -201,6 +218,11 @@ def snapshot_reply(req_id: int, snap: Snapshot) -> bytes:
     return encode_frame(("s", req_id, snap.epoch, snap.pos >> 32, snap.pos & _LO_MASK, items))
 
 
+def history_reply(req_id: int, history: History) -> bytes:
+    rows = [(p >> 32, p & _LO_MASK, k, d) for p, k, d in history.events]
+    return encode_frame(("y", req_id, history.epoch, history.complete, rows))
+
+
 # -- client -> hub ------------------------------------------------------------------
 
 
@@ -214,6 +236,11 @@ def publish_request(req_id: int, updates: Sequence[Update]) -> bytes:
 
 def snapshot_request(req_id: int, topic: str) -> bytes:
     return encode_frame(("s", req_id, topic))
+
+
+def history_request(req_id: int, topic: str, since: int, limit: int | None) -> bytes:
+    limit_ = -1 if limit is None else limit
+    return encode_frame(("y", req_id, topic, since >> 32, since & _LO_MASK, limit_))
 
 
 # -- decoding (both sides) ----------------------------------------------------------
@@ -236,7 +263,15 @@ class SnapshotRequest:
     topic: str
 
 
-Request = Handshake | PublishRequest | SnapshotRequest
+@dataclass(frozen=True, slots=True)
+class HistoryRequest:
+    req_id: int
+    topic: str
+    since: int
+    limit: int | None
+
+
+Request = Handshake | PublishRequest | SnapshotRequest | HistoryRequest
 
 
 def parse_request(msg: Any) -> Request:
@@ -252,6 +287,8 @@ def parse_request(msg: Any) -> Request:
         if len(msg) != 2 or not isinstance(msg[1], bool):
             raise WireError("'h' is [\"h\", want_entries: bool]")
         return Handshake(msg[1])
+    if tag == "y":
+        return _history_request(msg)
     if tag not in ("p", "s"):
         raise WireError(f"unknown message tag {tag[:20]!r}")
     if len(msg) != 3 or type(msg[1]) is not int or msg[1] < 0:
@@ -276,6 +313,25 @@ def parse_request(msg: Any) -> Request:
     return PublishRequest(req_id, rows)
 
 
+def _history_request(msg: tuple[Any, ...]) -> HistoryRequest:
+    if len(msg) < 2 or type(msg[1]) is not int or msg[1] < 0:
+        raise WireError("'y' needs a request id")
+    req_id: int = msg[1]
+    if (
+        len(msg) != 6
+        or not isinstance(msg[2], str)
+        or any(type(x) is not int for x in msg[3:6])
+        or not 0 <= msg[3] < 2**64
+        or not 0 <= msg[4] <= _LO_MASK
+        or msg[5] < -1
+    ):
+        raise WireError(
+            "'y' is [\"y\", req_id, topic, since_hi, since_lo, limit >= -1]", request_id=req_id
+        )
+    limit = None if msg[5] == -1 else msg[5]
+    return HistoryRequest(req_id, msg[2], (msg[3] << 32) | msg[4], limit)
+
+
 def entries_of(rows: Sequence[tuple[str, str, int, int, bytes]]) -> list[Entry]:
     """The entries of an `["e", rows]` message."""
     return [(t, k, (hi << 32) | lo, d) for t, k, hi, lo, d in rows]
@@ -284,6 +340,17 @@ def entries_of(rows: Sequence[tuple[str, str, int, int, bytes]]) -> list[Entry]:
 def positions_of(flat: Sequence[int]) -> list[int]:
     """The positions of an `["r", id, flat]` message."""
     return [(flat[i] << 32) | flat[i + 1] for i in range(0, len(flat), 2)]
+
+
+def floors_of(rows: Sequence[tuple[str, int, int]]) -> list[tuple[str, int]]:
+    """The (topic, floor) pairs of an `["f", rows]` message."""
+    return [(t, (hi << 32) | lo) for t, hi, lo in rows]
+
+
+def history_of(msg: Sequence[Any]) -> History:
+    """The `History` of a `["y", id, epoch, complete, rows]` message."""
+    events = [((hi << 32) | lo, k, d) for hi, lo, k, d in msg[4]]
+    return History(epoch=msg[2], events=events, complete=msg[3])
 
 
 def snapshot_of(msg: Sequence[Any]) -> Snapshot:

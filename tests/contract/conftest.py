@@ -23,10 +23,17 @@ import uvloop
 
 from engine.bus import Bus, Entry, create_bus
 from engine.bus.hub import Hub, serve_hub
-from engine.config import Config, default_config
+from engine.config import Config, TopicRule, default_config
 from tests.support.redis_server import RedisServer, redis_available
 
 WAIT_S = 10.0 * float(os.environ.get("FANOUT_TEST_TIMEOUT_FACTOR", "1"))
+
+# Stream topics of the suite (every other topic is a state topic).
+STREAM_HISTORY = 5
+STREAM_RULES = (
+    TopicRule(pattern="ev.>", mode="stream", max_hz=0.0, history=STREAM_HISTORY),
+    TopicRule(pattern="ev0.>", mode="stream", max_hz=0.0, history=0),
+)
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Callable[[], Any]]:
@@ -51,13 +58,21 @@ class Recorder:
         self.entries: list[Entry] = []
         self.state: dict[tuple[str, str], tuple[int, bytes]] = {}
         self.replayed = 0  # entries not newer than what was held (ignored)
+        self.floors: dict[str, int] = {}  # stream topic -> the floor last announced
+        self.calls: list[str] = []  # "epoch", "floors", "entries", "up"/"down", in order
 
     def on_bus_epoch(self, epoch: str) -> None:
         if self.epochs and self.epochs[-1] != epoch:
             self.state.clear()  # guarantee 4: a new epoch, drop everything
         self.epochs.append(epoch)
+        self.calls.append("epoch")
+
+    def on_bus_floors(self, floors: Sequence[tuple[str, int]]) -> None:
+        self.floors.update(floors)
+        self.calls.append("floors")
 
     def on_bus_entries(self, entries: Sequence[Entry]) -> None:
+        self.calls.append("entries")
         for topic, key, pos, data in entries:
             self.entries.append((topic, key, pos, data))
             held = self.state.get((topic, key))
@@ -68,6 +83,7 @@ class Recorder:
 
     def on_bus_connected(self, connected: bool) -> None:
         self.links.append(connected)
+        self.calls.append("up" if connected else "down")
 
     def topic_state(self, topic: str) -> dict[str, tuple[int, bytes]]:
         return {k: v for (t, k), v in self.state.items() if t == topic}
@@ -152,7 +168,7 @@ async def bus_env(bus_backend: str, run_dir: str) -> AsyncIterator[BusEnv]:
         bus_cfg = dataclasses.replace(
             bus_cfg, redis=dataclasses.replace(bus_cfg.redis, url=redis.url)
         )
-    cfg = dataclasses.replace(base, bus=bus_cfg)
+    cfg = dataclasses.replace(base, bus=bus_cfg, topics=STREAM_RULES)
     env = BusEnv(bus_backend, cfg, run_dir, redis)
     await env.up()
     try:

@@ -1,4 +1,4 @@
-"""The bus contract (engine/bus/base.py, guarantees 1-5), for every backend.
+"""The bus contract (engine/bus/base.py, guarantees 1-6), for every backend.
 
 Written against the `Bus` interface only: clients come from `create_bus`,
 the bus is started and stopped through `bus_env`.
@@ -12,10 +12,10 @@ from collections import defaultdict
 import msgpack
 import pytest
 
-from engine.bus import Snapshot, Update, shard_of
+from engine.bus import Bus, Snapshot, Update, shard_of
 from engine.errors import BusError, BusUnavailable
 from engine.protocol.codec import NIL
-from tests.contract.conftest import BusEnv, Recorder, until
+from tests.contract.conftest import STREAM_HISTORY, BusEnv, Recorder, until
 
 TOPICS = ("prices.fx", "prices.rates", "scores.live", "dash.cpu", "dash.mem")
 
@@ -290,3 +290,145 @@ async def test_a_new_client_gets_the_current_state(bus_env: BusEnv) -> None:
     # start() returned after the state was delivered: no waiting needed.
     assert sink.topic_state("late.t") == {"a": (p2, val(2)), "b": (p3, NIL)}
     assert ("late.t", p1) not in sink.marks()  # latest state only, not history
+
+
+# -- stream topics (guarantee 6): retained history --------------------------------------
+# `ev.>` retains STREAM_HISTORY events, `ev0.>` none (tests/contract/conftest.py).
+
+
+async def publish_events(pub: Bus, topic: str, n: int, start: int = 0) -> list[int]:
+    """`n` events on `topic` (without a key, one key, or several, in batches of 1..3)."""
+    positions: list[int] = []
+    i = start
+    while i < start + n:
+        batch = [
+            Update(topic, ("", "k", f"k{j % 2}")[j % 3], val(j))
+            for j in range(i, min(i + 1 + i % 3, start + n))
+        ]
+        positions += await pub.publish_wait(batch)
+        i += len(batch)
+    assert positions == sorted(positions)
+    return positions
+
+
+async def test_stream_history_keeps_the_newest_events_in_order(bus_env: BusEnv) -> None:
+    sink = Recorder()
+    await bus_env.client(sink)
+    pub = await bus_env.client(want_entries=False)
+    topic = "ev.trades"
+    positions = await publish_events(pub, topic, 12)
+    # Every event is delivered live, in order: a stream topic is not coalesced.
+    await until(lambda: (topic, positions[-1]) in sink.marks(), "every event delivered")
+    assert [(e[2], e[3]) for e in sink.entries if e[0] == topic] == [
+        (p, val(i)) for i, p in enumerate(positions)
+    ]
+
+    h = await pub.history(topic)
+    assert h.epoch == pub.epoch
+    assert [(p, d) for p, _k, d in h.events] == [(p, val(i)) for i, p in enumerate(positions)][
+        -STREAM_HISTORY:
+    ]
+    assert [k for _p, k, _d in h.events] == [("", "k", f"k{j % 2}")[j % 3] for j in range(7, 12)]
+    assert h.complete is False  # seven events are no longer retained
+    # since inside the history: exactly the events after it, complete
+    h = await pub.history(topic, since=positions[8])
+    assert ([p for p, _, _ in h.events], h.complete) == (positions[9:], True)
+    h = await pub.history(topic, since=positions[6])  # the newest event no longer retained
+    assert ([p for p, _, _ in h.events], h.complete) == (positions[7:], True)
+    # since older than the history: what it holds, incomplete
+    h = await pub.history(topic, since=positions[5])
+    assert ([p for p, _, _ in h.events], h.complete) == (positions[7:], False)
+    h = await pub.history(topic, since=positions[-1])
+    assert (list(h.events), h.complete) == ([], True)
+    # limit: the newest events, and complete only if nothing was cut off
+    h = await pub.history(topic, since=positions[8], limit=2)
+    assert ([p for p, _, _ in h.events], h.complete) == (positions[10:], False)
+    h = await pub.history(topic, since=positions[8], limit=3)
+    assert ([p for p, _, _ in h.events], h.complete) == (positions[9:], True)
+    # a stream topic has no per-key state
+    assert list((await pub.snapshot(topic)).items) == []
+
+
+async def test_stream_history_zero_retains_nothing(bus_env: BusEnv) -> None:
+    sink = Recorder()
+    await bus_env.client(sink)
+    pub = await bus_env.client(want_entries=False)
+    topic = "ev0.log"
+    positions = await publish_events(pub, topic, 4)
+    await until(lambda: (topic, positions[-1]) in sink.marks(), "events delivered live")
+    h = await pub.history(topic)
+    assert (list(h.events), h.complete) == ([], False)
+    h = await pub.history(topic, since=positions[-1])
+    assert (list(h.events), h.complete) == ([], True)
+    late = Recorder()
+    await bus_env.client(late)
+    assert late.floors[topic] == positions[-1]
+    assert [e for e in late.entries if e[0] == topic] == []
+
+
+async def test_stream_history_of_a_topic_never_written_is_empty_and_complete(
+    bus_env: BusEnv,
+) -> None:
+    pub = await bus_env.client(want_entries=False)
+    h = await pub.history("ev.never")
+    assert (list(h.events), h.complete, h.epoch) == ([], True, pub.epoch)
+    with pytest.raises(BusError):
+        await pub.history("prices.fx")  # a state topic has no history
+
+
+async def test_a_new_client_gets_the_floor_then_the_retained_events(bus_env: BusEnv) -> None:
+    pub = await bus_env.client(want_entries=False)
+    topic = "ev.orders"
+    positions = await publish_events(pub, topic, 9)
+    (p_state,) = await pub.publish_wait([Update("prices.fx", "k", val("state"))])
+    sink = Recorder()
+    await bus_env.client(sink)
+    # start() returned after the sync: floors first, then the entries, then connected
+    assert sink.calls.index("floors") < sink.calls.index("entries") < sink.calls.index("up")
+    assert sink.floors[topic] == positions[3]  # the newest event not retained
+    assert [e[2] for e in sink.entries if e[0] == topic] == positions[4:]
+    assert sink.state[("prices.fx", "k")] == (p_state, val("state"))  # state topics as before
+    assert "prices.fx" not in sink.floors
+
+
+async def test_a_client_away_longer_than_the_history_learns_what_it_lost(
+    bus_env: BusEnv,
+) -> None:
+    sink = Recorder()
+    first = await bus_env.client(sink)
+    pub = await bus_env.client(want_entries=False)
+    topic = "ev.away"
+    before = await publish_events(pub, topic, 3)
+    await until(lambda: (topic, before[-1]) in sink.marks(), "events delivered")
+    await first.close()
+    during = await publish_events(pub, topic, 8, start=3)  # more than the history retains
+    # The same sink (what a worker keeps) on a new connection.
+    await bus_env.client(sink)
+    lost = during[: len(during) - STREAM_HISTORY]
+    assert sink.floors[topic] == lost[-1] > before[-1]
+    again = [e[2] for e in sink.entries if e[0] == topic][len(before) :]
+    assert again == during[len(lost) :]
+    # Had it been away briefly, nothing is lost: the floor is below what it holds.
+    h = await pub.history(topic, since=during[-2])
+    assert h.complete and [p for p, _, _ in h.events] == [during[-1]]
+
+
+async def test_stream_history_belongs_to_the_epoch(bus_env: BusEnv) -> None:
+    sink = Recorder()
+    bus = await bus_env.client(sink)
+    pub = await bus_env.client(want_entries=False)
+    topic = "ev.epoch"
+    await publish_events(pub, topic, 3)
+    old = pub.epoch
+    assert (await pub.history(topic)).epoch == old
+    await bus_env.down()
+    await until(lambda: not bus.connected, "client sees the bus down")
+    with pytest.raises(BusUnavailable):
+        await pub.history(topic)
+    await bus_env.up()
+    await until(lambda: bus.connected and pub.connected, "clients reconnect")
+    h = await pub.history(topic)
+    assert h.epoch == pub.epoch != old
+    assert (list(h.events), h.complete) == ([], True)
+    (p,) = await pub.publish_wait([Update(topic, "", val("new"))])
+    assert [(q, d) for q, _, d in (await pub.history(topic)).events] == [(p, val("new"))]

@@ -17,7 +17,7 @@ import pytest
 
 from engine.bus import Update, create_bus, shard_of
 from engine.client.raw import connect
-from engine.config import Config, default_config
+from engine.config import Config, TopicRule, default_config
 from tests.contract.conftest import Recorder, until
 from tests.support.redis_server import RedisCluster, redis_available
 from tests.support.serve import Served
@@ -42,7 +42,9 @@ def cluster_config(cluster: RedisCluster, prefix: str) -> Config:
     base = default_config()
     redis = dataclasses.replace(base.bus.redis, url=cluster.url, cluster=True, prefix=prefix)
     return dataclasses.replace(
-        base, bus=dataclasses.replace(base.bus, backend="redis", shards=SHARDS, redis=redis)
+        base,
+        bus=dataclasses.replace(base.bus, backend="redis", shards=SHARDS, redis=redis),
+        topics=(TopicRule(pattern="cl.ev.>", mode="stream", max_hz=0.0, history=3),),
     )
 
 
@@ -87,6 +89,40 @@ async def test_publish_read_and_snapshot_on_a_cluster(cluster: RedisCluster, tmp
     finally:
         for bus in [*readers, pub]:
             await bus.close()
+
+
+async def test_stream_history_on_a_cluster(cluster: RedisCluster, tmp_path: Any) -> None:
+    cfg = cluster_config(cluster, "t3")
+    pub = create_bus(cfg, str(tmp_path), want_entries=False)
+    buses = [pub]
+    try:
+        await pub.start(None)
+        topics = [f"cl.ev.t{i}" for i in range(8)]
+        assert len({shard_of(t, SHARDS) for t in topics}) > 3, "spread over shards and nodes"
+        positions: dict[str, list[int]] = defaultdict(list)
+        for i in range(6):
+            batch = [Update(t, "", val(i)) for t in topics]
+            for u, p in zip(batch, await pub.publish_wait(batch), strict=True):
+                positions[u.topic].append(p)
+        for t in topics:
+            h = await pub.history(t)
+            assert [(p, d) for p, _, d in h.events] == [
+                (p, val(i)) for i, p in enumerate(positions[t])
+            ][-3:]
+            assert not h.complete
+            h = await pub.history(t, since=positions[t][2])
+            assert h.complete and [p for p, _, _ in h.events] == positions[t][3:]
+        # a late reader loads every node's floors and retained events
+        late = Recorder()
+        bus = create_bus(cfg, str(tmp_path))
+        buses.append(bus)
+        await bus.start(late)
+        for t in topics:
+            assert late.floors[t] == positions[t][2]
+            assert [e[2] for e in late.entries if e[0] == t] == positions[t][3:]
+    finally:
+        for b in buses:
+            await b.close()
 
 
 async def test_fanout_serve_on_a_cluster(cluster: RedisCluster, tmp_path: Any) -> None:

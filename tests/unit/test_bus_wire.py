@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.bus import wire
-from engine.bus.base import Snapshot, Update
+from engine.bus.base import History, Snapshot, Update
 from engine.protocol.codec import NIL, make_pos
 
 NOW_POS = make_pos(1_760_000_000_123, 7)  # a real position: about 73 bits, over msgpack's ints
@@ -135,6 +135,20 @@ def test_replies_round_trip() -> None:
     (msg,) = wire.FrameReader().feed(wire.failed(5, "bad_request", "nope"))
     assert msg == ("x", 5, "bad_request", "nope")
 
+    history = History("ab12", [(NOW_POS - 1, "", b"\x01"), (NOW_POS, "k", NIL)], False)
+    (msg,) = wire.FrameReader().feed(wire.history_reply(6, history))
+    assert msg[:2] == ("y", 6)
+    assert wire.history_of(msg) == History("ab12", list(history.events), False)
+
+
+def test_floors_round_trip_in_frames_of_bounded_size() -> None:
+    floors = [(f"ev.t{i}", NOW_POS + i) for i in range(wire.FLOORS_PER_FRAME + 3)]
+    frames = wire.floor_frames(floors)
+    assert len(frames) == 2
+    got = [wire.floors_of(m[1]) for m in wire.FrameReader().feed(b"".join(frames))]
+    assert [f for part in got for f in part] == floors
+    assert wire.floor_frames([]) == []
+
 
 def test_requests_parse() -> None:
     reader = wire.FrameReader()
@@ -142,12 +156,16 @@ def test_requests_parse() -> None:
         wire.handshake(True)
         + wire.publish_request(1, [Update("t", "k", b"\x01"), Update("u", "", NIL)])
         + wire.snapshot_request(2, "t")
+        + wire.history_request(3, "ev", NOW_POS, None)
+        + wire.history_request(4, "ev", 0, 10)
     )
     parsed = [wire.parse_request(m) for m in reader.feed(frames)]
     assert parsed == [
         wire.Handshake(True),
         wire.PublishRequest(1, (("t", "k", b"\x01"), ("u", "", NIL))),
         wire.SnapshotRequest(2, "t"),
+        wire.HistoryRequest(3, "ev", NOW_POS, None),
+        wire.HistoryRequest(4, "ev", 0, 10),
     ]
 
 
@@ -168,6 +186,13 @@ def test_requests_parse() -> None:
         (("p", 3, (("t", "k", "str, not bin"),)), 3),
         (("p", 3, (("t", 5, b"x"),)), 3),
         (("s", 4, 5), 4),
+        (("y", -1, "t", 0, 0, -1), None),
+        (("y", 5, "t", 0, 0), 5),
+        (("y", 5, 7, 0, 0, -1), 5),
+        (("y", 5, "t", 0, 2**32, -1), 5),
+        (("y", 5, "t", -1, 0, -1), 5),
+        (("y", 5, "t", 0, 0, -2), 5),
+        (("y", 5, "t", 0, 0, "all"), 5),
     ],
 )
 def test_bad_requests_are_refused(msg: object, request_id: int | None) -> None:

@@ -1,4 +1,5 @@
-"""The hub's state (engine/bus/hubcore.py): positions per shard, latest values, tombstones."""
+"""The hub's state (engine/bus/hubcore.py): positions per shard, latest values,
+tombstones, stream topics' histories."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.bus.base import shard_of
+from engine.bus.base import History, shard_of
 from engine.bus.hubcore import HubCore
 from engine.protocol.codec import NIL, format_pos, make_pos
 
@@ -126,3 +127,60 @@ def test_positions_strictly_increase_per_shard_whatever_the_clock(
         assert entry[2] > last.get(shard, 0)
         assert entry[2] >= make_pos(now_ms, 0) or entry[2] == last[shard] + 1
         last[shard] = entry[2]
+
+
+# -- stream topics (rule 5) -------------------------------------------------------------
+
+
+def rules(topic: str) -> int | None:
+    return {"ev.a": 3, "ev.none": 0}.get(topic)
+
+
+def test_a_stream_topic_keeps_its_newest_history_events_and_its_floor() -> None:
+    core = HubCore(2, "ep", rules)
+    positions = [core.publish([("ev.a", "", bytes([i]))], 1000 + i)[0][2] for i in range(5)]
+    h = core.history("ev.a", 0, None)
+    assert h is not None
+    assert list(h.events) == [(positions[i], "", bytes([i])) for i in (2, 3, 4)]
+    assert h.complete is False and h.epoch == "ep"
+    assert core.floors() == [("ev.a", positions[1])]
+    # the dump: its retained events, no per-key state, none for the state topic
+    core.publish([(T, "k", b"\x01")], 2000)
+    assert [e[2] for e in core.state_entries() if e[0] == "ev.a"] == positions[2:]
+    assert core.snapshot("ev.a").items == [] and core.key_count == 1
+    assert core.topic_count == 2
+
+
+def test_history_after_a_position_and_with_a_limit() -> None:
+    core = HubCore(1, "ep", rules)
+    positions = [core.publish([("ev.a", "k", b"\x01")], 1000 + i)[0][2] for i in range(5)]
+
+    def got(since: int, limit: int | None) -> tuple[list[int], bool]:
+        h = core.history("ev.a", since, limit)
+        assert h is not None
+        return [p for p, _, _ in h.events], h.complete
+
+    assert got(positions[1], None) == (positions[2:], True)  # the floor itself: nothing lost
+    assert got(positions[0], None) == (positions[2:], False)
+    assert got(positions[3], None) == ([positions[4]], True)
+    assert got(positions[4], None) == ([], True)
+    assert got(positions[2], 1) == ([positions[4]], False)
+    assert got(positions[2], 2) == (positions[3:], True)
+
+
+def test_history_zero_keeps_nothing_and_a_state_topic_has_no_history() -> None:
+    core = HubCore(1, "ep", rules)
+    (e,) = core.publish([("ev.none", "", b"\x01")], 1000)
+    assert core.floors() == [("ev.none", e[2])]
+    assert core.state_entries() == []
+    assert core.history("ev.none", 0, None) == History("ep", [], False)
+    assert core.history("ev.a", 0, None) == History("ep", [], True)  # never written
+    assert core.history(T, 0, None) is None
+    core.publish([(T, "k", b"\x01")], 1001)
+    assert core.history(T, 0, None) is None
+
+
+def test_without_rules_every_topic_is_a_state_topic() -> None:
+    core = HubCore(1, "ep")
+    core.publish([("ev.a", "k", b"\x01"), ("ev.a", "k", b"\x02")], 1000)
+    assert core.floors() == [] and core.key_count == 1
