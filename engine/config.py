@@ -333,19 +333,24 @@ class LogConfig:
     format: str = _choice("text", "text", "json")
 
 
+MAX_HISTORY_EVENTS: Final = 1_000_000  # per stream topic, on the bus and in every worker
+
+
 @dataclass(frozen=True, slots=True)
 class TopicRule:
     """One [[topics]] entry: the rules of the topics its pattern matches.
 
     `mode` is "state" (latest value per key, coalesced) or "stream" (every
     event, in order); `max_hz` caps frames per second per connection (0 = no
-    cap); `history` is how many events a stream topic retains.
+    cap); `history` is how many events a stream topic retains (on the bus and
+    in every worker) for clients subscribing with `since`, up to
+    `MAX_HISTORY_EVENTS`.
     """
 
     pattern: str = field(metadata={_SPEC: _Spec("str", expect="a topic pattern like 'prices.>'")})
     mode: str = _choice("state", "state", "stream")
     max_hz: float = _float(0, 0)
-    history: int = _int(0, 0)
+    history: int = _int(0, 0, MAX_HISTORY_EVENTS)
 
 
 @dataclass(frozen=True, slots=True)

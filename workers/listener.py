@@ -375,16 +375,19 @@ class Connection(WSListener):
                 )
             )
             return
-        if req.key is None:
-            self.refuse(
-                RemoteProtocolError(
-                    ErrorCode.BAD_REQUEST,
-                    "'pub' to a state topic needs a string 'key'",
-                    topic=req.topic,
-                    request_id=req.id,
+        key = req.key
+        if key is None:
+            if server.rules.history_of(req.topic) is None:
+                self.refuse(
+                    RemoteProtocolError(
+                        ErrorCode.BAD_REQUEST,
+                        "'pub' to a state topic needs a string 'key'",
+                        topic=req.topic,
+                        request_id=req.id,
+                    )
                 )
-            )
-            return
+                return
+            key = ""  # a stream topic's events need no key
         rid = req.id
         topic = req.topic
 
@@ -403,4 +406,4 @@ class Connection(WSListener):
                 self.send_control(codec.ack(rid, pos=codec.format_pos(result[0])))
 
         t0 = time.monotonic()
-        server.bus.publish([Update(topic, req.key, req.data)], done)
+        server.bus.publish([Update(topic, key, req.data)], done)

@@ -75,8 +75,8 @@ class WorkerServer:
         self.bus = bus
         self.slot = slot
         self.node = node or cfg.server.node or socket.gethostname()
-        self.fanout = Fanout()
         self.rules = TopicRules(cfg.topics)
+        self.fanout = Fanout(history_of=self.rules.history_of)
         self.connections: set[Connection] = set()
         self.paused: set[Connection] = set()
         self.accepting = False

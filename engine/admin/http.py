@@ -31,7 +31,7 @@ import hmac
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -281,16 +281,27 @@ class PublishRequest:
     batch: bool
 
 
-def parse_publish(body: bytes, media: str, max_items: int) -> PublishRequest:
+def parse_publish(
+    body: bytes, media: str, max_items: int, is_stream: Callable[[str], bool] | None = None
+) -> PublishRequest:
     """Parse a /publish body (`media` from `media_kind`); raises HttpError(400).
 
     Accepts `{"topic", "key", "data"}` or `{"items": [{...}, ...]}` with 1 to
-    `max_items` items. `data` is required (null deletes the key). Unknown
-    fields are refused (a misspelt field must not pass silently).
+    `max_items` items. `data` is required (null deletes the key; for a stream
+    topic it is an event whose data is null). `key` is required for state
+    topics and optional for stream topics (`is_stream`, from the `[[topics]]`
+    rules; an omitted key is ""). Unknown fields are refused (a misspelt field
+    must not pass silently).
     """
     if media == "msgpack":
-        return _parse_msgpack(body, max_items)
-    return _parse_json(body, max_items)
+        request = _parse_msgpack(body, max_items)
+    else:
+        request = _parse_json(body, max_items)
+    for i, u in enumerate(request.updates):
+        if not u.key and (is_stream is None or not is_stream(u.topic)):
+            where = f"items[{i}]." if request.batch else ""
+            raise _bad(f"'{where}key' is required (the topic is a state topic)", u.topic)
+    return request
 
 
 def _check_item(fields: Mapping[str, Any], where: str) -> tuple[str, str]:
@@ -311,12 +322,11 @@ def _check_item(fields: Mapping[str, Any], where: str) -> tuple[str, str]:
             f"'{where}topic': bad topic name {topic[:60]!r} (1 to 200 of A-Z a-z 0-9 _ . : -)",
             topic=topic[:200],
         )
-    if "key" not in fields:
-        raise _bad(f"'{where}key' is required", topic)
-    key = fields["key"]
+    # An omitted key is a stream topic's: parse_publish, which knows the modes, checks it.
+    key = fields.get("key", "")
     if not isinstance(key, str):
         raise _bad(f"'{where}key' must be a string, not {_type_name(key)}", topic)
-    if not key:
+    if "key" in fields and not key:
         raise _bad(f"'{where}key' must not be empty", topic)
     if "data" not in fields:
         raise _bad(f"'{where}data' is required (null deletes the key)", topic)

@@ -37,6 +37,7 @@ from engine.admin import http
 from engine.codes import EXIT_PORT_IN_USE, ErrorCode
 from engine.errors import BusError, BusUnavailable
 from engine.supervisor.board import REBALANCE, SUPERVISOR, Board
+from engine.topics import TopicRules
 
 if TYPE_CHECKING:
     from engine.bus.base import Bus
@@ -87,6 +88,7 @@ class AdminServer:
         self.supervisor_pid = supervisor_pid
         self.started = time.time()
         self.body_limit = http.body_limit_bytes(cfg.limits.max_message_bytes)
+        self.rules = TopicRules(cfg.topics)  # a stream topic's /publish needs no key
         # /publish figures, rendered by /metrics with the workers' from the board
         self.publish_hist = metrics.Histogram()
         self.published = 0
@@ -485,7 +487,9 @@ class AdminServer:
         )
 
     async def _publish(self, body: bytes, media: str) -> http.Response:
-        request = http.parse_publish(body, media, self.cfg.limits.max_publish_items)
+        request = http.parse_publish(
+            body, media, self.cfg.limits.max_publish_items, self._is_stream
+        )
         t0 = time.perf_counter()
         try:
             positions = await self.bus.publish_wait(request.updates)
@@ -498,6 +502,9 @@ class AdminServer:
         self.publish_hist.observe(time.perf_counter() - t0)
         self.published += len(request.updates)
         return http.publish_response(request, positions)
+
+    def _is_stream(self, topic: str) -> bool:
+        return self.rules.history_of(topic) is not None
 
 
 async def serve_admin(

@@ -1,9 +1,11 @@
 """Slow consumers against a real `fanout serve`: memory bounded by keys, not
-updates; catch-up to the final values on drain; eviction with 4008."""
+updates; catch-up to the final values on drain; eviction with 4008; on a
+stream topic, a gap naming the lost events, never a silent skip."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +14,7 @@ import psutil
 import pytest
 
 from engine.client.raw import connect
+from engine.protocol.codec import parse_pos
 from tests.support.rawws import RawWS
 from tests.support.serve import Served
 
@@ -156,6 +159,125 @@ async def test_client_that_never_reads_is_closed_4008(strict: Served) -> None:
             m = await honest.recv()
             if m.get("op") == "upd" and "after" in m["items"]:
                 break
+    finally:
+        raw.close()
+        honest.close()
+
+
+# -- stream topics: a gap, never a silent skip -------------------------------------------
+
+STREAM_HISTORY = 2000  # >= a publish batch: a client that keeps up never misses an event
+STREAM_BATCHES = 20
+
+
+@pytest.fixture
+def streaming(tmp_path: Any) -> Iterator[Served]:
+    rules = [{"pattern": "feed.>", "mode": "stream", "history": STREAM_HISTORY}]
+    s = Served(
+        ["--workers", "1"],
+        env={
+            "FANOUT_FANOUT_SLOW_CLIENT_TIMEOUT_S": "120",
+            "FANOUT_FANOUT_MAX_BUFFER_BYTES": "65536",
+            "FANOUT_LIMITS_MAX_PUBLISH_ITEMS": str(BATCH),
+            "FANOUT_TOPICS": json.dumps(rules),
+        },
+        log_path=str(tmp_path / "serve.log"),
+    )
+    s.wait_ready()
+    yield s
+    s.stop()
+
+
+class StreamLog:
+    """What a stream client received, checked as it arrives: events in strictly
+    increasing positions, each gap starting at the client's position and ending
+    before the next event."""
+
+    def __init__(self, start: int) -> None:
+        self.at = start
+        self.events: list[tuple[int, int]] = []  # (pos, data)
+        self.gaps: list[tuple[int, int]] = []
+
+    def apply(self, m: dict[str, Any]) -> None:
+        if m.get("op") == "evt":
+            for p, data in m["items"]:
+                pos = parse_pos(p)
+                assert pos > self.at, "events in order, never twice"
+                self.at = pos
+                self.events.append((pos, data))
+        elif m.get("op") == "gap":
+            frm, to = parse_pos(m["from"]), parse_pos(m["to"])
+            assert frm == self.at < to, (m, self.at)
+            self.at = to
+            self.gaps.append((frm, to))
+
+    def check_accounts_for(self, published: list[int]) -> None:
+        """Every published event was received, or lies inside a gap it was told of."""
+        got = {p for p, _ in self.events}
+        for p in published:
+            assert p in got or any(a < p <= b for a, b in self.gaps), p
+
+
+async def test_stalled_stream_client_gets_a_gap_then_the_later_events(streaming: Served) -> None:
+    topic = "feed.ticks"
+    honest = await connect(streaming.ws_url)
+    await honest.recv()
+    honest.subscribe([topic], id=1)
+    raw = await asyncio.to_thread(stalled_subscriber, streaming, topic)
+    pad = "x" * 500
+    try:
+        rss_before = worker_rss(streaming)
+
+        def publish() -> list[int]:
+            positions: list[int] = []
+            for b in range(STREAM_BATCHES):
+                items = [{"topic": topic, "data": [b * BATCH + i, pad]} for i in range(BATCH)]
+                status, body = streaming.post("/publish", {"items": items})  # no key: a stream
+                assert status == 200, body
+                positions += [parse_pos(p) for p in body["pos"]]
+            return positions
+
+        published = await asyncio.to_thread(publish)
+        n = len(published)
+        await asyncio.sleep(0.5)
+        rss_after = worker_rss(streaming)
+        print(
+            f"worker RSS {rss_before / 2**20:.1f} MiB -> {rss_after / 2**20:.1f} MiB after {n} events"
+        )
+        # nothing queued per client: the worker keeps at most `history` events of the topic
+        assert rss_after - rss_before < 8 * 1024 * 1024, (rss_before, rss_after)
+
+        # the honest client: every event in order (or, on a slow machine, told of a gap)
+        seen = StreamLog(0)
+        while seen.at < published[-1]:
+            for m in honest.take_nowait() or [await honest.recv()]:
+                seen.apply(m)
+        seen.check_accounts_for(published)
+        print(f"honest client: {len(seen.events)} of {n} events, {len(seen.gaps)} gaps")
+
+        # the stalled client reads again: a gap naming what it lost, then the later events
+        def read_to_the_end() -> StreamLog:
+            log = StreamLog(0)
+            raw.sock.settimeout(10)
+            while log.at < published[-1]:
+                for m in raw.recv_messages():
+                    log.apply(m)
+            return log
+
+        log = await asyncio.to_thread(read_to_the_end)
+        assert log.gaps, "the stalled client was told what it lost"
+        log.check_accounts_for(published)
+        frm, to = log.gaps[0]
+        before = [p for p, _ in log.events if p <= frm]
+        after = [p for p, _ in log.events if p > to]
+        assert before == published[: len(before)]  # what it got before: the first events
+        assert after == published[n - len(after) :]  # after: the newest, to the last one
+        assert len(after) >= STREAM_HISTORY - BATCH  # the buffer's worth at least
+        assert [d[0] for _, d in log.events] == [
+            i for i, p in enumerate(published) if p in {q for q, _ in log.events}
+        ]
+        _, stats = streaming.get("/stats")
+        assert stats["totals"]["slow_closes"] == 0
     finally:
         raw.close()
         honest.close()

@@ -28,14 +28,17 @@ def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Any]:
     return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
 
 
-def make_config(**sections: Mapping[str, Any]) -> Config:
+def make_config(**sections: Any) -> Config:
     """default_config() on 127.0.0.1, a free port, with section overrides:
-    make_config(fanout={"flush_interval_ms": 5})."""
+    make_config(fanout={"flush_interval_ms": 5}), and `topics=[TopicRule, ...]`."""
     cfg = default_config()
     cfg = dataclasses.replace(
         cfg, server=dataclasses.replace(cfg.server, host="127.0.0.1", port=0, admin_port=0)
     )
     for name, values in sections.items():
+        if name == "topics":  # a tuple of TopicRule, not a section
+            cfg = dataclasses.replace(cfg, topics=tuple(values))
+            continue
         cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **values)})
     return cfg
 
@@ -108,7 +111,7 @@ def run_dir(tmp_path: Any) -> str:
 async def engine_factory(run_dir: str) -> AsyncIterator[Callable[..., Awaitable[Engine]]]:
     engines: list[Engine] = []
 
-    async def make(**sections: Mapping[str, Any]) -> Engine:
+    async def make(**sections: Any) -> Engine:
         e = Engine(make_config(**sections), run_dir)
         engines.append(e)
         return await e.start()

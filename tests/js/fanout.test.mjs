@@ -83,6 +83,25 @@ test("state view: full snap replaces, partial snap merges, nil deletes", () => {
   assert.throws(() => v.apply({ op: "upd", topic: "t", items: {} }), TypeError);
 });
 
+test("state view: a stream topic's snap, evt and gap surface every event and move the mark", () => {
+  const v = new StateView();
+  let c = v.apply({ op: "snap", topic: "s", epoch: "e1", pos: "2-0", full: true, items: [["1-0", "a"], ["2-0", "b"]] });
+  assert.deepEqual([c.kind, c.full, c.events], ["snap", true, [["1-0", "a"], ["2-0", "b"]]]);
+  assert.deepEqual(v.since(), { s: ["e1", "2-0"] });
+  // what the engine sends a connection that fell behind: a gap, then the later events, in one frame
+  const frame = new Uint8Array([
+    ...encode({ op: "gap", topic: "s", from: "2-0", to: "7-0" }),
+    ...encode({ op: "evt", topic: "s", items: [["8-0", "h"], ["9-0", { px: 1 }]] }),
+  ]);
+  const [gap, evt] = decodeAll(frame).map((m) => v.apply(m));
+  assert.deepEqual([gap.kind, gap.from, gap.to], ["gap", "2-0", "7-0"]);
+  assert.deepEqual([evt.kind, evt.events, evt.pos], ["evt", [["8-0", "h"], ["9-0", { px: 1 }]], "9-0"]);
+  assert.deepEqual(v.since(), { s: ["e1", "9-0"] }, "a resubscription asks for what follows");
+  c = v.apply({ op: "snap", topic: "s", epoch: "e1", pos: "9-0", full: false, items: [] });
+  assert.deepEqual([c.full, c.events, c.pos], [false, [], "9-0"]);
+  assert.throws(() => v.apply({ op: "evt", topic: "s", items: {} }), TypeError);
+});
+
 test("reconnector: full jitter under a growing, capped ceiling; stable reset; bye; 4001", () => {
   const r = new Reconnector({ baseMs: 100, maxMs: 1000, factor: 2, stableMs: 30000 });
   const ceilings = [];

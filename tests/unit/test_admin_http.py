@@ -60,6 +60,23 @@ def test_json_batch_keeps_order() -> None:
     assert [(u.key, u.data) for u in req.updates] == [("k0", pm(0)), ("k1", pm(1)), ("k2", pm(2))]
 
 
+def test_a_stream_topic_needs_no_key() -> None:
+    def is_stream(topic: str) -> bool:
+        return topic.startswith("ev.")
+
+    req = parse_publish(pj({"topic": "ev.log", "data": 1}), "json", 5, is_stream)
+    assert req.updates == (Update("ev.log", "", pm(1)),)
+    req = parse_publish(pm({"topic": "ev.log", "key": "k", "data": 2}), "msgpack", 5, is_stream)
+    assert req.updates == (Update("ev.log", "k", pm(2)),)
+    body = pj({"items": [{"topic": "ev.a", "data": 1}, {"topic": "prices", "data": 2}]})
+    with pytest.raises(HttpError) as info:
+        parse_publish(body, "json", 5, is_stream)
+    assert "'items[1].key' is required" in info.value.message
+    with pytest.raises(HttpError) as info:
+        parse_publish(pm({"topic": "prices", "data": 2}), "msgpack", 5, is_stream)
+    assert "'key' is required" in info.value.message
+
+
 def test_json_batch_of_one_is_still_a_batch() -> None:
     req = parse_publish(pj({"items": [{"topic": "a", "key": "k", "data": 1}]}), "json", 5)
     assert req.batch is True and len(req.updates) == 1

@@ -555,8 +555,13 @@ def test_topics_in_file_keep_their_order_and_defaults() -> None:
             "topics[0].mode",
             "expected one of 'state', 'stream'",
         ),
-        ([{"pattern": "a", "history": -1}], "topics[0].history", "expected an integer >= 0"),
+        ([{"pattern": "a", "history": -1}], "topics[0].history", "expected an integer 0..1000000"),
         ([{"pattern": "a", "history": 5}], "topics[0].history", "only to mode = 'stream'"),
+        (
+            [{"pattern": "a", "mode": "stream", "history": 1_000_001}],
+            "topics[0].history",
+            "expected an integer 0..1000000, got 1000001",
+        ),
         (
             [{"pattern": "a"}, {"pattern": "a", "max_hz": 1}],
             "topics[1].pattern",
