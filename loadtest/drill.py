@@ -68,8 +68,7 @@ from engine.client import Publisher, PublishError
 from engine.client.client import CONNECTED, WAITING, Client
 from engine.client.state import Change
 from engine.config import WorkersConfig
-from loadtest.common import Server, SetupError, raise_nofile
-from tests.support.redis_server import RedisServer, redis_available
+from loadtest.common import RedisServer, Server, SetupError, raise_nofile, redis_available
 
 NODES: Final = ("a", "b", "c")
 DRAINED: Final = "a"
@@ -198,7 +197,7 @@ class Drill:
     def start(self) -> None:
         if not redis_available():
             raise SetupError("redis-server and redis-cli are needed (apt-get install redis-server)")
-        self.redis = RedisServer().start()
+        self.redis = RedisServer(tied=True).start()
         env = {
             "FANOUT_BUS_BACKEND": "redis",
             "FANOUT_BUS_REDIS_URL": self.redis.url,

@@ -26,7 +26,7 @@ import uvloop
 
 from engine.bus.base import Entry, Update
 from engine.bus.redis_streams import RedisBus
-from tests.support.redis_server import RedisServer
+from loadtest.common import RedisServer
 
 IN_FLIGHT = 4000  # requests published and not answered yet (MAX_QUEUED is 10,000)
 
@@ -57,7 +57,7 @@ class Sink:
 
 
 async def main(n: int, batch: int, latency_n: int) -> None:
-    server = RedisServer().start()
+    server = RedisServer(tied=True).start()
     try:
         sink = Sink()
         reader = RedisBus(server.url, shards=16)

@@ -26,6 +26,8 @@ _ROWS: list[tuple[str, tuple[str, ...], str]] = [
     ("server CPU (share of a core)", ("cpu", "server_core_share"), ".2f"),
     ("server CPU-s per million updates", ("cpu", "server_s_per_million_updates"), ",.3f"),
     ("server CPU-s per million frames", ("cpu", "server_s_per_million_frames"), ",.3f"),
+    ("redis-server CPU (share of a core)", ("cpu", "bus_server_core_share"), ".2f"),
+    ("redis-server CPU-s per million updates", ("cpu", "bus_server_s_per_million_updates"), ",.3f"),
     ("server RSS connected (MiB)", ("memory", "server_rss_connected_bytes"), "mib"),
     ("server RSS peak (MiB)", ("memory", "server_rss_peak_bytes"), "mib"),
     ("RSS per connection (KiB)", ("memory", "rss_per_connection_bytes"), "kib"),
@@ -92,6 +94,21 @@ def step_table(step: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _bus_line(s: Mapping[str, Any], with_baseline: bool) -> str:
+    nodes = int(s.get("nodes") or 1)
+    if s.get("bus", "local") == "local":
+        return "local (one node, its embedded hub)"
+    if nodes == 1:
+        return "redis (a redis-server of the run), 1 node: publisher and subscribers on it"
+    subs = "node-2" if nodes == 2 else f"node-2..node-{nodes}"
+    return (
+        f"redis (a redis-server of the run), {nodes} nodes: the publisher posts to node-1, "
+        f"the subscribers are on {subs} (every delivery crossed Redis between nodes); "
+        "server CPU and RSS summed over the nodes, redis-server's apart"
+        + ("; the baseline is one process with no bus" if with_baseline else "")
+    )
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     s = report["settings"]
     m = report["machine"]
@@ -105,6 +122,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"{s['batch_ms']:g} ms via POST /publish); fanout: {s['workers']} workers, "
         f"flush_interval_ms = {s['flush_ms']}"
         + (f"; max_hz {s['max_hz']:g}" if s.get("max_hz") else ""),
+        f"- bus: {_bus_line(s, any('baseline' in st['results'] for st in report['steps']))}",
         f"- machine: {m['cpu_model'] or 'unknown CPU'}, {m['cpus']} cores, "
         f"{m['memory_bytes'] / 2**30:.1f} GiB, Python {m['python']}, fd limit {m['fd_limit']}",
         "- server and load generator share this machine: see the load generator's CPU",

@@ -7,12 +7,21 @@
     fanout bench --storm --subscribers 5000
     fanout bench --churn 200
     fanout bench --sweep rate --steps 1000,5000,10000,20000 --baseline
+    fanout bench --bus redis --nodes 2             # end to end across nodes over Redis
 
 Each run starts its own server(s) on free ports (fanout: `fanout serve` with
 `--workers` and `flush_interval_ms`; with `--baseline`, then the naive picows
 broadcaster of loadtest/baseline.py on the same workload and seed), measures,
 and writes `reports/bench-<workload>-<scenario>-<time>.json` and `.md` (plus
 PNG plots for a sweep). docs/benchmarks.md explains every figure.
+
+Buses: `--bus local` (default) is one node with its embedded hub. `--bus
+redis` starts a redis-server of its own (free loopback port, no persistence)
+and `--nodes N` fanout nodes on it: the publisher posts to node 1's admin API
+and the subscribers connect to nodes 2..N only, so every update a subscriber
+receives crossed Redis from one node to another (with `--nodes 1`, publisher
+and subscribers share node 1, still through Redis). Server CPU and RSS are
+summed over every node's processes; redis-server's CPU is reported apart.
 
 Exit codes: 0 measured and every reading client converged on every target;
 1 measured but some client did not converge; 3 could not set up or failed
@@ -31,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
+from loadtest.bench.nodes import BUSES
 from loadtest.bench.run import SCENARIOS, BenchSettings, broke, machine, run_target
 from loadtest.common import SetupError, raise_nofile
 from loadtest.workload import WORKLOADS
@@ -84,12 +94,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-S", "--subscribers", type=int, default=1000)
     p.add_argument(
-        "--sub-procs", type=int, default=0, help="subscriber processes (default: 1 per 500, 2..8)"
+        "--sub-procs",
+        type=int,
+        default=0,
+        help="subscriber processes (default: 1 per 500, 2..8, rounded up to a multiple of "
+        "the subscriber nodes)",
     )
     p.add_argument("-U", "--rate", type=float, default=10_000, help="updates/s (default 10000)")
     p.add_argument("-D", "--duration", type=float, default=30.0, help="seconds (default 30)")
     p.add_argument("--batch-ms", type=float, default=10.0, help="publish batch interval (10)")
-    p.add_argument("--workers", type=int, default=2, help="fanout workers (default 2)")
+    p.add_argument("--workers", type=int, default=2, help="fanout workers per node (default 2)")
+    p.add_argument(
+        "--bus",
+        choices=BUSES,
+        default="local",
+        help="fanout's bus: local = one node, embedded hub (default); redis = a "
+        "redis-server started for the run, shared by --nodes nodes",
+    )
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="fanout nodes (default 1; more than 1 needs --bus redis): node 1 takes the "
+        "publisher, nodes 2..N the subscribers (e.g. --bus redis --nodes 2)",
+    )
     p.add_argument("--flush-ms", type=int, default=20, help="fanout flush_interval_ms (20)")
     p.add_argument("--settle", type=float, default=15.0, help="max s to wait for convergence")
     p.add_argument("--connect-concurrency", type=int, default=200, help="per process")
@@ -106,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--baseline",
         action="store_true",
-        help="also run the naive picows broadcaster on the same workload; report ratios",
+        help="also run the naive picows broadcaster on the same workload; report ratios "
+        "(one process, no bus: the same with --bus redis, where the ratio is then fanout "
+        "on Redis over a local baseline)",
     )
     p.add_argument("--sweep", choices=("rate", "subscribers"), help="step this value up")
     p.add_argument("--steps", type=_int_list, help="comma-separated values for --sweep")
@@ -130,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def sub_procs_for(a: argparse.Namespace, subscribers: int) -> int:
+    """--sub-procs, or 1 per 500 subscribers (2..8) rounded up to a multiple of the
+    subscriber nodes (each subscriber process connects to one node)."""
+    if a.sub_procs:
+        return min(int(a.sub_procs), subscribers)
+    sub_nodes = max(1, a.nodes - 1)
+    n = max(2, min(8, -(-subscribers // 500)))
+    return min(-(-n // sub_nodes) * sub_nodes, subscribers)
+
+
 def settings_from(a: argparse.Namespace) -> BenchSettings:
     scenario = a.scenario or "fanout"
     if a.idle:
@@ -140,17 +181,19 @@ def settings_from(a: argparse.Namespace) -> BenchSettings:
         scenario = "storm"
     elif a.churn is not None:
         scenario = "churn"
-    sub_procs = a.sub_procs or max(2, min(8, -(-a.subscribers // 500)))
+    sub_procs = sub_procs_for(a, a.subscribers)
     return BenchSettings(
         workload=WORKLOADS[a.workload],
         scenario=scenario,
         subscribers=a.subscribers,
-        sub_procs=min(sub_procs, a.subscribers),
+        sub_procs=sub_procs,
         rate=a.rate,
         duration_s=a.duration,
         batch_ms=a.batch_ms,
         workers=a.workers,
         flush_ms=a.flush_ms,
+        bus=a.bus,
+        nodes=a.nodes,
         settle_s=a.settle,
         concurrency=a.connect_concurrency,
         max_items=a.max_publish_items,
@@ -177,6 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--subscribers, --rate and --duration must be positive")
     if a.slow is not None and not 0 < a.slow < 1:
         p.error("--slow is a fraction between 0 and 1")
+    if a.nodes < 1 or (a.bus == "local" and a.nodes != 1):
+        p.error("--nodes: the local bus is one node; more nodes need --bus redis")
+    if a.sub_procs and a.sub_procs < a.nodes - 1:
+        p.error("--sub-procs: at least one subscriber process per subscriber node (N - 1)")
     s = settings_from(a)
     raise_nofile()  # inherited by every process forked from here
     if a.loadgen_cpus:
@@ -197,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = (
         a.name
         or f"bench-{s.workload.name}-{s.scenario}"
+        + (f"-redis{s.nodes}" if s.bus == "redis" else "")
         + (f"-sweep-{a.sweep}" if a.sweep else "")
         + f"-{stamp}"
     )
@@ -228,8 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif a.sweep == "rate":
                 step_s = replace(s, rate=float(value))
             elif a.sweep == "subscribers":
-                sp = a.sub_procs or max(2, min(8, -(-value // 500)))
-                step_s = replace(s, subscribers=value, sub_procs=min(sp, value))
+                step_s = replace(s, subscribers=value, sub_procs=sub_procs_for(a, value))
             if value is not None:
                 log(f"== {a.sweep} = {value:,}")
             results: dict[str, Any] = {}

@@ -1,8 +1,10 @@
 """`fanout bench`: orchestration of one measured run against fanout and/or the baseline.
 
 One *run* of a target (fanout or the baseline) is: start the server on free
-ports, open S subscribers over P processes (spreading their source addresses
-over 127.0.0.x), wait until every one has its snap, run the scenario for D
+ports (fanout: its nodes and their bus, loadtest/bench/nodes.py), open S
+subscribers over P processes (spreading their source addresses over
+127.0.0.x; each process on one of the subscriber nodes), wait until every one
+has its snap, run the scenario for D
 seconds while a publisher sends U updates/s, publish one final value of every
 key, and check every reading client ends at those values. Both targets get the
 same workload from the same seed. Everything started is stopped, whatever
@@ -28,6 +30,7 @@ from typing import Any
 
 import psutil
 
+from loadtest.bench.nodes import FanoutNodes
 from loadtest.bench.publisher import publisher_process
 from loadtest.bench.subscriber import subscriber_process
 from loadtest.common import (
@@ -61,6 +64,8 @@ class BenchSettings:
     batch_ms: float
     workers: int
     flush_ms: int
+    bus: str  # "local" (the embedded hub: one node) or "redis" (a redis-server of the run)
+    nodes: int  # fanout nodes: node 1 takes the publisher, nodes 2..N the subscribers
     settle_s: float
     concurrency: int
     max_items: int
@@ -118,6 +123,22 @@ class BaselineServer:
     def command(self) -> str:
         return f"python {shlex.join(self.args[1:])}"
 
+    @property
+    def sub_urls(self) -> list[str]:
+        return [self.url]
+
+    def trees(self) -> dict[str, list[int]]:
+        return {"baseline": server_pids(self.proc.pid)}
+
+    def pids(self) -> list[int]:
+        return server_pids(self.proc.pid)
+
+    def bus_pid(self) -> None:
+        return None  # one process, no bus
+
+    def describe(self) -> dict[str, Any]:
+        return {"bus": None, "nodes": [{"name": "baseline", "url": self.url, "admin": self.admin}]}
+
     def board_pids(self) -> dict[str, int]:
         return {"baseline": self.proc.pid}
 
@@ -125,12 +146,12 @@ class BaselineServer:
         Server.cleanup_dir(self, keep_log_to)  # type: ignore[arg-type]
 
 
-def _fanout_server(s: BenchSettings) -> Server:
+def _fanout_nodes(s: BenchSettings) -> FanoutNodes:
     env = {}
     if s.workload.mode == "stream":
         rules = [{"pattern": t, "mode": "stream"} for t in s.workload.topic_names()]
         env["FANOUT_TOPICS"] = json.dumps(rules)
-    return Server(s.workers, s.flush_ms, s.config, "warning", s.server_cpus, env)
+    return FanoutNodes(s.bus, s.nodes, s.workers, s.flush_ms, s.config, s.server_cpus, env)
 
 
 def run_target(target: str, s: BenchSettings, log: Callable[[str], None]) -> dict[str, Any]:
@@ -139,7 +160,7 @@ def run_target(target: str, s: BenchSettings, log: Callable[[str], None]) -> dic
     procs = Children()
     keep_log = False
     try:
-        server = BaselineServer(s.server_cpus) if target == "baseline" else _fanout_server(s)
+        server = BaselineServer(s.server_cpus) if target == "baseline" else _fanout_nodes(s)
         server.wait_ready(30.0)
         result = _measure(target, s, server, procs, log)
         return result
@@ -157,18 +178,23 @@ def run_target(target: str, s: BenchSettings, log: Callable[[str], None]) -> dic
             server.cleanup_dir(None)
 
 
-def _tree_rss(sup: int) -> int:
-    return sum(rss_bytes(server_pids(sup)).values())
+def _tree_rss(server: Any) -> int:
+    """RSS summed over every process of the target (every node's tree; not redis-server)."""
+    return sum(rss_bytes(server.pids()).values())
 
 
 def _measure(
     target: str, s: BenchSettings, server: Any, procs: Children, log: Callable[[str], None]
 ) -> dict[str, Any]:
     w = s.workload
-    sup = int(server.proc.pid)
     names = server.board_pids()
-    log(f"[{target}] server ready: {server.url} (admin {server.admin}), pid {sup}")
-    rss_before = _tree_rss(sup)
+    where = server.describe()
+    log(
+        f"[{target}] server ready: publisher -> {server.admin}, subscribers -> "
+        + ", ".join(server.sub_urls)
+        + (f" ({len(where['nodes'])} nodes on the {where['bus']} bus)" if where["bus"] else "")
+    )
+    rss_before = _tree_rss(server)
 
     # -- subscribers ----------------------------------------------------------------------
     topics_of = w.subscriptions(s.subscribers, s.seed)
@@ -182,11 +208,14 @@ def _measure(
         plans[i % s.sub_procs].append((i, topics_of[i], addr, i in slow_set))
     budget = s.duration_s + s.settle_s + 180.0 + s.subscribers / 20.0
     subs = []
+    sub_urls = server.sub_urls  # nodes 2..N: every delivery crossed the bus between nodes
+    used_urls = []
     for p, plan in enumerate(plans):
         if not plan:
             continue
+        used_urls.append(sub_urls[p % len(sub_urls)])
         spec = {
-            "url": server.url,
+            "url": used_urls[-1],
             "clients": plan,
             "concurrency": s.concurrency,
             "budget_s": budget,
@@ -216,7 +245,7 @@ def _measure(
     if ready < s.subscribers:
         raise SetupError(f"only {ready} of {s.subscribers} subscribers are subscribed: {setup}")
     time.sleep(1.0)  # let the server settle before taking its memory
-    rss_connected = _tree_rss(sup)
+    rss_connected = _tree_rss(server)
 
     if n_slow:
         slowed = sum(procs.expect(c, "slowed", 10.0) for c in _send_all(subs, "slow"))
@@ -226,7 +255,10 @@ def _measure(
     for c in subs:
         c.send("mark_start")
     start_counts = {c.name: procs.expect(c, "marked_start", 10.0) for c in subs}
-    pids = server_pids(sup)
+    pids = server.pids()
+    trees = server.trees()
+    bus_pid = server.bus_pid()
+    bus0 = cpu_seconds([bus_pid] if bus_pid else [])
     gen_pids = {c.name: int(c.proc.pid or 0) for c in procs.children}
     gen_pids["orchestrator"] = os.getpid()
     cpu0, gen0, busy0 = cpu_seconds(pids), cpu_seconds(gen_pids.values()), machine_busy_seconds()
@@ -266,7 +298,7 @@ def _measure(
         procs.pump(max(0.0, min(0.2, next_line - time.monotonic())))
         now = time.monotonic()
         if now >= next_line:
-            rss_now = _tree_rss(sup)
+            rss_now = _tree_rss(server)
             rss_peak = max(rss_peak, rss_now)
             if len(rss_timeline) < 100_000:  # one sample a second: bounded
                 rss_timeline.append(round(rss_now / 2**20, 1))
@@ -300,7 +332,9 @@ def _measure(
     for c in subs:
         c.send("mark_end")
     cpu1, gen1, busy1 = cpu_seconds(pids), cpu_seconds(gen_pids.values()), machine_busy_seconds()
-    rss_end = _tree_rss(sup)
+    bus1 = cpu_seconds([bus_pid] if bus_pid else [])
+    bus_rss = sum(rss_bytes([bus_pid] if bus_pid else []).values())
+    rss_end = _tree_rss(server)
     rss_peak = max(rss_peak, rss_end)
     gen_rss = sum(rss_bytes(gen_pids.values()).values())
     end_counts = {c.name: procs.expect(c, "marked_end", 20.0) for c in subs}
@@ -339,6 +373,11 @@ def _measure(
     both = [p for p in cpu0 if p in cpu1]
     per_process = {by_name.get(p, f"pid {p}"): round(used(cpu0, cpu1, p), 3) for p in both}
     server_cpu = sum(used(cpu0, cpu1, p) for p in both)
+    per_node = {
+        node: round(sum(used(cpu0, cpu1, p) for p in tree if p in cpu0 and p in cpu1), 3)
+        for node, tree in trees.items()
+    }
+    bus_cpu = used(bus0, bus1, bus_pid) if bus_pid in bus0 and bus_pid in bus1 else None
     gen_by_name = {
         n: round(used(gen0, gen1, p), 3) for n, p in gen_pids.items() if p in gen0 and p in gen1
     }
@@ -358,6 +397,9 @@ def _measure(
     connections = s.subscribers
     return {
         "target": target,
+        "bus": where["bus"],
+        "nodes": where["nodes"],
+        "bus_server": where.get("redis"),  # the redis-server of the run: url, pid, command
         "server_command": server.command(),
         "server_processes": {by_name.get(p, f"pid {p}"): p for p in sorted(set(pids))},
         "window_s": round(window, 3),
@@ -365,6 +407,7 @@ def _measure(
             "ready": ready,
             "per_process": setup,
             "source_addrs": addrs,
+            "subscriber_urls": {c.name: url for c, url in zip(subs, used_urls, strict=True)},
         },
         "publish": done,
         "delivery": {
@@ -385,6 +428,14 @@ def _measure(
                 round(server_cpu / (frames / 1e6), 3) if frames else None
             ),
             "server_per_process_s": per_process,
+            "server_per_node_s": per_node,
+            # redis-server, apart from the nodes (None on the local bus: its hub is a
+            # process of the node, in server_s)
+            "bus_server_s": round(bus_cpu, 3) if bus_cpu is not None else None,
+            "bus_server_core_share": round(bus_cpu / window, 3) if bus_cpu is not None else None,
+            "bus_server_s_per_million_updates": (
+                round(bus_cpu / (updates / 1e6), 3) if bus_cpu is not None and updates else None
+            ),
             "loadgen_s": round(loadgen_cpu, 3),
             "loadgen_core_share": round(loadgen_cpu / window, 3),
             "loadgen_per_process_s": gen_by_name,
@@ -397,6 +448,7 @@ def _measure(
             "server_rss_end_bytes": rss_end,
             "server_rss_peak_bytes": rss_peak,
             "rss_per_connection_bytes": round((rss_connected - rss_before) / connections),
+            "bus_server_rss_end_bytes": bus_rss or None,
             "loadgen_rss_bytes": gen_rss,
             "rss_guard_tripped": rss_guard,
             "rss_timeline_mib": rss_timeline,

@@ -15,6 +15,8 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.support.redis_server import redis_available
+
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_FACTOR = float(os.environ.get("FANOUT_TEST_TIMEOUT_FACTOR", "1"))
 
@@ -102,8 +104,43 @@ def test_bench_help_lists_every_scenario_and_workload() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert result.returncode == 0
-    for word in ("--idle", "--slow", "--storm", "--churn", "--baseline", "--sweep", "market"):
+    for word in ("--idle", "--slow", "--storm", "--churn", "--baseline", "--sweep", "market",
+                 "--bus", "--nodes"):  # fmt: skip
         assert word in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
+def test_redis_bus_two_nodes_every_update_crosses_from_the_publishing_node_to_the_other(
+    tmp_path: Path,
+) -> None:
+    result, report = bench(
+        tmp_path, "--bus", "redis", "--nodes", "2", "-S", "6", "-U", "200", "-D", "2"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert report["all_converged"] is True
+    assert report["settings"]["bus"] == "redis" and report["settings"]["nodes"] == 2
+    r = report["steps"][0]["results"]["fanout"]
+    assert r["bus"] == "redis"
+    node1, node2 = r["nodes"]
+    assert (node1["name"], node1["role"]) == ("node-1", "publisher")
+    assert (node2["name"], node2["role"]) == ("node-2", "subscribers")
+    # published to node 1 only, read on node 2 only: every delivery went through Redis
+    assert set(r["setup"]["subscriber_urls"].values()) == {node2["url"]}
+    assert r["convergence"]["converged"] == r["convergence"]["clients"] == 6
+    assert r["delivery"]["updates"] > 0 and r["latency_ms"]["samples"] > 0
+    assert r["errors"] == {} and r["close_codes"] == {}
+    assert set(r["cpu"]["server_per_node_s"]) == {"node-1", "node-2"}
+    assert r["cpu"]["bus_server_s"] is not None  # redis-server's CPU, apart
+    md = (tmp_path / "r.md").read_text()
+    assert "- bus: redis" in md and "2 nodes" in md
+    assert "redis-server CPU" in md
+    assert "every reading client converged" in md
+    # everything it started is gone: both nodes' processes and the redis-server
+    started = [*_pids(report), int(r["bus_server"]["pid"])]
+    assert len(started) >= 7  # 2 x (supervisor, 2 workers, admin), redis-server
+    assert not [p for p in started if _running(p)]
 
 
 def _running(pid: int) -> bool:
