@@ -220,7 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--subscribers, --rate and --duration must be positive")
     if a.slow is not None and not 0 < a.slow < 1:
         p.error("--slow is a fraction between 0 and 1")
-    if a.nodes < 1 or (a.bus == "local" and a.nodes != 1):
+    if a.nodes < 1:
+        p.error("--nodes must be at least 1")
+    if a.bus == "local" and a.nodes != 1:
         p.error("--nodes: the local bus is one node; more nodes need --bus redis")
     if a.sub_procs and a.sub_procs < a.nodes - 1:
         p.error("--sub-procs: at least one subscriber process per subscriber node (N - 1)")
