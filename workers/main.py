@@ -16,6 +16,7 @@ Signals (installed on the worker's own loop):
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import signal
@@ -38,6 +39,12 @@ BUS_CONNECT_TIMEOUT_S = 10.0
 def run_worker(cfg: Config, slot: int, run_dir: str) -> None:
     """Entry point of a forked worker process. Returns when the worker is done;
     raises SystemExit with a non-zero code when it cannot boot."""
+    # What the worker inherited from the supervisor (modules, config) lives as
+    # long as it does: keep the cyclic collector from walking it. A collection
+    # writes to the header of every object it visits, and the kernel copies each
+    # inherited page written to: ~7 MB per worker (docs/benchmarks.md, "Memory
+    # per connection"); full collections (`maybe_trim`) get shorter too.
+    gc.freeze()
     setup_logging(cfg.log.level, cfg.log.format, f"worker {slot}")
     code = uvloop.run(_main(cfg, slot, run_dir))
     if code:

@@ -32,7 +32,9 @@ from http import HTTPStatus
 from typing import Any
 
 import aiofastnet
+from multidict import CIMultiDict, CIMultiDictProxy
 from picows import (
+    WSTransport,
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
@@ -77,12 +79,15 @@ class WorkerServer:
         self.node = node or cfg.server.node or socket.gethostname()
         self.rules = TopicRules(cfg.topics)
         self.fanout = Fanout(history_of=self.rules.history_of)
-        self.connections: set[Connection] = set()
+        # a dict as an ordered set: ~30 bytes per entry at any size, where a set's
+        # table, grown 4x at a time, costs up to ~105 (5,000 entries)
+        self.connections: dict[Connection, None] = {}
         self.paused: set[Connection] = set()
         self.accepting = False
         self.port = 0
         self.started = time.time()
         # settings read on the hot path, flattened
+        self.ws_path = cfg.server.path.encode("latin-1")  # shared by upgraded requests
         self.max_buffer_bytes = cfg.fanout.max_buffer_bytes
         self.hard_cap_bytes = 4 * cfg.fanout.max_buffer_bytes + 4 * cfg.limits.max_message_bytes
         self.max_message_bytes = cfg.limits.max_message_bytes
@@ -263,7 +268,8 @@ class WorkerServer:
         return _http_error(status, code, message, extra)
 
     def connection_opened(self, conn: Connection) -> None:
-        self.connections.add(conn)
+        _release_upgrade(conn.transport, self.ws_path)
+        self.connections[conn] = None
         self.connects += 1
         if self.per_ip.limit:
             self.per_ip.add(conn.peer)
@@ -279,7 +285,7 @@ class WorkerServer:
 
     def connection_closed(self, conn: Connection) -> None:
         if conn in self.connections:
-            self.connections.discard(conn)
+            del self.connections[conn]
             self.paused.discard(conn)
             self.fanout.close_session(conn.session)
             code = _close_code(conn)
@@ -576,6 +582,29 @@ class _PeerProtocol(WSProtocol):  # type: ignore[misc]
 # read from the socket by picows; a small initial buffer keeps idle connections cheap
 _READ_BUFFER_INIT_SIZE = 2048
 
+# What an upgraded connection's request and response hold as headers (read-only, shared).
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+
+
+def _release_upgrade(transport: WSTransport | None, path: bytes) -> None:
+    """Drop what picows keeps of the upgrade on the transport for the whole life
+    of the connection (`transport.request`, `transport.response`): the headers
+    of both (two multidicts and their strings, ~2.3 KiB per connection; the
+    client's `Authorization` token with them) and the request line's own bytes
+    objects (~0.15 KiB), measured in docs/benchmarks.md, "Memory per
+    connection". Nothing reads them once the upgrade is done (`accept` already
+    has). The request keeps its method (picows upgrades only GET), version
+    (only HTTP/1.1) and `path`, the endpoint's (`accept` upgrades no other;
+    the query string goes), as bytes shared by every connection."""
+    if transport is not None:
+        request = transport.request
+        request.method = b"GET"
+        request.version = b"HTTP/1.1"
+        request.path = path
+        # read-only on purpose: a write would be shared by every connection
+        request.headers = _NO_HEADERS  # type: ignore[assignment]
+        transport.response.headers = _NO_HEADERS  # type: ignore[assignment]
+
 
 async def _create_ws_server(
     server: WorkerServer,
@@ -589,7 +618,9 @@ async def _create_ws_server(
     with a protocol per connection that knows its peer (see `_PeerProtocol`).
     `handshake_timeout_s` drops a TCP client that does not complete the upgrade."""
     loop = asyncio.get_running_loop()
-    logger = logging.getLogger("picows.server")
+    # Not a `logging.Logger`: given one, picows builds a child Logger per
+    # connection (~1 KiB each); an adapter is shared by every connection.
+    logger = logging.LoggerAdapter(logging.getLogger("picows.server"), {})
 
     def protocol_factory() -> WSProtocol:
         accept = _Accept(server)
