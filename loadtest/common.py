@@ -650,3 +650,56 @@ def rss_bytes(pids: Iterable[int]) -> dict[int, int]:
         except psutil.Error:
             continue
     return out
+
+
+MEMORY_KINDS = ("rss", "pss", "anon", "file", "shmem")
+
+
+def memory_bytes(pid: int) -> dict[str, int] | None:
+    """One process's memory by kind, from Linux's /proc/PID/smaps_rollup and status:
+
+    - rss: resident pages (a page shared with other processes counts in full);
+    - pss: proportional set size (a page shared by k processes counts 1/k in
+      each), so a tree's sum counts each of its pages once, copy-on-write
+      copies included;
+    - anon / file / shmem: rss split into anonymous memory (the heap: what
+      connections allocate), file pages (shared libraries' code, already in
+      memory for the processes that mapped them before) and shared memory.
+
+    None when the process is gone; only rss (psutil's) without /proc."""
+    try:
+        kinds = dict.fromkeys(MEMORY_KINDS, 0)
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as fh:
+            for line in fh:
+                name, _, rest = line.partition(":")
+                if name in ("Rss", "Pss"):
+                    kinds[name.lower()] = int(rest.split()[0]) * 1024
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                name, _, rest = line.partition(":")
+                if name in ("RssAnon", "RssFile", "RssShmem"):
+                    kinds[name[3:].lower()] = int(rest.split()[0]) * 1024
+        return kinds
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return {"rss": int(psutil.Process(pid).memory_info().rss)}
+    except psutil.Error:
+        return None
+
+
+def tree_memory_bytes(pids: Iterable[int]) -> dict[str, int]:
+    """`memory_bytes` summed over the processes that still exist (kinds that some
+    process could not give are left out)."""
+    total = dict.fromkeys(MEMORY_KINDS, 0)
+    missing: set[str] = set()
+    for pid in pids:
+        kinds = memory_bytes(pid)
+        if kinds is None:
+            continue
+        for k in MEMORY_KINDS:
+            if k in kinds:
+                total[k] += kinds[k]
+            else:
+                missing.add(k)
+    return {k: v for k, v in total.items() if k not in missing}

@@ -58,6 +58,8 @@ from typing import Any
 import msgpack
 import psutil
 
+from loadtest.common import tree_memory_bytes
+
 TOPIC = "feed"
 KEYS = 50
 
@@ -416,6 +418,14 @@ def tree_rss_mb(pid: int) -> dict[str, float]:
     return out
 
 
+def tree_memory_mb(pid: int) -> dict[str, float]:
+    """The tree's memory by kind (loadtest/common.py, `memory_bytes`): pss counts
+    each page once (copy-on-write copies included), anon is the heap, file the
+    pages of shared libraries a process touched (no new memory)."""
+    kinds = tree_memory_bytes(p.pid for p in server_tree(pid))
+    return {k: round(v / 1e6, 1) for k, v in kinds.items()}
+
+
 def tree_cpu_s(pid: int) -> float:
     total = 0.0
     for p in server_tree(pid):
@@ -519,6 +529,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         spawn("honest", _honest_process, url, args.honest, (flood_start, flood_end), stop_at)
         time.sleep(args.warmup)
         rss_before = tree_rss_mb(proc.pid)
+        memory_before = tree_memory_mb(proc.pid)
         workers_before = worker_rss_mb(admin_port)
         msgs_per_tick = max(1, round(args.factor * args.rate_limit * 0.1))
         per_proc = [args.abusers // args.procs] * args.procs
@@ -533,6 +544,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # abusers still open get closed by the server or leave (5 s), then settle
         time.sleep(max(0.0, flood_end + 5.0 + args.settle - time.time()))
         rss_after = tree_rss_mb(proc.pid)
+        memory_after = tree_memory_mb(proc.pid)
         workers_after = worker_rss_mb(admin_port)
         time.sleep(1.5)  # a fresh status on the board
         statuses = worker_statuses(run_dir)
@@ -569,6 +581,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "rss_change_pct": round(
                     100.0 * (rss_after["total"] - rss_before["total"]) / rss_before["total"], 1
                 ),
+                "memory_mb_before": memory_before,
+                "memory_mb_after": memory_after,
                 "workers_rss_mb_before": workers_before,
                 "workers_rss_mb_after": workers_after,
                 "workers_rss_change_pct": round(
@@ -623,6 +637,12 @@ def summary(r: dict[str, Any]) -> str:
             f" {s['workers_rss_mb_before']} -> {s['workers_rss_mb_after']} MB"
             f" ({s['workers_rss_change_pct']:+} %); CPU during flood {s['cpu_s_flood']} s"
             f" ({s['cpu_cores_flood']} cores); connections left {s['connections_after']}",
+            "server memory before -> after (MB): "
+            + ", ".join(
+                f"{k} {s['memory_mb_before'][k]} -> {s['memory_mb_after'][k]}"
+                for k in ("pss", "anon", "file")
+                if k in s["memory_mb_before"] and k in s["memory_mb_after"]
+            ),
         ]
     )
 

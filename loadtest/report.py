@@ -31,6 +31,8 @@ _ROWS: list[tuple[str, tuple[str, ...], str]] = [
     ("server RSS connected (MiB)", ("memory", "server_rss_connected_bytes"), "mib"),
     ("server RSS peak (MiB)", ("memory", "server_rss_peak_bytes"), "mib"),
     ("RSS per connection (KiB)", ("memory", "rss_per_connection_bytes"), "kib"),
+    ("PSS per connection (KiB)", ("memory", "per_connection_bytes", "pss"), "kib"),
+    ("anonymous memory per connection (KiB)", ("memory", "per_connection_bytes", "anon"), "kib"),
     ("server RSS end ÷ connected", ("memory", "rss_end_over_connected"), ".3f"),
     ("clients converged (fraction)", ("convergence", "fraction"), ".4f"),
     ("load generator CPU (share of a core)", ("cpu", "loadgen_core_share"), ".2f"),
@@ -137,6 +139,14 @@ def markdown(report: Mapping[str, Any]) -> str:
                 lines.append(f"\n- {t} broke: {why}")
         for t, r in step["results"].items():
             extra = []
+            mem = r.get("memory") or {}
+            if mem.get("warmup_connections"):
+                start = mem.get("per_connection_from_start_bytes") or {}
+                extra.append(
+                    f"memory per connection measured after {mem['warmup_connections']} "
+                    "warm-up connections (one-time costs left out; from the start, RSS "
+                    f"{fmt(start.get('rss'), 'kib')} KiB, PSS {fmt(start.get('pss'), 'kib')} KiB)"
+                )
             if r.get("errors"):
                 extra.append(f"errors {r['errors']}")
             if r.get("close_codes"):

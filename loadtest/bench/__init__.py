@@ -145,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-p99-ms", type=float, default=250.0, help="a step breaks above this p99 (250)"
     )
     p.add_argument(
+        "--warmup",
+        type=int,
+        default=-1,
+        metavar="N",
+        help="--idle: connect N more subscribers first and take the memory baseline "
+        "with them connected, so that the per-connection figures leave out one-time "
+        "costs (default S/10)",
+    )
+    p.add_argument(
         "--max-server-rss-mib",
         type=int,
         default=8192,
@@ -207,6 +216,7 @@ def settings_from(a: argparse.Namespace) -> BenchSettings:
         config=a.config,
         quiet=a.quiet,
         max_server_rss_mib=a.max_server_rss_mib,
+        warmup=(a.subscribers // 10 if a.warmup < 0 else a.warmup) if scenario == "idle" else 0,
     )
 
 

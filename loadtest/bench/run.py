@@ -45,6 +45,7 @@ from loadtest.common import (
     percentiles_ms,
     rss_bytes,
     server_pids,
+    tree_memory_bytes,
     used,
 )
 from loadtest.workload import Workload
@@ -79,6 +80,7 @@ class BenchSettings:
     config: str | None
     quiet: bool
     max_server_rss_mib: int = 8192
+    warmup: int = 0  # --idle: subscribers connected before the memory baseline
 
     def source_addr_count(self) -> int:
         if self.source_addrs > 0:
@@ -183,6 +185,14 @@ def _tree_rss(server: Any) -> int:
     return sum(rss_bytes(server.pids()).values())
 
 
+def _tree_memory(server: Any) -> dict[str, int]:
+    return tree_memory_bytes(server.pids())
+
+
+def _per_connection(before: dict[str, int], after: dict[str, int], n: int) -> dict[str, int]:
+    return {k: round((after[k] - before[k]) / n) for k in after if k in before and n}
+
+
 def _measure(
     target: str, s: BenchSettings, server: Any, procs: Children, log: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -194,11 +204,37 @@ def _measure(
         + ", ".join(server.sub_urls)
         + (f" ({len(where['nodes'])} nodes on the {where['bus']} bus)" if where["bus"] else "")
     )
-    rss_before = _tree_rss(server)
+    n_addrs = s.source_addr_count()
+    mem_start = _tree_memory(server)
+    budget = s.duration_s + s.settle_s + 180.0 + s.subscribers / 20.0
+    if s.warmup:
+        # One-time costs land with the first connections (code pages a worker
+        # touches for the first time, heap holes left by startup): connect a few
+        # first, so that the per-connection figures are the cost of one more.
+        # They stay connected (idle) until the end of the run.
+        warm = [
+            (s.subscribers + i, topics, f"127.0.0.{1 + i % n_addrs}", False)
+            for i, topics in enumerate(w.subscriptions(s.warmup, s.seed + 1))
+        ]
+        warmers = []
+        for k, url in enumerate(server.sub_urls):  # every subscriber node
+            spec = {
+                "url": url,
+                "clients": warm[k :: len(server.sub_urls)],
+                "concurrency": s.concurrency,
+                "budget_s": budget,
+                "max_hz": s.max_hz,
+            }
+            warmers.append(procs.spawn(f"warmup-{k + 1}", subscriber_process, 0, spec))
+        warmed = sum(procs.expect(c, "ready", 60.0)["ready"] for c in warmers)
+        if warmed < s.warmup:
+            raise SetupError(f"only {warmed} of {s.warmup} warm-up subscribers are subscribed")
+        time.sleep(1.0)
+    mem_before = _tree_memory(server)
+    rss_before = mem_before["rss"]
 
     # -- subscribers ----------------------------------------------------------------------
     topics_of = w.subscriptions(s.subscribers, s.seed)
-    n_addrs = s.source_addr_count()
     n_slow = round(s.slow_fraction * s.subscribers) if s.scenario == "slow" else 0
     slow_every = s.subscribers / n_slow if n_slow else 0.0
     slow_set = {int(i * slow_every) for i in range(n_slow)}
@@ -206,7 +242,6 @@ def _measure(
     for i in range(s.subscribers):
         addr = f"127.0.0.{1 + i % n_addrs}"
         plans[i % s.sub_procs].append((i, topics_of[i], addr, i in slow_set))
-    budget = s.duration_s + s.settle_s + 180.0 + s.subscribers / 20.0
     subs = []
     sub_urls = server.sub_urls  # nodes 2..N: every delivery crossed the bus between nodes
     used_urls = []
@@ -245,7 +280,8 @@ def _measure(
     if ready < s.subscribers:
         raise SetupError(f"only {ready} of {s.subscribers} subscribers are subscribed: {setup}")
     time.sleep(1.0)  # let the server settle before taking its memory
-    rss_connected = _tree_rss(server)
+    mem_connected = _tree_memory(server)
+    rss_connected = mem_connected["rss"]
 
     if n_slow:
         slowed = sum(procs.expect(c, "slowed", 10.0) for c in _send_all(subs, "slow"))
@@ -448,12 +484,26 @@ def _measure(
             "server_rss_end_bytes": rss_end,
             "server_rss_peak_bytes": rss_peak,
             "rss_per_connection_bytes": round((rss_connected - rss_before) / connections),
+            # the same, split (common.memory_bytes): pss counts each page of the tree
+            # once, copy-on-write copies included; anon is the heap; file, shared
+            # libraries' pages a process touched for the first time (no new memory)
+            "per_connection_bytes": _per_connection(mem_before, mem_connected, connections),
+            "warmup_connections": s.warmup,
+            # before the warm-up, over warm-up + measured connections (= the figure
+            # without a warm-up): one-time costs included
+            "per_connection_from_start_bytes": _per_connection(
+                mem_start, mem_connected, connections + s.warmup
+            ),
+            "server_memory_start_bytes": mem_start,
+            "server_memory_before_bytes": mem_before,
+            "server_memory_connected_bytes": mem_connected,
             "bus_server_rss_end_bytes": bus_rss or None,
             "loadgen_rss_bytes": gen_rss,
             "rss_guard_tripped": rss_guard,
             "rss_timeline_mib": rss_timeline,
             "rss_end_over_connected": round(rss_end / rss_connected, 4) if rss_connected else None,
-            "note": "sum of RSS over the server's process tree (shared pages counted per process)",
+            "note": "sums over the server's process tree; RSS counts a page shared by forked "
+            "processes once per process (in both terms of a difference), PSS once in all",
         },
         "convergence": {
             "clients": clients,

@@ -155,7 +155,15 @@ def _running(pid: int) -> bool:
 @pytest.mark.parametrize(
     ("flags", "check"),
     [
-        (["--idle"], lambda r: r["memory"]["rss_per_connection_bytes"] is not None),
+        (
+            ["--idle"],
+            # 2 warm-up subscribers (S/10) connected before the memory baseline
+            lambda r: (
+                r["memory"]["rss_per_connection_bytes"] is not None
+                and r["memory"]["warmup_connections"] == 2
+                and {"rss", "pss", "anon", "file"} <= set(r["memory"]["per_connection_bytes"])
+            ),
+        ),
         (["--slow", "0.25"], lambda r: r["convergence"]["slow_clients"] == 5),
         (["--churn", "20"], lambda r: r["churn"]["churned"] > 0 and r["churn"]["failed"] == 0),
     ],
