@@ -355,15 +355,27 @@ class WorkerServer:
         deadline = loop.time()
         while True:
             deadline += interval
-            plan = fanout.collect()
-            if plan:
+            plan, shared = fanout.plan()
+            if plan or shared:
                 t0 = loop.time()
+                n = 0  # sessions written since the last yield
+                # the up-to-date single-topic sessions, by group (one message each)
+                for sh in shared:
+                    i, end = 0, len(sh.subs)
+                    while i < end:
+                        step = min(_YIELD_EVERY - n, end - i)
+                        fanout.deliver_shared(sh, i, i + step)
+                        i += step
+                        n += step
+                        if n >= _YIELD_EVERY:
+                            n = 0
+                            await asyncio.sleep(0)
                 deliver = fanout.deliver
-                n = 0
                 for session, deliveries in plan.items():
                     deliver(session, deliveries)
                     n += 1
-                    if n % _YIELD_EVERY == 0:
+                    if n >= _YIELD_EVERY:
+                        n = 0
                         await asyncio.sleep(0)
                 self.flush_hist.observe(loop.time() - t0)
             delay = deadline - loop.time()

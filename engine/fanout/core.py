@@ -15,6 +15,10 @@ Rules this module owns:
    that is behind (it was over budget, or just subscribed) gets a catch-up
    built from its own last position, cached per (topic, position) for the flush.
 3. Write once: a session's messages of one flush are joined into one frame.
+   A session with one subscription that is up to date (most of them, on a
+   ticker board) is planned by group, not by session (`Shared`): the group's
+   message is its whole frame, written as is to each of them (`deliver_shared`),
+   with nothing built per session.
 4. Bounded memory: a subscriber that cannot take a frame keeps only its last
    delivered position (`sent_pos`); nothing is queued for it. When it can write
    again it gets one catch-up per topic with the latest values of the keys it
@@ -72,15 +76,17 @@ class Session:
 
 
 class Sub:
-    """One session's subscription to one topic."""
+    """One session's subscription to one topic. `live` turns False when it ends
+    (unsub, re-sub, closed session)."""
 
-    __slots__ = ("group", "sent_pos", "session", "topic")
+    __slots__ = ("group", "live", "sent_pos", "session", "topic")
 
     def __init__(self, session: Session, topic: Topic, group: Group, sent_pos: int) -> None:
         self.session = session
         self.topic = topic
         self.group = group
         self.sent_pos = sent_pos
+        self.live = True
 
 
 class Group:
@@ -93,6 +99,22 @@ class Group:
         self.subs: set[Sub] = set()
         self.behind: set[Sub] = set()  # subs with sent_pos < flushed_pos
         self.flushed_pos = flushed_pos
+
+
+class Shared:
+    """One group's message of one flush, planned for its subscribers that have
+    no other subscription and were up to date: for each of them the message is
+    the whole frame (rule 3)."""
+
+    __slots__ = ("group", "msg", "n", "pos", "subs", "topic")
+
+    def __init__(self, topic: Topic, group: Group, msg: bytes, pos: int, n: int) -> None:
+        self.topic = topic
+        self.group = group
+        self.msg = msg
+        self.pos = pos  # the topic position the message reflects
+        self.n = n  # items in it
+        self.subs: list[Sub] = []
 
 
 class Stats:
@@ -258,6 +280,7 @@ class Fanout:
         session.subs.clear()
 
     def _remove(self, sub: Sub) -> None:
+        sub.live = False
         g = sub.group
         g.subs.discard(sub)
         g.behind.discard(sub)
@@ -277,7 +300,18 @@ class Fanout:
     # -- flush -----------------------------------------------------------------------
 
     def collect(self) -> dict[Session, list[Delivery]]:
-        """Advance one flush tick and plan what each session is sent.
+        """Advance one flush tick and plan what each session is sent, session by
+        session (`plan`, with its shared part spelled out per session)."""
+        out, shared = self.plan()
+        for sh in shared:
+            for sub in sh.subs:
+                out[sub.session] = [(sub, sh.msg, sh.pos, sh.n)]
+        return out
+
+    def plan(self) -> tuple[dict[Session, list[Delivery]], list[Shared]]:
+        """Advance one flush tick and plan what is sent: per session (`deliver`)
+        for sessions with several topics or behind on one, and per group
+        (`deliver_shared`) for the up-to-date sessions of a single topic.
 
         The plan may be delivered later (the shell yields to its loop between
         sessions): each delivery carries the position it reflects.
@@ -291,6 +325,7 @@ class Fanout:
                     pending.setdefault(p, set()).add(t)
             self.dirty = set()
         out: dict[Session, list[Delivery]] = {}
+        direct_all: list[Shared] = []
         stale: dict[tuple[Topic, int], tuple[bytes, int]] = {}
         epoch = self.epoch
         for period, topics in pending.items():
@@ -317,6 +352,7 @@ class Fanout:
                     members = list(g.behind)
                     shared, shared_n = b"", 0
                 g.behind.clear()
+                direct: Shared | None = None
                 for sub in members:
                     session = sub.session
                     if session.paused:
@@ -328,6 +364,12 @@ class Fanout:
                         continue
                     sent = sub.sent_pos
                     if sent == base:
+                        if len(session.subs) == 1:
+                            if direct is None:
+                                direct = Shared(t, g, shared, tpos, shared_n)
+                                direct_all.append(direct)
+                            direct.subs.append(sub)
+                            continue
                         msg, n = shared, shared_n
                     elif sent < tpos or sent == _NEEDS_SNAP:
                         cached = stale.get((t, sent))
@@ -342,7 +384,7 @@ class Fanout:
                     else:
                         d.append((sub, msg, tpos, n))
             topics.clear()
-        return out
+        return out, direct_all
 
     def _catch_up(self, t: Topic, sent: int) -> tuple[bytes, int]:
         if sent == _NEEDS_SNAP:
@@ -382,6 +424,39 @@ class Fanout:
                 g.behind.add(sub)
                 self._visit(sub.topic, g.period)
         return False
+
+    def deliver_shared(self, sh: Shared, start: int = 0, stop: int | None = None) -> None:
+        """Write the group's message as the whole frame to `sh.subs[start:stop]`.
+
+        The same rules as `deliver`: a subscription that ended since `plan` is
+        skipped, a new epoch since drops the rest of the plan (the group then
+        needs a snap), a refusal leaves the subscription behind for a later tick.
+        """
+        g = sh.group
+        if g.flushed_pos != sh.pos:
+            return  # a new epoch began since the plan (`reset`)
+        msg, pos = sh.msg, sh.pos
+        behind = g.behind
+        sent = refused = 0
+        for sub in sh.subs[start:stop]:
+            if not sub.live:
+                continue
+            if sub.session.writer.write(msg):
+                sub.sent_pos = pos
+                sent += 1
+                if behind:
+                    behind.discard(sub)
+            else:
+                refused += 1
+                behind.add(sub)
+        stats = self.stats
+        if sent:
+            stats.frames_sent += sent
+            stats.bytes_sent += sent * len(msg)
+            stats.updates_delivered += sent * sh.n
+        if refused:
+            stats.frames_refused += refused
+            self._visit(sh.topic, g.period)
 
     def resume(self, session: Session) -> None:
         """The session drained below its budget: visit its lagging topics next tick."""

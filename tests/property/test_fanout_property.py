@@ -32,7 +32,7 @@ import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.fanout.core import Delivery, Fanout, Session
+from engine.fanout.core import Delivery, Fanout, Session, Shared
 from engine.fanout.state import TopicState
 from engine.protocol.codec import NIL, decode_frame, make_pos, pack_item, parse_pos
 
@@ -189,7 +189,9 @@ class Run:
         self.fo = Fanout(self.model.epoch)
         self.clients = [Client(self) for _ in range(SLOTS)]
         self.sessions = [Session(c) for c in self.clients]
-        self.plan: list[tuple[Session, list[Delivery]]] = []
+        # steps of the current plan: one session's deliveries, or a slice of a
+        # group's shared message (the worker writes those by group, two at a time here)
+        self.plan: list[tuple[Session, list[Delivery]] | tuple[Shared, int, int]] = []
 
     # -- bus side
 
@@ -232,14 +234,29 @@ class Run:
 
     def deliver_next(self) -> None:
         if self.plan:
-            session, deliveries = self.plan.pop(0)
-            self.fo.deliver(session, deliveries)
+            step = self.plan.pop(0)
+            if isinstance(step[0], Shared):
+                sh, start, stop = step  # type: ignore[misc]
+                self.fo.deliver_shared(sh, start, stop)
+            else:
+                session, deliveries = step  # type: ignore[misc]
+                self.fo.deliver(session, deliveries)
 
     def collect(self) -> None:
         self.finish_plan()
-        self.plan = list(self.fo.collect().items())
-        for session, _ in self.plan:
+        by_session, shared = self.fo.plan()
+        self.plan = list(by_session.items())
+        for sh in shared:
+            assert sh.subs, "a shared message planned for nobody"
+            for sub in sh.subs:
+                assert len(sub.session.subs) == 1 and sub.sent_pos < sh.pos
+                assert sub.session not in by_session, "a session planned twice"
+            self.plan.extend((sh, i, i + 2) for i in range(0, len(sh.subs), 2))
+        for session, _ in by_session.items():
             assert not session.paused, "a paused session was planned"
+        for sh in shared:
+            for sub in sh.subs:
+                assert not sub.session.paused, "a paused session was planned"
 
     def flush(self) -> None:
         self.collect()

@@ -91,9 +91,16 @@ def sub(
 
 
 def flush(fo: Fanout) -> dict[Session, list[Delivery]]:
-    plan = fo.collect()
+    """One flush as the worker runs it: the shared part by group, the rest by
+    session. Returns what was planned, per session."""
+    plan, shared = fo.plan()
+    for sh in shared:
+        fo.deliver_shared(sh)
     for s, deliveries in plan.items():
         fo.deliver(s, deliveries)
+    for sh in shared:
+        for one in sh.subs:
+            plan[one.session] = [(one, sh.msg, sh.pos, sh.n)]
     return plan
 
 
@@ -732,6 +739,113 @@ def test_a_reset_while_a_plan_waits_still_sends_the_new_snap() -> None:
     flush(fo)
     assert c.epoch["prices"] == "e2"
     assert c.views["prices"] == {"b": "new"}
+
+
+# -- the shared plan: up-to-date sessions of one topic, written by group --------------
+
+
+def test_up_to_date_single_topic_sessions_are_planned_by_group() -> None:
+    fo = Fanout(EPOCH)
+    one = [connect() for _ in range(3)]
+    two, c2 = connect()
+    late, cl = connect()
+    for s, _ in one:
+        sub(fo, s, "prices")
+    sub(fo, two, "prices")
+    sub(fo, two, "news")
+    sub(fo, late, "prices")
+    fo.apply("prices", "a", pos(1), val(1))
+    cl.refuse = True
+    flush(fo)  # refused: `late` is now behind
+    cl.refuse = False
+    fo.apply("prices", "a", pos(2), val(2))
+    plan, shared = fo.plan()
+    (sh,) = shared
+    assert {sub.session for sub in sh.subs} == {s for s, _ in one}
+    assert set(plan) == {two, late}  # several topics; behind: a catch-up of its own
+    assert plan[late][0][1] is not sh.msg
+    for start in range(3):
+        fo.deliver_shared(sh, start, start + 1)
+    for s, deliveries in plan.items():
+        fo.deliver(s, deliveries)
+    for c in [c for _, c in one] + [c2, cl]:
+        assert c.views["prices"] == {"a": 2}
+        assert c.pos["prices"] == format_pos(pos(2))
+    assert all(c.raw[-1] is sh.msg for _, c in one)  # the message is the whole frame
+
+
+def test_a_shared_message_is_not_written_to_a_session_that_unsubscribed_meanwhile() -> None:
+    fo = Fanout(EPOCH)
+    (a, ca), (b, cb) = connect(), connect()
+    sub(fo, a, "prices")
+    sub(fo, b, "prices")
+    fo.apply("prices", "x", pos(1), val(1))
+    _, (sh,) = fo.plan()
+    fo.unsubscribe(a, "prices")
+    fo.deliver_shared(sh)
+    assert len(ca.frames) == 1  # the snap only
+    assert cb.views["prices"] == {"x": 1}
+
+
+def test_a_shared_message_is_not_written_after_a_resubscribe_meanwhile() -> None:
+    fo = Fanout(EPOCH)
+    s, c = connect()
+    sub(fo, s, "prices")
+    fo.apply("prices", "a", pos(1), val(1))
+    _, (sh,) = fo.plan()
+    fo.apply("prices", "a", pos(2), val(2))
+    sub(fo, s, "prices")  # the snap holds a=2
+    fo.deliver_shared(sh)  # the planned upd holds a=1: it must not reach the client
+    flush(fo)
+    assert c.views["prices"] == {"a": 2}
+    assert c.frames[-1][0]["op"] == "snap"
+
+
+def test_a_shared_message_is_not_written_to_a_closed_session() -> None:
+    fo = Fanout(EPOCH)
+    s, c = connect()
+    sub(fo, s, "prices")
+    fo.apply("prices", "a", pos(1), val(1))
+    _, (sh,) = fo.plan()
+    fo.close_session(s)
+    fo.deliver_shared(sh)
+    assert len(c.frames) == 1
+    assert fo.stats.frames_sent == 0
+
+
+def test_a_reset_while_a_shared_message_waits_drops_it_for_the_new_snap() -> None:
+    fo = Fanout(EPOCH)
+    s, c = connect()
+    sub(fo, s, "prices")
+    fo.apply("prices", "a", pos(10), val("old"))
+    _, (sh,) = fo.plan()
+    fo.reset("e2")
+    fo.apply("prices", "b", pos(1), val("new"))  # below the planned position
+    fo.deliver_shared(sh)
+    assert len(c.frames) == 1
+    flush(fo)
+    assert c.epoch["prices"] == "e2"
+    assert c.views["prices"] == {"b": "new"}
+
+
+def test_a_refused_shared_message_leaves_the_session_behind_for_a_catch_up() -> None:
+    fo = Fanout(EPOCH)
+    (a, ca), (b, cb) = connect(), connect()
+    sub(fo, a, "prices")
+    sub(fo, b, "prices")
+    fo.apply("prices", "x", pos(1), val(1))
+    fo.apply("prices", "y", pos(2), val(2))
+    ca.refuse = True
+    flush(fo)
+    assert fo.stats.frames_refused == 1
+    assert cb.views["prices"] == {"x": 1, "y": 2}
+    ca.refuse = False
+    fo.apply("prices", "y", pos(3), val(3))
+    flush(fo)
+    assert ca.views["prices"] == {"x": 1, "y": 3}  # one catch-up with both keys
+    assert len(ca.frames) == 2
+    assert cb.frames[-1][0]["items"] == {"y": 3}
+    assert not fo.topics["prices"].groups[1].behind
 
 
 def test_stats_count_what_was_written() -> None:
