@@ -177,6 +177,8 @@ class Fanout:
         self.pending: dict[int, set[Topic]] = {}
         self.periods: dict[int, int] = {}  # period -> number of groups using it
         self.tick = 0
+        self.resets = 0  # new epochs so far
+        self._plan_resets = 0  # `resets` when the plan being delivered was made
         self.stats = Stats()
 
     # -- bus side --------------------------------------------------------------------
@@ -227,6 +229,7 @@ class Fanout:
     def reset(self, epoch: str) -> None:
         """The bus has a new epoch: forget all state; every subscriber gets a full snap."""
         self.epoch = epoch
+        self.resets += 1
         for t in self.topics.values():
             t.clear()
             for g in t.groups.values():
@@ -318,6 +321,7 @@ class Fanout:
         """
         self.tick += 1
         tick = self.tick
+        self._plan_resets = self.resets
         pending = self.pending
         if self.dirty:
             for t in self.dirty:
@@ -395,14 +399,16 @@ class Fanout:
         """Write one session's planned messages as one frame. On refusal (over
         budget) the subscriptions stay behind and are retried on a later tick.
 
-        A planned message whose subscription ended or changed after `collect`
-        (unsub, re-sub, closed session, new epoch) is dropped: it may hold values
-        older than what the client got since. True when nothing is left to write.
+        A planned message whose subscription ended after `plan` (unsub, re-sub,
+        closed session) is dropped: it may hold values older than what the
+        client got since; after a new epoch (`reset`) every planned message is
+        (the next plan holds the snaps). True when nothing is left to write.
         """
-        subs = session.subs
+        if self.resets != self._plan_resets:
+            return True
         for planned in deliveries:
-            if not _still_wanted(subs, planned[0]):
-                deliveries = [d for d in deliveries if _still_wanted(subs, d[0])]
+            if not planned[0].live:
+                deliveries = [d for d in deliveries if d[0].live]
                 if not deliveries:
                     return True
                 break
@@ -411,11 +417,15 @@ class Fanout:
         if session.writer.write(frame):
             stats.frames_sent += 1
             stats.bytes_sent += len(frame)
+            items = 0
             for sub, _, pos, n in deliveries:
                 if pos > sub.sent_pos:
                     sub.sent_pos = pos
-                sub.group.behind.discard(sub)
-                stats.updates_delivered += n
+                behind = sub.group.behind
+                if behind:
+                    behind.discard(sub)
+                items += n
+            stats.updates_delivered += items
             return True
         stats.frames_refused += 1
         for sub, _, _, _ in deliveries:
@@ -432,9 +442,9 @@ class Fanout:
         skipped, a new epoch since drops the rest of the plan (the group then
         needs a snap), a refusal leaves the subscription behind for a later tick.
         """
+        if self.resets != self._plan_resets:
+            return  # a new epoch began since the plan: the next plan holds the snaps
         g = sh.group
-        if g.flushed_pos != sh.pos:
-            return  # a new epoch began since the plan (`reset`)
         msg, pos = sh.msg, sh.pos
         behind = g.behind
         sent = refused = 0
@@ -473,16 +483,3 @@ class Fanout:
 
     def topic_positions(self) -> Mapping[str, int]:
         return {name: t.pos for name, t in self.topics.items()}
-
-
-def _still_wanted(subs: Mapping[str, Sub], sub: Sub) -> bool:
-    """Whether a message planned for `sub` may still be written.
-
-    Not when the session dropped or replaced the subscription since `collect`
-    (a re-sub's snap is newer than the plan), nor when a new epoch began since:
-    `reset` marks the group as needing a snap, which only a later `collect`
-    plans (and clears), so a planned message meeting that mark is from the old epoch.
-    """
-    if subs.get(sub.topic.name) is not sub:
-        return False
-    return not (sub.sent_pos == _NEEDS_SNAP and sub.group.flushed_pos == _NEEDS_SNAP)

@@ -12,8 +12,8 @@ counters once a second and obeys commands from the orchestrator:
 - `converge finals settle_s`: wait until every reading client holds the final
   value of every key of its topics, then answer.
 
-Bounds: decode caches of at most 4,096 payloads and 4,096 messages each (identical
-frames and messages are decoded once), one histogram, one view per client; every wait is bounded in time.
+Bounds: a decode cache of at most 4,096 messages (each distinct message is
+decoded once), one histogram, one view per client; every wait is bounded in time.
 """
 
 from __future__ import annotations
@@ -35,19 +35,34 @@ import msgpack
 from loadtest.common import _FINE_BUCKETS, _FINE_SHIFT, bucket_of, percentiles_ms, raise_nofile
 from loadtest.workload import STREAM_KEY
 
-# (topic, full_or_clear, items, epoch or None, pos, is_snap)
-_Msg = tuple[str, bool, dict[str, Any], Any, Any, bool]
-_Entry = tuple[tuple[_Msg, ...], int, tuple[tuple[int, int], ...], tuple[tuple[str, Any], ...]]
+# One decoded message: (topic or None, clear the view, items for the view, epoch
+# (snap only), pos, is_snap, key values in it, ((stamp, count), ...), control
+# item or None). Messages with a topic update that topic's view.
+_Msg = tuple[
+    str | None,
+    bool,
+    dict[str, Any],
+    Any,
+    Any,
+    bool,
+    int,
+    tuple[tuple[int, int], ...],
+    tuple[str, Any] | None,
+]
 
 
 class ProcState:
     """Everything one subscriber process counts, and its decode cache."""
 
-    _CACHE_MAX = 4096  # payloads; cleared when full (bounded memory)
+    _CACHE_MAX = 4096  # messages; cleared when full (bounded memory)
 
     def __init__(self) -> None:
-        self.cache: dict[bytes, _Entry] = {}
-        self.mcache: dict[bytes, _Decoded] = {}
+        # message bytes -> decoded message. The engine sends the same `upd` bytes
+        # to every subscriber of a topic (a whole frame on a one-topic workload,
+        # part of frames that differ per client on the market workload), so each
+        # distinct message is decoded once per process.
+        self.mcache: dict[bytes, _Msg] = {}
+        self.unpacker = msgpack.Unpacker(raw=False)
         self.clients: list[Any] = []
         self.frames = 0
         self.updates = 0
@@ -65,87 +80,71 @@ class ProcState:
 
     def feed(self, client: Any, payload: bytes) -> None:
         now = time.time_ns()
-        entry = self.cache.get(payload)
-        if entry is None:
-            entry = self._decode(payload)
-        msgs, n, stamps, control = entry
-        views = client.views
-        for topic, clear, items, epoch, pos, is_snap in msgs:
-            view = views.get(topic)
-            if view is None:
-                continue
-            if clear:
-                view.clear()
-            view.update(items)
-            if is_snap:
-                client.epochs[topic] = epoch
-                client.snapped.add(topic)
-                if len(client.snapped) == len(views):
-                    client.ready = True
-            client.positions[topic] = pos
         self.frames += 1
-        self.updates += n
-        if control:
-            self._control(control)
-        if self.measuring and stamps:
-            hist = self.hist
-            for t, c in stamps:
-                d = now - t
-                b = d >> _FINE_SHIFT
-                if b >= _FINE_BUCKETS or d < 0:
-                    b = bucket_of(d)
-                    if d < 0:
-                        self.negative += c
-                hist[b] = hist.get(b, 0) + c
-                self.samples += c
-                if d > self.max_ns:
-                    self.max_ns = d
+        m = self.mcache.get(payload)
+        # a frame of one message seen before (the common case), or split it
+        msgs = (m,) if m is not None else self._split(payload)
+        views = client.views
+        for topic, clear, items, epoch, pos, is_snap, n, stamps, control in msgs:
+            if topic is not None:
+                view = views.get(topic)
+                if view is not None:
+                    if clear:
+                        view.clear()
+                    view.update(items)
+                    if is_snap:
+                        client.epochs[topic] = epoch
+                        client.snapped.add(topic)
+                        if len(client.snapped) == len(views):
+                            client.ready = True
+                    client.positions[topic] = pos
+            self.updates += n
+            if control is not None:
+                self._control((control,))
+            if stamps and self.measuring:
+                hist = self.hist
+                for t, c in stamps:
+                    d = now - t
+                    b = d >> _FINE_SHIFT
+                    if b >= _FINE_BUCKETS or d < 0:
+                        b = bucket_of(d)
+                        if d < 0:
+                            self.negative += c
+                    hist[b] = hist.get(b, 0) + c
+                    self.samples += c
+                    if d > self.max_ns:
+                        self.max_ns = d
 
-    def _decode(self, payload: bytes) -> _Entry:
-        """Split a frame into its messages (msgpack `skip`, no objects built) and
-        decode each message once per process: the engine sends the same `upd`
-        bytes to every subscriber of a topic, inside frames that differ per
-        client (the market workload), so messages repeat where frames do not."""
-        unpacker = msgpack.Unpacker(raw=False)
-        unpacker.feed(payload)
+    def _split(self, payload: bytes) -> list[_Msg]:
+        """The frame's messages (msgpack `skip` finds their ends, building no
+        objects), each decoded once per process (`_decode`)."""
         msgs: list[_Msg] = []
-        n = 0
-        stamps: list[tuple[int, int]] = []
-        control: list[tuple[str, Any]] = []
-        cacheable = True
+        unpacker = self.unpacker
         mcache = self.mcache
-        end = len(payload)
-        at = 0
         try:
+            unpacker.feed(payload)
+            base = at = unpacker.tell()
+            end = base + len(payload)
             while at < end:
                 unpacker.skip()
                 nxt = unpacker.tell()
-                raw = payload[at:nxt]
+                raw = payload if nxt - at == len(payload) else payload[at - base : nxt - base]
                 at = nxt
                 m = mcache.get(raw)
-                if m is None:
-                    m = _decode_msg(msgpack.unpackb(raw, raw=False))
-                    if m[4]:
-                        if len(mcache) >= self._CACHE_MAX:
-                            mcache.clear()
-                        mcache[raw] = m
-                msg, count, st, ctl, ok = m
-                if msg is not None:
-                    msgs.append(msg)
-                n += count
-                stamps.extend(st)
-                if ctl is not None:
-                    control.append(ctl)
-                cacheable = cacheable and ok
+                msgs.append(self._decode(raw) if m is None else m)
         except (ValueError, msgpack.UnpackException) as exc:
-            control.append(("bad", str(exc)[:80]))
-            cacheable = False
-        entry = (tuple(msgs), n, tuple(stamps), tuple(control))
-        if cacheable:
-            if len(self.cache) >= self._CACHE_MAX:
-                self.cache.clear()
-            self.cache[payload] = entry
-        return entry
+            msgs.append((None, False, {}, None, None, False, 0, (), ("bad", str(exc)[:80])))
+            self.unpacker = msgpack.Unpacker(raw=False)  # its buffer is not trusted now
+        return msgs
+
+    def _decode(self, raw: bytes) -> _Msg:
+        m = _decode_msg(msgpack.unpackb(raw, raw=False))
+        if m[8] is None and not m[5]:  # snaps and control messages are rare: not kept
+            mcache = self.mcache
+            if len(mcache) >= self._CACHE_MAX:
+                mcache.clear()
+            mcache[raw] = m
+        return m
 
     def _control(self, control: Sequence[tuple[str, Any]]) -> None:
         for op, msg in control:
@@ -167,14 +166,9 @@ class ProcState:
         }
 
 
-# one decoded message: (message for the views or None, key values in it,
-# ((stamp, count), ...), control item or None, cacheable)
-_Decoded = tuple[_Msg | None, int, tuple[tuple[int, int], ...], tuple[str, Any] | None, bool]
-
-
-def _decode_msg(msg: Any) -> _Decoded:
+def _decode_msg(msg: Any) -> _Msg:
     if not isinstance(msg, dict):
-        return None, 0, (), ("bad", repr(msg)[:80]), False
+        return None, False, {}, None, None, False, 0, (), ("bad", repr(msg)[:80])
     op = msg.get("op")
     stamps: collections.Counter[int] = collections.Counter()
     if op == "upd":
@@ -182,8 +176,8 @@ def _decode_msg(msg: Any) -> _Decoded:
         for v in its.values():
             if isinstance(v, list) and len(v) == 2 and isinstance(v[1], int):
                 stamps[v[1]] += 1
-        m: _Msg = (str(msg.get("topic")), False, its, None, msg.get("pos"), False)
-        return m, len(its), tuple(stamps.items()), None, True
+        topic = str(msg.get("topic"))
+        return topic, False, its, None, msg.get("pos"), False, len(its), tuple(stamps.items()), None
     if op == "evt":
         events = msg.get("items") or []
         for ev in events:
@@ -192,23 +186,16 @@ def _decode_msg(msg: Any) -> _Decoded:
                 stamps[v[1]] += 1
         last = {STREAM_KEY: events[-1][1]} if events else {}
         pos = events[-1][0] if events else None
-        m = (str(msg.get("topic")), False, last, None, pos, False)
-        return m, len(events), tuple(stamps.items()), None, True
+        topic = str(msg.get("topic"))
+        return topic, False, last, None, pos, False, len(events), tuple(stamps.items()), None
     if op == "snap":
         its = msg.get("items") or {}
         if isinstance(its, list):  # a stream topic: [[pos, data], ...]
             its = {STREAM_KEY: its[-1][1]} if its else {}
-        m = (
-            str(msg.get("topic")),
-            bool(msg.get("full")),
-            its,
-            msg.get("epoch"),
-            msg.get("pos"),
-            True,
-        )
-        # rare; and it changes client state beyond the view
-        return m, 0, (), None, False
-    return None, 0, (), (str(op), msg), False
+        topic = str(msg.get("topic"))
+        full = bool(msg.get("full"))
+        return topic, full, its, msg.get("epoch"), msg.get("pos"), True, 0, (), None
+    return None, False, {}, None, None, False, 0, (), (str(op), msg)
 
 
 def make_client_class() -> type:
