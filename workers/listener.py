@@ -83,13 +83,13 @@ class Connection(WSListener):
         "user",
     )
 
-    def __init__(self, server: WorkerServer, conn_id: str, peer: str) -> None:
+    def __init__(self, server: WorkerServer, conn_id: str, peer: str, phase: int = 0) -> None:
         self.server = server
         self.conn_id = conn_id
         self.peer = peer
         self.transport: WSTransport | None = None
         self.underlying: object = None
-        self.session = Session(self)
+        self.session = Session(self, phase)  # spreads its rate-limited frames
         self.fragments: list[bytes] | None = None
         self.fragments_size = 0
         self.bad_frames = 0

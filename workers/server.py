@@ -49,7 +49,7 @@ from engine.auth.tokens import Identity, TokenError, TokenVerifier, load_verifie
 from engine.bus.base import Bus, Entry
 from engine.config import Config
 from engine.fanout.budget import slow_expired, watermarks
-from engine.fanout.core import Fanout, Session, period_ticks
+from engine.fanout.core import Fanout, Session, period_ticks, quantize_period
 from engine.metrics import Histogram
 from engine.protocol import codec
 from engine.topics import TopicRules
@@ -248,7 +248,8 @@ class WorkerServer:
         offered = headers.get("Sec-WebSocket-Protocol")
         if offered and SUBPROTOCOL in (p.strip() for p in offered.split(",")):
             reply["Sec-WebSocket-Protocol"] = SUBPROTOCOL
-        conn = Connection(self, f"{os.getpid():x}.{next(self._ids):x}", peer)
+        n = next(self._ids)
+        conn = Connection(self, f"{os.getpid():x}.{n:x}", peer, phase=n)
         if self.verifier is None:
             conn.grant(self.anonymous, None, None)
         elif identity is not None:
@@ -315,8 +316,8 @@ class WorkerServer:
             # for ever, nor split a topic into many groups (one encoding each)
             max_hz = max(max_hz, self.cfg.limits.min_max_hz)
         period = period_ticks(max_hz, rule.max_hz, self.cfg.fanout.flush_interval_ms)
-        if max_hz is not None and period > 1:
-            period = 1 << (period - 1).bit_length()  # the next power of two: fewer frames
+        if max_hz is not None:
+            period = quantize_period(period)  # few distinct periods per topic
         return self.fanout.subscribe(session, topic, since, period)
 
     # -- bus sink --------------------------------------------------------------------

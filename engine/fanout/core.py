@@ -25,8 +25,14 @@ Rules this module owns:
    missed. Memory per slow client is bounded by its subscriptions.
 5. Positions only move forward: `sent_pos` is set to the topic position the
    delivered frame reflects, and a key is never delivered out of order.
-6. `max_hz` maps to a period in flush ticks; all subscribers with the same
-   period flush on the same ticks (tick % period == 0), so they share messages.
+6. `max_hz` maps to a period in flush ticks (`period_ticks`, rounded by
+   `quantize_period` to at most four periods per octave). A session has a
+   phase (any integer, fixed at its creation); its subscriptions of period P
+   are due on the ticks where tick % P == phase % P, so the frames of
+   rate-limited clients are spread over the period instead of all leaving on
+   one tick. A group is the subscribers of one topic with the same (period,
+   phase % period): they share messages. Each tick, per topic and period, at
+   most one phase is due, so spreading costs no extra encoding.
 7. A new epoch (the bus lost its data) clears every topic; every subscriber
    then gets a full `snap` in place of its next `upd`.
 8. Stream topics (`history_of` names them, engine/fanout/stream.py) go through
@@ -65,14 +71,16 @@ class Writer(Protocol):
 
 class Session:
     """One connection's subscriptions. `paused` is set by the shell while the
-    transport is over its budget (pause_writing .. resume_writing)."""
+    transport is over its budget (pause_writing .. resume_writing). `phase`
+    spreads its rate-limited frames (rule 6): give sessions distinct values."""
 
-    __slots__ = ("__weakref__", "paused", "subs", "writer")
+    __slots__ = ("__weakref__", "paused", "phase", "subs", "writer")
 
-    def __init__(self, writer: Writer) -> None:
+    def __init__(self, writer: Writer, phase: int = 0) -> None:
         self.writer = writer
         self.subs: dict[str, Sub] = {}
         self.paused = False
+        self.phase = phase
 
 
 class Sub:
@@ -89,13 +97,18 @@ class Sub:
         self.live = True
 
 
+# A group's due ticks: (period, phase), due when tick % period == phase.
+Slot = tuple[int, int]
+
+
 class Group:
-    """The subscribers of one topic that share a flush period."""
+    """The subscribers of one topic that share a flush period and phase."""
 
-    __slots__ = ("behind", "flushed_pos", "period", "subs")
+    __slots__ = ("behind", "flushed_pos", "period", "slot", "subs")
 
-    def __init__(self, period: int, flushed_pos: int) -> None:
-        self.period = period
+    def __init__(self, slot: Slot, flushed_pos: int) -> None:
+        self.slot = slot
+        self.period = slot[0]
         self.subs: set[Sub] = set()
         self.behind: set[Sub] = set()  # subs with sent_pos < flushed_pos
         self.flushed_pos = flushed_pos
@@ -153,6 +166,17 @@ def period_ticks(max_hz: float | None, cap_hz: float, flush_interval_ms: int) ->
     return max(1, math.ceil(1000.0 / (hz * flush_interval_ms) - 1e-9))
 
 
+def quantize_period(period: int) -> int:
+    """Round a period (in ticks) up to m * 2**e with m in 4..7: exact up to 8
+    ticks, then 10, 12, 14, 16, 20, 24, 28, 32, 40, ... (at most four periods
+    per octave, so a topic's subscribers form few groups, each one encoding
+    per due tick; rounding up never sends faster than asked)."""
+    if period <= 8:
+        return max(1, period)
+    e = period.bit_length() - 3
+    return ((period + (1 << e) - 1) >> e) << e
+
+
 class Fanout:
     """Everything one worker knows about topics and who wants them.
 
@@ -173,9 +197,9 @@ class Fanout:
         self.stream_buffer_events = stream_buffer_events
         self.topics: dict[str, Topic] = {}
         self.dirty: set[Topic] = set()
-        # period -> topics to visit at that period's next due tick
-        self.pending: dict[int, set[Topic]] = {}
-        self.periods: dict[int, int] = {}  # period -> number of groups using it
+        # slot -> topics to visit at that slot's next due tick
+        self.pending: dict[Slot, set[Topic]] = {}
+        self.periods: dict[Slot, int] = {}  # slot -> number of groups using it
         self.tick = 0
         self.resets = 0  # new epochs so far
         self._plan_resets = 0  # `resets` when the plan being delivered was made
@@ -237,7 +261,7 @@ class Fanout:
                 g.behind.clear()
                 for sub in g.subs:
                     sub.sent_pos = _NEEDS_SNAP
-                self._visit(t, g.period)
+                self._visit(t, g.slot)
         self.topics = {n: t for n, t in self.topics.items() if t.groups}
 
     # -- session side ----------------------------------------------------------------
@@ -260,11 +284,12 @@ class Fanout:
             self._remove(old)
         mark = since[1] if since is not None and since[0] == self.epoch else None
         snap, n, at = t.snap_since(self.epoch, mark)
-        g = t.groups.get(period)
+        slot = (period, session.phase % period)
+        g = t.groups.get(slot)
         if g is None:
-            g = t.groups[period] = Group(period, t.pos)
-            self.periods[period] = self.periods.get(period, 0) + 1
-            self.pending.setdefault(period, set())
+            g = t.groups[slot] = Group(slot, t.pos)
+            self.periods[slot] = self.periods.get(slot, 0) + 1
+            self.pending.setdefault(slot, set())
         sub = Sub(session, t, g, at)
         g.subs.add(sub)
         session.subs[topic] = sub
@@ -289,16 +314,16 @@ class Fanout:
         g.behind.discard(sub)
         if not g.subs:
             t = sub.topic
-            del t.groups[g.period]
-            n = self.periods[g.period] - 1
+            del t.groups[g.slot]
+            n = self.periods[g.slot] - 1
             if n:
-                self.periods[g.period] = n
+                self.periods[g.slot] = n
             else:
-                del self.periods[g.period]
-                self.pending.pop(g.period, None)
+                del self.periods[g.slot]
+                self.pending.pop(g.slot, None)
 
-    def _visit(self, t: Topic, period: int) -> None:
-        self.pending.setdefault(period, set()).add(t)
+    def _visit(self, t: Topic, slot: Slot) -> None:
+        self.pending.setdefault(slot, set()).add(t)
 
     # -- flush -----------------------------------------------------------------------
 
@@ -332,11 +357,11 @@ class Fanout:
         direct_all: list[Shared] = []
         stale: dict[tuple[Topic, int], tuple[bytes, int]] = {}
         epoch = self.epoch
-        for period, topics in pending.items():
-            if not topics or tick % period:
+        for slot, topics in pending.items():
+            if not topics or tick % slot[0] != slot[1]:
                 continue
             for t in topics:
-                g = t.groups.get(period)
+                g = t.groups.get(slot)
                 if g is None:
                     continue
                 tpos = t.pos
@@ -432,7 +457,7 @@ class Fanout:
             g = sub.group
             if sub in g.subs:
                 g.behind.add(sub)
-                self._visit(sub.topic, g.period)
+                self._visit(sub.topic, g.slot)
         return False
 
     def deliver_shared(self, sh: Shared, start: int = 0, stop: int | None = None) -> None:
@@ -466,7 +491,7 @@ class Fanout:
             stats.updates_delivered += sent * sh.n
         if refused:
             stats.frames_refused += refused
-            self._visit(sh.topic, g.period)
+            self._visit(sh.topic, g.slot)
 
     def resume(self, session: Session) -> None:
         """The session drained below its budget: visit its lagging topics next tick."""
@@ -474,7 +499,7 @@ class Fanout:
         for sub in session.subs.values():
             if sub.sent_pos < sub.topic.pos or sub.sent_pos == _NEEDS_SNAP:
                 sub.group.behind.add(sub)
-                self._visit(sub.topic, sub.group.period)
+                self._visit(sub.topic, sub.group.slot)
 
     # -- introspection ---------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from engine.protocol.codec import NIL, build_snap, build_upd, pack_item, pack_str
 
 if TYPE_CHECKING:
-    from engine.fanout.core import Group
+    from engine.fanout.core import Group, Slot
 
 
 class TopicState:
@@ -40,8 +40,8 @@ class TopicState:
         # position as of the last flush that visited this topic: a key changed
         # after it and changed again before the next flush was coalesced
         self.sent_mark = 0
-        # period (in flush ticks) -> subscriber group; owned by engine.fanout.core
-        self.groups: dict[int, Group] = {}
+        # (period, phase) -> subscriber group; owned by engine.fanout.core
+        self.groups: dict[Slot, Group] = {}
 
     def apply(self, key: str, pos: int, data: bytes) -> bool:
         """Record `data` for `key` at `pos`. Returns False (and changes nothing)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, ClassVar, Final
 from engine.protocol.codec import build_evt, build_gap, build_stream_snap, pack_event, pack_str
 
 if TYPE_CHECKING:
-    from engine.fanout.core import Group
+    from engine.fanout.core import Group, Slot
 
 STREAM_BUFFER_MIN: Final = 256
 """Events a worker keeps of each subscribed stream topic at least (when its
@@ -77,8 +77,8 @@ class StreamState:
         self.floor = 0  # every event after it is held (rule 2)
         self.pos = 0  # the newest event's position (or the floor after a loss)
         self.sent_mark = 0  # position as of the last flush that visited the topic
-        # period (in flush ticks) -> subscriber group; owned by engine.fanout.core
-        self.groups: dict[int, Group] = {}
+        # (period, phase) -> subscriber group; owned by engine.fanout.core
+        self.groups: dict[Slot, Group] = {}
 
     def apply(self, key: str, pos: int, data: bytes) -> bool:
         """Append the event at `pos` (`key` is not used). False (nothing changes)

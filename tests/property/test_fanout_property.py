@@ -25,6 +25,7 @@ live state, and nothing more is planned.
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +136,7 @@ class Client:
         self.epoch: dict[str, str] = dict(kept.epoch) if kept else {}
         self.pos: dict[str, int] = dict(kept.pos) if kept else {}
         self.flush_ticks: set[int] = set()
+        self.phase = 0  # its session's
 
     def write(self, frame: bytes) -> bool:
         assert not self.closed, "a frame was written to a closed session"
@@ -149,7 +151,9 @@ class Client:
         for m in messages:
             assert m["topic"] in self.subscribed, f"{m['op']} for a topic not subscribed"
             period = self.subscribed[m["topic"]]
-            assert tick % period == 0, f"sent on tick {tick} with a period of {period}"
+            assert tick % period == self.phase % period, (
+                f"sent on tick {tick} with a period of {period} and a phase of {self.phase}"
+            )
             self.receive(m)
         return True
 
@@ -188,10 +192,16 @@ class Run:
         self.model = Model()
         self.fo = Fanout(self.model.epoch)
         self.clients = [Client(self) for _ in range(SLOTS)]
-        self.sessions = [Session(c) for c in self.clients]
+        # distinct phases: rate-limited frames of different sessions fall on different ticks
+        self.phases = itertools.count(3)
+        self.sessions = [self.new_session(c) for c in self.clients]
         # steps of the current plan: one session's deliveries, or a slice of a
         # group's shared message (the worker writes those by group, two at a time here)
         self.plan: list[tuple[Session, list[Delivery]] | tuple[Shared, int, int]] = []
+
+    def new_session(self, c: Client) -> Session:
+        c.phase = next(self.phases)
+        return Session(c, c.phase)
 
     # -- bus side
 
@@ -316,7 +326,7 @@ class Run:
         self.fo.close_session(self.sessions[slot])
         old.closed = True
         self.clients[slot] = Client(self, kept=old)
-        self.sessions[slot] = Session(self.clients[slot])
+        self.sessions[slot] = self.new_session(self.clients[slot])
 
     # -- checks
 
@@ -330,8 +340,10 @@ class Run:
                 assert sub in sub.group.subs
         for t in fo.topics.values():
             assert len(t.entries) <= len(KEYS)  # memory bounded by keys, not updates
-            for period, g in t.groups.items():
-                assert g.period == period
+            for slot, g in t.groups.items():
+                assert g.slot == slot
+                for sub in g.subs:  # a group: one period, one phase
+                    assert slot == (g.period, sub.session.phase % g.period)
                 assert g.subs  # no empty group lingers
                 assert g.behind <= g.subs
                 for sub in g.behind:  # behind means behind: it has something to catch up

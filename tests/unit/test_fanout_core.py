@@ -13,7 +13,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from engine.fanout.core import Delivery, Fanout, Session, period_ticks
+from engine.fanout.core import Delivery, Fanout, Session, period_ticks, quantize_period
 from engine.protocol.codec import NIL, decode_frame, format_pos, make_pos
 
 MS = 1_700_000_000_000
@@ -208,7 +208,7 @@ def test_resubscribing_resends_the_snap_and_keeps_one_subscription() -> None:
     sub(fo, s, "prices", period=3)
     assert fo.subscription_count() == 1
     assert len(c.frames) == 2
-    assert list(fo.topics["prices"].groups) == [3]  # the period-1 group is gone
+    assert list(fo.topics["prices"].groups) == [(3, 0)]  # the period-1 group is gone
     fo.apply("prices", "a", pos(2), val(2))
     flush(fo)
     flush(fo)
@@ -388,7 +388,7 @@ def test_closing_a_session_drops_all_its_subscriptions() -> None:
     fo.close_session(s)
     assert s.subs == {}
     assert fo.subscription_count() == 1
-    assert fo.periods == {2: 1}
+    assert fo.periods == {(2, 0): 1}
     fo.apply("t1", "a", pos(1), val(1))
     fo.apply("t2", "a", pos(2), val(2))
     flush(fo)
@@ -556,6 +556,44 @@ def test_period_ticks_never_sends_faster_than_asked() -> None:
             # and not needlessly slower: one tick less would be too fast
             if p > 1:
                 assert 1000.0 / ((p - 1) * flush_ms) > hz
+
+
+QUANTIZED = [(1, 1), (2, 2), (7, 7), (8, 8), (9, 10), (10, 10), (11, 12), (13, 14), (15, 16)]
+QUANTIZED += [(16, 16), (17, 20), (21, 24), (29, 32), (33, 40), (100, 112), (500, 512)]
+
+
+@pytest.mark.parametrize(("period", "quantized"), QUANTIZED)
+def test_quantize_period(period: int, quantized: int) -> None:
+    assert quantize_period(period) == quantized
+
+
+def test_quantized_periods_never_send_faster_and_are_four_per_octave() -> None:
+    seen = {quantize_period(p) for p in range(1, 4097)}
+    for p in range(1, 4097):
+        q = quantize_period(p)
+        assert p <= q < p * 1.25 + 1  # never faster than asked, at most 25 % slower
+    for octave in range(3, 12):
+        assert len({q for q in seen if 1 << octave < q <= 2 << octave}) == 4
+
+
+def test_phases_spread_a_period_over_its_ticks_with_one_message_per_group() -> None:
+    fo = Fanout(EPOCH)
+    pairs = [(Session(c, phase), c) for phase, c in enumerate(Client() for _ in range(8))]
+    for s, _ in pairs:
+        sub(fo, s, "prices", period=4)
+    assert len(fo.topics["prices"].groups) == 4  # phases 0..3
+    ticks: dict[int, list[int]] = {}
+    for n in range(1, 9):
+        fo.apply("prices", "a", pos(n), val(n))
+        before = [len(c.frames) for _, c in pairs]
+        flush(fo)
+        ticks[fo.tick] = [i for i, (_, c) in enumerate(pairs) if len(c.frames) > before[i]]
+    # each tick serves the sessions of one phase: a quarter of them, not all every 4th tick
+    assert ticks == {t: [t % 4, t % 4 + 4] for t in range(1, 9)}
+    for i, (_, c) in enumerate(pairs):
+        assert c.raw[-1] is pairs[i % 4][1].raw[-1]  # the same phase shares one message
+        # the value of its phase's last tick (ticks 5, 6, 7 and 8)
+        assert c.views == {"prices": {"a": {1: 5, 2: 6, 3: 7, 0: 8}[i % 4]}}
 
 
 def test_a_slow_period_sends_at_most_one_frame_per_period_and_converges() -> None:
@@ -845,7 +883,7 @@ def test_a_refused_shared_message_leaves_the_session_behind_for_a_catch_up() -> 
     assert ca.views["prices"] == {"x": 1, "y": 3}  # one catch-up with both keys
     assert len(ca.frames) == 2
     assert cb.frames[-1][0]["items"] == {"y": 3}
-    assert not fo.topics["prices"].groups[1].behind
+    assert not fo.topics["prices"].groups[(1, 0)].behind
 
 
 def test_stats_count_what_was_written() -> None:
