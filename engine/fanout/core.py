@@ -27,12 +27,13 @@ Rules this module owns:
    delivered frame reflects, and a key is never delivered out of order.
 6. `max_hz` maps to a period in flush ticks (`period_ticks`, rounded by
    `quantize_period` to at most four periods per octave). A session has a
-   phase (any integer, fixed at its creation); its subscriptions of period P
-   are due on the ticks where tick % P == phase % P, so the frames of
-   rate-limited clients are spread over the period instead of all leaving on
-   one tick. A group is the subscribers of one topic with the same (period,
-   phase % period): they share messages. Each tick, per topic and period, at
-   most one phase is due, so spreading costs no extra encoding.
+   phase (any integer, fixed at its creation) that puts its subscriptions of
+   period P on one of up to `PHASES` evenly spaced offsets of the period
+   (`phase_in`), so the frames of rate-limited clients are spread over the
+   period instead of all leaving on one tick. A group is the subscribers of
+   one topic with the same period and offset: they share messages. Spreading
+   costs up to `PHASES` encodings of a topic per period instead of one (each
+   tick at most one per period), which bounds it.
 7. A new epoch (the bus lost its data) clears every topic; every subscriber
    then gets a full `snap` in place of its next `upd`.
 8. Stream topics (`history_of` names them, engine/fanout/stream.py) go through
@@ -97,8 +98,16 @@ class Sub:
         self.live = True
 
 
-# A group's due ticks: (period, phase), due when tick % period == phase.
+# A group's due ticks: (period, offset), due when tick % period == offset.
 Slot = tuple[int, int]
+
+PHASES = 4  # offsets a period's sessions are spread over (rule 6)
+
+
+def phase_in(period: int, phase: int) -> int:
+    """The offset (in ticks, within `period`) of a session of this `phase`."""
+    n = min(period, PHASES)
+    return (phase % n) * period // n
 
 
 class Group:
@@ -284,7 +293,7 @@ class Fanout:
             self._remove(old)
         mark = since[1] if since is not None and since[0] == self.epoch else None
         snap, n, at = t.snap_since(self.epoch, mark)
-        slot = (period, session.phase % period)
+        slot = (period, phase_in(period, session.phase))
         g = t.groups.get(slot)
         if g is None:
             g = t.groups[slot] = Group(slot, t.pos)

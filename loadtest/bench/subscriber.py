@@ -166,28 +166,31 @@ class ProcState:
         }
 
 
+def _stamps(values: Any) -> tuple[tuple[int, int], ...]:
+    """((stamp, count), ...) of the `[seq, stamp]` values among `values`."""
+    counts: dict[int, int] = {}
+    for v in values:
+        if type(v) is list and len(v) == 2 and type(v[1]) is int:
+            t = v[1]
+            counts[t] = counts.get(t, 0) + 1
+    return tuple(counts.items())
+
+
 def _decode_msg(msg: Any) -> _Msg:
     if not isinstance(msg, dict):
         return None, False, {}, None, None, False, 0, (), ("bad", repr(msg)[:80])
     op = msg.get("op")
-    stamps: collections.Counter[int] = collections.Counter()
     if op == "upd":
         its = msg.get("items") or {}
-        for v in its.values():
-            if isinstance(v, list) and len(v) == 2 and isinstance(v[1], int):
-                stamps[v[1]] += 1
         topic = str(msg.get("topic"))
-        return topic, False, its, None, msg.get("pos"), False, len(its), tuple(stamps.items()), None
+        return topic, False, its, None, msg.get("pos"), False, len(its), _stamps(its.values()), None
     if op == "evt":
         events = msg.get("items") or []
-        for ev in events:
-            v = ev[1] if isinstance(ev, list) and len(ev) == 2 else None
-            if isinstance(v, list) and len(v) == 2 and isinstance(v[1], int):
-                stamps[v[1]] += 1
+        values = [ev[1] for ev in events if isinstance(ev, list) and len(ev) == 2]
         last = {STREAM_KEY: events[-1][1]} if events else {}
         pos = events[-1][0] if events else None
         topic = str(msg.get("topic"))
-        return topic, False, last, None, pos, False, len(events), tuple(stamps.items()), None
+        return topic, False, last, None, pos, False, len(events), _stamps(values), None
     if op == "snap":
         its = msg.get("items") or {}
         if isinstance(its, list):  # a stream topic: [[pos, data], ...]

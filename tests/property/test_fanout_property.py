@@ -33,7 +33,7 @@ import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.fanout.core import Delivery, Fanout, Session, Shared
+from engine.fanout.core import Delivery, Fanout, Session, Shared, phase_in
 from engine.fanout.state import TopicState
 from engine.protocol.codec import NIL, decode_frame, make_pos, pack_item, parse_pos
 
@@ -151,7 +151,7 @@ class Client:
         for m in messages:
             assert m["topic"] in self.subscribed, f"{m['op']} for a topic not subscribed"
             period = self.subscribed[m["topic"]]
-            assert tick % period == self.phase % period, (
+            assert tick % period == phase_in(period, self.phase), (
                 f"sent on tick {tick} with a period of {period} and a phase of {self.phase}"
             )
             self.receive(m)
@@ -343,7 +343,7 @@ class Run:
             for slot, g in t.groups.items():
                 assert g.slot == slot
                 for sub in g.subs:  # a group: one period, one phase
-                    assert slot == (g.period, sub.session.phase % g.period)
+                    assert slot == (g.period, phase_in(g.period, sub.session.phase))
                 assert g.subs  # no empty group lingers
                 assert g.behind <= g.subs
                 for sub in g.behind:  # behind means behind: it has something to catch up

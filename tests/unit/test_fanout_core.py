@@ -13,7 +13,14 @@ from typing import Any
 import msgpack
 import pytest
 
-from engine.fanout.core import Delivery, Fanout, Session, period_ticks, quantize_period
+from engine.fanout.core import (
+    Delivery,
+    Fanout,
+    Session,
+    period_ticks,
+    phase_in,
+    quantize_period,
+)
 from engine.protocol.codec import NIL, decode_frame, format_pos, make_pos
 
 MS = 1_700_000_000_000
@@ -594,6 +601,17 @@ def test_phases_spread_a_period_over_its_ticks_with_one_message_per_group() -> N
         assert c.raw[-1] is pairs[i % 4][1].raw[-1]  # the same phase shares one message
         # the value of its phase's last tick (ticks 5, 6, 7 and 8)
         assert c.views == {"prices": {"a": {1: 5, 2: 6, 3: 7, 0: 8}[i % 4]}}
+
+
+def test_a_long_period_spreads_its_sessions_over_four_evenly_spaced_ticks() -> None:
+    assert [phase_in(10, p) for p in range(8)] == [0, 2, 5, 7, 0, 2, 5, 7]
+    assert [phase_in(3, p) for p in range(4)] == [0, 1, 2, 0]  # shorter than four: each tick
+    assert {phase_in(1, p) for p in range(9)} == {0}
+    fo = Fanout(EPOCH)
+    for phase in range(40):
+        sub(fo, Session(Client(), phase), "prices", period=10)
+    assert sorted(fo.topics["prices"].groups) == [(10, 0), (10, 2), (10, 5), (10, 7)]
+    assert {len(g.subs) for g in fo.topics["prices"].groups.values()} == {10}
 
 
 def test_a_slow_period_sends_at_most_one_frame_per_period_and_converges() -> None:
