@@ -1,0 +1,166 @@
+"""Micro-benchmarks of the Python hot paths, with no sockets: the fan-out core's
+cost per frame (apply + plan + deliver to a no-op writer) on the hot and market
+workloads, and the load generator's cost per frame (`ProcState.feed`) on market
+frames built by the real core.
+
+    .venv/bin/python -m loadtest.microbench            # all three, best of 5 rounds
+    .venv/bin/python -m loadtest.microbench core-hot --rate 10000
+
+They measure Python work only (the kernel's send and picows are not in them),
+so they show what a change to engine/fanout/core.py or loadtest/bench/subscriber.py
+saves per frame, with less noise than a full `fanout bench` run. Bounded: a
+fixed number of ticks per round, 5 rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from engine.fanout.core import Fanout, Session
+from engine.protocol.codec import make_pos
+from loadtest.bench.subscriber import ProcState
+from loadtest.workload import HOT, MARKET, Workload, key_sampler
+
+TICKS_PER_S = 50  # a 20 ms flush interval
+ROUNDS = 5
+
+
+class _Counter:
+    """A Writer that accepts every frame and counts it (or keeps it)."""
+
+    __slots__ = ("frames", "index", "keep")
+
+    def __init__(self, index: int, keep: list[tuple[int, bytes]] | None = None) -> None:
+        self.index = index
+        self.keep = keep
+        self.frames = 0
+
+    def write(self, frame: bytes) -> bool:
+        self.frames += 1
+        if self.keep is not None:
+            self.keep.append((self.index, frame))
+        return True
+
+
+def _core(
+    workload: Workload, subscribers: int, rate: float, keep: list[tuple[int, bytes]] | None = None
+) -> tuple[Callable[[], None], list[_Counter], list[tuple[str, ...]]]:
+    """A core with `subscribers` sessions of the workload and a function running
+    one second of it (`rate` updates spread over 50 flush ticks)."""
+    fo = Fanout("e")
+    subs = workload.subscriptions(subscribers, 1)
+    writers = []
+    for i, topics in enumerate(subs):
+        w = _Counter(i, keep)
+        s = Session(w, i)
+        for t in topics:
+            fo.subscribe(s, t, None, 1)
+        writers.append(w)
+    sample = key_sampler(workload, 1)
+    per_tick = max(1, int(rate / TICKS_PER_S))
+    ticks = [sample(per_tick) for _ in range(TICKS_PER_S)]
+    seq = [0]
+
+    def one_second() -> None:
+        for batch in ticks:
+            stamp = time.time_ns()
+            for topic, key in batch:
+                seq[0] += 1
+                value = msgpack.packb([seq[0], stamp])
+                fo.apply(topic, key, make_pos(1_700_000_000_000 + seq[0], 0), value)
+            plan, shared = fo.plan()
+            for sh in shared:
+                fo.deliver_shared(sh)
+            for session, deliveries in plan.items():
+                fo.deliver(session, deliveries)
+
+    return one_second, writers, subs
+
+
+def bench_core(workload: Workload, subscribers: int, rate: float) -> dict[str, Any]:
+    one_second, writers, _ = _core(workload, subscribers, rate)
+    one_second()  # warm up: snaps' catch-ups, caches
+    best = float("inf")
+    frames = 0
+    for _ in range(ROUNDS):
+        before = sum(w.frames for w in writers)
+        t0 = time.perf_counter()
+        one_second()
+        elapsed = time.perf_counter() - t0
+        frames = sum(w.frames for w in writers) - before
+        best = min(best, elapsed / max(1, frames) * 1e6)
+    return {"frames_per_round": frames, "us_per_frame": round(best, 2)}
+
+
+class _View:
+    __slots__ = ("epochs", "positions", "ready", "snapped", "views")
+
+    def __init__(self, topics: tuple[str, ...]) -> None:
+        self.views: dict[str, dict[str, Any]] = {t: {} for t in topics}
+        self.epochs: dict[str, Any] = {}
+        self.positions: dict[str, Any] = {}
+        self.snapped: set[str] = set()
+        self.ready = False
+
+
+def bench_generator(subscribers: int, rate: float) -> dict[str, Any]:
+    frames: list[tuple[int, bytes]] = []
+    one_second, _, subs = _core(MARKET, subscribers, rate, keep=frames)
+    one_second()
+    clients = [_View(t) for t in subs]
+    best = float("inf")
+    for _ in range(ROUNDS):
+        st = ProcState()
+        st.measuring = True
+        t0 = time.perf_counter()
+        for i, frame in frames:
+            st.feed(clients[i], frame)
+        best = min(best, (time.perf_counter() - t0) / len(frames) * 1e6)
+    size = sum(len(f) for _, f in frames) / len(frames)
+    return {
+        "frames_per_round": len(frames),
+        "bytes_per_frame": round(size),
+        "us_per_frame": round(best, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest.microbench",
+        description="Python cost per frame of the fan-out core and of the load "
+        "generator, without sockets (best of 5 rounds of one simulated second).",
+    )
+    p.add_argument(
+        "which",
+        nargs="*",
+        help="core-hot, core-market and/or generator (default: all three)",
+    )
+    p.add_argument("-S", "--subscribers", type=int, default=1000, help="sessions (1000)")
+    p.add_argument("--rate", type=float, default=0.0, help="updates/s (hot 10000, market 20000)")
+    a = p.parse_args(argv)
+    known = ["core-hot", "core-market", "generator"]
+    which = a.which or known
+    for name in which:
+        if name not in known:
+            p.error(f"unknown benchmark {name!r}: choose from {', '.join(known)}")
+    for name in which:
+        if name == "core-hot":
+            rate = a.rate or 10000
+            r = bench_core(HOT, a.subscribers, rate)
+        elif name == "core-market":
+            rate = a.rate or 20000
+            r = bench_core(MARKET, a.subscribers, rate)
+        else:
+            rate = a.rate or 20000
+            r = bench_generator(a.subscribers, rate)
+        print(f"{name:12} {a.subscribers} subscribers, {rate:,.0f} updates/s: {r}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
