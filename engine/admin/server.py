@@ -136,6 +136,10 @@ class AdminServer:
                 conn.start_next_cycle()
         except (_Closing, OSError, TimeoutError):
             pass
+        except asyncio.CancelledError:
+            # `close` cancels open connections: end normally, or asyncio 3.11's
+            # stream callback logs the cancelled task as an error with a traceback
+            pass
         except Exception:
             log.exception("admin: connection failed")
         finally:

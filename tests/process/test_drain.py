@@ -5,6 +5,7 @@ within workers.graceful_timeout_s."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import signal
 import threading
 import time
@@ -75,18 +76,25 @@ async def test_sigterm_readyz_first_then_paced_closes_then_exit_0(tmp_path: Any)
 
 def test_sigterm_with_no_clients_exits_cleanly(tmp_path: Any) -> None:
     """A worker with nothing to drain (an idle node, a retired idle worker)
-    exits 0 without an error in the log."""
+    exits 0 without an error in the log, also with an admin HTTP connection
+    kept alive across the stop (a scraper's, a publisher's)."""
     served = Served(
         ["--workers", "2"],
         env={"FANOUT_WORKERS_DRAIN_S": "2", "FANOUT_WORKERS_GRACEFUL_TIMEOUT_S": "10"},
         log_path=str(tmp_path / "serve.log"),
     )
+    keep_alive = http.client.HTTPConnection("127.0.0.1", served.admin_port, timeout=5)
     try:
         served.wait_ready()
+        keep_alive.request("GET", "/healthz")
+        response = keep_alive.getresponse()
+        response.read()
+        assert response.status == 200 and not response.will_close
         served.signal(signal.SIGTERM)
         assert served.wait(20) == 0
         out = served.output()
         assert "Traceback" not in out, out
         assert "exited with code 1" not in out and "ERROR" not in out, out
     finally:
+        keep_alive.close()
         served.stop()
