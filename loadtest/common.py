@@ -69,6 +69,31 @@ def bucket_mid_ns(b: int) -> float:
     return (b - _FINE_BUCKETS + 0.5) * (1 << _COARSE_SHIFT)
 
 
+class LatencyRecorder:
+    """One process's latency histogram and its counts, fed with the
+    ((stamp_ns, count), ...) of each received message (`record`)."""
+
+    def __init__(self) -> None:
+        self.hist: dict[int, int] = {}
+        self.samples = 0
+        self.negative = 0  # clock steps: the receive time before the stamp
+        self.max_ns = 0
+
+    def record(self, stamps: Iterable[tuple[int, int]], now: int) -> None:
+        hist = self.hist
+        for t, c in stamps:
+            d = now - t
+            b = d >> _FINE_SHIFT
+            if b >= _FINE_BUCKETS or d < 0:
+                b = bucket_of(d)
+                if d < 0:
+                    self.negative += c
+            hist[b] = hist.get(b, 0) + c
+            self.samples += c
+            if d > self.max_ns:
+                self.max_ns = d
+
+
 def merge_hist(into: dict[int, int], other: Mapping[int, int]) -> None:
     for b, c in other.items():
         into[b] = into.get(b, 0) + c

@@ -67,10 +67,9 @@ import msgpack
 import psutil
 
 from loadtest.common import (
-    _FINE_BUCKETS,
-    _FINE_SHIFT,
     Child,
     Children,
+    LatencyRecorder,
     Server,
     SetupError,
     bucket_mid_ns,
@@ -88,7 +87,7 @@ from loadtest.common import (
 # -- subscriber processes ------------------------------------------------------------------
 
 
-class _SubscriberState:
+class _SubscriberState(LatencyRecorder):
     """Everything one subscriber process counts, and its decode cache.
 
     `feed` is the hot path: one call per received binary frame.
@@ -107,10 +106,7 @@ class _SubscriberState:
         self.updates = 0  # key values in `upd` messages
         self.snap_items = 0
         self.measuring = False
-        self.hist: dict[int, int] = {}
-        self.samples = 0
-        self.negative = 0
-        self.max_ns = 0
+        LatencyRecorder.__init__(self)
         self.errors: collections.Counter[str] = collections.Counter()
         self.close_codes: collections.Counter[int] = collections.Counter()
         self.byes = 0
@@ -131,18 +127,7 @@ class _SubscriberState:
         if control:
             self._control(client, control)
         if self.measuring and stamps:
-            hist = self.hist
-            for t, c in stamps:
-                d = now - t
-                b = d >> _FINE_SHIFT
-                if b >= _FINE_BUCKETS or d < 0:
-                    b = bucket_of(d)
-                    if d < 0:
-                        self.negative += c
-                hist[b] = hist.get(b, 0) + c
-                self.samples += c
-                if d > self.max_ns:
-                    self.max_ns = d
+            self.record(stamps, now)
 
     def _decode(
         self, payload: bytes

@@ -32,7 +32,7 @@ from typing import Any
 
 import msgpack
 
-from loadtest.common import _FINE_BUCKETS, _FINE_SHIFT, bucket_of, percentiles_ms, raise_nofile
+from loadtest.common import LatencyRecorder, percentiles_ms, raise_nofile
 from loadtest.workload import STREAM_KEY
 
 # One decoded message: (topic or None, clear the view, items for the view, epoch
@@ -51,7 +51,7 @@ _Msg = tuple[
 ]
 
 
-class ProcState:
+class ProcState(LatencyRecorder):
     """Everything one subscriber process counts, and its decode cache."""
 
     _CACHE_MAX = 4096  # messages; cleared when full (bounded memory)
@@ -67,10 +67,7 @@ class ProcState:
         self.frames = 0
         self.updates = 0
         self.measuring = False
-        self.hist: dict[int, int] = {}
-        self.samples = 0
-        self.negative = 0
-        self.max_ns = 0
+        LatencyRecorder.__init__(self)
         self.errors: collections.Counter[str] = collections.Counter()
         self.close_codes: collections.Counter[int] = collections.Counter()
         self.slow_close_codes: collections.Counter[int] = collections.Counter()
@@ -102,18 +99,7 @@ class ProcState:
             if control is not None:
                 self._control((control,))
             if stamps and self.measuring:
-                hist = self.hist
-                for t, c in stamps:
-                    d = now - t
-                    b = d >> _FINE_SHIFT
-                    if b >= _FINE_BUCKETS or d < 0:
-                        b = bucket_of(d)
-                        if d < 0:
-                            self.negative += c
-                    hist[b] = hist.get(b, 0) + c
-                    self.samples += c
-                    if d > self.max_ns:
-                        self.max_ns = d
+                self.record(stamps, now)
 
     def _split(self, payload: bytes) -> list[_Msg]:
         """The frame's messages (msgpack `skip` finds their ends, building no
