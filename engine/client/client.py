@@ -20,6 +20,15 @@ Guarantees:
   reset after a connection stayed up `stable_s`; a `bye` sets the next delay
   to its `retry_ms`; after close 4001 or 4003 the client does not reconnect
   until `set_token` gives it a new token (state "unauthorized").
+- Every attempt after the first waits its delay, whatever ended the one
+  before (a refused connect, a close, a server breaking the protocol, a bug):
+  the client never reconnects in a loop without a wait.
+- An error no reconnect can fix is raised, not retried: a message the client
+  cannot encode from the caller's own input (a token or `max_hz` of the wrong
+  type, a string that is not UTF-8) stops the client (state "closed",
+  `last_error`) and is raised by whatever the caller awaits (`async with`,
+  `wait_connected`, `subscribe`, the `changes()` iterators). A token that is
+  not a `str` is a `TypeError` at once.
 - Limits: an iterator from `changes()` holds at most `max_pending_changes`
   changes; past that its oldest change is dropped and counted in
   `counters.changes_dropped` (the state view itself is never behind). The
@@ -41,6 +50,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final
+
+import msgpack
 
 from engine.client import raw
 from engine.client.state import Change, Reconnector, ReconnectPolicy, StateView, TopicView
@@ -70,6 +81,20 @@ class SubscribeError(Exception):
 
 class Unauthorized(Exception):
     """The server closed with 4001/4003: a new token is needed (`set_token`)."""
+
+
+class _CallerError(Exception):
+    """A message built from the caller's input could not be encoded (`error`,
+    a TypeError, ValueError or OverflowError): no reconnect can fix it."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _check_token(token: object) -> None:
+    if token is not None and not isinstance(token, str):
+        raise TypeError(f"token must be a str or None, got {type(token).__name__}")
 
 
 @dataclass(slots=True)
@@ -102,6 +127,7 @@ class ChangeStream:
         self._limit = limit
         self._waiter: asyncio.Future[None] | None = None
         self._ended = False
+        self._error: BaseException | None = None
 
     def push(self, change: Change) -> None:
         if len(self._queue) >= self._limit:
@@ -110,8 +136,11 @@ class ChangeStream:
         self._queue.append(change)
         self._wake()
 
-    def end(self) -> None:
+    def end(self, error: BaseException | None = None) -> None:
+        """No more changes; `error` (the client's failure) is raised once the
+        changes already queued have been read."""
         self._ended = True
+        self._error = error
         self._wake()
 
     def _wake(self) -> None:
@@ -125,6 +154,8 @@ class ChangeStream:
     async def __anext__(self) -> Change:
         while not self._queue:
             if self._ended:
+                if self._error is not None:
+                    raise self._error
                 raise StopAsyncIteration
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
@@ -160,6 +191,7 @@ class Client:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
+        _check_token(token)
         self.url = url
         self.token = token
         self.policy = policy or ReconnectPolicy()
@@ -184,6 +216,7 @@ class Client:
         self._wake = asyncio.Event()  # interrupts a backoff wait (close, set_token)
         self._state_event = asyncio.Event()
         self._closing = False
+        self._failure: Exception | None = None  # a caller's error that stopped the client
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -217,6 +250,8 @@ class Client:
                 if self.conn_state == UNAUTHORIZED:
                     raise Unauthorized(f"the server closed with {self.counters.last_close_code}")
                 if self.conn_state == CLOSED:
+                    if self._failure is not None:
+                        raise self._failure
                     raise ConnectionError("the client is closed")
                 self._state_event.clear()
                 await self._state_event.wait()
@@ -233,15 +268,17 @@ class Client:
                 await self._task
         self._set_state(CLOSED)
         for stream in list(self._streams):
-            stream.end()
+            stream.end(self._failure)
         for wait in self._waits:
             if not wait.future.done():
-                wait.future.set_exception(ConnectionError("the client was closed"))
+                wait.future.set_exception(self._failure or ConnectionError("the client was closed"))
         self._waits.clear()
 
     def set_token(self, token: str | None) -> None:
         """Use `token` from the next connection on; after a 4001/4003 close,
-        reconnect now (with backoff reset)."""
+        reconnect now (with backoff reset). A token that is not a `str` (or
+        None) raises TypeError."""
+        _check_token(token)
         self.token = token
         if self._rec.blocked:
             self._rec.new_token()
@@ -259,13 +296,22 @@ class Client:
         names = tuple(dict.fromkeys(topics))
         if not names:
             return
+        if self._failure is not None:
+            raise self._failure
+        before = {t: self._subs[t] for t in names if t in self._subs}
         for t in names:
             self._subs[t] = max_hz
-        wait = _SubWait(names)
-        self._waits.append(wait)
         conn = self._conn
         if conn is not None and self.conn_state == CONNECTED:
-            self._send_sub(conn, names, max_hz)
+            try:
+                self._send_sub(conn, names, max_hz)
+            except _CallerError as exc:  # e.g. max_hz of the wrong type: not kept
+                for t in names:
+                    del self._subs[t]
+                self._subs.update(before)
+                raise exc.error from None
+        wait = _SubWait(names)
+        self._waits.append(wait)
         try:
             await wait.future
         finally:
@@ -279,7 +325,7 @@ class Client:
             self.state.forget(t)
         conn = self._conn
         if names and conn is not None and self.conn_state == CONNECTED:
-            conn.send({"op": "unsub", "topics": names, "id": next(self._ids)})
+            self._send(conn, {"op": "unsub", "topics": names, "id": next(self._ids)})
 
     def topic(self, name: str) -> TopicView:
         """The view of a topic: a read-only Mapping key -> latest value."""
@@ -317,6 +363,7 @@ class Client:
                 log.exception("client: state callback failed")
 
     async def _run(self) -> None:
+        first = True
         while not self._closing:
             delay_ms = self._rec.delay_ms(self._rng.random())
             if delay_ms is None:
@@ -324,7 +371,10 @@ class Client:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self.counters.connects or self.counters.connect_failures:
+            # every attempt but the very first waits, whatever ended the last one
+            # (not only after a connect or a refused connect: a connection dropped
+            # before "connected" used to skip the wait and loop ~1,500 times a second)
+            if not first:
                 self.counters.retry_delays_ms.append(delay_ms)
                 self._set_state(WAITING)
                 self._wake.clear()
@@ -332,6 +382,7 @@ class Client:
                     await asyncio.wait_for(self._wake.wait(), delay_ms / 1000.0)
                 if self._closing:
                     break
+            first = False
             self._set_state(CONNECTING)
             try:
                 conn = await raw.connect(self.url, timeout=self.connect_timeout_s)
@@ -345,11 +396,41 @@ class Client:
             self._conn = conn
             try:
                 code = await self._serve(conn)
+            except _CallerError as exc:
+                self._fail(exc.error)
+                return
+            except Exception as exc:  # a bug here must not end the task silently
+                log.exception("client: connection failed")
+                self.last_error = exc
+                self.counters.disconnects += 1
+                code = 1006
             finally:
                 self._conn = None
                 conn.close(1000)
             self.counters.last_close_code = code
             self._rec.closed(self._clock(), code)
+
+    def _fail(self, error: Exception) -> None:
+        """Stop for good on an error no reconnect can fix; whoever waits gets it."""
+        log.error("client: stopped: %r (a reconnect cannot fix this)", error)
+        self.last_error = error
+        self._failure = error
+        self._closing = True
+        self._set_state(CLOSED)
+        for stream in list(self._streams):
+            stream.end(error)
+        for wait in self._waits:
+            if not wait.future.done():
+                wait.future.set_exception(error)
+
+    def _send(self, conn: raw.RawConnection, msg: Mapping[str, Any]) -> None:
+        """Send one of our own messages. A message that cannot be encoded was
+        built from the caller's input: `_CallerError`, never a reconnect."""
+        try:
+            payload = msgpack.packb(msg, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise _CallerError(exc) from exc
+        conn.send_bytes(payload)
 
     async def _serve(self, conn: raw.RawConnection) -> int:
         """Run one connection until it closes; returns its close code."""
@@ -359,7 +440,7 @@ class Client:
                 raise ValueError(f"expected hello, got {hello.get('op')!r}")
             if self.token is not None:
                 rid = next(self._ids)
-                conn.send({"op": "auth", "token": self.token, "id": rid})
+                self._send(conn, {"op": "auth", "token": self.token, "id": rid})
                 while True:
                     msg = await conn.recv(self.connect_timeout_s)
                     if msg.get("op") == "ack" and msg.get("id") == rid:
@@ -400,7 +481,7 @@ class Client:
             msg["since"] = {t: list(mark) for t, mark in since.items()}
         if hz is not None:
             msg["max_hz"] = hz
-        conn.send(msg)
+        self._send(conn, msg)
 
     def _handle(self, msg: dict[str, Any]) -> None:
         self.counters.messages += 1

@@ -29,6 +29,7 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 from engine.admin.server import serve_admin
 from engine.bus import create_bus
 from engine.client import (
+    CLOSED,
     CONNECTED,
     UNAUTHORIZED,
     BusPublisher,
@@ -41,6 +42,7 @@ from engine.client import (
     Unauthorized,
     connect,
 )
+from engine.client.state import Reconnector
 from tests.integration.conftest import TIMEOUT_FACTOR, Engine, eventually
 from tests.support.serve import Served
 from workers.main import serve_worker
@@ -454,3 +456,125 @@ async def test_real_engine_token_expiry_4003_waits_for_a_new_token_then_recovers
         change = await asyncio.wait_for(stream.__anext__(), 5 * TIMEOUT_FACTOR)
         assert (change.full, dict(change.items)) == (False, {"b": 2})
         assert dict(client.topic("jwt.t")) == {"a": 1, "b": 2}
+
+
+# -- no spin: every reconnect waits, a caller's error is raised (issue 15) --------------
+
+
+class _Ceiling(random.Random):
+    """Every draw is 1.0: each delay is the policy's ceiling, exactly."""
+
+    def random(self) -> float:
+        return 1.0
+
+
+class CountingServer:
+    """A real picows server that counts upgrades; `hello` is what it sends first
+    (a server that breaks the protocol sends something else)."""
+
+    def __init__(self, hello: dict[str, Any]) -> None:
+        self.hello = hello
+        self.upgrades = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        outer = self
+
+        class Listener(WSListener):
+            def on_ws_connected(self, transport: WSTransport) -> None:
+                outer.upgrades += 1
+                transport.send(WSMsgType.BINARY, msgpack.packb(outer.hello))
+
+        self.server = await ws_create_server(lambda _req: Listener(), "127.0.0.1", 0)
+        return f"ws://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/ws"
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def attempts_allowed(policy: ReconnectPolicy, window_ms: float) -> int:
+    """The most connection attempts the policy allows in `window_ms` with every
+    draw at its ceiling: the first, then one per delay that fits in the window."""
+    rec = Reconnector(policy)
+    n, spent = 1, 0.0
+    while True:
+        rec.failed(0.0)
+        delay = rec.delay_ms(1.0)
+        assert delay is not None
+        spent += delay
+        if spent > window_ms:
+            return n
+        n += 1
+
+
+async def test_a_server_breaking_the_protocol_gets_reconnects_at_the_backoff_rate() -> None:
+    """The engine's first message is not `hello` (an internal error of the
+    connection, before it was ever "connected"): every reconnect waits its
+    backoff delay. On the code before the fix, no attempt waited at all: about
+    1,500 upgrades a second, and no delay recorded."""
+    srv = CountingServer({"op": "nope"})
+    url = await srv.start()
+    policy = ReconnectPolicy(base_ms=50, max_ms=400, factor=2)
+    window_s = 1.0
+    client = Client(url, policy=policy, rng=_Ceiling())
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        client.start()
+        await eventually(lambda: srv.upgrades >= 3)  # it does keep trying
+        await asyncio.sleep(max(0.0, started + window_s - loop.time()))
+        upgrades = srv.upgrades
+    finally:
+        await client.close()
+        srv.close()
+    assert upgrades <= attempts_allowed(policy, window_s * 1000)
+    # every attempt after the first waited the policy's delay, in order
+    delays = list(client.counters.retry_delays_ms)
+    assert delays[:4] == [50, 100, 200, 400][: len(delays[:4])]
+    assert len(delays) >= upgrades - 1
+    assert isinstance(client.last_error, ValueError)  # what went wrong is surfaced
+    assert client.counters.connects == 0
+
+
+async def test_an_error_in_the_clients_own_send_path_is_raised_not_retried(
+    engine: Engine,
+) -> None:
+    """A token that cannot be encoded (a lone surrogate: `str`, so it passes the
+    type check) fails in the client's own send path after the upgrade. No
+    reconnect can fix that: the caller gets the error, the client stops, and
+    the engine saw exactly one connection. On the code before the fix the client
+    reconnected ~1,500 times a second, forever, and `async with` never raised."""
+    assert engine.worker is not None
+    before = engine.worker.connects
+    client = connect(engine.url, token="\ud800", policy=ReconnectPolicy(base_ms=50, max_ms=400))
+    with pytest.raises(UnicodeEncodeError):
+        async with client:
+            pass
+    assert client.conn_state == CLOSED
+    assert isinstance(client.last_error, UnicodeEncodeError)
+    assert engine.worker.connects - before == 1  # and "closed" makes no more attempts
+
+
+async def test_a_token_of_the_wrong_type_is_a_type_error_at_once() -> None:
+    from tests.support.serve import free_port
+
+    url = f"ws://127.0.0.1:{free_port()}/ws"
+    with pytest.raises(TypeError, match="token"):
+        connect(url, token=12345)  # type: ignore[arg-type]
+    client = connect(url)
+    with pytest.raises(TypeError, match="token"):
+        client.set_token(b"bytes")  # type: ignore[arg-type]
+
+
+async def test_a_subscription_that_cannot_be_encoded_raises_and_is_not_kept(
+    engine: Engine, client_factory: Callable[..., Awaitable[Client]]
+) -> None:
+    client = await client_factory()
+    with pytest.raises(TypeError):
+        await client.subscribe(["c.t"], max_hz=object())  # type: ignore[arg-type]
+    assert "c.t" not in client.subscriptions
+    await engine.publish("c.t", "a", 1)
+    await client.subscribe(["c.t"])  # the client still works
+    assert dict(client.topic("c.t")) == {"a": 1}
+    assert client.conn_state == CONNECTED
