@@ -177,6 +177,8 @@ _ENV_NAME_RE: Final = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*)?")
 _REDIS_URL_RE: Final = re.compile(r"(?:redis|rediss|unix)://\S*")
 _PREFIX_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _MiB: Final = 1024 * 1024
+# RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output.
+MIN_HS256_SECRET_BYTES: Final = 32
 
 
 def _valid_origin(text: str) -> bool:
@@ -298,6 +300,9 @@ class AuthConfig:
     audience: str = _str("")
     allow_anonymous_publish: bool = _bool(False)
     api_key_env: str = _str("FANOUT_API_KEY", _ENV_NAME_RE, _ENV_EXPECT)
+    # What a token without a `sub_topics` claim may subscribe to: "none" (safe
+    # default) or "all" (every topic, what earlier versions did).
+    missing_sub_topics: str = _choice("none", "none", "all")
 
 
 @dataclass(frozen=True, slots=True)
@@ -673,6 +678,22 @@ def _check_cross(cfg: Config, env: Mapping[str, str]) -> None:
                 f"auth.mode is 'jwt' with an HS256 secret, but the environment variable"
                 f" {a.jwt_secret_env} is not set (or set jwt_public_key_file or jwks_file)",
             )
+        problem = hs256_secret_problem(env[a.jwt_secret_env], a.jwt_secret_env)
+        if problem:
+            raise ConfigError("auth.jwt_secret_env", problem)
+
+
+def hs256_secret_problem(secret: str, var: str) -> str:
+    """Why `secret` (held by the environment variable `var`) cannot be an HS256
+    key, or "" if it can. Never quotes the secret."""
+    size = len(secret.encode("utf-8", "surrogateescape"))
+    if size >= MIN_HS256_SECRET_BYTES:
+        return ""
+    return (
+        f"the HS256 secret in {var} is too short ({size} of at least"
+        f" {MIN_HS256_SECRET_BYTES} bytes, RFC 7518 section 3.2): generate one with"
+        f" `openssl rand -hex 32`"
+    )
 
 
 def read_config_file(path: str) -> dict[str, Any]:

@@ -4,8 +4,9 @@ Rules this module owns:
 
 1. `sub_topics` and `pub_topics` are lists of topic patterns (engine.topics:
    `*` one segment, a trailing `>` the rest). A token without `sub_topics` may
-   subscribe to any topic; a token without `pub_topics` may not publish
-   (protocol.md section 3). An empty list allows nothing.
+   subscribe to nothing, or to any topic when `auth.missing_sub_topics = "all"`;
+   a token without `pub_topics` may not publish (protocol.md section 3). An
+   empty list allows nothing.
 2. A claim that is not a list of valid patterns makes the whole token invalid
    (`ValueError`, turned into a refused token): a typo in an issuer's claims
    must not silently widen or narrow access.
@@ -73,8 +74,21 @@ def _patterns(claims: Mapping[str, Any], name: str) -> tuple[Pattern, ...] | Non
     return tuple(out)
 
 
-def permissions_from_claims(claims: Mapping[str, Any]) -> Permissions:
-    """The permissions a verified token's claims grant (rules 1-2)."""
+MISSING_SUB_TOPICS: Final = ("none", "all")  # the choices of auth.missing_sub_topics
+
+
+def permissions_from_claims(
+    claims: Mapping[str, Any], *, missing_sub_topics: str = "none"
+) -> Permissions:
+    """The permissions a verified token's claims grant (rules 1-2).
+
+    `missing_sub_topics` (`auth.missing_sub_topics`) decides a token without a
+    `sub_topics` claim: "none" subscribes to nothing, "all" to any topic.
+    """
+    if missing_sub_topics not in MISSING_SUB_TOPICS:
+        raise ValueError(f"missing_sub_topics must be 'none' or 'all', not {missing_sub_topics!r}")
     sub = _patterns(claims, "sub_topics")
+    if sub is None and missing_sub_topics == "none":
+        sub = ()
     pub = _patterns(claims, "pub_topics")
     return Permissions(sub, () if pub is None else pub)

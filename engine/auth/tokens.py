@@ -7,15 +7,17 @@ Rules this module owns:
 1. One key source, chosen by config: a JWKS file (`auth.jwks_file`, key chosen
    by the token's `kid`), else a PEM public key file (`auth.jwt_public_key_file`,
    RS256 for an RSA key, ES256 for an EC key), else the HS256 secret held by the
-   environment variable `auth.jwt_secret_env`. The algorithm is fixed by the key,
-   never taken from the token (no `alg: none`, no HS256-with-a-public-key
-   confusion).
+   environment variable `auth.jwt_secret_env` (at least `MIN_HS256_SECRET_BYTES`,
+   32: RFC 7518 section 3.2). The algorithm is fixed by the key, never taken
+   from the token (no `alg: none`, no HS256-with-a-public-key confusion).
 2. `exp` is required (a token that never expires could only be revoked by
    rotating the key); `exp` and `nbf` are checked against the `now` the caller
    gives, with `LEEWAY_S` of clock skew allowed; `iss` and `aud` are checked
    when configured.
 3. Every refusal is a `TokenError` whose message says why, safe to show the
    client (it never echoes key material). Nothing else escapes `verify`.
+4. A token without `sub_topics` gets what `auth.missing_sub_topics` says:
+   nothing by default (engine.auth.permissions rule 1).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from engine.auth.permissions import Permissions, permissions_from_claims
-from engine.config import AuthConfig
+from engine.config import AuthConfig, hs256_secret_problem
 from engine.errors import ConfigError, EngineError
 
 LEEWAY_S: Final = 30.0  # clock skew tolerated on exp/nbf between the issuer and us
@@ -61,7 +63,7 @@ class TokenVerifier:
     the new key next to the old one, then drop the old one).
     """
 
-    __slots__ = ("_algorithms", "_audience", "_issuer", "_jwks", "_key")
+    __slots__ = ("_algorithms", "_audience", "_issuer", "_jwks", "_key", "_missing_sub")
 
     def __init__(
         self,
@@ -71,6 +73,7 @@ class TokenVerifier:
         jwks: jwt.PyJWKSet | None = None,
         issuer: str = "",
         audience: str = "",
+        missing_sub_topics: str = "none",
     ) -> None:
         if key is None and jwks is None:
             raise ValueError("a key or a JWKS set is required")
@@ -79,6 +82,7 @@ class TokenVerifier:
         self._jwks = jwks
         self._issuer = issuer
         self._audience = audience
+        self._missing_sub = missing_sub_topics
 
     def replace_jwks(self, jwks: jwt.PyJWKSet) -> None:
         self._jwks = jwks
@@ -132,7 +136,7 @@ class TokenVerifier:
         if sub is not None and not isinstance(sub, str):
             raise TokenError("token refused: 'sub' must be a string")
         try:
-            permissions = permissions_from_claims(claims)
+            permissions = permissions_from_claims(claims, missing_sub_topics=self._missing_sub)
         except ValueError as exc:
             raise TokenError(f"token refused: {exc}") from None
         return Identity(sub, float(exp) + LEEWAY_S, permissions)
@@ -210,16 +214,23 @@ def load_verifier(
         except OSError as exc:
             raise ConfigError(key, f"cannot read {path}: {exc.strerror or exc}") from None
 
-    iss, aud = cfg.issuer, cfg.audience
+    iss, aud, missing = cfg.issuer, cfg.audience, cfg.missing_sub_topics
     if cfg.jwks_file:
         jwks = parse_jwks(read(cfg.jwks_file, "auth.jwks_file"))
-        return TokenVerifier(jwks=jwks, issuer=iss, audience=aud)
+        return TokenVerifier(jwks=jwks, issuer=iss, audience=aud, missing_sub_topics=missing)
     if cfg.jwt_public_key_file:
         key, alg = parse_public_key(read(cfg.jwt_public_key_file, "auth.jwt_public_key_file"))
-        return TokenVerifier(key=key, algorithms=(alg,), issuer=iss, audience=aud)
+        return TokenVerifier(
+            key=key, algorithms=(alg,), issuer=iss, audience=aud, missing_sub_topics=missing
+        )
     secret = env.get(cfg.jwt_secret_env, "") if cfg.jwt_secret_env else ""
     if not secret:
         raise ConfigError(
             "auth.jwt_secret_env", f"the environment variable {cfg.jwt_secret_env} is not set"
         )
-    return TokenVerifier(key=secret, algorithms=("HS256",), issuer=iss, audience=aud)
+    problem = hs256_secret_problem(secret, cfg.jwt_secret_env)
+    if problem:
+        raise ConfigError("auth.jwt_secret_env", problem)
+    return TokenVerifier(
+        key=secret, algorithms=("HS256",), issuer=iss, audience=aud, missing_sub_topics=missing
+    )

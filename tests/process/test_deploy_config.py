@@ -119,7 +119,8 @@ async def test_the_pod_config_serves_and_drains(pod: Served) -> None:
     status, answer = publish(pod, update, API_KEY)
     assert status == 200 and "pos" in answer
 
-    token = jwt.encode({"sub": "ops", "exp": int(time.time()) + 600}, JWT_SECRET, "HS256")
+    claims = {"sub": "ops", "exp": int(time.time()) + 600, "sub_topics": ["prices.>"]}
+    token = jwt.encode(claims, JWT_SECRET, "HS256")
     conn = await connect(pod.ws_url, extra_headers={"Authorization": f"Bearer {token}"})
     try:
         assert (await conn.recv())["op"] == "hello"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Final
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -12,9 +12,21 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 SECRET = "test-secret-for-fanout-hs256-0123456789abcdef"  # >= 32 bytes: PyJWT warns below
 
 
+# Test tokens may subscribe to every topic unless a test says otherwise: a token
+# without `sub_topics` subscribes to nothing by default (auth.missing_sub_topics).
+ALL_TOPICS: Final = [">"]
+
+
+def _claims(ttl_s: float, claims: dict[str, Any]) -> dict[str, Any]:
+    """The token body: `sub` alice, `exp` in `ttl_s`, `sub_topics` every topic; a
+    claim given as None is left out (`sub_topics=None`: a token without the claim)."""
+    body: dict[str, Any] = {"sub": "alice", "exp": time.time() + ttl_s, "sub_topics": ALL_TOPICS}
+    body.update(claims)
+    return {k: v for k, v in body.items() if v is not None}
+
+
 def hs256(secret: str = SECRET, ttl_s: float = 60.0, **claims: Any) -> str:
-    body: dict[str, Any] = {"sub": "alice", "exp": time.time() + ttl_s, **claims}
-    return jwt.encode(body, secret, algorithm="HS256")
+    return jwt.encode(_claims(ttl_s, claims), secret, algorithm="HS256")
 
 
 def rsa_key() -> rsa.RSAPrivateKey:
@@ -34,9 +46,8 @@ def public_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
 
 
 def signed(key: Any, alg: str, ttl_s: float = 60.0, kid: str | None = None, **claims: Any) -> str:
-    body: dict[str, Any] = {"sub": "alice", "exp": time.time() + ttl_s, **claims}
     headers = {"kid": kid} if kid else None
-    return jwt.encode(body, key, algorithm=alg, headers=headers)
+    return jwt.encode(_claims(ttl_s, claims), key, algorithm=alg, headers=headers)
 
 
 def jwk(key: Any, alg: str, kid: str) -> dict[str, Any]:

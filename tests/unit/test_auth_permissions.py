@@ -10,7 +10,9 @@ from engine.auth.permissions import ALLOW_ALL, SUBSCRIBE_ONLY, anonymous, permis
 
 def test_claims_give_patterns_with_protocol_defaults() -> None:
     p = permissions_from_claims({})
-    assert p.can_sub("any.topic") and not p.can_pub("any.topic")  # no pub_topics: no publish
+    # safe by default: no sub_topics subscribes to nothing, no pub_topics publishes nothing
+    assert not p.can_sub("any.topic") and not p.can_pub("any.topic")
+    assert p.first_refused_sub(["any.topic"]) == "any.topic"
     p = permissions_from_claims({"sub_topics": ["prices.>", "scores.*.live"], "pub_topics": ["x"]})
     assert p.can_sub("prices.fx") and p.can_sub("prices.fx.eu") and not p.can_sub("prices")
     assert p.can_sub("scores.nba.live") and not p.can_sub("scores.nba.final")
@@ -19,6 +21,27 @@ def test_claims_give_patterns_with_protocol_defaults() -> None:
     assert p.first_refused_sub(["prices.a"]) is None
     nothing = permissions_from_claims({"sub_topics": [], "pub_topics": []})
     assert not nothing.can_sub("a") and not nothing.can_pub("a")
+
+
+@pytest.mark.parametrize(
+    ("missing", "subscribes"), [("none", False), ("all", True), ("NONE", False)]
+)
+def test_missing_sub_topics_setting_decides_a_token_without_the_claim(
+    missing: str, subscribes: bool
+) -> None:
+    p = permissions_from_claims({"pub_topics": ["x"]}, missing_sub_topics=missing.lower())
+    assert p.can_sub("any.topic") is subscribes
+    assert p.can_pub("x") and not p.can_pub("any.topic")  # pub_topics is not affected
+    # an explicit claim always wins over the setting, an empty list allows nothing
+    explicit = permissions_from_claims({"sub_topics": ["a.>"]}, missing_sub_topics=missing.lower())
+    assert explicit.can_sub("a.b") and not explicit.can_sub("b")
+    empty = permissions_from_claims({"sub_topics": []}, missing_sub_topics=missing.lower())
+    assert not empty.can_sub("a.b")
+
+
+def test_missing_sub_topics_refuses_an_unknown_choice() -> None:
+    with pytest.raises(ValueError, match="missing_sub_topics"):
+        permissions_from_claims({}, missing_sub_topics="some")
 
 
 @pytest.mark.parametrize(

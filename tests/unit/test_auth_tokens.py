@@ -19,7 +19,7 @@ from engine.auth.tokens import (
     parse_jwks,
     parse_public_key,
 )
-from engine.config import AuthConfig
+from engine.config import MIN_HS256_SECRET_BYTES, AuthConfig, parse_config
 from engine.errors import ConfigError
 from tests.support.tokens import SECRET, ec_key, hs256, jwk, public_pem, rsa_key, signed
 
@@ -149,3 +149,94 @@ def test_bad_key_sources_are_config_errors_naming_the_setting() -> None:
     with pytest.raises(ConfigError) as info:
         load_verifier(AuthConfig(mode="jwt"), {}, _no_file)
     assert info.value.key == "auth.jwt_secret_env"
+
+
+def test_a_token_without_sub_topics_subscribes_to_nothing_unless_configured() -> None:
+    token = hs256(sub_topics=None)  # the claim left out
+    assert "sub_topics" not in jwt.decode(token, options={"verify_signature": False})
+    assert not hs().verify(token, NOW).permissions.can_sub("any.topic")  # the default: "none"
+    assert hs(missing_sub_topics="all").verify(token, NOW).permissions.can_sub("any.topic")
+    # a token that names its topics is judged by them whatever the setting
+    named = hs256(sub_topics=["a.>"])
+    for missing in ("none", "all"):
+        perms = hs(missing_sub_topics=missing).verify(named, NOW).permissions
+        assert perms.can_sub("a.b") and not perms.can_sub("b")
+
+
+def test_missing_sub_topics_is_a_setting_with_a_safe_default() -> None:
+    assert AuthConfig().missing_sub_topics == "none"
+    assert (
+        parse_config({"auth": {"missing_sub_topics": "all"}}, {}).auth.missing_sub_topics == "all"
+    )
+    env = {"FANOUT_AUTH_MISSING_SUB_TOPICS": "none"}
+    assert parse_config({}, env).auth.missing_sub_topics == "none"
+    with pytest.raises(ConfigError) as info:
+        parse_config({"auth": {"missing_sub_topics": "some"}}, {})
+    assert info.value.key == "auth.missing_sub_topics"
+
+
+@pytest.mark.parametrize("secret", ["", "x", "short-secret", "s" * (MIN_HS256_SECRET_BYTES - 1)])
+def test_an_hs256_secret_under_32_bytes_is_refused_at_config_load(secret: str) -> None:
+    """RFC 7518 section 3.2: an HS256 key must be at least as long as the hash (256 bits)."""
+    assert MIN_HS256_SECRET_BYTES == 32
+    env = {"FANOUT_JWT_SECRET": secret}
+    with pytest.raises(ConfigError) as info:
+        parse_config({"auth": {"mode": "jwt"}}, env)
+    assert info.value.key == "auth.jwt_secret_env"
+    assert "FANOUT_JWT_SECRET" in info.value.message
+    if len(secret) > 1:
+        assert secret not in info.value.message  # the error names the variable, never its value
+    with pytest.raises(ConfigError) as info:
+        load_verifier(AuthConfig(mode="jwt"), env, _no_file)
+    assert info.value.key == "auth.jwt_secret_env"
+    if secret:
+        assert "32 bytes" in info.value.message and "RFC 7518" in info.value.message
+
+
+def test_an_hs256_secret_of_32_bytes_is_accepted_counted_in_utf8_bytes() -> None:
+    ok = "s" * MIN_HS256_SECRET_BYTES
+    assert parse_config({"auth": {"mode": "jwt"}}, {"FANOUT_JWT_SECRET": ok}).auth.mode == "jwt"
+    v = load_verifier(AuthConfig(mode="jwt"), {"FANOUT_JWT_SECRET": ok}, _no_file)
+    assert v.verify(hs256(secret=ok), NOW).user == "alice"
+    # 16 characters of two bytes each are 32 bytes: long enough
+    wide = "é" * 16
+    assert load_verifier(AuthConfig(mode="jwt"), {"FANOUT_JWT_SECRET": wide}, _no_file)
+    # the secret is only checked when it is the key source in use
+    cfg = parse_config(
+        {"auth": {"mode": "jwt", "jwks_file": "/k.json"}}, {"FANOUT_JWT_SECRET": "short"}
+    )
+    assert cfg.auth.jwks_file == "/k.json"
+
+
+def _release(text: str) -> tuple[int, int, int]:
+    """(major, minor, micro) of a version string, missing parts as 0 ("0.16" -> (0, 16, 0))."""
+    parts = [int(x) for x in text.strip().split(".")[:3] if x.isdigit()]
+    major, minor, micro = (*parts, 0, 0, 0)[:3]
+    return major, minor, micro
+
+
+def _floor(requirement: str) -> tuple[int, int, int]:
+    return _release(requirement.split(">=", 1)[1].split(",")[0])
+
+
+def _version(dist: str) -> tuple[int, int, int]:
+    from importlib.metadata import version
+
+    return _release(version(dist))
+
+
+@pytest.mark.parametrize(
+    ("dist", "fixed", "cve"),
+    [("PyJWT", (2, 10, 1), "CVE-2024-53861"), ("h11", (0, 16, 0), "CVE-2025-43859")],
+)
+def test_dependency_floors_exclude_known_vulnerable_versions(
+    dist: str, fixed: tuple[int, ...], cve: str
+) -> None:
+    import tomllib
+    from pathlib import Path
+
+    doc = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    reqs = [r for r in doc["project"]["dependencies"] if r.lower().startswith(dist.lower() + ">=")]
+    assert len(reqs) == 1, f"pyproject.toml must pin a floor for {dist}"
+    assert _floor(reqs[0]) >= fixed, f"{reqs[0]} allows versions with {cve}"
+    assert _version(dist) >= fixed, f"the installed {dist} is older than the fix of {cve}"

@@ -272,7 +272,8 @@ def test_jwt_mode_needs_a_key() -> None:
     err = error_of({"auth": {"mode": "jwt"}})
     assert err.key == "auth.jwt_secret_env"
     assert "FANOUT_JWT_SECRET" in err.message
-    assert parse({"auth": {"mode": "jwt"}}, {"FANOUT_JWT_SECRET": "s3cret"}).auth.mode == "jwt"
+    secret = "s3cret-of-at-least-32-bytes-0123456789"
+    assert parse({"auth": {"mode": "jwt"}}, {"FANOUT_JWT_SECRET": secret}).auth.mode == "jwt"
     assert parse({"auth": {"mode": "jwt", "jwks_file": "/etc/fanout/jwks.json"}}).auth.mode == "jwt"
     err = error_of({"auth": {"mode": "jwt", "jwt_secret_env": ""}})
     assert err.key == "auth.jwt_secret_env"
@@ -444,7 +445,8 @@ def test_configured_secret_variables_are_not_mistaken_for_settings() -> None:
             "api_key_env": "FANOUT_AUTH_KEY",
         }
     }
-    cfg = parse(doc, {"FANOUT_AUTH_SECRET": "s3cret", "FANOUT_AUTH_KEY": "k"})
+    secret = "s3cret-of-at-least-32-bytes-0123456789"
+    cfg = parse(doc, {"FANOUT_AUTH_SECRET": secret, "FANOUT_AUTH_KEY": "k"})
     assert cfg.auth.jwt_secret_env == "FANOUT_AUTH_SECRET"
 
 

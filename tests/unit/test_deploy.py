@@ -49,7 +49,7 @@ DOCS = REPO / "docs" / "kubernetes.md"
 # Kubernetes version the manifests must be valid for: recent, and shipped by
 # every kubernetes-validate release that pyproject.toml allows.
 K8S_VERSION = "1.33.0"
-SECRET_PLACEHOLDER = "placeholder-from-secret"
+SECRET_PLACEHOLDER = "placeholder-from-a-kubernetes-secret"  # >= 32 bytes: an HS256 key
 
 
 # ---- Dockerfile -------------------------------------------------------------
