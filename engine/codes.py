@@ -31,6 +31,7 @@ class ErrorCode:
     RATE_LIMITED: Final = "rate_limited"
     UNAVAILABLE: Final = "unavailable"
     INTERNAL: Final = "internal"
+    BAD_HOST: Final = "bad_host"  # admin HTTP only: a Host not in server.admin_allowed_hosts (421)
 
 
 # -- process exit codes ------------------------------------------------------------

@@ -49,7 +49,7 @@ IGNORED_ENV: Final = frozenset(
 )
 
 _SPEC: Final = "fanout.config.spec"
-_Kind = Literal["int", "float", "bool", "str", "choice", "origins"]
+_Kind = Literal["int", "float", "bool", "str", "choice", "origins", "hosts"]
 
 
 class _Invalid(Exception):
@@ -122,6 +122,15 @@ class _Spec:
                     raise _Invalid
                 origins.append(item.lower())  # browsers send scheme and host lower-cased
             return tuple(origins)
+        if kind == "hosts":
+            if not isinstance(value, list | tuple):
+                raise _Invalid
+            hosts: list[str] = []
+            for item in value:
+                if not isinstance(item, str) or _ALLOWED_HOST_RE.fullmatch(item) is None:
+                    raise _Invalid
+                hosts.append(item.lower())  # host names compare case-insensitively
+            return tuple(hosts)
         if not isinstance(value, str):
             raise _Invalid
         if kind == "choice":
@@ -153,7 +162,7 @@ class _Spec:
             except ValueError:
                 raise _Invalid from None
             return self.convert(number)
-        if kind == "origins":
+        if kind in ("origins", "hosts"):
             try:
                 items = json.loads(text)
             except ValueError:
@@ -172,6 +181,8 @@ _ORIGIN_RE: Final = re.compile(
     re.IGNORECASE,
 )
 _HOST_RE: Final = re.compile(r"\S+")
+# server.admin_allowed_hosts: "*", a host name, or "*." + a domain (its subdomains).
+_ALLOWED_HOST_RE: Final = re.compile(r"\*|(?:\*\.)?[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?", re.IGNORECASE)
 _PATH_RE: Final = re.compile(r"/[^\s?#]*")
 _ENV_NAME_RE: Final = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*)?")
 _REDIS_URL_RE: Final = re.compile(r"(?:redis|rediss|unix)://\S*")
@@ -184,6 +195,47 @@ MIN_HS256_SECRET_BYTES: Final = 32
 def _valid_origin(text: str) -> bool:
     m = _ORIGIN_RE.fullmatch(text)
     return m is not None and (m["port"] is None or 1 <= int(m["port"]) <= 65535)
+
+
+REDACTED: Final = "***"
+_URL_PASSWORD_PARAM_RE: Final = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def _split_userinfo(url: str) -> tuple[str, str, str] | None:
+    """(scheme "://", userinfo, "@" + the rest) of a URL that has a userinfo, else None.
+
+    The last "@" before the query wins: a password with a raw "@" is still
+    taken whole."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return None
+    head = rest.split("?", 1)[0]
+    at = head.rfind("@")
+    if at < 0:
+        return None
+    return scheme + sep, rest[:at], rest[at:]
+
+
+def url_has_password(url: str) -> bool:
+    """Whether a Redis URL carries a password (in its userinfo or `?password=`)."""
+    parts = _split_userinfo(url)
+    if parts is not None and parts[1].partition(":")[2]:
+        return True
+    return _URL_PASSWORD_PARAM_RE.search(url) is not None
+
+
+def redact_url(url: str) -> str:
+    """`url` fit to print: the password of its userinfo and of a `password=`
+    query parameter replaced by `***` (a userinfo without ":" is a user name,
+    as Redis clients read it, and is kept). PURE; used by every log line, error
+    and dump that shows a URL."""
+    parts = _split_userinfo(url)
+    if parts is not None:
+        scheme, userinfo, rest = parts
+        user, _, password = userinfo.partition(":")
+        if password:
+            url = f"{scheme}{user}:{REDACTED}{rest}"
+    return _URL_PASSWORD_PARAM_RE.sub(lambda m: m[1] + REDACTED, url)
 
 
 def _num(x: float | None) -> str:
@@ -241,6 +293,24 @@ class ServerConfig:
     )
     admin_host: str = _str("127.0.0.1", _HOST_RE, _HOST_EXPECT)
     admin_port: int = _int(8001, 0, 65535)
+    # Host header names the admin port answers besides IP addresses and
+    # "localhost" (always accepted): DNS rebinding cannot name a listed host.
+    admin_allowed_hosts: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            _SPEC: _Spec(
+                "hosts",
+                expect=(
+                    "a list of host names (in the environment: a JSON array) like"
+                    ' ["fanout-admin", "*.svc.cluster.local"], or ["*"] for any'
+                ),
+            )
+        },
+    )
+    # An admin connection waiting for its next request is closed after this.
+    admin_idle_timeout_s: float = _float(5, 0, lo_open=True)
+    # Connections beyond the admin's general cap that may still ask a probe.
+    admin_probe_connections: int = _int(16, 1, 1024)
     node: str = _str("")
 
 
@@ -317,6 +387,21 @@ class RedisConfig:
     cluster: bool = _bool(False)
     stream_maxlen: int = _int(100_000, 1)
     prefix: str = _str("fanout", _PREFIX_RE, "1..64 characters of A-Z a-z 0-9 _ . : -")
+    # Redis AUTH: the environment variables holding the password and the ACL
+    # user name (unset or empty: none). The secret never goes in a file or the URL.
+    password_env: str = _str("FANOUT_REDIS_PASSWORD", _ENV_NAME_RE, _ENV_EXPECT)
+    username_env: str = _str("FANOUT_REDIS_USERNAME", _ENV_NAME_RE, _ENV_EXPECT)
+    # rediss:// only: the CA bundle the server's certificate is checked against
+    # ("" = the system's CAs).
+    tls_ca_file: str = _str("")
+
+    def __repr__(self) -> str:
+        # A password in the URL must not reach a log line or a traceback.
+        shown = ", ".join(
+            f"{f.name}={(redact_url(self.url) if f.name == 'url' else getattr(self, f.name))!r}"
+            for f in fields(self)
+        )
+        return f"RedisConfig({shown})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,6 +520,8 @@ def _suggest(word: str, known: Any) -> str:
 
 
 def _bad(key: str, spec: _Spec, given: object, source: str) -> ConfigError:
+    if key == "bus.redis.url" and isinstance(given, str):
+        given = redact_url(given)  # an error message is printed and logged
     return ConfigError(key, f"expected {spec.expectation()}, got {given!r}{source}")
 
 
@@ -502,7 +589,12 @@ def parse_config(
     _apply_overrides(builder, overrides or {})
     # A variable under a known section that names no setting is a typo, unless it
     # is the variable configured to hold the JWT secret or the API key.
-    secrets = {builder.current("auth", "jwt_secret_env"), builder.current("auth", "api_key_env")}
+    secrets = {
+        builder.current("auth", "jwt_secret_env"),
+        builder.current("auth", "api_key_env"),
+        builder.current("bus.redis", "password_env"),
+        builder.current("bus.redis", "username_env"),
+    }
     for var, guess in builder.unknown_env:
         if var not in secrets:
             section, _, key = guess.rpartition(".")
@@ -664,6 +756,7 @@ def _check_cross(cfg: Config, env: Mapping[str, str]) -> None:
             raise ConfigError(
                 f"workers.{high}", f"expected an integer >= workers.{low} ({lo!r}), got {hi!r}"
             )
+    _check_redis(cfg.bus.redis, env)
     a = cfg.auth
     if a.mode == "jwt" and not a.jwt_public_key_file and not a.jwks_file:
         if not a.jwt_secret_env:
@@ -681,6 +774,29 @@ def _check_cross(cfg: Config, env: Mapping[str, str]) -> None:
         problem = hs256_secret_problem(env[a.jwt_secret_env], a.jwt_secret_env)
         if problem:
             raise ConfigError("auth.jwt_secret_env", problem)
+
+
+def _check_redis(r: RedisConfig, env: Mapping[str, str]) -> None:
+    """A password given twice is ambiguous; a CA file only applies to TLS."""
+    if r.password_env and env.get(r.password_env) and url_has_password(r.url):
+        raise ConfigError(
+            "bus.redis.url",
+            f"holds a password and {r.password_env} (bus.redis.password_env) is set too:"
+            f" give it once, in {r.password_env}",
+        )
+    if r.tls_ca_file and not r.url.startswith("rediss://"):
+        raise ConfigError(
+            "bus.redis.tls_ca_file",
+            f"applies only to a TLS URL (rediss://), got bus.redis.url = {redact_url(r.url)!r}",
+        )
+
+
+def redis_credentials(r: RedisConfig, env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """(username, password) for Redis AUTH from the environment variables that
+    `bus.redis.username_env` / `password_env` name; None for an unset or empty one."""
+    username = env.get(r.username_env) if r.username_env else None
+    password = env.get(r.password_env) if r.password_env else None
+    return username or None, password or None
 
 
 def hs256_secret_problem(secret: str, var: str) -> str:
@@ -773,7 +889,8 @@ def dump_toml(cfg: Config) -> str:
     """The effective configuration as TOML (what `fanout check-config` prints).
 
     Every setting is written, defaults included; `tomllib.loads` of the result
-    fed to `parse_config` gives back an equal Config.
+    fed to `parse_config` gives back an equal Config, except a password in
+    `bus.redis.url`, which is written as `***` (`redact_url`).
     """
     lines = ["# fanout: effective configuration (defaults < config file < environment < flags)"]
     for section, cls in _SECTIONS.items():
@@ -784,7 +901,10 @@ def dump_toml(cfg: Config) -> str:
         lines.append(f"[{section}]")
         for f in fields(cls):
             if _SPEC in f.metadata:
-                lines.append(f"{f.name} = {_toml_value(getattr(obj, f.name))}")
+                value = getattr(obj, f.name)
+                if section == "bus.redis" and f.name == "url":
+                    value = redact_url(value)  # printed: never the password
+                lines.append(f"{f.name} = {_toml_value(value)}")
     for rule in cfg.topics:
         lines.append("")
         lines.append("[[topics]]")

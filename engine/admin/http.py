@@ -9,9 +9,10 @@ Rules this module owns:
 1. Every answer is JSON (`application/json`); an error is
    `{"error": <code>, "message": <text naming the field and the fault>}`,
    plus `"topic"` when a topic name is at fault (`bad_topic`).
-2. A request is judged from its head first (`plan_request`): 404, 405, 401,
-   415 and 413 (declared length over the cap) are decided before any body byte
-   is looked at; a refused body is only drained (within the cap), never parsed.
+2. A request is judged from its head first (`plan_request`): 421, 404, 405,
+   401, 403, 415 and 413 (declared length over the cap) are decided before any
+   body byte is looked at; a refused body is only drained (within the cap),
+   never parsed.
 3. A publisher's `data` is encoded once: JSON `data` is packed to msgpack once;
    msgpack `data` is sliced out of the body, byte for byte, never decoded and
    re-encoded (`engine.protocol.codec` rule 1).
@@ -23,11 +24,25 @@ Rules this module owns:
    are named by `static_file`: a flat file name of safe characters with a
    known extension, or 404; it never names a path outside the static folder.
    They are the only answers that are not JSON.
+7. Safe by default (issue 11, finding 5), decided from the head:
+   - `Host` must name an IP address, "localhost" or a host of
+     `server.admin_allowed_hosts`, else 421 on every path: a web page that
+     rebinds its own DNS name to this machine cannot read /stats (its requests
+     carry its own name). A request without `Host` (HTTP/1.0) is not a
+     browser's and is served.
+   - A POST needs the API key whenever the admin port listens beyond loopback
+     (`bind_is_loopback`); with no key configured it is refused with 403 (the
+     engine still starts: the probes must answer), naming the variable to set.
+   - A POST body must declare `application/json` or `application/msgpack`
+     (415 otherwise, and without `Content-Type`): what a page can send
+     cross-origin without a CORS preflight (no type, `text/plain`, forms) is
+     never taken for JSON.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import math
 import re
@@ -46,7 +61,8 @@ JSON_TYPE: Final = "application/json"
 MSGPACK_TYPES: Final = frozenset(
     {"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"}
 )
-JSON_TYPES: Final = frozenset({"application/json", "text/json"})
+# Only types a web page cannot send cross-origin without a CORS preflight (rule 7).
+JSON_TYPES: Final = frozenset({"application/json"})
 
 # path -> methods allowed.
 ROUTES: Final[Mapping[str, tuple[str, ...]]] = {
@@ -60,6 +76,10 @@ ROUTES: Final[Mapping[str, tuple[str, ...]]] = {
     "/config.json": ("GET",),  # what the dashboard needs to connect (client_config)
 }
 STATIC_PREFIX: Final = "/static/"
+# Served on the admin's probe connections too (over its general cap, rule 7 of
+# engine.admin.server): what the kubelet and Prometheus ask.
+PROBE_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+POST_PATHS: Final = frozenset(path for path, methods in ROUTES.items() if "POST" in methods)
 
 # Extension -> Content-Type of the files under /static/.
 STATIC_TYPES: Final[Mapping[str, str]] = {
@@ -160,12 +180,18 @@ class Plan:
 def media_kind(content_type: str | None) -> str:
     """The body kind, "json" or "msgpack", for a Content-Type; raises HttpError(415).
 
-    No header (or an empty one) means JSON; parameters (`; charset=utf-8`) are ignored.
+    Parameters (`; charset=utf-8`) are ignored. No header, an empty one and
+    every type a web page may send cross-origin without a preflight are
+    refused (rule 7).
     """
     if content_type is None or not content_type.strip():
-        return "json"
+        raise HttpError(
+            415,
+            "unsupported_media_type",
+            "a body needs 'Content-Type: application/json' or 'application/msgpack'",
+        )
     mime = content_type.split(";", 1)[0].strip().lower()
-    if mime in JSON_TYPES or (mime.startswith("application/") and mime.endswith("+json")):
+    if mime in JSON_TYPES:
         return "json"
     if mime in MSGPACK_TYPES:
         return "msgpack"
@@ -175,6 +201,53 @@ def media_kind(content_type: str | None) -> str:
         f"Content-Type {content_type[:100]!r} is not accepted: "
         "send application/json or application/msgpack",
     )
+
+
+def bind_is_loopback(host: str) -> bool:
+    """Whether an address the admin port binds is reachable from this machine
+    only: "localhost" or a loopback IP address (127.0.0.0/8, ::1). "0.0.0.0",
+    "::", "" and any other name are not."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(host_header: str) -> str:
+    """The host of a `Host` header, port and brackets removed, lower-cased,
+    without a trailing dot: "[::1]:8001" -> "::1", "Example.COM.:80" -> "example.com"."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def host_allowed(host_header: str | None, allowed: Sequence[str]) -> bool:
+    """Rule 7: an absent `Host`, an IP address, "localhost" (and its
+    subdomains, which resolve to loopback), or a name of `allowed` ("*" = any,
+    "*.example.com" = its subdomains)."""
+    if host_header is None or "*" in allowed:
+        return True
+    name = host_name(host_header)
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    for pattern in allowed:
+        pattern = pattern.rstrip(".")
+        if pattern.startswith("*."):
+            if name.endswith(pattern[1:]) and len(name) > len(pattern) - 1:
+                return True
+        elif name == pattern:
+            return True
+    return False
 
 
 def check_api_key(authorization: str | None, api_key: str | None) -> None:
@@ -206,10 +279,24 @@ def plan_request(
     *,
     api_key: str | None,
     body_limit: int,
+    bind_host: str = "127.0.0.1",
+    allowed_hosts: Sequence[str] = (),
+    api_key_env: str = "FANOUT_API_KEY",
 ) -> Plan:
     """Judge a request from its head (lower-case header names). Raises HttpError
-    for 404, 405 (with `Allow`), 401, 415 and 413 (declared Content-Length over
+    for 421 (`Host` not allowed), 404, 405 (with `Allow`), 401, 403 (a POST on
+    an admin port bound beyond loopback, `bind_host`, with no API key; the
+    error names `api_key_env`), 415 and 413 (declared Content-Length over
     `body_limit`); the body, if any, is then read only for an accepted plan."""
+    host = headers.get("host")
+    if not host_allowed(host, allowed_hosts):
+        shown = (host or "")[:100]
+        raise HttpError(
+            421,
+            ErrorCode.BAD_HOST,
+            f"Host {shown!r} is not served here: add it to server.admin_allowed_hosts"
+            " (IP addresses and localhost are always served)",
+        )
     path = target.split("?", 1)[0].split("#", 1)[0]
     methods = ROUTES.get(path)
     if methods is None and path.startswith(STATIC_PREFIX):
@@ -224,8 +311,17 @@ def plan_request(
             f"{method[:20]} is not allowed on {path}: use {', '.join(methods)}",
             headers=(("allow", ", ".join(methods)),),
         )
-    if path not in ("/publish", "/rebalance"):
+    if path not in POST_PATHS:
         return Plan(path)
+    if not api_key and not bind_is_loopback(bind_host):
+        raise HttpError(
+            403,
+            ErrorCode.FORBIDDEN,
+            f"POST {path} is refused: the admin port listens on {bind_host[:60]!r}, beyond"
+            f" loopback, and no API key is set: set the environment variable"
+            f" {api_key_env or 'named by auth.api_key_env'} (auth.api_key_env)"
+            " and send 'Authorization: Bearer <key>'",
+        )
     check_api_key(headers.get("authorization"), api_key)
     media = media_kind(headers.get("content-type"))
     if (declared_length(headers) or 0) > body_limit:

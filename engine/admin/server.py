@@ -9,10 +9,22 @@ Limits (each with its overflow policy):
 - request body: `http.body_limit_bytes(limits.max_message_bytes)` (413, then
   close after a short linger: the rest of the body is not kept);
 - a client gets `REQUEST_TIMEOUT_S` to send a request (head and body) and to
-  read our answer, idle keep-alive included; past it the connection is closed;
-- at most `MAX_CONNECTIONS` connections at once; more are answered 503 and
-  closed (lingering for at most `MAX_CONNECTIONS` more, then closed at once).
+  read our answer; past it the connection is closed;
+- a connection idle (no byte of its next request, the first one included) for
+  `server.admin_idle_timeout_s` is closed: idle keep-alive sockets cannot
+  hold the slots;
+- at most `MAX_CONNECTIONS` connections at once. Past them, up to
+  `server.admin_probe_connections` more are probe connections: one request,
+  within the idle timeout, answered only for `http.PROBE_PATHS` (503 for the
+  rest), then closed; so a pile of idle or slow sockets cannot make /healthz
+  fail and the pod restart (issue 11, finding 6). Past both, connections are
+  answered 503 and closed (lingering for at most `MAX_CONNECTIONS` more, then
+  closed at once).
 Each connection is its own task, so a slow client holds only its own task.
+
+What the port accepts (Host allowlist, API key beyond loopback, media types)
+is `engine.admin.http` rule 7; `serve_admin` warns once at start when the port
+listens beyond loopback without an API key (every POST is then refused).
 """
 
 from __future__ import annotations
@@ -60,6 +72,13 @@ _BUSY: Final = (
 )
 
 
+_PROBES_ONLY: Final = http.HttpError(
+    503,
+    ErrorCode.UNAVAILABLE,
+    "too many connections: only " + ", ".join(sorted(http.PROBE_PATHS)) + " are served now",
+)
+
+
 class _Closing(Exception):
     """The connection cannot carry another request (peer gone, error, or timeout)."""
 
@@ -86,6 +105,10 @@ class AdminServer:
         self.bus = bus
         self.api_key = api_key or None
         self.supervisor_pid = supervisor_pid
+        self.bind_host = cfg.server.admin_host
+        self.allowed_hosts = cfg.server.admin_allowed_hosts
+        self.idle_timeout_s = cfg.server.admin_idle_timeout_s
+        self.probe_slots = cfg.server.admin_probe_connections
         self.started = time.time()
         self.body_limit = http.body_limit_bytes(cfg.limits.max_message_bytes)
         self.rules = TopicRules(cfg.topics)  # a stream topic's /publish needs no key
@@ -93,8 +116,12 @@ class AdminServer:
         self.publish_hist = metrics.Histogram()
         self.published = 0
         self.publish_failures = 0
+        # requests refused from their head (by error code), connections shed
+        # over every cap ("busy") and idle ones closed ("idle"): /metrics
+        self.refused: dict[str, int] = {}
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._probing: set[asyncio.Task[Any]] = set()  # over the cap, on probe slots
         self._shedding: set[asyncio.Task[Any]] = set()  # over the cap, lingering
 
     @property
@@ -111,7 +138,7 @@ class AdminServer:
         """Stop listening and drop open connections (in-flight requests are cancelled)."""
         if self._server is not None:
             self._server.close()
-        tasks = [*self._tasks, *self._shedding]
+        tasks = [*self._tasks, *self._probing, *self._shedding]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -126,13 +153,18 @@ class AdminServer:
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._tasks) >= MAX_CONNECTIONS:
+        if len(self._tasks) < MAX_CONNECTIONS:
+            pool, probe_only = self._tasks, False
+        elif len(self._probing) < self.probe_slots:
+            pool, probe_only = self._probing, True
+        else:
+            self._count("busy")
             await self._shed(task, reader, writer)
             return
-        self._tasks.add(task)
+        pool.add(task)
         try:
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-            while await self._exchange(conn, reader, writer):
+            while await self._exchange(conn, reader, writer, probe_only=probe_only):
                 conn.start_next_cycle()
         except (_Closing, OSError, TimeoutError):
             pass
@@ -143,7 +175,7 @@ class AdminServer:
         except Exception:
             log.exception("admin: connection failed")
         finally:
-            self._tasks.discard(task)
+            pool.discard(task)
             writer.close()
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 await writer.wait_closed()
@@ -181,27 +213,55 @@ class AdminServer:
                         break
                     received += len(chunk)
 
+    def _count(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
     async def _next_event(
-        self, conn: h11.Connection, reader: asyncio.StreamReader, deadline: float
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        deadline: float,
+        idle_until: float | None = None,
     ) -> Any:
-        """The next h11 event, reading as needed; TimeoutError past `deadline` (loop time)."""
+        """The next h11 event, reading as needed; TimeoutError past `deadline`
+        (loop time); `_Closing` when no byte at all arrived by `idle_until`."""
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            async with asyncio.timeout_at(deadline):
-                data = await reader.read(READ_CHUNK_BYTES)
+            idle = idle_until is not None and not conn.trailing_data[0]
+            try:
+                async with asyncio.timeout_at(idle_until if idle else deadline):
+                    data = await reader.read(READ_CHUNK_BYTES)
+            except TimeoutError:
+                if not idle:
+                    raise
+                self._count("idle")
+                raise _Closing from None
+            if data:
+                idle_until = None  # the request has begun: `deadline` applies
             conn.receive_data(data)  # b"" tells h11 the peer closed
 
     async def _exchange(
-        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        probe_only: bool = False,
     ) -> bool:
-        """Serve one request. True when the connection can carry another one."""
+        """Serve one request. True when the connection can carry another one.
+
+        `probe_only` (a probe connection): only `http.PROBE_PATHS` are served,
+        the whole request must arrive within the idle timeout, and the
+        connection is closed after the answer."""
         # One deadline for the whole request (idle wait, head and body): a
         # client trickling bytes cannot hold its connection for longer.
-        deadline = asyncio.get_running_loop().time() + REQUEST_TIMEOUT_S
+        now = asyncio.get_running_loop().time()
+        idle_until = now + self.idle_timeout_s
+        deadline = idle_until if probe_only else now + REQUEST_TIMEOUT_S
         try:
-            event = await self._next_event(conn, reader, deadline)
+            event = await self._next_event(conn, reader, deadline, idle_until)
         except h11.RemoteProtocolError as exc:
             error = http.HttpError(
                 exc.error_status_hint, "bad_request", f"malformed HTTP request: {exc}"
@@ -226,11 +286,22 @@ class AdminServer:
         target = event.target.decode("latin-1")
         try:
             plan: http.Plan | None = http.plan_request(
-                method, target, headers, api_key=self.api_key, body_limit=self.body_limit
+                method,
+                target,
+                headers,
+                api_key=self.api_key,
+                body_limit=self.body_limit,
+                bind_host=self.bind_host,
+                allowed_hosts=self.allowed_hosts,
+                api_key_env=self.cfg.auth.api_key_env,
             )
             refusal = None
         except http.HttpError as exc:
             plan, refusal = None, exc
+            self._count(exc.error)
+        if probe_only and plan is not None and plan.path not in http.PROBE_PATHS:
+            self._count("busy")
+            plan, refusal = None, _PROBES_ONLY
         declared = http.declared_length(headers)
         if refusal is not None and (declared or 0) > self.body_limit:
             await self._refuse(conn, reader, writer, refusal)
@@ -246,8 +317,8 @@ class AdminServer:
         else:
             assert plan is not None
             response = await self._dispatch(plan, body)
-        await self._send(conn, writer, response, close=False)
-        return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+        await self._send(conn, writer, response, close=probe_only)
+        return not probe_only and conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
     async def _refuse(
         self,
@@ -466,6 +537,13 @@ class AdminServer:
                 "POST /publish answered 503: nothing was published.", (({}, self.publish_failures),),
             ),
             metrics.Family(
+                "fanout_admin_refused_total", "counter",
+                "Admin requests refused from their head (reason: the error code, e.g."
+                " bad_host, forbidden, unsupported_media_type), connections shed over"
+                " every cap (busy) and idle ones closed (idle).",
+                tuple(({"reason": r}, n) for r, n in sorted(self.refused.items())),
+            ),
+            metrics.Family(
                 "fanout_workers", "gauge", "Workers the supervisor keeps running.",
                 (({}, len(expected)),),
             ),
@@ -524,6 +602,15 @@ async def serve_admin(
     api_key = os.environ.get(cfg.auth.api_key_env) if cfg.auth.api_key_env else None
     server = AdminServer(cfg, run_dir, bus, api_key=api_key, supervisor_pid=supervisor_pid)
     await server.start(cfg.server.admin_host, cfg.server.admin_port)
+    if not api_key and not http.bind_is_loopback(cfg.server.admin_host):
+        log.warning(
+            "admin: listening on %s, beyond loopback, with no API key (%s is not set):"
+            " every POST (/publish, /rebalance) is refused with 403; set %s to publish"
+            " through this port",
+            cfg.server.admin_host,
+            cfg.auth.api_key_env or "auth.api_key_env is empty",
+            cfg.auth.api_key_env or "auth.api_key_env and that variable",
+        )
     return server
 
 

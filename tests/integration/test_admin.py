@@ -34,6 +34,7 @@ from engine.protocol.codec import parse_pos
 from engine.supervisor.board import SUPERVISOR, Board, worker_name
 
 API_KEY_ENV = "FANOUT_TEST_ADMIN_API_KEY"
+JSON = "application/json"
 POS_RE = re.compile(r"\d+-\d+")
 TIMEOUT_S = 10.0 * float(os.environ.get("FANOUT_TEST_TIMEOUT_FACTOR", "1"))
 
@@ -168,10 +169,14 @@ async def test_publish_single_returns_its_position(admin: AdminServer, bus: Bus)
     assert await snapshot_items(bus, "prices.fx") == {"EURUSD": msgpack.packb({"bid": 1.5})}
 
 
-async def test_publish_without_content_type_is_json(admin: AdminServer, bus: Bus) -> None:
+async def test_publish_without_content_type_is_415_and_publishes_nothing(
+    admin: AdminServer, bus: Bus
+) -> None:
+    # What a web page's fetch(..., {mode: "no-cors"}) sends (issue 11, finding 5).
     r = await call(admin.port, "POST", "/publish", b'{"topic": "t", "key": "k", "data": [1]}')
-    assert r.status == 200
-    assert await snapshot_items(bus, "t") == {"k": msgpack.packb([1])}
+    assert r.status == 415 and r.json["error"] == "unsupported_media_type"
+    assert "application/json" in r.json["message"]
+    assert await snapshot_items(bus, "t") == {}
 
 
 async def test_publish_batch_returns_positions_in_order(admin: AdminServer, bus: Bus) -> None:
@@ -226,7 +231,10 @@ async def test_publish_chunked_body(admin: AdminServer, bus: Bus) -> None:
     def send() -> Answer:
         c = http.client.HTTPConnection("127.0.0.1", admin.port, timeout=TIMEOUT_S)
         try:
-            c.request("POST", "/publish", body=chunks(), encode_chunked=True)
+            c.request(
+                "POST", "/publish", body=chunks(), headers={"Content-Type": JSON},
+                encode_chunked=True,
+            )  # fmt: skip
             r = c.getresponse()
             return Answer(r.status, dict(r.getheaders()), r.read())
         finally:
@@ -283,7 +291,7 @@ async def test_body_over_the_limit_is_413(admin: AdminServer) -> None:
 
 async def test_declared_body_over_the_limit_is_413_before_the_body(admin: AdminServer) -> None:
     head = (
-        b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n" % (admin.body_limit + 1)
     )
     out = await raw(admin.port, head)
@@ -294,7 +302,8 @@ async def test_declared_body_over_the_limit_is_413_before_the_body(admin: AdminS
 async def test_chunked_body_over_the_limit_is_413(admin: AdminServer) -> None:
     size = admin.body_limit + 1
     request = (
-        b"POST /publish HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/json\r\n\r\n"
         + b"%x\r\n" % size
         + b"x" * size
         + b"\r\n0\r\n\r\n"
@@ -365,8 +374,10 @@ async def test_keep_alive_serves_many_requests_on_one_connection(admin: AdminSer
         sock = conn.sock
         assert sock is not None
         body = b'{"topic": "t", "key": "k", "data": 1}'
-        assert (await call(admin.port, "POST", "/publish", body, conn=conn)).status == 200
-        assert (await call(admin.port, "POST", "/publish", b"{bad", conn=conn)).status == 400
+        js = {"Content-Type": "application/json"}
+        assert (await call(admin.port, "POST", "/publish", body, js, conn=conn)).status == 200
+        assert (await call(admin.port, "POST", "/publish", b"{bad", js, conn=conn)).status == 400
+        assert (await call(admin.port, "POST", "/publish", body, conn=conn)).status == 415
         assert (await call(admin.port, "POST", "/nope", body, conn=conn)).status == 404
         assert (await call(admin.port, "GET", "/stats", conn=conn)).status == 200
         assert conn.sock is sock  # never reconnected
@@ -383,7 +394,7 @@ async def test_malformed_http_gets_a_json_400(admin: AdminServer) -> None:
 @pytest.mark.parametrize("size", [10_000, 40_000, 200_000])
 async def test_oversized_head_is_refused(admin: AdminServer, size: int) -> None:
     head = (
-        b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: "
+        b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nX-Big: "
         + b"a" * size
         + b"\r\n\r\n"
     )
@@ -395,9 +406,9 @@ async def test_a_slow_client_does_not_block_others(admin: AdminServer) -> None:
     slow_head = socket.create_connection(("127.0.0.1", admin.port))
     slow_body = socket.create_connection(("127.0.0.1", admin.port))
     try:
-        slow_head.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n")  # head never finished
+        slow_head.sendall(b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # head never finished
         slow_body.sendall(
-            b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
+            b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"
         )  # body never finished
         r = await post_json(admin.port, {"topic": "t", "key": "k", "data": 1})
         assert r.status == 200
@@ -407,18 +418,27 @@ async def test_a_slow_client_does_not_block_others(admin: AdminServer) -> None:
         slow_body.close()
 
 
-async def test_connections_over_the_cap_are_answered_503(admin: AdminServer) -> None:
+async def test_connections_over_the_cap_serve_only_probes(admin: AdminServer) -> None:
+    """Past MAX_CONNECTIONS, a probe connection answers /healthz (issue 11,
+    finding 6) and 503 for anything else; past the probe slots too, 503."""
     from engine.admin.server import MAX_CONNECTIONS
 
-    def open_idle() -> list[socket.socket]:
+    def open_idle(n: int) -> list[socket.socket]:
         return [
-            socket.create_connection(("127.0.0.1", admin.port), timeout=TIMEOUT_S)
-            for _ in range(MAX_CONNECTIONS)
+            socket.create_connection(("127.0.0.1", admin.port), timeout=TIMEOUT_S) for _ in range(n)
         ]
 
-    idle = await asyncio.to_thread(open_idle)
+    idle = await asyncio.to_thread(open_idle, MAX_CONNECTIONS)
     try:
-        out = await raw(admin.port, b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+        out = await raw(admin.port, b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 503 ")
+        assert json.loads(out.split(b"\r\n\r\n", 1)[1])["error"] == "unavailable"
+        out = await raw(admin.port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert out.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 503 "))  # the board decides
+        assert b"connection: close" in out.lower() and b'"status"' in out
+        # The probe slots taken too: refused at once.
+        idle += await asyncio.to_thread(open_idle, admin.probe_slots)
+        out = await raw(admin.port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 503 ")
         assert json.loads(out.split(b"\r\n\r\n", 1)[1])["error"] == "unavailable"
     finally:
@@ -434,6 +454,90 @@ async def test_connections_over_the_cap_are_answered_503(admin: AdminServer) -> 
             if r.status == 200:
                 break
             await asyncio.sleep(0.01)
+
+
+async def test_idle_connections_are_closed_after_the_idle_timeout(
+    cfg: Config, run_dir: str, hub: Hub, bus: Bus
+) -> None:
+    cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, admin_idle_timeout_s=0.2))
+    server = await serve_admin(cfg, run_dir, bus)
+    try:
+
+        def idle_then_keep_alive() -> tuple[bytes, bytes]:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S) as s:
+                never_asked = s.recv(1024)  # b"": closed by the server, nothing said
+            with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S) as s:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                answered = b""
+                while chunk := s.recv(65536):  # the answer, then the close once idle
+                    answered += chunk
+            return never_asked, answered
+
+        never_asked, answered = await asyncio.to_thread(idle_then_keep_alive)
+        assert never_asked == b""
+        assert answered.startswith(b"HTTP/1.1 503 ") and answered.count(b"HTTP/1.1") == 1
+        assert server.refused["idle"] == 2
+        assert 'fanout_admin_refused_total{reason="idle"} 2' in server.metrics()
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("path", ["/stats", "/metrics", "/readyz", "/", "/publish"])
+async def test_a_host_not_allowed_is_421(admin: AdminServer, path: str) -> None:
+    method = "POST" if path == "/publish" else "GET"
+    r = await call(admin.port, method, path, b"{}", {"Host": "rebound.example:8001"})
+    assert r.status == 421
+    assert r.json["error"] == "bad_host" and "rebound.example" in r.json["message"]
+    for host in ("127.0.0.1", "localhost:1", "[::1]:8001", "10.1.2.3"):
+        assert (await call(admin.port, "GET", "/stats", headers={"Host": host})).status == 200
+
+
+async def test_allowed_hosts_are_served(cfg: Config, run_dir: str, hub: Hub, bus: Bus) -> None:
+    cfg = dataclasses.replace(
+        cfg,
+        server=dataclasses.replace(
+            cfg.server, admin_allowed_hosts=("fanout-admin", "*.svc.cluster.local")
+        ),
+    )
+    server = await serve_admin(cfg, run_dir, bus)
+    try:
+        for host, status in (
+            ("fanout-admin:8001", 200),
+            ("fanout-admin.fanout.svc.cluster.local", 200),
+            ("svc.cluster.local", 421),
+            ("evil.example", 421),
+        ):
+            r = await call(server.port, "GET", "/stats", headers={"Host": host})
+            assert r.status == status, host
+    finally:
+        await server.close()
+
+
+async def test_beyond_loopback_without_a_key_posts_are_403_and_a_warning_is_logged(
+    cfg: Config, run_dir: str, hub: Hub, bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, admin_host="0.0.0.0"))
+    async with asyncio.timeout(TIMEOUT_S):
+        while not bus.connected:
+            await asyncio.sleep(0.01)
+    with caplog.at_level("WARNING", logger="fanout.admin"):
+        server = await serve_admin(cfg, run_dir, bus)
+    try:
+        assert any(
+            "beyond loopback" in r.getMessage() and API_KEY_ENV in r.getMessage()
+            for r in caplog.records
+        )
+        r = await post_json(server.port, {"topic": "t", "key": "k", "data": 1})
+        assert r.status == 403 and r.json["error"] == "forbidden"
+        assert API_KEY_ENV in r.json["message"]
+        assert await snapshot_items(bus, "t") == {}
+        r = await call(
+            server.port, "POST", "/rebalance", b'{"fraction": 1}', {"Content-Type": JSON}
+        )
+        assert r.status == 403
+        assert (await call(server.port, "GET", "/stats")).status == 200
+    finally:
+        await server.close()
 
 
 # -- probes and statistics --------------------------------------------------------------

@@ -245,14 +245,33 @@ def test_msgpack_length_prefix_larger_than_body_is_refused_cheaply() -> None:
 LIMIT = 1 << 20
 
 
-def plan(method: str, target: str, api_key: str | None = None, **headers: str) -> http.Plan:
+def plan(
+    method: str,
+    target: str,
+    api_key: str | None = None,
+    *,
+    bind_host: str = "127.0.0.1",
+    allowed_hosts: tuple[str, ...] = (),
+    **headers: str,
+) -> http.Plan:
     hdrs = {k.replace("_", "-"): v for k, v in headers.items()}
-    return plan_request(method, target, hdrs, api_key=api_key, body_limit=LIMIT)
+    if method == "POST":
+        hdrs.setdefault("content-type", "application/json")
+    return plan_request(
+        method,
+        target,
+        hdrs,
+        api_key=api_key,
+        body_limit=LIMIT,
+        bind_host=bind_host,
+        allowed_hosts=allowed_hosts,
+        api_key_env="FANOUT_API_KEY",
+    )
 
 
-def plan_refused(method: str, target: str, api_key: str | None = None, **headers: str) -> HttpError:
+def plan_refused(method: str, target: str, api_key: str | None = None, **kwargs: Any) -> HttpError:
     with pytest.raises(HttpError) as info:
-        plan(method, target, api_key, **headers)
+        plan(method, target, api_key, **kwargs)
     return info.value
 
 
@@ -281,7 +300,7 @@ def test_wrong_method_is_405_with_allow() -> None:
     [
         ("application/json", "json"),
         ("application/json; charset=utf-8", "json"),
-        ("", "json"),
+        ("Application/JSON", "json"),
         ("application/msgpack", "msgpack"),
         ("Application/MsgPack", "msgpack"),
         ("application/x-msgpack", "msgpack"),
@@ -295,6 +314,125 @@ def test_wrong_content_type_is_415() -> None:
     exc = plan_refused("POST", "/publish", content_type="text/plain")
     assert exc.status == 415
     assert "text/plain" in exc.message
+
+
+# What a web page may send cross-origin without a CORS preflight, and types
+# that were once taken for JSON: never accepted (rule 7).
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "",
+        " ",
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "text/json",
+        "application/vnd.api+json",
+    ],
+)
+def test_bodies_a_page_can_send_cross_origin_are_415(content_type: str) -> None:
+    for path in ("/publish", "/rebalance"):
+        exc = plan_refused("POST", path, content_type=content_type)
+        assert exc.status == 415
+        assert body_of(exc.response())["error"] == "unsupported_media_type"
+
+
+def test_a_body_without_content_type_is_415() -> None:
+    with pytest.raises(HttpError) as info:
+        plan_request("POST", "/publish", {}, api_key=None, body_limit=LIMIT)
+    assert info.value.status == 415
+    assert "application/json" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LocalHost.", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("", False),
+        ("10.0.0.5", False),
+        ("fanout-admin", False),
+        ("localhost.example.com", False),
+    ],
+)
+def test_bind_is_loopback(host: str, loopback: bool) -> None:
+    assert http.bind_is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize("path", ["/publish", "/rebalance"])
+@pytest.mark.parametrize("bind_host", ["0.0.0.0", "::", "10.0.0.5", "fanout-admin"])
+def test_posts_beyond_loopback_without_a_key_are_403_naming_the_variable(
+    path: str, bind_host: str
+) -> None:
+    exc = plan_refused("POST", path, bind_host=bind_host)
+    assert exc.status == 403
+    body = body_of(exc.response())
+    assert body["error"] == "forbidden" and "FANOUT_API_KEY" in body["message"]
+    assert bind_host in body["message"]
+    # With a key, the key decides; reads need none; loopback needs none.
+    assert plan_refused("POST", path, "k", bind_host=bind_host).status == 401
+    assert plan("POST", path, "k", bind_host=bind_host, authorization="Bearer k").path == path
+    assert plan("GET", "/stats", bind_host=bind_host).path == "/stats"
+    assert plan("POST", path, bind_host="127.0.0.1").path == path
+
+
+@pytest.mark.parametrize(
+    ("header", "name"),
+    [
+        ("example.com", "example.com"),
+        ("Example.COM.:8001", "example.com"),
+        ("[::1]:8001", "::1"),
+        ("[::1]", "::1"),
+        ("10.0.0.1:80", "10.0.0.1"),
+        (" localhost ", "localhost"),
+    ],
+)
+def test_host_name(header: str, name: str) -> None:
+    assert http.host_name(header) == name
+
+
+@pytest.mark.parametrize(
+    ("header", "allowed", "ok"),
+    [
+        (None, (), True),  # HTTP/1.0 without Host: not a browser
+        ("127.0.0.1:8001", (), True),
+        ("10.244.1.7:8001", (), True),  # the kubelet's probe: the pod IP
+        ("[::1]:8001", (), True),
+        ("[fe80::1]", (), True),
+        ("localhost:8001", (), True),
+        ("app.localhost", (), True),
+        ("evil.example", (), False),
+        ("evil.example:8001", (), False),
+        ("127.0.0.1.evil.example", (), False),
+        ("", (), False),
+        ("fanout-admin:8001", ("fanout-admin",), True),
+        ("FANOUT-ADMIN.", ("fanout-admin",), True),
+        ("fanout-admin.evil", ("fanout-admin",), False),
+        ("a.svc.cluster.local", ("*.svc.cluster.local",), True),
+        ("svc.cluster.local", ("*.svc.cluster.local",), False),
+        ("xsvc.cluster.local", ("*.svc.cluster.local",), False),
+        ("anything.example", ("*",), True),
+    ],
+)
+def test_host_allowed(header: str | None, allowed: tuple[str, ...], ok: bool) -> None:
+    assert http.host_allowed(header, allowed) is ok
+
+
+def test_a_host_not_allowed_is_421_on_every_path_before_routing() -> None:
+    for method, path in (("GET", "/stats"), ("GET", "/nope"), ("POST", "/publish")):
+        exc = plan_refused(method, path, host="rebound.example")
+        assert exc.status == 421
+        body = body_of(exc.response())
+        assert body["error"] == "bad_host" and "rebound.example" in body["message"]
+        assert "server.admin_allowed_hosts" in body["message"]
+    assert plan("GET", "/stats", host="rebound.example", allowed_hosts=("rebound.example",))
 
 
 def test_declared_body_over_the_limit_is_413() -> None:

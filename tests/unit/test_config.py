@@ -615,7 +615,13 @@ def test_dump_toml_round_trips_every_setting_changed() -> None:
         "bus": {
             "backend": "redis",
             "shards": 3,
-            "redis": {"url": "rediss://u:p@h:1/2", "cluster": True, "prefix": "x:y"},
+            "redis": {
+                "url": "rediss://u@h:1/2",
+                "cluster": True,
+                "prefix": "x:y",
+                "password_env": "REDIS_PW",
+                "tls_ca_file": "/etc/ca.pem",
+            },
         },
         "log": {"level": "debug", "format": "json"},
         "topics": [
