@@ -362,10 +362,11 @@ def redis_available() -> bool:
 
 
 def redis_ping(port: int) -> bool:
+    """Whether a redis-server answers on `port` (one with requirepass answers NOAUTH)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
+            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 

@@ -7,8 +7,9 @@ yielding to the loop every `_YIELD_EVERY` sessions so reads and pings are
 served during a large flush. Everything else runs from one timer per second.
 
 Admission happens before the WebSocket upgrade, in `accept` (the picows
-listener factory), in this order: path (404), draining (503), connections per
-worker (503), connections per client IP (429), `Origin` allowlist (403),
+listener factory), in this order: WebSocket version 13 (426) and a Host
+header (400) (RFC 6455 checks picows does not make), path (404), draining
+(503), connections per worker (503), connections per client IP (429), `Origin` allowlist (403),
 `Authorization: Bearer` token (401). Refusals are JSON bodies
 `{"error", "message"}`. picows gives the factory no peer address, so the
 server builds its own protocol factory (`_create_ws_server`, the few lines of
@@ -205,6 +206,19 @@ class WorkerServer:
     def accept(self, request: WSUpgradeRequest, peer: str = "") -> Any:
         """picows listener factory: route, refuse, or accept an upgrade (the
         order of checks is in the module docstring). `peer` is the client's IP."""
+        # RFC 6455 4.2.1 and 4.4, which picows leaves to us: it upgrades version 8
+        # and a request without Host (tests/conformance/test_rfc6455_handshake.py)
+        if request.headers.get("Sec-WebSocket-Version") != "13":
+            return self.refuse_upgrade(
+                HTTPStatus.UPGRADE_REQUIRED,
+                "unsupported_version",
+                "only WebSocket version 13 is served",
+                (("Sec-WebSocket-Version", "13"),),
+            )
+        if not request.headers.get("Host"):
+            return self.refuse_upgrade(
+                HTTPStatus.BAD_REQUEST, "bad_request", "the upgrade request has no Host header"
+            )
         path = request.path.split(b"?", 1)[0].decode("latin-1")
         if path != self.cfg.server.path:
             return self.refuse_upgrade(

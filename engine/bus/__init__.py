@@ -64,8 +64,12 @@ def create_bus(cfg: Config, run_dir: str, *, want_entries: bool = True) -> Bus:
         return LocalBus(hub_socket_path(run_dir), want_entries=want_entries)
     if backend == "redis":
         from engine.bus.redis_streams import RedisBus
+        from engine.config import redis_credentials
 
         r = cfg.bus.redis
+        # Read here, in the process that connects: the secret lives in the
+        # environment only, never in the Config that is printed and logged.
+        username, password = redis_credentials(r, os.environ)
         return RedisBus(
             r.url,
             shards=cfg.bus.shards,
@@ -73,6 +77,9 @@ def create_bus(cfg: Config, run_dir: str, *, want_entries: bool = True) -> Bus:
             stream_maxlen=r.stream_maxlen,
             cluster=r.cluster,
             want_entries=want_entries,
+            username=username,
+            password=password,
+            tls_ca_file=r.tls_ca_file,
             history_of=history_of(cfg),
         )
     raise ConfigError("bus.backend", f"unknown backend {backend!r}: expected 'local' or 'redis'")

@@ -110,6 +110,7 @@ from engine.bus.base import (
     Update,
     shard_of,
 )
+from engine.config import redact_url
 from engine.errors import BusError, BusUnavailable
 from engine.protocol.codec import format_pos, make_pos
 from engine.supervisor.backoff import Backoff, FailureStreak
@@ -204,9 +205,23 @@ class RedisBus:
         backoff: Backoff = RECONNECT_BACKOFF,
         block_ms: int = BLOCK_MS,
         probe_interval_s: float = PROBE_INTERVAL_S,
+        username: str | None = None,
+        password: str | None = None,
+        tls_ca_file: str = "",
         history_of: HistoryOf | None = None,
     ) -> None:
         self.url = url
+        # What logs and task names show: a password in the URL never (redact_url).
+        self.shown_url = redact_url(url)
+        # AUTH (a password in the URL wins, as redis-py reads it) and, for a
+        # rediss:// URL, the CA bundle the server's certificate is checked against.
+        self._auth: dict[str, Any] = {}
+        if username:
+            self._auth["username"] = username
+        if password:
+            self._auth["password"] = password
+        if tls_ca_file:
+            self._auth["ssl_ca_certs"] = tls_ca_file
         self.shards = shards
         self.prefix = prefix
         self.stream_maxlen = stream_maxlen
@@ -310,7 +325,7 @@ class RedisBus:
         self._reader = self._client(None)
         self._first = loop.create_future()
         self._publisher = loop.create_task(self._publish_loop(), name="bus-redis-publish")
-        self._task = loop.create_task(self._run(), name=f"bus-redis:{self.url}")
+        self._task = loop.create_task(self._run(), name=f"bus-redis:{self.shown_url}")
         await self._first
 
     def publish(self, updates: Sequence[Update], done: PublishDone) -> None:
@@ -417,6 +432,7 @@ class RedisBus:
             "socket_connect_timeout": CONNECT_TIMEOUT_S,
             "decode_responses": False,
             "protocol": 2,  # pins reply shapes (field notes: RESP3 changes XREAD's)
+            **self._auth,
         }
         if self.cluster:
             return RedisCluster.from_url(self.url, retry=Retry(NoBackoff(), 0), **kwargs)
@@ -439,7 +455,7 @@ class RedisBus:
                 continue  # still connected: no backoff
             except _REDIS_DOWN as exc:
                 (log.warning if streak.failures == 0 else log.debug)(
-                    "bus: Redis at %s unavailable: %s", self.url, exc
+                    "bus: Redis at %s unavailable: %s", self.shown_url, exc
                 )
             except Exception:
                 # A sink that failed has lost entries: load every shard again.
@@ -510,7 +526,7 @@ class RedisBus:
         self._connected = True
         self._streak.record_success(loop.time())
         if not was:
-            log.info("bus: connected to Redis at %s (epoch %s)", self.url, epoch)
+            log.info("bus: connected to Redis at %s (epoch %s)", self.shown_url, epoch)
             if sink is not None:
                 sink.on_bus_connected(True)
         self._settle_first()

@@ -6,6 +6,10 @@ killed (SIGKILL) and started again on the same port with the same directory,
 so that, with persistence on (`appendonly yes`, `appendfsync always`), it
 comes back with its data; `wipe=True` restarts it empty. The server itself is
 `loadtest.common.RedisServer` (the load tools start theirs with it too).
+
+`requirepass` turns on AUTH (every client must send the password); `tls`
+(`tests.support.tls.TlsFiles`) adds a TLS port, `tls_port`, next to the plain
+one (which readiness checks and `cli` keep using), reached by `tls_url`.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from typing import Any
 
 from loadtest import common
 from loadtest.common import REDIS_CLI, REDIS_SERVER, redis_available
 from tests.support.serve import TIMEOUT_FACTOR
+from tests.support.tls import TlsFiles
 
 __all__ = ["REDIS_CLI", "REDIS_SERVER", "RedisCluster", "RedisServer", "redis_available"]
 
@@ -45,9 +51,44 @@ def cluster_port() -> int:
 
 
 class RedisServer(common.RedisServer):
-    """`loadtest.common.RedisServer` with its waits scaled by FANOUT_TEST_TIMEOUT_FACTOR."""
+    """`loadtest.common.RedisServer` with its waits scaled by
+    FANOUT_TEST_TIMEOUT_FACTOR, and optionally AUTH (`requirepass`) and TLS (`tls`)."""
 
     timeout_s = 10 * TIMEOUT_FACTOR
+
+    def __init__(
+        self,
+        *,
+        requirepass: str | None = None,
+        tls: TlsFiles | None = None,
+        extra: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.requirepass = requirepass
+        self.tls = tls
+        self.tls_port = common.free_port() if tls is not None else 0
+        more = list(extra or [])
+        if requirepass is not None:
+            more += ["--requirepass", requirepass]
+        if tls is not None:
+            more += [
+                "--tls-port", str(self.tls_port),
+                "--tls-cert-file", tls.cert_file,
+                "--tls-key-file", tls.key_file,
+                "--tls-ca-cert-file", tls.ca_file,
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
+        super().__init__(extra=more, **kwargs)
+
+    @property
+    def tls_url(self) -> str:
+        assert self.tls is not None, "started without tls"
+        return f"rediss://127.0.0.1:{self.tls_port}/0"
+
+    def cli(self, *args: str) -> str:
+        if self.requirepass is None:
+            return super().cli(*args)
+        return super().cli("--no-auth-warning", "-a", self.requirepass, *args)
 
 
 class RedisCluster:
