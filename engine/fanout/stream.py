@@ -13,9 +13,13 @@ Rules this module owns:
    idempotent by position: replays of the bus are harmless).
 2. The buffer is bounded (overflow policy "gap"): at most `buffer_events`
    events (max(`history`, `STREAM_BUFFER_MIN`)) while the topic has
-   subscribers, `history` while it has none; the oldest goes first. `floor` is
-   the position of the newest event no longer held, so every event after
-   `floor` is held (0: none was ever dropped).
+   subscribers, `history` while it has none; the oldest goes first. While
+   subscribed, an event that no flush has planned yet (after `sent_mark`) is
+   not dropped for that bound, only past `UNFLUSHED_FACTOR` times it: a burst
+   that arrives between two flushes reaches every up-to-date subscriber whole
+   (a gap is for a subscriber that fell behind, not for the flush timer's
+   phase). `floor` is the position of the newest event no longer held, so
+   every event after `floor` is held (0: none was ever dropped).
 3. Never a silent skip: the message for a subscriber whose position is before
    `floor` begins with a `gap` naming the lost range (`from` its position,
    `to` the floor), followed by the events held.
@@ -47,6 +51,11 @@ STREAM_BUFFER_MIN: Final = 256
 """Events a worker keeps of each subscribed stream topic at least (when its
 `history` is smaller): what a subscriber may fall behind by before a `gap`."""
 
+UNFLUSHED_FACTOR: Final = 4
+"""A subscribed stream topic holds, between two flushes, up to this many times
+its buffer: the events no flush has planned yet are not dropped below that
+(rule 2), so a burst within one flush interval reaches every subscriber."""
+
 
 class StreamState:
     """The recent events and position of one stream topic (see the module rules)."""
@@ -57,6 +66,7 @@ class StreamState:
         "floor",
         "groups",
         "history",
+        "max_events",
         "name",
         "packed_name",
         "pos",
@@ -72,6 +82,7 @@ class StreamState:
         self.packed_name = pack_str(name)
         self.history = history
         self.buffer_events = max(history, buffer_events)
+        self.max_events = UNFLUSHED_FACTOR * self.buffer_events  # rule 2, hard bound
         # (pos, packed [pos, data]), oldest first (rule 1)
         self.events: deque[tuple[int, bytes]] = deque()
         self.floor = 0  # every event after it is held (rule 2)
@@ -88,9 +99,17 @@ class StreamState:
         events = self.events
         events.append((pos, pack_event(pos, data)))
         self.pos = pos
-        limit = self.buffer_events if self.groups else self.history
-        while len(events) > limit:
-            self.floor = events.popleft()[0]
+        if self.groups:
+            # rule 2: the oldest goes only once a flush planned it, or past the hard bound
+            if len(events) > self.buffer_events:
+                mark = self.sent_mark
+                while len(events) > self.buffer_events and (
+                    events[0][0] <= mark or len(events) > self.max_events
+                ):
+                    self.floor = events.popleft()[0]
+        else:
+            while len(events) > self.history:
+                self.floor = events.popleft()[0]
         return True
 
     def lose(self, floor: int) -> bool:

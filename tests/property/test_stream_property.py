@@ -11,8 +11,12 @@ event the bus published:
   in order, or inside a gap the client was told about;
 - a `snap` with a `since` the history reaches holds exactly the events after
   it (`full: false`); otherwise the newest `history` events (`full: true`);
-- the worker's buffer never holds more than max(history, buffer) events, and
-  nothing is kept per session.
+- the worker's buffer never holds more than UNFLUSHED_FACTOR * max(history,
+  buffer) events, nor more than max(history, buffer) of those a flush planned,
+  and nothing is kept per session;
+- a client that never fell behind (period 1, never paused, never refusing)
+  gets no gap unless more than UNFLUSHED_FACTOR buffers were published
+  between two flushes (finding 10 of issue 11).
 
 After a final resume and flush every client is at the topic's position.
 """
@@ -26,7 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.fanout.core import Fanout, Session
-from engine.fanout.stream import StreamState
+from engine.fanout.stream import UNFLUSHED_FACTOR, StreamState
 from engine.protocol.codec import decode_frame, make_pos, parse_pos
 
 HISTORY = 3
@@ -110,6 +114,8 @@ def test_every_event_is_received_in_order_or_named_in_a_gap(
     clients = [Client(published) for _ in range(2)]
     sessions = [Session(c) for c in clients]
     seq = 0
+    burst = max_burst = 0  # events published between two flushes
+    kept_up = [periods[i] == 1 for i in range(2)]  # never paused, never refusing
 
     def subscribe(i: int, since: int | None) -> None:
         snap, n = fo.subscribe(
@@ -120,6 +126,8 @@ def test_every_event_is_received_in_order_or_named_in_a_gap(
         clients[i].snap(msg, since)
 
     def flush() -> None:
+        nonlocal burst
+        burst = 0
         plan = fo.collect()
         for s, deliveries in plan.items():
             assert len(deliveries) == 1
@@ -134,14 +142,18 @@ def test_every_event_is_received_in_order_or_named_in_a_gap(
                 p = make_pos(1000 + seq // 3, seq % 3)
                 published.append(p)
                 fo.apply(TOPIC, "k", p, msgpack.packb(seq))
+            burst += arg
+            max_burst = max(max_burst, burst)
         elif op == "flush":
             flush()
         elif op == "pause":
             sessions[arg].paused = True
+            kept_up[arg] = False
         elif op == "resume":
             fo.resume(sessions[arg])
         elif op == "refuse":
             clients[arg].refuse = True
+            kept_up[arg] = False
         elif op == "accept":
             clients[arg].refuse = False
         elif op == "resub":
@@ -152,7 +164,13 @@ def test_every_event_is_received_in_order_or_named_in_a_gap(
             subscribe(arg, published[-HISTORY - 2] if len(published) > HISTORY + 1 else 0)
         t = fo.topics[TOPIC]
         assert isinstance(t, StreamState)
-        assert len(t.events) <= max(HISTORY, BUFFER)
+        assert len(t.events) <= UNFLUSHED_FACTOR * max(HISTORY, BUFFER)
+        planned = sum(1 for p, _ in t.events if p <= t.sent_mark)
+        assert planned <= max(HISTORY, BUFFER) or op != "publish"
+    if max_burst <= UNFLUSHED_FACTOR * max(HISTORY, BUFFER):
+        for i in range(2):
+            if kept_up[i]:
+                assert clients[i].gaps == 0, "a gap for a client that kept up"
 
     for i in range(2):
         clients[i].refuse = False

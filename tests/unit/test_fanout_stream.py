@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 
 from engine.fanout.core import Delivery, Fanout, Session
-from engine.fanout.stream import STREAM_BUFFER_MIN, StreamState
+from engine.fanout.stream import STREAM_BUFFER_MIN, UNFLUSHED_FACTOR, StreamState
 from engine.protocol.codec import decode_frame, format_pos, make_pos, parse_pos
 
 MS = 1_700_000_000_000
@@ -318,15 +318,30 @@ def test_a_topic_without_subscribers_keeps_only_its_history() -> None:
     assert held(fo, "logs") == 0
 
 
-def test_a_subscribed_topic_keeps_at_most_its_buffer() -> None:
+def test_a_subscribed_topic_keeps_at_most_its_buffer_once_flushed() -> None:
     fo = fanout(buffer_events=16)
     s, _ = connect()
     sub(fo, s, "trades")
     sub(fo, s, "big")
-    publish(fo, "trades", 1, 1000)
-    publish(fo, "big", 1, 3000)
+    for n in range(1, 1001):
+        publish(fo, "trades", n, n)
+        publish(fo, "big", 3 * n - 2, 3 * n)
+        flush(fo)
     assert held(fo, "trades") == 16
     assert held(fo, "big") == 1000  # history above the minimum: the history
+
+
+def test_events_since_the_last_flush_are_held_up_to_four_buffers() -> None:
+    # stream.py rule 2: an event no flush has planned yet is kept (up to
+    # UNFLUSHED_FACTOR buffers), whatever was published since
+    fo = fanout(buffer_events=16)
+    s, _ = connect()
+    sub(fo, s, "trades")
+    publish(fo, "trades", 1, 1000)
+    assert held(fo, "trades") == UNFLUSHED_FACTOR * 16
+    flush(fo)
+    publish(fo, "trades", 1001, 1001)  # the flushed events beyond the buffer go
+    assert held(fo, "trades") == 16
 
 
 # -- slow subscribers: catch-up or gap ----------------------------------------------------
@@ -397,23 +412,44 @@ def test_a_refused_frame_is_retried_from_the_subscriber_position() -> None:
     assert c.data("trades") == [1, 2, 3, 4, 5]
     c.refuse = True
     publish(fo, "trades", 6, 30)
-    flush(fo)
+    flush(fo)  # refused: the events it planned may now go (rule 2)
+    publish(fo, "trades", 31, 31)
     c.refuse = False
     flush(fo)
-    assert c.gaps["trades"] == [(format_pos(pos(5)), format_pos(pos(22)))]
-    assert c.data("trades")[5:] == list(range(23, 31))
+    assert c.gaps["trades"] == [(format_pos(pos(5)), format_pos(pos(23)))]
+    assert c.data("trades")[5:] == list(range(24, 32))
 
 
-def test_a_burst_beyond_the_buffer_within_one_flush_is_a_gap_for_everyone() -> None:
-    fo = fanout(buffer_events=8)
+def test_a_burst_beyond_the_buffer_within_one_flush_reaches_every_subscriber_whole() -> None:
+    # Finding 10 (issue 11): 300 events published between two flushes (faster
+    # than one flush interval) to subscribers that read everything. The buffer
+    # (256) used to drop the oldest before any flush had planned them: every
+    # subscriber got `gap {from: "0-0"}` although none had fallen behind.
+    fo = fanout()
     sessions = [connect() for _ in range(3)]
     for s, _ in sessions:
         sub(fo, s, "trades")
-    publish(fo, "trades", 1, 20)
+    publish(fo, "trades", 1, 300)
     flush(fo)
     for _, c in sessions:
-        assert c.log[0] == ("gap", ("0-0", format_pos(pos(12))))
-        assert c.data("trades") == list(range(13, 21))
+        assert c.gaps == {}
+        assert c.data("trades") == list(range(1, 301))
+    publish(fo, "trades", 301, 302)
+    flush(fo)
+    for _, c in sessions:
+        assert c.gaps == {} and c.data("trades")[-3:] == [300, 301, 302]
+
+
+def test_a_burst_beyond_four_buffers_within_one_flush_is_a_gap_for_everyone() -> None:
+    fo = fanout(buffer_events=8)  # holds 32 unflushed events at most
+    sessions = [connect() for _ in range(3)]
+    for s, _ in sessions:
+        sub(fo, s, "trades")
+    publish(fo, "trades", 1, 40)
+    flush(fo)
+    for _, c in sessions:
+        assert c.log[0] == ("gap", ("0-0", format_pos(pos(8))))
+        assert c.data("trades") == list(range(9, 41))
 
 
 def test_a_bus_loss_gives_every_subscriber_a_gap() -> None:
