@@ -48,7 +48,11 @@ COPY config.toml /etc/fanout/config.toml
 
 # Inside a container the admin port must be reachable from outside the
 # container's loopback (probes, Prometheus): keep it off the public network
-# with a Service/NetworkPolicy (docs/kubernetes.md).
+# with a Service/NetworkPolicy (docs/kubernetes.md). Bound beyond loopback, the
+# engine refuses every POST (/publish, /rebalance) with 403 until FANOUT_API_KEY
+# is set, and logs a warning at start saying so; reads (probes, /stats,
+# /metrics) answer only Host headers that are IP addresses, localhost or
+# server.admin_allowed_hosts.
 ENV FANOUT_CONFIG=/etc/fanout/config.toml \
     FANOUT_SERVER_ADMIN_HOST=0.0.0.0
 

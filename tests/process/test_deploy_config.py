@@ -44,13 +44,15 @@ REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "deploy" / "kubernetes" / "base"
 JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
 API_KEY = "test-api-key"
+REDIS_PASSWORD = "test-redis-password"
 
 
 def pod_env(redis_url: str) -> dict[str, str]:
-    """deployment.yaml's container environment, with stand-ins for the Secret's values."""
+    """deployment.yaml's container environment, with stand-ins for the Secret's
+    values (the Redis password is the test server's requirepass)."""
     [deployment] = yaml.safe_load_all((BASE / "deployment.yaml").read_text())
     [container] = deployment["spec"]["template"]["spec"]["containers"]
-    stand_ins = {"jwt-secret": JWT_SECRET, "api-key": API_KEY, "redis-url": redis_url}
+    stand_ins = {"jwt-secret": JWT_SECRET, "api-key": API_KEY, "redis-password": REDIS_PASSWORD}
     env: dict[str, str] = {}
     for var in container["env"]:
         if "value" in var:
@@ -60,12 +62,13 @@ def pod_env(redis_url: str) -> dict[str, str]:
     assert env.pop("FANOUT_CONFIG") == "/etc/fanout/config.toml"
     env["FANOUT_CONFIG"] = str(BASE / "config.toml")  # what the ConfigMap mounts there
     env["FANOUT_SERVER_ADMIN_HOST"] = "127.0.0.1"  # a shared test machine, not a pod
+    env["FANOUT_BUS_REDIS_URL"] = redis_url  # config.toml names the in-cluster Service
     return env
 
 
 @pytest.fixture
 def pod(tmp_path: Path) -> Iterator[Served]:
-    redis = RedisServer(persistent=True).start()
+    redis = RedisServer(persistent=True, requirepass=REDIS_PASSWORD).start()
     served = Served([], env=pod_env(redis.url), log_path=str(tmp_path / "pod.log"))
     try:
         served.wait_ready()
@@ -142,3 +145,4 @@ async def test_the_pod_config_serves_and_drains(pod: Served) -> None:
     finally:
         conn.close()
     assert pod.wait(wait_s) == 0, pod.output()
+    assert REDIS_PASSWORD not in pod.output()  # AUTH worked, and was never logged

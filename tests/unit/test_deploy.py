@@ -161,6 +161,30 @@ def test_admin_listens_beyond_loopback_and_config_is_the_shipped_file() -> None:
     assert ["config.toml", config_path.group(1)] in copies
 
 
+def test_the_image_refuses_posts_until_an_api_key_is_set() -> None:
+    """The image's admin port listens beyond loopback (issue 11, finding 5): with
+    no API key baked in or given, a POST is refused with 403 naming the variable."""
+    from engine.admin import http
+
+    env = " ".join(i.args for i in dockerfile() if i.op == "ENV")
+    host = re.search(r"FANOUT_SERVER_ADMIN_HOST=(\S+)", env)
+    assert host and not http.bind_is_loopback(host.group(1))
+    assert "FANOUT_API_KEY" not in env, "a key must never be baked into the image"
+    key_env = default_config().auth.api_key_env
+    for path in ("/publish", "/rebalance"):
+        with pytest.raises(http.HttpError) as info:
+            http.plan_request(
+                "POST",
+                path,
+                {"content-type": "application/json"},
+                api_key=None,
+                body_limit=1 << 20,
+                bind_host=host.group(1),
+                api_key_env=key_env,
+            )
+        assert info.value.status == 403 and key_env in info.value.message
+
+
 def test_dependencies_get_their_own_layer_before_the_code() -> None:
     ops = dockerfile()
 
@@ -480,6 +504,62 @@ def test_secrets_come_from_secret_references(manifests: list[dict[str, Any]]) ->
         assert var in refs, f"{var} does not come from a Secret"
         assert not refs[var].get("optional", False), f"{var} must not silently be absent"
     assert not [d for d in manifests if d["kind"] == "Secret"], "secrets are never committed"
+
+
+def secret_refs(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        v["name"]: v["valueFrom"]["secretKeyRef"]
+        for v in container.get("env", [])
+        if "secretKeyRef" in v.get("valueFrom", {})
+    }
+
+
+def test_redis_requires_the_password_the_engine_sends(manifests: list[dict[str, Any]]) -> None:
+    """Issue 11, finding 8: the Redis StatefulSet's requirepass and the engine's
+    bus.redis.password_env come from one Secret key; no password in any URL."""
+    from engine.config import url_has_password
+
+    _, cfg = mounted_config(manifests)
+    assert not url_has_password(cfg.bus.redis.url)
+    engine = secret_refs(engine_container(manifests))
+    ref = engine.get(cfg.bus.redis.password_env)
+    assert ref is not None, f"{cfg.bus.redis.password_env} does not come from a Secret"
+    assert not ref.get("optional", False)
+    for var, value in container_env(engine_container(manifests)).items():
+        assert not (var.endswith("_URL") and url_has_password(value)), var
+    [redis] = one(manifests, "StatefulSet")["spec"]["template"]["spec"]["containers"]
+    args = redis["args"]
+    ref_var = re.fullmatch(r"\$\((\w+)\)", args[args.index("--requirepass") + 1])
+    assert ref_var, "requirepass must be a $(VAR) reference, never the password itself"
+    redis_refs = secret_refs(redis)
+    same = {"name": ref["name"], "key": ref["key"]}
+    assert redis_refs[ref_var.group(1)] == same
+    # redis-cli, the readiness probe, authenticates with the same password.
+    assert redis["readinessProbe"]["exec"]["command"][0] == "redis-cli"
+    assert redis_refs["REDISCLI_AUTH"] == same
+
+
+def test_publishers_reach_the_admin_through_its_service(manifests: list[dict[str, Any]]) -> None:
+    """The admin Service's names pass the Host allowlist (finding 5: others get
+    421), and the admin port, bound beyond loopback, has its API key."""
+    from engine.admin import http
+
+    _, cfg = mounted_config(manifests)
+    assert not http.bind_is_loopback(cfg.server.admin_host)
+    refs = secret_refs(engine_container(manifests))
+    assert cfg.auth.api_key_env in refs and not refs[cfg.auth.api_key_env].get("optional")
+    admin_services = [
+        d
+        for d in manifests
+        if d["kind"] == "Service"
+        and any(p.get("targetPort") == "admin" for p in d["spec"]["ports"])
+    ]
+    assert admin_services
+    for svc in admin_services:
+        name, ns = svc["metadata"]["name"], svc["metadata"]["namespace"]
+        for host in (name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"):
+            assert http.host_allowed(f"{host}:8001", cfg.server.admin_allowed_hosts), host
+    assert not http.host_allowed("rebound.example", cfg.server.admin_allowed_hosts)
 
 
 def test_pod_hardening_and_service_links(manifests: list[dict[str, Any]]) -> None:
