@@ -6,7 +6,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test check lint typecheck unit fuzz bench-first bench bench-targets install system-deps clean screenshot
+.PHONY: run test check lint typecheck unit fuzz bench-first bench bench-targets install system-deps interop-deps clean screenshot
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -15,6 +15,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Node's `ws` for tests/interop (an independent client stack), pinned by its lockfile.
+INTEROP := tests/interop
+$(INTEROP)/node_modules/.installed: $(INTEROP)/package.json $(INTEROP)/package-lock.json
+	cd $(INTEROP) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+interop-deps: system-deps $(INTEROP)/node_modules/.installed
 
 # Debian packages the tests use (real redis-server: no mocks stand in for Redis;
 # chromium for the browser tests).
@@ -27,6 +35,10 @@ system-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  echo "installing chromium (Debian package)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@# node and npm: the browser client's tests (tests/js) and Node's `ws` (tests/interop)
+	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { \
+	  echo "installing nodejs and npm (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
 
 run: $(STAMP)
 	$(BIN)/fanout serve --demo
@@ -42,13 +54,13 @@ unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit tests/property
 
 # Everything: lint, types, every test layer.
-test: $(STAMP) system-deps lint typecheck
+test: $(STAMP) system-deps interop-deps lint typecheck
 	$(BIN)/pytest -q
 
 check: test
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info $(INTEROP)/node_modules
 
 # Long property-based fuzzing of the codec and core (many more examples).
 fuzz: $(STAMP)
