@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from engine import __version__, codes
-from engine.config import Config, dump_toml, load_config
+from engine.config import Config, dump_toml, load_config, url_has_password
 from engine.errors import ConfigError, EngineError
 
 DESCRIPTION = """\
@@ -178,7 +178,14 @@ def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    sys.stdout.write(dump_toml(cfg))
+    sys.stdout.write(dump_toml(cfg))  # a password in bus.redis.url is written as ***
+    if url_has_password(cfg.bus.redis.url):
+        print(
+            "fanout: warning: bus.redis.url holds a password: move it to the environment"
+            f" variable {cfg.bus.redis.password_env or 'named by bus.redis.password_env'}"
+            " (bus.redis.password_env)",
+            file=sys.stderr,
+        )
     return codes.EXIT_OK
 
 
@@ -290,11 +297,16 @@ def _unix_socket_accepts(path: str) -> bool:
         s.close()
 
 
+def _api_key_set(cfg: Config) -> bool:
+    return bool(cfg.auth.api_key_env and os.environ.get(cfg.auth.api_key_env))
+
+
 def _public_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
 def _print_banner(cfg: Config, demo: bool) -> None:
+    from engine.admin.http import bind_is_loopback
     from engine.supervisor.preflight import available_cpus
 
     n = cfg.resolved_worker_count(available_cpus())
@@ -307,6 +319,12 @@ def _print_banner(cfg: Config, demo: bool) -> None:
         + ("   (listening on all interfaces)" if cfg.server.host in ("0.0.0.0", "::") else ""),
         f"  admin      {admin}   (/healthz /readyz /stats, POST /publish)",
     ]
+    if not _api_key_set(cfg) and not bind_is_loopback(cfg.server.admin_host):
+        lines.append(
+            f"  WARNING    the admin port listens on {cfg.server.admin_host}, beyond loopback,"
+            f" with no API key: POST /publish and /rebalance are refused (403) until"
+            f" {cfg.auth.api_key_env or 'auth.api_key_env'} is set"
+        )
     if demo:
         from engine.demo import DEMO_TOPICS
 

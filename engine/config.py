@@ -28,6 +28,7 @@ section (what tests do) is not checked; only `parse_config` checks.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -49,7 +50,7 @@ IGNORED_ENV: Final = frozenset(
 )
 
 _SPEC: Final = "fanout.config.spec"
-_Kind = Literal["int", "float", "bool", "str", "choice", "origins", "hosts"]
+_Kind = Literal["int", "float", "bool", "str", "choice", "origins", "hosts", "cidrs"]
 
 
 class _Invalid(Exception):
@@ -131,6 +132,18 @@ class _Spec:
                     raise _Invalid
                 hosts.append(item.lower())  # host names compare case-insensitively
             return tuple(hosts)
+        if kind == "cidrs":
+            if not isinstance(value, list | tuple):
+                raise _Invalid
+            networks: list[str] = []
+            for item in value:
+                if not isinstance(item, str):
+                    raise _Invalid
+                try:  # "10.0.0.0/8", "fd00::/8", or one address
+                    networks.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+                except ValueError:
+                    raise _Invalid from None
+            return tuple(networks)
         if not isinstance(value, str):
             raise _Invalid
         if kind == "choice":
@@ -162,7 +175,7 @@ class _Spec:
             except ValueError:
                 raise _Invalid from None
             return self.convert(number)
-        if kind in ("origins", "hosts"):
+        if kind in ("origins", "hosts", "cidrs"):
             try:
                 items = json.loads(text)
             except ValueError:
@@ -312,6 +325,19 @@ class ServerConfig:
     # Connections beyond the admin's general cap that may still ask a probe.
     admin_probe_connections: int = _int(16, 1, 1024)
     node: str = _str("")
+    # Proxies (CIDRs) whose X-Forwarded-For names the client (for the per-IP limits).
+    trusted_proxies: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            _SPEC: _Spec(
+                "cidrs",
+                expect=(
+                    "a list of networks or addresses (in the environment: a JSON array) like"
+                    ' ["10.0.0.0/8", "fd00::/8", "192.0.2.7"]'
+                ),
+            )
+        },
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,6 +379,12 @@ class LimitsConfig:
     max_connections: int = _int(20_000, 1)
     max_connections_per_ip: int = _int(0, 0)
     handshake_timeout_s: float = _float(5, 0, lo_open=True)
+    # Inbound frames (issue 11, finding 1): a fragmented message's bounds
+    # besides max_message_bytes, and upgrade attempts per second (0 = no limit).
+    max_message_fragments: int = _int(64, 1)
+    fragment_timeout_s: float = _float(10, 0, lo_open=True)
+    upgrades_per_s: float = _float(1000, 0)
+    upgrades_per_ip_per_s: int = _int(0, 0)
     max_publish_items: int = _int(1000, 1)
     min_max_hz: float = _float(0.1, 0, lo_open=True)
 

@@ -1,6 +1,10 @@
 """Logging setup shared by every process: readable text or one JSON object per line.
 
 No payloads or tokens are ever logged: log calls pass counts, codes and names only.
+A password inside a URL never reaches the log either: `RedactFilter` rewrites
+`scheme://user:password@host` and `?password=` in every record's message to
+`***` (the Redis bus already logs its URL redacted; this catches the rest,
+e.g. a library's error text).
 
 Repeated warnings and errors are rate-limited (`RepeatLimiter`): at most
 `REPEAT_BURST` records of the same message template from the same logger per
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -77,6 +82,31 @@ class RepeatFilter(logging.Filter):
         return True
 
 
+# scheme://user:password@ (the password up to the last "@" before a "/" or a
+# space, so a raw "@" in it is covered) and a password= query parameter.
+_URL_PASSWORD_RE = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s/:@]*:)[^\s/]+@", re.IGNORECASE)
+_PASSWORD_PARAM_RE = re.compile(r"([?&]password=)[^&#\s]+", re.IGNORECASE)
+
+
+def redact_text(text: str) -> str:
+    """`text` with every password of a URL in it replaced by `***`. PURE."""
+    if "://" not in text and "password=" not in text.lower():
+        return text
+    text = _URL_PASSWORD_RE.sub(r"\1***@", text)
+    return _PASSWORD_PARAM_RE.sub(r"\1***", text)
+
+
+class RedactFilter(logging.Filter):
+    """Rewrites a record's message when it holds a URL password (`redact_text`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact_text(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, process_name: str) -> None:
         super().__init__()
@@ -112,6 +142,7 @@ def setup_logging(level: str, fmt: str, process_name: str) -> None:
         f.converter = time.localtime
         handler.setFormatter(f)
     handler.addFilter(RepeatFilter())
+    handler.addFilter(RedactFilter())
     root.addHandler(handler)
     root.setLevel(level.upper())
     # picows logs every connect/disconnect at INFO (field notes): keep it quiet.

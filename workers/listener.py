@@ -12,12 +12,24 @@ evicted as a slow consumer (4008).
 
 Security rules this module applies (the policies live in engine/auth):
 
-- Every complete inbound message (and every WebSocket ping: auto-pong is off,
-  pings are answered here) passes the connection's `RateLimiter` before
-  it is copied or decoded: refused messages cost a bucket check, at most one
+- Every inbound frame but a close (data, each continuation of a fragmented
+  message, ping, pong: auto-pong is off, pings are answered here) passes the
+  connection's `RateLimiter` once, before it is copied or decoded: a refused
+  frame costs a bucket check (its message is dropped whole), at most one
   `err rate_limited` per second is written, a connection past three times the
   rate is not read until its next one-second interval (TCP holds the rest
   back), and sustained abuse closes 4029.
+- A fragmented message holds at most `limits.max_message_bytes` in at most
+  `limits.max_message_fragments` frames (else 1009), and must end within
+  `limits.fragment_timeout_s` of its first frame (else 1008; the worker's
+  one-second timer checks idle connections). Empty fragments are counted,
+  never stored. What one connection holds is thus bounded by configuration,
+  whatever it sends (the bound: docs/protocol.md, "Limits").
+- Framing errors picows passes on fail the connection with 1002 (RFC 6455
+  5.2, 5.4): reserved bits without an extension, a continuation with no
+  message to continue, a new data frame inside a fragmented message. A close
+  frame is answered by engine.protocol.closecodes (an empty close with an
+  empty close, a sendable code with itself, any other with 1002).
 - Until a token is accepted (`auth.mode = "jwt"` without a token at upgrade)
   only `auth` is served; anything else, or no `auth` by `deadline`, closes 4001.
 - `perms` decides `sub` (all or nothing, `err forbidden` naming the first
@@ -41,10 +53,11 @@ from engine.auth.ratelimit import ABUSIVE, ADMITTED, PAUSE, RATE_LIMITED, RateLi
 from engine.auth.tokens import TokenError
 from engine.bus.base import Update
 from engine.codes import ErrorCode
-from engine.errors import BusError, BusUnavailable, RemoteProtocolError
+from engine.errors import BusError, BusRefused, BusUnavailable, RemoteProtocolError
 from engine.fanout.budget import admits
 from engine.fanout.core import Session
 from engine.protocol import codec
+from engine.protocol.closecodes import CLOSE_PROTOCOL_ERROR, close_reply
 from engine.protocol.codec import Auth, Ping, Pub, Sub, Unsub
 
 if TYPE_CHECKING:
@@ -55,6 +68,13 @@ if TYPE_CHECKING:
 _BINARY = WSMsgType.BINARY
 _CONTINUATION = WSMsgType.CONTINUATION
 _PING = WSMsgType.PING
+_PONG = WSMsgType.PONG
+_CLOSE = WSMsgType.CLOSE
+_TEXT = WSMsgType.TEXT
+
+# `Connection.fragments` while the rest of a refused message is skipped: shared,
+# never appended to (compared by identity).
+_SKIPPING: list[bytes] = []
 
 
 class Connection(WSListener):
@@ -67,6 +87,8 @@ class Connection(WSListener):
         "conn_id",
         "deadline",
         "fragments",
+        "fragments_deadline",
+        "fragments_left",
         "fragments_size",
         "last_ping_at",
         "limiter",
@@ -90,8 +112,11 @@ class Connection(WSListener):
         self.transport: WSTransport | None = None
         self.underlying: object = None
         self.session = Session(self, phase)  # spreads its rate-limited frames
+        # the message being reassembled (None: none; _SKIPPING: a refused one)
         self.fragments: list[bytes] | None = None
         self.fragments_size = 0
+        self.fragments_left = 0  # continuation frames it may still have
+        self.fragments_deadline = math.inf  # monotonic time by which it must end
         self.bad_frames = 0
         self.paused_since: float | None = None
         self.ping_sent_at: float | None = None
@@ -129,58 +154,127 @@ class Connection(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         # valid only inside on_ws_frame: copy the payload out before returning
-        if self.closing or self.reads_paused:
-            return  # paused: the rest of the current read is dropped unread (abuse)
+        if self.closing:
+            return  # nothing a peer sends after a close, or once we failed it, is read
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            self.fail("reserved bits set, and no extension was negotiated")
+            return
         mtype = frame.msg_type
+        if mtype == _CLOSE:
+            self.receive_close(transport, frame)
+            return
+        if self.reads_paused:
+            # paused: the rest of the current read is dropped unread (abuse)
+            self.skip(mtype, frame.fin)
+            return
+        now = time.monotonic()
+        verdict = self.limiter.admit(now)  # every frame, one bucket check
+        if verdict != ADMITTED:
+            self.throttle(verdict, frame)
+            return
         if mtype == _BINARY:
-            if frame.fin:
-                verdict = self.limiter.admit(time.monotonic())
-                if verdict != ADMITTED:
-                    self.throttle(verdict, frame, None)
-                    return
+            if frame.fin and self.fragments is None:
                 self.receive_message(frame.get_payload_as_bytes())
             else:
-                self.fragments = [frame.get_payload_as_bytes()]
-                self.fragments_size = frame.payload_size
+                self.begin_message(frame, now)
         elif mtype == _CONTINUATION:
-            if self.fragments is None:
-                return  # continuation of a refused (text) message or a protocol slip
-            self.fragments_size += frame.payload_size
-            if self.fragments_size > self.server.max_message_bytes:
-                self.fragments = None
-                self.close(codes.CLOSE_MESSAGE_TOO_BIG, "message too big")
-                return
-            self.fragments.append(frame.get_payload_as_bytes())
-            if frame.fin:
-                payload = b"".join(self.fragments)
-                self.fragments = None
-                verdict = self.limiter.admit(time.monotonic())
-                if verdict != ADMITTED:
-                    self.throttle(verdict, frame, payload)
-                    return
-                self.receive_message(payload)
+            self.receive_continuation(frame, now)
         elif mtype == _PING:
             # answered here, not by picows: a client's pings count against its
             # rate limit like messages (each pong is a write)
-            verdict = self.limiter.admit(time.monotonic())
-            if verdict == ADMITTED:
-                transport.send_pong(frame.get_payload_as_bytes())
-            elif verdict in (ABUSIVE, PAUSE):
-                self.throttle(verdict, frame, None)
-        elif mtype == WSMsgType.PONG:
+            transport.send_pong(frame.get_payload_as_bytes())
+        elif mtype == _PONG:
             self.ping_sent_at = None
-        elif mtype == WSMsgType.TEXT:
+        else:  # TEXT: picows fails the reserved opcodes itself
             self.close(
                 codes.CLOSE_UNSUPPORTED_DATA, "text frames are not accepted; send binary msgpack"
             )
-        elif mtype == WSMsgType.CLOSE:
-            transport.send_close(frame.get_close_code(), frame.get_close_message())
-            transport.disconnect()
 
-    def throttle(self, verdict: int, frame: WSFrame, payload: bytes | None) -> None:
-        """A message the rate limiter did not admit: it is dropped, answered
-        (at most once a second) or the connection closed, as the limiter says.
-        `payload` is the reassembled message, or None to read it from `frame`."""
+    def begin_message(self, frame: WSFrame, now: float) -> None:
+        """A binary frame while no message is being reassembled: a whole message
+        (fin) after a skipped one, or the first fragment of a new one."""
+        if self.fragments is not None and self.fragments is not _SKIPPING:
+            self.fail("a new message began before the fragmented one ended")
+            return
+        if frame.fin:
+            self.fragments = None
+            self.receive_message(frame.get_payload_as_bytes())
+            return
+        self.fragments = [frame.get_payload_as_bytes()]
+        self.fragments_size = frame.payload_size
+        self.fragments_left = self.server.max_message_fragments - 1
+        self.fragments_deadline = now + self.server.fragment_timeout_s
+
+    def receive_continuation(self, frame: WSFrame, now: float) -> None:
+        fragments = self.fragments
+        if fragments is None:
+            self.fail("a continuation frame, and no message to continue")
+            return
+        if fragments is _SKIPPING:
+            if frame.fin:
+                self.fragments = None
+            return
+        self.fragments_left -= 1
+        if self.fragments_left < 0:
+            self.close(
+                codes.CLOSE_MESSAGE_TOO_BIG,
+                f"a message in more than {self.server.max_message_fragments} fragments",
+            )
+            return
+        if now > self.fragments_deadline:
+            self.close_unfinished()
+            return
+        size = frame.payload_size
+        if size:  # an empty fragment is counted, never stored
+            self.fragments_size += size
+            if self.fragments_size > self.server.max_message_bytes:
+                self.close(codes.CLOSE_MESSAGE_TOO_BIG, "message too big")
+                return
+            fragments.append(frame.get_payload_as_bytes())
+        if frame.fin:
+            payload = fragments[0] if len(fragments) == 1 else b"".join(fragments)
+            self.drop_message(None)
+            self.receive_message(payload)
+
+    def close_unfinished(self) -> None:
+        """The fragmented message did not end in time (limits.fragment_timeout_s)."""
+        self.close(codes.CLOSE_POLICY_VIOLATION, "a fragmented message was not finished in time")
+
+    def drop_message(self, then: list[bytes] | None) -> None:
+        """Forget the message being reassembled; `then` is None, or _SKIPPING
+        to skip the rest of it."""
+        self.fragments = then
+        self.fragments_size = 0
+        self.fragments_deadline = math.inf
+
+    def skip(self, mtype: WSMsgType, fin: bool) -> None:
+        """A data frame dropped unread (or refused): its message is dropped whole,
+        and its later fragments skipped, so message boundaries stay known."""
+        if mtype in (_BINARY, _CONTINUATION, _TEXT) and (self.fragments is not None or not fin):
+            self.drop_message(None if fin else _SKIPPING)
+
+    def fail(self, reason: str) -> None:
+        """Fail the connection (RFC 6455 7.1.7): close 1002, read nothing more."""
+        self.close(CLOSE_PROTOCOL_ERROR, reason)
+
+    def receive_close(self, transport: WSTransport, frame: WSFrame) -> None:
+        """The client's close: answer it (engine.protocol.closecodes) and end."""
+        reply = close_reply(frame.payload_size, int(frame.get_close_code().value))
+        self.closing = True
+        self.drop_message(None)
+        if reply is None:
+            transport.send(_CLOSE, b"")  # an empty close for an empty close (RFC 6455 5.5.1)
+        else:
+            transport.send_close(WSCloseCode(reply))
+        transport.disconnect()
+
+    def throttle(self, verdict: int, frame: WSFrame) -> None:
+        """A frame the rate limiter did not admit: it is dropped (with the rest of
+        its message), answered (at most once a second) or the connection closed,
+        as the limiter says."""
+        mtype = frame.msg_type
+        whole = mtype == _BINARY and frame.fin and self.fragments is None
+        self.skip(mtype, frame.fin)
         if verdict == ABUSIVE:
             self.close(codes.CLOSE_RATE_LIMITED, "rate limit abused")
             return
@@ -193,17 +287,19 @@ class Connection(WSListener):
                 asyncio.get_running_loop().call_later(max(0.0, delay), self.resume_reads)
         elif verdict == RATE_LIMITED:
             # the id of the refused request, for the reply (a bounded decode, once a second)
-            if payload is None:
-                payload = frame.get_payload_as_bytes()
-            try:
-                rid = codec.decode_request(payload, self.server.max_topics_per_conn).id
-            except RemoteProtocolError as exc:
-                rid = exc.request_id
+            rid = None
+            if whole:
+                try:
+                    rid = codec.decode_request(
+                        frame.get_payload_as_bytes(), self.server.max_topics_per_conn
+                    ).id
+                except RemoteProtocolError as exc:
+                    rid = exc.request_id
             self.send_control(
                 codec.err(
                     ErrorCode.RATE_LIMITED,
-                    f"over limits.messages_per_s ({self.limiter.policy.rate:g}/s);"
-                    " message not processed",
+                    f"over limits.messages_per_s ({self.limiter.policy.rate:g}/s, every frame"
+                    " counts); message not processed",
                     rid,
                 )
             )
@@ -263,6 +359,7 @@ class Connection(WSListener):
         if self.closing or self.transport is None:
             return
         self.closing = True
+        self.drop_message(None)  # now: the connection itself is freed only by a gc cycle
         self.transport.send_close(WSCloseCode(code), reason.encode()[:120])
         if code in (codes.CLOSE_SLOW_CONSUMER,):
             self.transport.disconnect(graceful=False)
@@ -396,6 +493,8 @@ class Connection(WSListener):
                 code = (
                     ErrorCode.UNAVAILABLE
                     if isinstance(result, BusUnavailable)
+                    else result.code
+                    if isinstance(result, BusRefused)  # too_large, too_many_keys, ...
                     else ErrorCode.INTERNAL
                 )
                 self.server.count_error(code)

@@ -7,7 +7,10 @@ yielding to the loop every `_YIELD_EVERY` sessions so reads and pings are
 served during a large flush. Everything else runs from one timer per second.
 
 Admission happens before the WebSocket upgrade, in `accept` (the picows
-listener factory), in this order: WebSocket version 13 (426) and a Host
+listener factory), in this order: the client's address (the TCP peer, or
+behind `server.trusted_proxies` the X-Forwarded-For rule of
+engine/auth/clientip.py), upgrade attempts per second per IP (429) and per
+worker (503, engine/auth/ratelimit.py rule 7), WebSocket version 13 (426) and a Host
 header (400) (RFC 6455 checks picows does not make), path (404), draining
 (503), connections per worker (503), connections per client IP (429), `Origin` allowlist (403),
 `Authorization: Bearer` token (401). Refusals are JSON bodies
@@ -43,9 +46,16 @@ from picows import (
 from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-defined]
 
 from engine import codes
+from engine.auth.clientip import TrustedProxies
 from engine.auth.origins import OriginPolicy
 from engine.auth.permissions import anonymous
-from engine.auth.ratelimit import IpCounter, RatePolicy
+from engine.auth.ratelimit import (
+    UPGRADE_ADMITTED,
+    UPGRADE_BUSY,
+    IpCounter,
+    RatePolicy,
+    UpgradeLimiter,
+)
 from engine.auth.tokens import Identity, TokenError, TokenVerifier, load_verifier, parse_jwks
 from engine.bus.base import Bus, Entry
 from engine.config import Config
@@ -53,6 +63,7 @@ from engine.fanout.budget import slow_expired, watermarks
 from engine.fanout.core import Fanout, Session, period_ticks, quantize_period
 from engine.metrics import Histogram
 from engine.protocol import codec
+from engine.protocol.closecodes import CLOSE_ABNORMAL, CLOSE_NO_STATUS, close_label
 from engine.topics import TopicRules
 from workers.listener import Connection
 
@@ -92,12 +103,22 @@ class WorkerServer:
         self.max_buffer_bytes = cfg.fanout.max_buffer_bytes
         self.hard_cap_bytes = 4 * cfg.fanout.max_buffer_bytes + 4 * cfg.limits.max_message_bytes
         self.max_message_bytes = cfg.limits.max_message_bytes
+        self.max_message_fragments = cfg.limits.max_message_fragments
+        self.fragment_timeout_s = cfg.limits.fragment_timeout_s
         self.max_topics_per_conn = cfg.limits.max_topics_per_conn
         self.allow_publish = cfg.auth.allow_anonymous_publish
         # security (engine/auth): who may connect, and how much they may send
         self.origins = OriginPolicy(cfg.server.allowed_origins)
         self.rate_policy = RatePolicy(cfg.limits.messages_per_s, cfg.limits.abuse_window_s)
+        # per worker: a client may hold workers x this many on one node
         self.per_ip = IpCounter(cfg.limits.max_connections_per_ip)
+        self.upgrades = UpgradeLimiter(
+            cfg.limits.upgrades_per_s, cfg.limits.upgrades_per_ip_per_s, time.monotonic()
+        )
+        self.trusted_proxies = TrustedProxies(cfg.server.trusted_proxies)
+        # limits.max_connections, or fewer if the open-file limit cannot hold
+        # them (workers/main.py lowers it at start)
+        self.max_connections = cfg.limits.max_connections
         self.anonymous = anonymous(cfg.auth.allow_anonymous_publish)
         self.verifier: TokenVerifier | None = None
         self._jwks_mtime = 0.0
@@ -109,7 +130,8 @@ class WorkerServer:
         self.high, self.low = watermarks(cfg.fanout.max_buffer_bytes)
         self.notsent_lowat = cfg.fanout.socket_notsent_lowat_bytes
         # counters (exported on the board and, later, as metrics)
-        self.closes: Counter[int] = Counter()
+        # by label (engine/protocol/closecodes.py rule 4): a bounded set of keys
+        self.closes: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.connects = 0
         self.ping_timeouts = 0
@@ -119,6 +141,7 @@ class WorkerServer:
         self.publish_hist = Histogram()
         self.draining = False
         self.refused: Counter[int] = Counter()  # HTTP status -> upgrades refused
+        self.refused_by: Counter[str] = Counter()  # `error` of the JSON body -> refused
         self._trim_peak = 0  # most connections held since the last malloc_trim
         self._trim_at = 0.0
         self._timer_due = 0.0
@@ -206,6 +229,26 @@ class WorkerServer:
     def accept(self, request: WSUpgradeRequest, peer: str = "") -> Any:
         """picows listener factory: route, refuse, or accept an upgrade (the
         order of checks is in the module docstring). `peer` is the client's IP."""
+        if self.trusted_proxies:  # the client behind them (engine/auth/clientip.py)
+            peer = self.trusted_proxies.client_ip(
+                peer, request.headers.getall("X-Forwarded-For", ())
+            )
+        verdict = self.upgrades.admit(peer, time.monotonic())
+        if verdict != UPGRADE_ADMITTED:
+            if verdict == UPGRADE_BUSY:
+                return self.refuse_upgrade(
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    "busy",
+                    "this worker is over limits.upgrades_per_s; retry later",
+                    (("Retry-After", "1"),),
+                )
+            return self.refuse_upgrade(
+                HTTPStatus.TOO_MANY_REQUESTS,
+                "too_many_attempts",
+                "too many connection attempts from this address"
+                " (limits.upgrades_per_ip_per_s); retry later",
+                (("Retry-After", "1"),),
+            )
         # RFC 6455 4.2.1 and 4.4, which picows leaves to us: it upgrades version 8
         # and a request without Host (tests/conformance/test_rfc6455_handshake.py)
         if request.headers.get("Sec-WebSocket-Version") != "13":
@@ -228,7 +271,7 @@ class WorkerServer:
             return self.refuse_upgrade(
                 HTTPStatus.SERVICE_UNAVAILABLE, "draining", "this worker is shutting down"
             )
-        if len(self.connections) >= self.cfg.limits.max_connections:
+        if len(self.connections) >= self.max_connections:
             return self.refuse_upgrade(
                 HTTPStatus.SERVICE_UNAVAILABLE, "full", "this worker is at limits.max_connections"
             )
@@ -280,6 +323,7 @@ class WorkerServer:
         extra: tuple[tuple[str, str], ...] = (),
     ) -> WSUpgradeResponseWithListener:
         self.refused[int(status)] += 1
+        self.refused_by[code] += 1
         return _http_error(status, code, message, extra)
 
     def connection_opened(self, conn: Connection) -> None:
@@ -304,7 +348,7 @@ class WorkerServer:
             self.paused.discard(conn)
             self.fanout.close_session(conn.session)
             code = _close_code(conn)
-            self.closes[code] += 1
+            self.closes[close_label(code)] += 1
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "connection %s closed: code %d after %.1f s",
@@ -476,6 +520,9 @@ class WorkerServer:
                 else:
                     conn.close(codes.CLOSE_NOT_AUTHENTICATED, "no auth message in time")
                 continue
+            if now >= conn.fragments_deadline:
+                conn.close_unfinished()  # a fragmented message left unfinished (1008)
+                continue
             sent = conn.ping_sent_at
             if sent is None:
                 if now - conn.last_ping_at >= interval:
@@ -503,6 +550,8 @@ class WorkerServer:
             # index = shard; None while disconnected (or on the local bus)
             "bus_shard_lag_ms": None if lags is None else [round(x, 1) for x in lags],
             "bus_last_entry_age_ms": None if age is None else round(age, 1),
+            # task restarts, publish timeouts, maxmemory refusals... (engine/bus/tasks.py)
+            "bus_events": bus_stats() if callable(bus_stats := getattr(self.bus, "bus_stats", None)) else {},
             "connections": len(self.connections),
             "subscriptions": self.fanout.subscription_count(),
             "frames_sent": s.frames_sent + self.stats_control_frames,
@@ -516,12 +565,13 @@ class WorkerServer:
             "publish_hist": self.publish_hist.to_dict(),
             "frames_refused": s.frames_refused,
             "slow_clients": len(self.paused),
-            "slow_closes": self.closes.get(codes.CLOSE_SLOW_CONSUMER, 0),
+            "slow_closes": self.closes.get(str(codes.CLOSE_SLOW_CONSUMER), 0),
             "connects": self.connects,
-            "closes": {str(k): v for k, v in self.closes.items()},
+            "closes": dict(self.closes),
             "errors": dict(self.errors),
             "ping_timeouts": self.ping_timeouts,
             "upgrades_refused": {str(k): v for k, v in self.refused.items()},
+            "upgrades_refused_by": dict(self.refused_by),
             "loop_lag_max_ms": round(self.loop_lag_max_s * 1000, 1),
             "started": self.started,
         }
@@ -537,8 +587,9 @@ def _close_code(conn: Connection) -> int:
     if hs is not None:
         info = hs.sent if hs.sent is not None else hs.recv
         if info is not None:
-            return int(info.code.value)
-    return 1006
+            # 0: picows' code for a close without a body (answered with an empty close)
+            return int(info.code.value) or CLOSE_NO_STATUS
+    return CLOSE_ABNORMAL
 
 
 def _http_error(

@@ -1,5 +1,6 @@
-"""Per-connection rate limiting, abuse detection, per-IP connection counting. PURE:
-the time is an argument (`now`, seconds, any monotonic origin).
+"""Per-connection rate limiting, abuse detection, per-IP connection counting,
+upgrade attempts per second. PURE: the time is an argument (`now`, seconds,
+any monotonic origin).
 
 Rules this module owns:
 
@@ -23,6 +24,17 @@ Rules this module owns:
    sees it).
 5. State per connection is a few numbers (`RateLimiter` is slotted); the
    per-IP table holds one entry per IP with a live connection.
+6. Every inbound frame is one message here: data frames, each continuation
+   of a fragmented message, pings and pongs (the shell calls `admit` once per
+   frame, close frames aside). A frame flood is thus throttled and closed by
+   rules 1-4 like a message flood, whatever the frames hold.
+7. Upgrade attempts (`UpgradeLimiter`): per client IP, at most
+   `per_ip_per_s` in each one-second window (`UPGRADE_IP_LIMITED`, HTTP 429),
+   checked first so that one address cannot spend the worker's budget; then
+   per worker, a token bucket of `per_s` a second with a burst of one
+   second's worth (`UPGRADE_BUSY`, HTTP 503). 0 turns either off. The per-IP
+   table holds the addresses of the current window only, at most
+   `MAX_WINDOW_IPS` of them (a new address past that is `UPGRADE_BUSY`).
 """
 
 from __future__ import annotations
@@ -102,6 +114,56 @@ class RatePolicy:
         self.burst = 2.0 * self.rate
         self.abuse_threshold = ABUSE_FACTOR * self.rate
         self.window_s = float(abuse_window_s)
+
+
+UPGRADE_ADMITTED: Final = 0
+UPGRADE_BUSY: Final = 1  # the worker is over upgrades_per_s: 503
+UPGRADE_IP_LIMITED: Final = 2  # this IP is over upgrades_per_ip_per_s: 429
+
+MAX_WINDOW_IPS: Final = 65_536  # addresses in one window's table (~6 MB at most)
+
+
+class UpgradeLimiter:
+    """Upgrade attempts per second, per worker and per client IP (rule 7)."""
+
+    __slots__ = ("_ips", "_stamp", "_tokens", "_window", "burst", "per_ip", "rate")
+
+    def __init__(self, per_s: float, per_ip_per_s: int, now: float) -> None:
+        if per_s < 0 or per_ip_per_s < 0:
+            raise ValueError("per_s and per_ip_per_s must be >= 0")
+        self.rate = float(per_s)
+        self.burst = max(1.0, self.rate)
+        self.per_ip = per_ip_per_s
+        self._tokens = self.burst
+        self._stamp = now
+        self._window = now
+        self._ips: dict[str, int] = {}
+
+    def admit(self, ip: str, now: float) -> int:
+        """Account one upgrade attempt from `ip`: UPGRADE_ADMITTED, UPGRADE_BUSY
+        or UPGRADE_IP_LIMITED. A refused attempt still counts for its IP."""
+        if self.per_ip:
+            if now - self._window >= 1.0:
+                self._window = now
+                self._ips = {}  # a new table: a cleared dict would keep its peak size
+            n = self._ips.get(ip)
+            if n is None:
+                if len(self._ips) >= MAX_WINDOW_IPS:
+                    return UPGRADE_BUSY
+                n = 0
+            self._ips[ip] = n + 1
+            if n >= self.per_ip:
+                return UPGRADE_IP_LIMITED
+        if self.rate:
+            tokens = self._tokens + (now - self._stamp) * self.rate
+            self._stamp = now
+            if tokens > self.burst:
+                tokens = self.burst
+            if tokens < 1.0:
+                self._tokens = tokens
+                return UPGRADE_BUSY
+            self._tokens = tokens - 1.0
+        return UPGRADE_ADMITTED
 
 
 class IpCounter:

@@ -150,6 +150,8 @@ async def test_posts_are_refused_beyond_loopback_without_a_key(exposed: Served) 
         await receive_updates(conn, 20)
         assert not conn.closed.done()
         assert "shedding" not in exposed.output()
+        # The operator was told, at start.
+        assert "beyond loopback, with no API key" in exposed.output()
     finally:
         conn.close()
 

@@ -41,24 +41,6 @@ from tests.conformance.peer import (
 PROTOCOL_ERROR = 1002
 PING_MSG = msgpack.packb({"op": "ping", "id": 7})  # the fanout message, answered with pong id 7
 
-# Mismatches found by this suite in workers/listener.py, reported (issue 15) and
-# left to the listener's owner: strict, so a fix turns them into failures to remove.
-LISTENER_RSV = pytest.mark.xfail(
-    strict=True,
-    reason="listener: a frame with RSV1/2/3 set is processed as if the bits were 0 "
-    "(sent 0xC2/0xA2/0x92 + masked 0x80: got an `err bad_request` binary frame, no close)",
-)
-LISTENER_CONTINUATION = pytest.mark.xfail(
-    strict=True,
-    reason="listener: a continuation frame with no message to continue is ignored "
-    "(sent 0x80 + masked payload: no close, the next ping is answered)",
-)
-LISTENER_INTERLEAVED = pytest.mark.xfail(
-    strict=True,
-    reason="listener: a new binary frame before the last fragment restarts the message "
-    "(sent 0x02 then 0x82: no close, the second frame is processed)",
-)
-
 pytestmark = pytest.mark.slow  # one real `fanout serve` for the suite
 
 
@@ -109,14 +91,12 @@ def test_5_1_server_frames_are_never_masked_and_have_no_rsv_bits(peer: Peer) -> 
 # -- 5.2 base framing ----------------------------------------------------------------
 
 
-@LISTENER_RSV
 @pytest.mark.parametrize("rsv", [4, 2, 1, 7], ids=["rsv1", "rsv2", "rsv3", "rsv123"])
 def test_5_2_rsv_bits_without_an_extension_fail_the_connection(peer: Peer, rsv: int) -> None:
     peer.send(frame(OP_BINARY, PING_MSG, rsv=rsv))
     expect_protocol_error(peer)
 
 
-@LISTENER_RSV
 @pytest.mark.parametrize("rsv", [4, 2, 1], ids=["rsv1", "rsv2", "rsv3"])
 def test_5_2_rsv_bits_on_a_ping_fail_the_connection(peer: Peer, rsv: int) -> None:
     peer.send(frame(OP_PING, b"x", rsv=rsv))
@@ -176,13 +156,11 @@ def test_5_4_control_frames_between_fragments_are_answered_in_place(peer: Peer) 
     expect_pong_message(peer)
 
 
-@LISTENER_CONTINUATION
 def test_5_4_a_continuation_frame_without_a_message_fails_the_connection(peer: Peer) -> None:
     peer.send(frame(OP_CONT, PING_MSG, fin=True))
     expect_protocol_error(peer)
 
 
-@LISTENER_CONTINUATION
 def test_5_4_a_non_final_continuation_without_a_message_fails_the_connection(
     peer: Peer,
 ) -> None:
@@ -190,7 +168,6 @@ def test_5_4_a_non_final_continuation_without_a_message_fails_the_connection(
     expect_protocol_error(peer)
 
 
-@LISTENER_CONTINUATION
 def test_5_4_a_continuation_after_a_finished_message_fails_the_connection(peer: Peer) -> None:
     peer.send(frame(OP_BINARY, PING_MSG))
     expect_pong_message(peer)
@@ -198,7 +175,6 @@ def test_5_4_a_continuation_after_a_finished_message_fails_the_connection(peer: 
     expect_protocol_error(peer)
 
 
-@LISTENER_INTERLEAVED
 @pytest.mark.parametrize("fin", [True, False], ids=["final", "non_final"])
 def test_5_4_a_new_data_frame_inside_a_fragmented_message_fails_the_connection(
     peer: Peer, fin: bool

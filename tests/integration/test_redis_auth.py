@@ -114,6 +114,7 @@ def test_check_config_prints_the_redis_url_without_its_password() -> None:
     assert out.returncode == 0, out.stderr
     assert PASSWORD not in out.stdout + out.stderr
     assert 'url = "rediss://app:***@redis.example:6380/0"' in out.stdout
+    assert "move it to the environment variable FANOUT_REDIS_PASSWORD" in out.stderr
     out = check_config({"FANOUT_BUS_REDIS_URL": f"redis://h/0?password={PASSWORD}"})
     assert out.returncode == 0 and PASSWORD not in out.stdout + out.stderr
 
@@ -160,6 +161,24 @@ async def test_the_bus_never_logs_the_password_of_its_url(
         await ok.close()
         await wrong.close()
     assert PASSWORD not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [
+        (f"redis://:{PASSWORD}@h:6379/0 down", "redis://:***@h:6379/0 down"),
+        (f"at rediss://user:{PASSWORD}@h/0", "at rediss://user:***@h/0"),
+        (f"x redis://u:p@{PASSWORD}@h/0 y", "x redis://u:***@h/0 y"),  # a raw "@" in it
+        (f"unix:///s.sock?db=0&password={PASSWORD}", "unix:///s.sock?db=0&password=***"),
+        ("redis://h:6379/0 and http://user@h/", "redis://h:6379/0 and http://user@h/"),
+    ],
+)
+def test_no_log_record_carries_a_url_password(message: str, shown: str) -> None:
+    from engine.logs import RedactFilter
+
+    record = logging.LogRecord("fanout.x", logging.ERROR, __file__, 1, "%s", (message,), None)
+    assert RedactFilter().filter(record)
+    assert record.getMessage() == shown and PASSWORD not in record.getMessage()
 
 
 # -- AUTH and TLS --------------------------------------------------------------------------

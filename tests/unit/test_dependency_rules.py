@@ -64,7 +64,8 @@ THIRD_PARTY = frozenset({"msgpack"})
 
 EXTRA_STDLIB: dict[str, frozenset[str]] = {
     # TOML files, JSON arrays in environment variables, "did you mean" for typos.
-    "engine/config.py": frozenset({"tomllib", "json", "difflib"}),
+    # ipaddress: server.trusted_proxies is a list of networks, checked at parse time.
+    "engine/config.py": frozenset({"tomllib", "json", "difflib", "ipaddress"}),
 }
 
 WAIVERS: dict[str, dict[str, str]] = {
