@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from engine.protocol.closecodes import close_label
+
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 # Latency-style buckets in seconds: 0.5 ms .. 10 s.
@@ -152,16 +154,31 @@ def worker_families(
         fams.append(Family(name, kind, help_, samples))
     closes = []
     errors = []
+    refusals = []
     for s in slots:
-        for code, n in sorted((workers[s].get("closes") or {}).items()):
-            closes.append(({"worker": str(s), "code": str(code)}, n))
+        for label, n in sorted(_close_labels(workers[s].get("closes")).items()):
+            closes.append(({"worker": str(s), "code": label}, n))
         for code, n in sorted((workers[s].get("errors") or {}).items()):
             errors.append(({"worker": str(s), "code": str(code)}, n))
+        for reason, n in sorted((workers[s].get("upgrades_refused_by") or {}).items()):
+            if _is_number(n):
+                refusals.append(({"worker": str(s), "reason": str(reason)}, n))
+    fams.append(
+        Family(
+            "fanout_upgrades_refused_total",
+            "counter",
+            "WebSocket upgrades refused, by reason (the `error` of the JSON body:"
+            " busy and too_many_attempts are limits.upgrades_per_s and"
+            " limits.upgrades_per_ip_per_s).",
+            tuple(refusals),
+        )
+    )
     fams.append(
         Family(
             "fanout_disconnects_total",
             "counter",
-            "Connections ended, by close code (1006: no close handshake).",
+            "Connections ended, by close code (1006: no close handshake; codes chosen by"
+            " clients that the engine does not know: 3xxx, 4xxx, other).",
             tuple(closes),
         )
     )
@@ -217,6 +234,20 @@ def worker_families(
         tuple(({"worker": str(s)}, workers[s]["publish_hist"]) for s in slots if isinstance(workers[s].get("publish_hist"), dict)),
     ))  # fmt: skip
     return fams
+
+
+def _close_labels(closes: object) -> dict[str, int]:
+    """A worker's close counts by label (engine.protocol.closecodes rule 4): a
+    status keyed by raw codes (an older worker) is bucketed here too."""
+    out: dict[str, int] = {}
+    if not isinstance(closes, Mapping):
+        return out
+    for code, n in closes.items():
+        if not _is_number(n):
+            continue
+        label = close_label(int(code)) if str(code).isdigit() else str(code)
+        out[label] = out.get(label, 0) + int(n)
+    return out
 
 
 def _is_number(v: object) -> bool:
