@@ -384,7 +384,9 @@ async def test_recovers_after_the_worker_is_killed(tmp_path: Any) -> None:
 async def test_admin_serves_the_dashboard_and_the_browser_client(admin: Any) -> None:
     async def get(path: str) -> tuple[int, dict[str, str], bytes]:
         reader, writer = await asyncio.open_connection("127.0.0.1", admin.port)
-        writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode())
+        # an IP address as Host: the admin refuses other names (421, server.admin_allowed_hosts)
+        host = f"127.0.0.1:{admin.port}"
+        writer.write(f"GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n".encode())
         raw = await reader.read(-1)
         writer.close()
         head, _, body = raw.partition(b"\r\n\r\n")
