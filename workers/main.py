@@ -19,6 +19,7 @@ import asyncio
 import gc
 import logging
 import random
+import resource
 import signal
 
 import uvloop
@@ -34,6 +35,57 @@ from workers.server import WorkerServer
 log = logging.getLogger("fanout.worker")
 
 BUS_CONNECT_TIMEOUT_S = 10.0
+# Descriptors a worker needs besides its clients' sockets: the listening socket,
+# bus links, board and log files, the event loop's own, and upgrades in progress.
+FD_RESERVE = 64
+# Where the soft limit goes when the hard one is unlimited (Linux' default fs.nr_open).
+_NOFILE_UNLIMITED_TARGET = 1_048_576
+
+
+def raise_open_files_limit() -> tuple[int, int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (each client connection is a
+    socket). Returns (soft before, soft now, hard); the limit stays as it was
+    when the system refuses the change."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else _NOFILE_UNLIMITED_TARGET
+    if soft != resource.RLIM_INFINITY and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            target = soft
+        return soft, target, hard
+    return soft, soft, hard
+
+
+def connection_capacity(max_connections: int, open_files: int) -> int:
+    """The connections a worker can hold with `open_files` descriptors: at most
+    `max_connections`, and `FD_RESERVE` fewer than the limit (at least 1)."""
+    if open_files == resource.RLIM_INFINITY:
+        return max_connections
+    return max(1, min(max_connections, open_files - FD_RESERVE))
+
+
+def check_open_files(max_connections: int) -> int:
+    """Raise the open-files limit and log it; returns how many connections this
+    worker admits (fewer than `limits.max_connections`, with a warning naming
+    the fix, when the hard limit cannot hold them)."""
+    before, now, hard = raise_open_files_limit()
+    log.info("open files limit (RLIMIT_NOFILE) %d (was %d, hard limit %d)", now, before, hard)
+    capacity = connection_capacity(max_connections, now)
+    if capacity < max_connections:
+        log.warning(
+            "limits.max_connections = %d does not fit in the open files limit %d"
+            " (hard limit %d, %d kept for other files): this worker refuses upgrades"
+            " past %d connections (503 full). Raise the hard limit (ulimit -Hn,"
+            " systemd LimitNOFILE=, the container's nofile ulimit) or lower"
+            " limits.max_connections",
+            max_connections,
+            now,
+            hard,
+            FD_RESERVE,
+            capacity,
+        )
+    return capacity
 
 
 def run_worker(cfg: Config, slot: int, run_dir: str) -> None:
@@ -46,7 +98,8 @@ def run_worker(cfg: Config, slot: int, run_dir: str) -> None:
     # per connection"); full collections (`maybe_trim`) get shorter too.
     gc.freeze()
     setup_logging(cfg.log.level, cfg.log.format, f"worker {slot}")
-    code = uvloop.run(_main(cfg, slot, run_dir))
+    capacity = check_open_files(cfg.limits.max_connections)
+    code = uvloop.run(_main(cfg, slot, run_dir, capacity))
     if code:
         raise SystemExit(code)
 
@@ -68,9 +121,10 @@ async def serve_worker(cfg: Config, run_dir: str, *, slot: int = 1) -> WorkerSer
     return server
 
 
-async def _main(cfg: Config, slot: int, run_dir: str) -> int:
+async def _main(cfg: Config, slot: int, run_dir: str, capacity: int) -> int:
     try:
         server = await serve_worker(cfg, run_dir, slot=slot)
+        server.max_connections = capacity
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", cfg.server.host, cfg.server.port, exc)
         return codes.EXIT_PORT_IN_USE

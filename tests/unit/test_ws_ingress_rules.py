@@ -31,9 +31,7 @@ def test_a_sendable_code_is_echoed(code: int) -> None:
     assert sendable(code) and close_reply(2, code) == code
 
 
-@pytest.mark.parametrize(
-    "code", [0, 1, 999, 1004, 1005, 1006, 1015, 1016, 2000, 2999, 5000, 65535]
-)
+@pytest.mark.parametrize("code", [0, 1, 999, 1004, 1005, 1006, 1015, 1016, 2000, 2999, 5000, 65535])
 def test_any_other_code_is_answered_1002(code: int) -> None:
     assert not sendable(code) and close_reply(2, code) == 1002
 
@@ -85,9 +83,7 @@ def test_the_worker_bucket_admits_a_second_s_worth_then_refuses() -> None:
 
 def test_per_ip_windows_refuse_one_address_not_the_others() -> None:
     lim = UpgradeLimiter(0, 3, now=0.0)
-    assert [lim.admit("a", 0.0) for _ in range(4)] == [UPGRADE_ADMITTED] * 3 + [
-        UPGRADE_IP_LIMITED
-    ]
+    assert [lim.admit("a", 0.0) for _ in range(4)] == [UPGRADE_ADMITTED] * 3 + [UPGRADE_IP_LIMITED]
     assert lim.admit("b", 0.5) == UPGRADE_ADMITTED
     assert lim.admit("a", 0.9) == UPGRADE_IP_LIMITED
     assert lim.admit("a", 1.0) == UPGRADE_ADMITTED  # a new window
@@ -149,3 +145,35 @@ def test_addresses_in_normal_form() -> None:
     assert str(parse_address("203.0.113.9:5678")) == "203.0.113.9"
     assert parse_address("not an address") is None
     assert PROXIES.client_ip("fd00::1", ["2001:DB8::7"]) == "2001:db8::7"
+
+
+# -- open files (finding 9: RLIMIT_NOFILE was never raised) ---------------------------------
+
+
+def test_connection_capacity_keeps_a_reserve_of_descriptors() -> None:
+    from workers.main import FD_RESERVE, connection_capacity
+
+    assert connection_capacity(20_000, 1_048_576) == 20_000
+    assert connection_capacity(20_000, 20_000) == 20_000 - FD_RESERVE
+    assert connection_capacity(20_000, 10) == 1
+
+
+def test_the_soft_open_files_limit_is_raised_to_the_hard_limit() -> None:
+    """In a child process whose soft limit starts low (the limit is per process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
+        "from workers.main import raise_open_files_limit\n"
+        "before, now, hard2 = raise_open_files_limit()\n"
+        "print(before, now, hard2, resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    before, now, hard, soft = map(int, out)
+    assert before == min(256, hard) and now == soft
+    assert soft == hard or hard == -1
