@@ -6,15 +6,14 @@ connection (section 7.1.1). What its close frame must carry:
 | section | the client's close | the server's answer | tests |
 | --- | --- | --- | --- |
 | 5.5.1, 7.4 | empty (no status code: what Node's `ws.close()` and browsers send) | an empty close: status code 0 does not exist, and 1005 must never be sent | test_5_5_1_empty_close_* |
-| 7.4.1, 7.4.2 | a code defined for use in a close frame (1000-1003, 1007-1011, 3000-4999) | the same code | test_7_4_1_valid_code_* |
+| 7.4.1, 7.4.2 | a code defined for use in a close frame (1000-1003, 1007-1011, 1012-1014 registered with IANA since, 3000-4999) | the same code | test_7_4_1_valid_code_* |
 | 7.4.1, 7.4.2 | a code not allowed in a close frame (0-999, 1004, 1005, 1006, 1015, 1016-2999, 5000+) | 1002 | test_7_4_1_invalid_code_* |
 | 5.5.1 | a one-byte payload (half a status code) | 1002 | test_5_5_1_one_byte_* |
 | 5.5.1, 8.1 | a reason that is not UTF-8 | 1007 (or 1002) | test_8_1_* |
 | 5.5.1 | a reason of 123 bytes (the most a 125-byte control frame holds) | the code | test_5_5_1_longest_reason_* |
 | 5.5.1 | data sent after the close | not processed | test_5_5_1_nothing_is_processed_after_a_close |
 
-Codes 1012-1014 are registered with IANA since RFC 6455 and allowed by some
-peers, refused by others: not asserted here.
+The engine's rules are engine/protocol/closecodes.py.
 """
 
 from __future__ import annotations
@@ -27,7 +26,24 @@ import pytest
 from tests.conformance.peer import OP_BINARY, OP_CLOSE, OP_PING, Peer, frame
 
 PROTOCOL_ERROR = 1002
-VALID = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999]
+VALID = [
+    1000,
+    1001,
+    1002,
+    1003,
+    1007,
+    1008,
+    1009,
+    1010,
+    1011,
+    1012,
+    1013,
+    1014,
+    3000,
+    3999,
+    4000,
+    4999,
+]
 INVALID = [0, 1, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535]
 
 pytestmark = pytest.mark.slow  # one real `fanout serve` for the suite
