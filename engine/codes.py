@@ -27,7 +27,9 @@ class ErrorCode:
     UNKNOWN_OP: Final = "unknown_op"
     BAD_TOPIC: Final = "bad_topic"
     FORBIDDEN: Final = "forbidden"
-    TOO_MANY_TOPICS: Final = "too_many_topics"
+    TOO_MANY_TOPICS: Final = "too_many_topics"  # per connection, or the bus' bus.max_topics
+    TOO_LARGE: Final = "too_large"  # a value over bus.max_data_bytes
+    TOO_MANY_KEYS: Final = "too_many_keys"  # a state topic at bus.max_keys_per_topic
     RATE_LIMITED: Final = "rate_limited"
     UNAVAILABLE: Final = "unavailable"
     INTERNAL: Final = "internal"

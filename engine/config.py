@@ -418,6 +418,7 @@ class RedisConfig:
     )
     cluster: bool = _bool(False)
     stream_maxlen: int = _int(100_000, 1)
+    stream_max_bytes: int = _int(32 * _MiB, 0)
     prefix: str = _str("fanout", _PREFIX_RE, "1..64 characters of A-Z a-z 0-9 _ . : -")
     # Redis AUTH: the environment variables holding the password and the ACL
     # user name (unset or empty: none). The secret never goes in a file or the URL.
@@ -444,6 +445,11 @@ class BusConfig:
     shards: int = _int(16, 1, 1024)
     max_lag_ms: int = _int(5000, 1)
     hub_max_buffer_bytes: int = _int(64 * _MiB, 65_536)
+    # Bounds of what the bus stores (issue 11, finding 4); 0 = no limit for the counts.
+    publish_timeout_s: float = _float(5, 0, lo_open=True)
+    max_data_bytes: int = _int(_MiB, 16, 512 * _MiB)
+    max_keys_per_topic: int = _int(100_000, 0)
+    max_topics: int = _int(100_000, 0)
     redis: RedisConfig = field(default_factory=RedisConfig)
 
 
@@ -466,13 +472,15 @@ class TopicRule:
     event, in order); `max_hz` caps frames per second per connection (0 = no
     cap); `history` is how many events a stream topic retains (on the bus and
     in every worker) for clients subscribing with `since`, up to
-    `MAX_HISTORY_EVENTS`.
+    `MAX_HISTORY_EVENTS`; `idle_expiry_s` removes a topic from the bus once
+    nothing was published to it for that long (0 = never).
     """
 
     pattern: str = field(metadata={_SPEC: _Spec("str", expect="a topic pattern like 'prices.>'")})
     mode: str = _choice("state", "state", "stream")
     max_hz: float = _float(0, 0)
     history: int = _int(0, 0, MAX_HISTORY_EVENTS)
+    idle_expiry_s: float = _float(0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -729,7 +737,8 @@ def _parse_topics(value: object, source: str) -> tuple[TopicRule, ...]:
         if not isinstance(item, Mapping):
             raise ConfigError(
                 where,
-                f"expected a table with 'pattern', 'mode', 'max_hz', 'history', got {item!r}{source}",
+                f"expected a table with 'pattern', 'mode', 'max_hz', 'history', 'idle_expiry_s',"
+                f" got {item!r}{source}",
             )
         for key in item:
             if key not in _TOPIC_SPECS:

@@ -8,7 +8,8 @@
      │    └── RemoteProtocolError   ... and it was the remote client's fault (-> `err` or close)
      ├── LocalProtocolError     our own code misused the protocol layer (a bug)
      └── BusError               the bus cannot do what was asked
-          └── BusUnavailable        not connected right now; nothing was published
+          ├── BusUnavailable        not connected right now; nothing was published
+          └── BusRefused            over a bus limit (`code`: an `err` code); nothing was published
 
 A peer's bad input and our own misuse are different errors (h11's split).
 OS errors are not wrapped.
@@ -66,3 +67,16 @@ class BusError(EngineError):
 
 class BusUnavailable(BusError):
     """The bus is not connected; the operation had no effect (nothing published)."""
+
+
+class BusRefused(BusError):
+    """A publish over one of the bus' limits (`data` size, keys per topic,
+    topics): nothing of it was published. `code` is the `engine.codes.ErrorCode`
+    a client is told (`too_large`, `too_many_keys`, `too_many_topics`); the
+    message names the topic (and key) at fault and the setting."""
+
+    def __init__(self, code: str, message: str, *, topic: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.topic = topic

@@ -221,6 +221,9 @@ def worker_families(
             if _is_number(workers[s].get("bus_last_entry_age_ms"))
         ),
     ))  # fmt: skip
+    fams.append(bus_events_family(
+        ({"worker": str(s)}, workers[s].get("bus_events")) for s in slots
+    ))  # fmt: skip
     fams.append(Family(
         "fanout_worker_heartbeat_age_seconds", "gauge", "Seconds since the worker last wrote its status (its heartbeat).",
         tuple(({"worker": str(s)}, round(heartbeat_age_s[s], 3)) for s in slots if s in heartbeat_age_s),
@@ -252,6 +255,31 @@ def _close_labels(closes: object) -> dict[str, int]:
 
 def _is_number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# What a bus client counts (its `bus_stats()`, engine/bus/tasks.py and the backends).
+BUS_EVENTS: Final = ("task_restarts", "publish_timeouts", "oom_refusals", "byte_trims", "topics_expired")
+
+
+def bus_events_family(
+    clients: Iterable[tuple[Mapping[str, str], Any]], name: str = "fanout_bus_events_total"
+) -> Family:
+    """`fanout_bus_events_total{worker, event}` from (labels, bus_stats dict) per client."""
+    samples = tuple(
+        ({**labels, "event": event}, counts[event])
+        for labels, counts in clients
+        if isinstance(counts, Mapping)
+        for event in BUS_EVENTS
+        if _is_number(counts.get(event))
+    )
+    return Family(
+        name, "counter",
+        "Bus client events: background tasks restarted after a failure (task_restarts),"
+        " requests without a reply within bus.publish_timeout_s (publish_timeouts),"
+        " publishes Redis refused at maxmemory (oom_refusals), stream entries removed"
+        " for bus.redis.stream_max_bytes (byte_trims), idle topics removed (topics_expired).",
+        samples,
+    )  # fmt: skip
 
 
 def _shard_lags(status: Mapping[str, Any]) -> list[float]:

@@ -31,8 +31,11 @@ MAX_PATTERN_LEN: Final = 200
 _LITERAL_RE: Final = re.compile(r"[A-Za-z0-9_:-]+")
 _EXPECT: Final = "expected a topic pattern like 'prices.fx', 'prices.>' or 'prices.*.eu'"
 
-DEFAULT_RULE: Final = TopicRule(pattern=">", mode="state", max_hz=0.0, history=0)
-"""The rule of a topic no `[[topics]]` entry matches: state topic, no rate cap, no history."""
+DEFAULT_RULE: Final = TopicRule(
+    pattern=">", mode="state", max_hz=0.0, history=0, idle_expiry_s=0.0
+)
+"""The rule of a topic no `[[topics]]` entry matches: state topic, no rate cap, no
+history, never expires."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +159,10 @@ class TopicRules:
         """The `history` of `topic` if its rule makes it a stream topic, else None."""
         rule = self.rule_for(topic)
         return rule.history if rule.mode == "stream" else None
+
+    def idle_expiry_of(self, topic: str) -> float:
+        """Seconds after its last publish the bus removes `topic` (0: never)."""
+        return self.rule_for(topic).idle_expiry_s
 
     def cached(self) -> int:
         """How many topic names the cache holds now (for tests and stats)."""

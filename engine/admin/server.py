@@ -47,7 +47,7 @@ import psutil
 from engine import metrics
 from engine.admin import http
 from engine.codes import EXIT_PORT_IN_USE, ErrorCode
-from engine.errors import BusError, BusUnavailable
+from engine.errors import BusError, BusRefused, BusUnavailable
 from engine.supervisor.board import REBALANCE, SUPERVISOR, Board
 from engine.topics import TopicRules
 
@@ -552,6 +552,11 @@ class AdminServer:
                 (({}, 1 if self.bus.connected else 0),),
             ),
         ]  # fmt: skip
+        bus_stats = getattr(self.bus, "bus_stats", None)
+        if callable(bus_stats):  # the admin's own bus client
+            families.append(
+                metrics.bus_events_family([({}, bus_stats())], "fanout_admin_bus_events_total")
+            )
         return metrics.render(families)
 
     def stats(self) -> dict[str, Any]:
@@ -578,6 +583,9 @@ class AdminServer:
         except BusUnavailable as exc:
             self.publish_failures += 1
             return http.unavailable(f"the bus is unavailable, nothing was published: {exc}")
+        except BusRefused as exc:  # over a bus bound: the publisher's to fix
+            self.publish_failures += 1
+            raise http.HttpError(400, exc.code, exc.message, topic=exc.topic) from None
         except BusError as exc:
             self.publish_failures += 1
             return http.unavailable(f"the bus refused the publish: {exc}")

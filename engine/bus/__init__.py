@@ -9,7 +9,18 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Final
 
-from engine.bus.base import Bus, BusSink, Entry, History, HistoryOf, Snapshot, Update, shard_of
+from engine.bus.base import (
+    Bus,
+    BusSink,
+    Entry,
+    ExpiryOf,
+    History,
+    HistoryOf,
+    Snapshot,
+    Update,
+    shard_of,
+)
+from engine.bus.limits import Limits
 from engine.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -25,8 +36,10 @@ __all__ = [
     "Snapshot",
     "Update",
     "create_bus",
+    "expiry_of",
     "history_of",
     "hub_socket_path",
+    "limits_of",
     "shard_of",
 ]
 
@@ -49,6 +62,24 @@ def history_of(cfg: Config) -> HistoryOf:
     return TopicRules(cfg.topics).history_of
 
 
+def expiry_of(cfg: Config) -> ExpiryOf | None:
+    """topic -> its rule's `idle_expiry_s`; None when no rule has one."""
+    from engine.topics import TopicRules
+
+    if not any(rule.idle_expiry_s > 0 for rule in cfg.topics):
+        return None
+    return TopicRules(cfg.topics).idle_expiry_of
+
+
+def limits_of(cfg: Config) -> Limits:
+    """The bus' bounds (`bus.max_data_bytes`, `bus.max_keys_per_topic`, `bus.max_topics`)."""
+    return Limits(
+        max_data_bytes=cfg.bus.max_data_bytes,
+        max_keys_per_topic=cfg.bus.max_keys_per_topic,
+        max_topics=cfg.bus.max_topics,
+    )
+
+
 def create_bus(cfg: Config, run_dir: str, *, want_entries: bool = True) -> Bus:
     """A client of the configured bus backend (not started: call `start`).
 
@@ -60,8 +91,14 @@ def create_bus(cfg: Config, run_dir: str, *, want_entries: bool = True) -> Bus:
     if backend == "local":
         from engine.bus.local import LocalBus
 
-        # The hub applies its own copy of the rules; the client needs none.
-        return LocalBus(hub_socket_path(run_dir), want_entries=want_entries)
+        # The hub applies its own copy of the rules and counts; the client
+        # checks what it can before sending (data size, strings).
+        return LocalBus(
+            hub_socket_path(run_dir),
+            want_entries=want_entries,
+            max_data_bytes=cfg.bus.max_data_bytes,
+            request_timeout_s=cfg.bus.publish_timeout_s,
+        )
     if backend == "redis":
         from engine.bus.redis_streams import RedisBus
         from engine.config import redis_credentials
@@ -81,5 +118,9 @@ def create_bus(cfg: Config, run_dir: str, *, want_entries: bool = True) -> Bus:
             password=password,
             tls_ca_file=r.tls_ca_file,
             history_of=history_of(cfg),
+            limits=limits_of(cfg),
+            stream_max_bytes=r.stream_max_bytes,
+            publish_timeout_s=cfg.bus.publish_timeout_s,
+            expiry_of=expiry_of(cfg),
         )
     raise ConfigError("bus.backend", f"unknown backend {backend!r}: expected 'local' or 'redis'")

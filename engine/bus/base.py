@@ -29,6 +29,13 @@ Guarantees every backend gives:
    longer retains, 0 for none), then its retained events as entries, so a
    client that was away longer than the history learns what it lost.
    `snapshot` of a stream topic has no items.
+7. Bounds (`engine/bus/limits.py`): a publish with a string that is not
+   UTF-8, or `data` over `bus.max_data_bytes`, fails alone; one that would
+   exceed `bus.max_keys_per_topic` or `bus.max_topics` is refused whole
+   (`BusRefused`, its `code` the `err` code); a topic idle past its rule's
+   `idle_expiry_s` is removed. No call waits on the bus longer than
+   `bus.publish_timeout_s` (`BusUnavailable`), and a background task that
+   fails is restarted; while it is down the client reports `connected = False`.
 """
 
 from __future__ import annotations
@@ -80,11 +87,19 @@ class History:
 PublishDone = Callable[[Sequence[int] | BusError], None]
 # topic -> `history` of a stream topic, None for a state topic (the `[[topics]]` rules)
 HistoryOf = Callable[[str], int | None]
+# topic -> its rule's `idle_expiry_s` (0: never expires)
+ExpiryOf = Callable[[str], float]
 
 
 def shard_of(topic: str, shards: int) -> int:
-    """The shard a topic lives in: a stable hash, the same on every node and backend."""
-    return zlib.crc32(topic.encode()) % shards
+    """The shard a topic lives in: a stable hash, the same on every node and backend.
+
+    Raises `BusError` for a topic that is not encodable as UTF-8 (a lone surrogate).
+    """
+    try:
+        return zlib.crc32(topic.encode()) % shards
+    except UnicodeEncodeError:
+        raise BusError(f"topic {topic!r} is not valid UTF-8") from None
 
 
 class BusSink(Protocol):
@@ -137,7 +152,8 @@ class Bus(Protocol):
         loop with the positions (one per update) or a `BusError`."""
 
     async def publish_wait(self, updates: Sequence[Update]) -> list[int]:
-        """`publish`, awaited. Raises `BusUnavailable` / `BusError`."""
+        """`publish`, awaited. Raises `BusUnavailable` / `BusError` (`BusRefused`
+        over a limit). Never waits longer than the bus' `publish_timeout_s`."""
 
     async def snapshot(self, topic: str) -> Snapshot:
         """The topic's latest state (deleted keys included with data NIL)."""

@@ -27,6 +27,10 @@ Rules:
 5. Stream topics follow the `[[topics]]` rules the hub started with (SIGHUP
    does not reload them: changing a topic's mode or history needs a restart of
    the node). The dump sends their floors before the entries (guarantee 6).
+6. Bounds (`engine/bus/limits.py`, `HubCore` rules 6-7): a publish over a
+   limit is answered with its code (`too_large`, `too_many_keys`,
+   `too_many_topics`) and applies nothing; idle topics are expired once per
+   `EXPIRE_INTERVAL_S` (when a rule has an idle expiry).
 """
 
 from __future__ import annotations
@@ -43,13 +47,15 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import uvloop
 
-from engine.bus import history_of, hub_socket_path, wire
+from engine.bus import expiry_of, history_of, hub_socket_path, limits_of, wire
 from engine.bus.hubcore import HubCore
 from engine.codes import ErrorCode
+from engine.errors import BusRefused
 from engine.supervisor.board import Board
 
 if TYPE_CHECKING:
-    from engine.bus.base import Entry, HistoryOf
+    from engine.bus.base import Entry, ExpiryOf, HistoryOf
+    from engine.bus.limits import Limits
     from engine.config import Config
 
 log = logging.getLogger(__name__)
@@ -57,6 +63,7 @@ log = logging.getLogger(__name__)
 STATUS_NAME: Final = "hub"
 STATUS_INTERVAL_S: Final = 1.0
 EPOCH_BYTES: Final = 6  # 12 hex characters
+EXPIRE_INTERVAL_S: Final = 1.0
 
 
 def _wall_ms() -> int:
@@ -119,11 +126,16 @@ class Hub:
         epoch: str | None = None,
         clock_ms: Callable[[], int] = _wall_ms,
         history_of: HistoryOf | None = None,
+        limits: Limits | None = None,
+        expiry_of: ExpiryOf | None = None,
     ) -> None:
         self.path = path
         self.max_buffer_bytes = max_buffer_bytes
         epoch = epoch if epoch is not None else secrets.token_hex(EPOCH_BYTES)
-        self.core = HubCore(shards, epoch, history_of)
+        self.core = HubCore(shards, epoch, history_of, limits=limits, expiry_of=expiry_of)
+        self._expires = expiry_of is not None
+        self._expire_handle: asyncio.TimerHandle | None = None
+        self.refused = 0  # publishes refused for a bound
         self.overflow_drops = 0
         self._clock_ms = clock_ms
         self._conns: set[_HubConn] = set()
@@ -151,6 +163,8 @@ class Hub:
             "entries": self.core.entries,
             "topics": self.core.topic_count,
             "overflow_drops": self.overflow_drops,
+            "refused": self.refused,
+            "topics_expired": self.core.expired,
         }
 
     async def start(self) -> None:
@@ -161,6 +175,21 @@ class Hub:
         self._server = await loop.create_unix_server(lambda: _HubConn(self), self.path)
         self._inode = os.stat(self.path).st_ino
         log.info("hub listening on %s (epoch %s)", self.path, self.core.epoch)
+        if self._expires:
+            self._expire_handle = loop.call_later(EXPIRE_INTERVAL_S, self._expire)
+
+    def _expire(self) -> None:
+        """Rule 6: drop the idle topics, then run again in EXPIRE_INTERVAL_S."""
+        self._expire_handle = None
+        if self._server is None:
+            return
+        try:
+            gone = self.core.expire(self._clock_ms())
+            if gone:
+                log.info("hub: %d idle topic(s) expired", len(gone))
+        finally:
+            loop = asyncio.get_running_loop()
+            self._expire_handle = loop.call_later(EXPIRE_INTERVAL_S, self._expire)
 
     async def close(self) -> None:
         """Stop serving: close every link and remove the socket file."""
@@ -168,6 +197,9 @@ class Hub:
             return
         server, self._server = self._server, None
         server.close()
+        if self._expire_handle is not None:
+            self._expire_handle.cancel()
+            self._expire_handle = None
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -204,7 +236,12 @@ class Hub:
         elif not conn.joined:
             self._drop(conn, "request before the handshake", abort=True)
         elif isinstance(req, wire.PublishRequest):
-            entries = self.core.publish(req.updates, self._clock_ms())
+            try:
+                entries = self.core.publish(req.updates, self._clock_ms())
+            except BusRefused as exc:
+                self.refused += 1
+                self._queue(conn, wire.failed(req.req_id, exc.code, exc.message))
+                return
             if entries:
                 self._pending.extend(entries)
             self._queue(conn, wire.published(req.req_id, [e[2] for e in entries]))
@@ -317,6 +354,8 @@ async def serve_hub(cfg: Config, run_dir: str) -> Hub:
         shards=cfg.bus.shards,
         max_buffer_bytes=cfg.bus.hub_max_buffer_bytes,
         history_of=history_of(cfg),
+        limits=limits_of(cfg),
+        expiry_of=expiry_of(cfg),
     )
     await hub.start()
     return hub

@@ -20,14 +20,24 @@ Rules this module owns (the local backend's half of `engine.bus.base`'s guarante
    per-key state but its newest `history` events, oldest first, and its
    floor: the position of the newest event it dropped (0: none). Memory is
    bounded by `history` per stream topic.
+6. Bounds (`engine/bus/limits.py`): a publish is checked whole before any of
+   it is applied; over `max_data_bytes`, `max_keys_per_topic` or a shard's
+   share of `max_topics` it raises `BusRefused` and changes nothing. So the
+   hub's memory is bounded by topics x keys x `max_data_bytes` (plus the
+   stream histories), whatever publishers send.
+7. A topic whose rule has an idle expiry (`expiry_of`) is removed by
+   `expire(now_ms)` once nothing was published to it for that long: its keys,
+   tombstones or history, and its place in the topic count. Topics are kept
+   in last-publish order per expiry value, so `expire` looks only at those due.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 
-from engine.bus.base import Entry, History, HistoryOf, Snapshot, shard_of
+from engine.bus.base import Entry, ExpiryOf, History, HistoryOf, Snapshot, shard_of
+from engine.bus.limits import Limits, too_large, too_many_keys, too_many_topics
 from engine.protocol.codec import make_pos
 
 
@@ -75,38 +85,100 @@ class HubCore:
     """
 
     __slots__ = (
+        "_expiry_of",
         "_history_of",
+        "_idle",
         "_last",
+        "_max_keys",
+        "_max_topics",
         "_shard",
+        "_shard_topics",
         "_streams",
         "_topics",
         "entries",
         "epoch",
+        "expired",
+        "limits",
         "shards",
     )
 
-    def __init__(self, shards: int, epoch: str, history_of: HistoryOf | None = None) -> None:
+    def __init__(
+        self,
+        shards: int,
+        epoch: str,
+        history_of: HistoryOf | None = None,
+        *,
+        limits: Limits | None = None,
+        expiry_of: ExpiryOf | None = None,
+    ) -> None:
         if shards < 1:
             raise ValueError(f"shards must be >= 1, got {shards}")
         self.shards = shards
         self.epoch = epoch
         self.entries = 0  # entries published since start (a counter for status)
+        self.expired = 0  # topics removed by `expire` (rule 7)
         self._last = [0] * shards  # per shard: the last position assigned
         self._shard: dict[str, int] = {}  # topic -> shard (crc32 once per topic)
         # topic -> key -> (pos, data), each topic's keys in position order.
         self._topics: dict[str, dict[str, tuple[int, bytes]]] = {}
         self._streams: dict[str, StreamHistory] = {}  # stream topic -> its history
         self._history_of = history_of or _no_streams
+        self.limits = limits or Limits()
+        self._max_keys = self.limits.max_keys_per_topic
+        self._max_topics = self.limits.topics_per_shard(shards)
+        self._shard_topics = [0] * shards  # topics held per shard (rule 6)
+        self._expiry_of = expiry_of
+        # expiry in ms -> topic -> its last publish (ms), oldest first (rule 7)
+        self._idle: dict[int, OrderedDict[str, int]] = {}
+
+    def check(self, updates: Sequence[tuple[str, str, bytes]]) -> None:
+        """Raise `BusRefused` if applying `updates` would break a bound (rule 6)."""
+        max_data = self.limits.max_data_bytes
+        max_keys = self._max_keys
+        max_topics = self._max_topics
+        added_keys: dict[str, set[str]] = {}  # topic -> keys this batch adds
+        added_topics: dict[int, set[str]] = {}  # shard -> topics this batch adds
+        for topic, key, data in updates:
+            if len(data) > max_data:
+                raise too_large(topic, key, len(data), max_data)
+            keys = self._topics.get(topic)
+            if keys is None:
+                if topic in self._streams:
+                    continue
+                if max_topics:
+                    # not cached: a refused name must not stay in `_shard`
+                    shard = shard_of(topic, self.shards)
+                    adding = added_topics.setdefault(shard, set())
+                    adding.add(topic)
+                    if self._shard_topics[shard] + len(adding) > max_topics:
+                        raise too_many_topics(topic, max_topics)
+                if self._history_of(topic) is not None:
+                    continue  # a stream topic has no keys
+            if max_keys and (keys is None or key not in keys):
+                fresh = added_keys.setdefault(topic, set())
+                fresh.add(key)
+                if (len(keys) if keys else 0) + len(fresh) > max_keys:
+                    raise too_many_keys(topic, key, max_keys)
+
+    def _shard_for(self, topic: str) -> int:
+        shard = self._shard.get(topic)
+        if shard is None:
+            shard = self._shard[topic] = shard_of(topic, self.shards)
+        return shard
 
     def publish(self, updates: Sequence[tuple[str, str, bytes]], now_ms: int) -> list[Entry]:
-        """Apply `updates` (topic, key, data) atomically; return their entries in order."""
+        """Apply `updates` (topic, key, data) atomically; return their entries in order.
+
+        Raises `BusRefused` (and applies nothing) when a bound would break (rule 6).
+        """
+        self.check(updates)
         out: list[Entry] = []
         last = self._last
         floor = make_pos(max(now_ms, 0), 0)
         for topic, key, data in updates:
             shard = self._shard.get(topic)
             if shard is None:
-                shard = self._shard[topic] = shard_of(topic, self.shards)
+                shard = self._shard_for(topic)
             prev = last[shard]
             # XADD's rule. `prev + 1` bumps the sequence, and carries into the
             # millisecond part when the sequence is full (positions are ms << 32 | seq).
@@ -118,14 +190,50 @@ class HubCore:
                 keys[key] = (pos, data)
             else:
                 self._write_new_or_stream(topic, key, pos, data)
+            if self._expiry_of is not None:
+                self._touch(topic, now_ms)
             out.append((topic, key, pos, data))
         self.entries += len(out)
         return out
+
+    def _touch(self, topic: str, now_ms: int) -> None:
+        assert self._expiry_of is not None
+        expiry_ms = round(self._expiry_of(topic) * 1000)
+        if expiry_ms <= 0:
+            return
+        order = self._idle.get(expiry_ms)
+        if order is None:
+            order = self._idle[expiry_ms] = OrderedDict()
+        order[topic] = now_ms
+        order.move_to_end(topic)
+
+    def expire(self, now_ms: int) -> list[str]:
+        """Remove the topics idle past their rule's expiry (rule 7); return them."""
+        gone: list[str] = []
+        for expiry_ms, order in self._idle.items():
+            while order:
+                topic, last = next(iter(order.items()))
+                if now_ms - last < expiry_ms:
+                    break
+                del order[topic]
+                self._remove(topic)
+                gone.append(topic)
+        self.expired += len(gone)
+        return gone
+
+    def _remove(self, topic: str) -> None:
+        if self._topics.pop(topic, None) is None and self._streams.pop(topic, None) is None:
+            return
+        shard = self._shard.pop(topic, None)
+        if shard is None:
+            shard = shard_of(topic, self.shards)
+        self._shard_topics[shard] -= 1
 
     def _write_new_or_stream(self, topic: str, key: str, pos: int, data: bytes) -> None:
         """A stream topic's event, or the first entry of a topic."""
         stream = self._streams.get(topic)
         if stream is None:
+            self._shard_topics[self._shard_for(topic)] += 1
             history = self._history_of(topic)
             if history is None:
                 self._topics[topic] = {key: (pos, data)}

@@ -20,6 +20,12 @@ Rules:
    own abort after a sink error or a corrupt frame), a request the hub had
    already applied is still reported `BusUnavailable`. `close` waits for
    outstanding replies first (up to `close_timeout_s`).
+4. Nothing waits on the hub without a bound (`request_timeout_s`,
+   `bus.publish_timeout_s`): a request without a reply by then gets
+   `BusUnavailable` (a timer per request; a late reply is ignored). A publish
+   is checked before it is sent (`engine/bus/limits.py` rule 1: strings, data
+   size), so a bad value fails alone; the hub refuses one over a count with
+   `BusRefused`. The connecting task is supervised (`engine/bus/tasks.py`).
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
+from engine.bus import limits as bounds
 from engine.bus import wire
 from engine.bus.base import BusSink, History, PublishDone, Snapshot, Update
+from engine.bus.tasks import TaskHealth, supervise
 from engine.errors import BusError, BusUnavailable
 from engine.supervisor.backoff import Backoff, FailureStreak
 
@@ -45,6 +53,7 @@ STABLE_LINK_S: Final = 10.0
 HELLO_TIMEOUT_S: Final = 5.0
 MAX_UNSENT_BYTES: Final = 16 * 1024 * 1024
 CLOSE_TIMEOUT_S: Final = 1.0
+REQUEST_TIMEOUT_S: Final = 5.0
 
 _Reply = Callable[[Any], None]  # gets the decoded reply or a BusError
 
@@ -68,7 +77,8 @@ class _Link(asyncio.Protocol):
         self.reader = wire.FrameReader()
         self.transport: asyncio.WriteTransport | None = None
         self.up = False  # handshake complete ("d" received) and not lost since
-        self.pending: dict[int, _Reply] = {}  # request id -> reply callback
+        # request id -> reply callback and its timeout (rule 4)
+        self.pending: dict[int, tuple[_Reply, asyncio.TimerHandle]] = {}
         self.lost: asyncio.Future[None] = loop.create_future()
         self.idle: asyncio.Future[None] | None = None  # set by close(): no pending left
         self.hello_timer: asyncio.TimerHandle | None = None
@@ -135,6 +145,8 @@ class LocalBus:
         backoff: Backoff = RECONNECT_BACKOFF,
         max_unsent_bytes: int = MAX_UNSENT_BYTES,
         close_timeout_s: float = CLOSE_TIMEOUT_S,
+        max_data_bytes: int = bounds.DEFAULT_MAX_DATA_BYTES,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
         self.socket_path = socket_path
         self.want_entries = want_entries
@@ -142,6 +154,10 @@ class LocalBus:
         self._streak = FailureStreak(backoff, stable_s=STABLE_LINK_S)
         self.max_unsent_bytes = max_unsent_bytes
         self.close_timeout_s = close_timeout_s
+        self.max_data_bytes = max_data_bytes
+        self.request_timeout_s = request_timeout_s
+        self.health = TaskHealth()
+        self.request_timeouts = 0  # requests without a reply within request_timeout_s
         self._sink: BusSink | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -160,7 +176,14 @@ class LocalBus:
 
     @property
     def connected(self) -> bool:
-        return self._link is not None
+        return self._link is not None and not self.health.down
+
+    def bus_stats(self) -> dict[str, int]:
+        """Counters of this client's failure modes (rule 4), for metrics."""
+        return {
+            "task_restarts": self.health.total_restarts(),
+            "publish_timeouts": self.request_timeouts,
+        }
 
     @property
     def holds_all_state(self) -> bool:
@@ -179,7 +202,9 @@ class LocalBus:
         self._sink = sink
         loop = self._loop = asyncio.get_running_loop()
         self._first = loop.create_future()
-        self._task = loop.create_task(self._run(), name=f"bus-local:{self.socket_path}")
+        self._task = loop.create_task(
+            supervise("link", self._run, self.health), name=f"bus-local:{self.socket_path}"
+        )
         await self._first
 
     def publish(self, updates: Sequence[Update], done: PublishDone) -> None:
@@ -197,7 +222,11 @@ class LocalBus:
             return
         req_id = self._new_id()
         try:
+            bounds.check_updates(updates, self.max_data_bytes)
             frame = wire.publish_request(req_id, updates)
+        except BusError as exc:
+            loop.call_soon(_call, done, exc)
+            return
         except (TypeError, ValueError, OverflowError) as exc:  # not msgpack-encodable
             loop.call_soon(_call, done, BusError(f"cannot encode the publish: {exc}"))
             return
@@ -208,8 +237,28 @@ class LocalBus:
                 BusError(f"publish of {len(frame)} bytes is over the hub's frame limit"),
             )
             return
-        link.pending[req_id] = done
+        self._expect(link, req_id, done)
         link.transport.write(frame)
+
+    def _expect(self, link: _Link, req_id: int, reply: _Reply) -> None:
+        """Wait for the reply to `req_id`, for request_timeout_s at most (rule 4)."""
+        loop = self._loop or asyncio.get_running_loop()
+        timer = loop.call_later(self.request_timeout_s, self._timed_out, link, req_id)
+        link.pending[req_id] = (reply, timer)
+
+    def _timed_out(self, link: _Link, req_id: int) -> None:
+        waiting = link.pending.pop(req_id, None)
+        if waiting is None:
+            return
+        self.request_timeouts += 1
+        _call(
+            waiting[0],
+            BusUnavailable(
+                f"no reply from the hub within bus.publish_timeout_s ({self.request_timeout_s:g} s)"
+            ),
+        )
+        if not link.pending and link.idle is not None and not link.idle.done():
+            link.idle.set_result(None)
 
     async def publish_wait(self, updates: Sequence[Update]) -> list[int]:
         """`publish`, awaited: the positions, or raises `BusUnavailable` / `BusError`."""
@@ -257,8 +306,12 @@ class LocalBus:
                 fut.set_result(result)
 
         req_id = self._new_id()
-        link.pending[req_id] = reply
-        link.transport.write(frame_of(req_id))
+        try:
+            frame = frame_of(req_id)
+        except (TypeError, ValueError, OverflowError) as exc:  # e.g. a lone surrogate
+            raise BusError(f"cannot encode the request: {exc}") from None
+        self._expect(link, req_id, reply)
+        link.transport.write(frame)
         return await fut
 
     async def close(self) -> None:
@@ -302,7 +355,7 @@ class LocalBus:
             if sink is not None:
                 sink.on_bus_floors(wire.floors_of(msg[1]))
         elif tag == "x":
-            self._reply(link, msg[1], BusError(f"the hub refused the request: {msg[2]}: {msg[3]}"))
+            self._reply(link, msg[1], bounds.refused(msg[2], f"the hub refused: {msg[3]}"))
         elif tag == "hello":
             if link.hello_timer is not None:
                 link.hello_timer.cancel()
@@ -322,9 +375,10 @@ class LocalBus:
             raise wire.WireError(f"unknown message tag {tag!r} from the hub")
 
     def _reply(self, link: _Link, req_id: int, result: Any) -> None:
-        callback = link.pending.pop(req_id, None)
-        if callback is not None:
-            _call(callback, result)
+        waiting = link.pending.pop(req_id, None)
+        if waiting is not None:
+            waiting[1].cancel()
+            _call(waiting[0], result)
         if not link.pending and link.idle is not None and not link.idle.done():
             link.idle.set_result(None)
 
@@ -336,7 +390,8 @@ class LocalBus:
         if self._current is link:
             self._current = None
         pending, link.pending = link.pending, {}
-        for callback in pending.values():
+        for callback, timer in pending.values():
+            timer.cancel()
             _call(callback, BusUnavailable("the link to the hub was lost"))
         if link.idle is not None and not link.idle.done():
             link.idle.set_result(None)

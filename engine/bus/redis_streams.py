@@ -9,6 +9,9 @@ Layout in Redis (`P` is `bus.redis.prefix`, `N` a shard, `engine.bus.base.shard_
                           events, with the log's IDs; fields k (key), d (data)
     P:{sN}:streams        hash: the shard's stream topics -> their floor (the ID of
                           the newest event no longer retained; "0-0": none)
+    P:{sN}:meta           hash: added (data bytes since the last byte check),
+                          trimmed (the newest entry ID a byte trim removed)
+    P:{sN}:expiry         zset: topics with an idle expiry -> their deadline (ms)
     P:epoch               the epoch (random hex), created by the first client
 
 Every key of a shard shares the hash tag `{sN}`, so a shard lives on one Redis
@@ -68,6 +71,33 @@ Rules:
    a quiet shard has nothing to be behind on. The probe also re-checks the
    epoch and trimming (rule 4/5).
 7. Reconnects use exponential backoff with jitter (`FailureStreak`).
+8. Bounds (`engine/bus/limits.py`): a publish is checked before it is queued
+   (strings encodable as UTF-8, `data` within `max_data_bytes`: a bad value
+   fails its own request, never the publish loop); the key and topic counts
+   are checked by the script, per request (one request refused, the others
+   of the same script call applied). A stream's memory is bounded by
+   `stream_max_bytes` as well as `stream_maxlen`: every `BYTES_CHECKS`-th of
+   the budget published, `trim.lua` measures it (MEMORY USAGE) and removes
+   its oldest entries, recording the newest ID removed (`trimmed`). A reader
+   reads `trimmed` in the same round trip as each XREAD (pipelined, so no
+   command runs in between when data is waiting): `trimmed` above its last
+   ID, with the reply not reaching back to it, means entries it had not read
+   were removed: a sync (rule 4). (On a cluster the two are separate round
+   trips.) Topics with an idle expiry are removed by `expire.lua`, run by the
+   probe for every shard.
+9. Redis out of memory (`maxmemory`, the script is refused up front): the
+   request fails `BusUnavailable` saying so (counted: `oom_refusals`) and the
+   stream taking the most memory is trimmed to half its size at once
+   (`trim.lua` runs even when Redis is full), at most once per
+   `OOM_TRIM_INTERVAL_S`; so a Redis filled by the streams recovers by itself. Filled by state (keys x
+   `data`), it refuses publishes until topics expire or an operator acts:
+   size `maxmemory` by docs/redis.md ("Sizing").
+10. Nothing waits on Redis without a bound: every publish gets a reply or
+   `BusUnavailable` within `publish_timeout_s` (a timer per request), as do
+   snapshots and histories. The publish loop and the link task are
+   supervised (`engine/bus/tasks.py`): a task that raises is restarted with
+   backoff and counted (`task_restarts`); while one is down the client
+   reports itself disconnected, so `/readyz` fails and publishes fail fast.
 
 Not done: lazy per-topic loading (a worker holding only the topics its
 clients subscribe to). It would need, in the worker: `holds_all_state = False`
@@ -98,11 +128,13 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
+from engine.bus import limits as bounds
 from engine.bus.base import (
     BusSink,
     Entry,
+    ExpiryOf,
     History,
     HistoryOf,
     PublishDone,
@@ -110,6 +142,9 @@ from engine.bus.base import (
     Update,
     shard_of,
 )
+from engine.bus.limits import Limits
+from engine.bus.tasks import TaskHealth, supervise
+from engine.codes import ErrorCode
 from engine.config import redact_url
 from engine.errors import BusError, BusUnavailable
 from engine.protocol.codec import format_pos, make_pos
@@ -130,6 +165,12 @@ PIPELINE_REQUESTS: Final = 512  # publish requests per pipeline round trip
 MERGE_UPDATES: Final = 1000  # updates per script call at most (a script blocks Redis while it runs)
 CLOSE_TIMEOUT_S: Final = 1.0
 EPOCH_BYTES: Final = 8
+BYTES_CHECKS: Final = 16  # byte checks per `stream_max_bytes` published (rule 8)
+OOM_TRIM_INTERVAL_S: Final = 0.25  # emergency trims at most this often (rule 9)
+OOM_TRIM_FRACTION: Final = 0.5  # ... down to this share of the stream's memory
+TRIM_KEEP: Final = 1  # a byte trim leaves the newest entry: the head stays known
+EXPIRE_BATCH: Final = 256  # topics one expire.lua call removes at most
+SHARD_CACHE_MAX: Final = 65_536  # topic -> shard answers kept (cleared when full)
 
 _REDIS_DOWN: Final = (RedisError, OSError, asyncio.TimeoutError)
 
@@ -149,12 +190,23 @@ def _no_streams(topic: str) -> int | None:
     return None  # without rules, every topic is a state topic
 
 
+def _no_expiry(topic: str) -> float:
+    return 0.0
+
+
+def _text(raw: bytes) -> str:
+    """A topic or key read from Redis. Never raises: bytes that are not UTF-8
+    (written by something else than this client, which checks) become U+FFFD,
+    so one bad value cannot stop a reader, which would load it again forever."""
+    return raw.decode("utf-8", "replace")
+
+
 def parse_events(rows: Sequence[Any]) -> list[tuple[int, str, bytes]]:
     """History stream rows `[id, [field, value, ...]]` as (pos, key, data)."""
     out = []
     for sid, fields in rows:
         values = dict(zip(fields[0::2], fields[1::2], strict=True))
-        out.append((pos_of(sid), values[b"k"].decode(), values[b"d"]))
+        out.append((pos_of(sid), _text(values[b"k"]), values[b"d"]))
     return out
 
 
@@ -163,7 +215,7 @@ def parse_state(raw: dict[bytes, bytes]) -> list[tuple[str, int, bytes]]:
     items = []
     for field, value in raw.items():
         sid, _, data = value.partition(b" ")
-        items.append((field.decode(), pos_of(sid), data))
+        items.append((_text(field), pos_of(sid), data))
     items.sort(key=lambda item: item[1])
     return items
 
@@ -172,17 +224,30 @@ class _Resync(Exception):
     """The probe found the epoch changed or a stream trimmed past us: sync again."""
 
 
-# shard, per-update keys (state hash or history stream), ARGV quadruples, indices
+# shard, per-update keys (state hash or history stream), ARGV quintuples, indices
 _Call = tuple[int, list[str], list[Any], list[int]]
 
 
 class _Request:
-    __slots__ = ("calls", "done", "results")
+    """One publish waiting for Redis. Settled once: by its reply, a failure, or its timer."""
+
+    __slots__ = ("calls", "done", "results", "settled", "timer")
 
     def __init__(self, calls: list[_Call], done: PublishDone):
         self.calls = calls  # per shard: its updates' state keys, ARGV and indices in the request
         self.done = done
         self.results: list[int] = [0] * sum(len(c[3]) for c in calls)
+        self.settled = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def settle(self, result: Sequence[int] | BusError) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        _call(self.done, result)
 
 
 class RedisBus:
@@ -209,6 +274,10 @@ class RedisBus:
         password: str | None = None,
         tls_ca_file: str = "",
         history_of: HistoryOf | None = None,
+        limits: Limits | None = None,
+        stream_max_bytes: int = 0,
+        publish_timeout_s: float = COMMAND_TIMEOUT_S,
+        expiry_of: ExpiryOf | None = None,
     ) -> None:
         self.url = url
         # What logs and task names show: a password in the URL never (redact_url).
@@ -229,19 +298,46 @@ class RedisBus:
         self.want_entries = want_entries
         self.block_ms = block_ms
         self.probe_interval_s = probe_interval_s
+        self.limits = limits or Limits()
+        self.stream_max_bytes = stream_max_bytes
+        self.publish_timeout_s = publish_timeout_s
+        self._expiry_of = expiry_of or _no_expiry
+        self._expires = expiry_of is not None  # the probe runs expire.lua (rule 8)
+        self._topics_per_shard = self.limits.topics_per_shard(shards)
+        self._script_head = [
+            stream_maxlen,
+            self.limits.max_keys_per_topic,
+            self._topics_per_shard,
+            stream_max_bytes,
+            max(1, stream_max_bytes // BYTES_CHECKS),
+        ]
+        self.health = TaskHealth()
+        self.oom_refusals = 0  # publishes Redis refused for maxmemory (rule 9)
+        self.publish_timeouts = 0  # requests that got no reply within publish_timeout_s
+        self.byte_trims = 0  # entries removed by byte trims (rule 8)
+        self.topics_expired = 0  # topics removed by expire.lua calls of this client
+        self._oom_trimmed = -OOM_TRIM_INTERVAL_S  # loop time of the last emergency trim
+        self._trim_due: set[int] = set()  # shards whose byte check is due
+        self._sending: list[_Request] = []  # the batch the publish loop sent last
         self._streak = FailureStreak(backoff, stable_s=STABLE_LINK_S)
         self._epoch_key = f"{prefix}:epoch"
         self._logs = [f"{prefix}:{{s{s}}}:log" for s in range(shards)]
         self._shard_of_log = {name.encode(): s for s, name in enumerate(self._logs)}
         self._topic_sets = [f"{prefix}:{{s{s}}}:topics" for s in range(shards)]
         self._floors = [f"{prefix}:{{s{s}}}:streams" for s in range(shards)]
+        self._metas = [f"{prefix}:{{s{s}}}:meta" for s in range(shards)]
+        self._expiries = [f"{prefix}:{{s{s}}}:expiry" for s in range(shards)]
         self._history_of = history_of or _no_streams
         self._publish_src = _script("publish.lua")
         self._epoch_src = _script("epoch.lua")
         self._history_src = _script("history.lua")
+        self._trim_src = _script("trim.lua")
+        self._expire_src = _script("expire.lua")
         self._publish_sha = ""
         self._epoch_sha = ""
         self._history_sha = ""
+        self._trim_sha = ""
+        self._expire_sha = ""
         self._shard_cache: dict[str, int] = {}
         self._sink: BusSink | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -274,11 +370,22 @@ class RedisBus:
 
     @property
     def connected(self) -> bool:
-        return self._connected
+        """Linked to Redis, and no background task down (rule 10)."""
+        return self._connected and not self.health.down
 
     @property
     def holds_all_state(self) -> bool:
         return True
+
+    def bus_stats(self) -> dict[str, int]:
+        """Counters of this client's failure modes (rules 8-10), for metrics."""
+        return {
+            "task_restarts": self.health.total_restarts(),
+            "publish_timeouts": self.publish_timeouts,
+            "oom_refusals": self.oom_refusals,
+            "byte_trims": self.byte_trims,
+            "topics_expired": self.topics_expired,
+        }
 
     def lag_ms(self) -> float | None:
         """The worst shard's lag (rule 6); None while disconnected."""
@@ -324,14 +431,20 @@ class RedisBus:
         self._cmd = self._client(COMMAND_TIMEOUT_S)
         self._reader = self._client(None)
         self._first = loop.create_future()
-        self._publisher = loop.create_task(self._publish_loop(), name="bus-redis-publish")
-        self._task = loop.create_task(self._run(), name=f"bus-redis:{self.shown_url}")
+        health = self.health
+        self._publisher = loop.create_task(
+            supervise("publisher", self._publish_loop, health), name="bus-redis-publish"
+        )
+        self._task = loop.create_task(
+            supervise("link", self._run, health), name=f"bus-redis:{self.shown_url}"
+        )
         await self._first
 
     def publish(self, updates: Sequence[Update], done: PublishDone) -> None:
-        """Queue a publish; `done` gets its positions or a `BusError` later (rules 1-2)."""
+        """Queue a publish; `done` gets its positions or a `BusError` later
+        (rules 1-2, 8-10), within `publish_timeout_s`."""
         loop = self._loop or asyncio.get_running_loop()
-        if not self._connected or self._closed:
+        if not self.connected or self._closed:
             loop.call_soon(_call, done, BusUnavailable("not connected to Redis"))
             return
         if len(self._queue) >= MAX_QUEUED:
@@ -347,8 +460,23 @@ class RedisBus:
         if not calls:
             loop.call_soon(_call, done, [])
             return
-        self._queue.append(_Request(calls, done))
+        req = _Request(calls, done)
+        req.timer = loop.call_later(self.publish_timeout_s, self._expire_request, req)
+        self._queue.append(req)
         self._wake.set()
+
+    def _expire_request(self, req: _Request) -> None:
+        """Its timer: no reply within publish_timeout_s (rule 10). It may
+        still be applied later if it was sent (like a reply lost with the link)."""
+        req.timer = None
+        if not req.settled:
+            self.publish_timeouts += 1
+            req.settle(
+                BusUnavailable(
+                    "no reply from Redis within bus.publish_timeout_s"
+                    f" ({self.publish_timeout_s:g} s)"
+                )
+            )
 
     async def publish_wait(self, updates: Sequence[Update]) -> list[int]:
         """`publish`, awaited: the positions, or raises `BusUnavailable` / `BusError`."""
@@ -367,10 +495,11 @@ class RedisBus:
 
     async def snapshot(self, topic: str) -> Snapshot:
         """The topic's latest state from its hash (deleted keys included with data NIL)."""
-        if not self._connected or self._closed or self._epoch is None:
+        if not self.connected or self._closed or self._epoch is None:
             raise BusUnavailable("not connected to Redis")
+        key = self._state_key(topic, self._shard(topic))
         try:
-            raw = await self._cmd.hgetall(self._state_key(topic, self._shard(topic)))
+            raw = await asyncio.wait_for(self._cmd.hgetall(key), self.publish_timeout_s)
         except _REDIS_DOWN as exc:
             raise BusUnavailable(f"Redis: {exc}") from exc
         items = parse_state(raw)
@@ -382,18 +511,14 @@ class RedisBus:
             raise ValueError(f"limit must be >= 0 or None, got {limit}")
         if self._history_of(topic) is None:
             raise BusError(f"{topic!r} is not a stream topic")
-        if not self._connected or self._closed or self._epoch is None:
+        if not self.connected or self._closed or self._epoch is None:
             raise BusUnavailable("not connected to Redis")
         epoch = self._epoch
         count = 0 if limit is None else limit + 1  # one more: tells whether `limit` cut
         shard = self._shard(topic)
         args = (2, self._hist_key(topic, shard), self._floors[shard], topic, format_pos(since))
         try:
-            try:
-                reply = await self._cmd.evalsha(self._history_sha, *args, "+", count)
-            except NoScriptError:
-                self._history_sha = await self._cmd.script_load(self._history_src)
-                reply = await self._cmd.evalsha(self._history_sha, *args, "+", count)
+            reply = await asyncio.wait_for(self._history_call(args, count), self.publish_timeout_s)
         except _REDIS_DOWN as exc:
             raise BusUnavailable(f"Redis: {exc}") from exc
         floor = pos_of(reply[0]) if reply[0] else 0
@@ -406,6 +531,13 @@ class RedisBus:
             complete = False
         return History(epoch, events, complete)
 
+    async def _history_call(self, args: tuple[Any, ...], count: int) -> Any:
+        try:
+            return await self._cmd.evalsha(self._history_sha, *args, "+", count)
+        except NoScriptError:
+            self._history_sha = await self._cmd.script_load(self._history_src)
+            return await self._cmd.evalsha(self._history_sha, *args, "+", count)
+
     async def close(self) -> None:
         """Refuse new publishes, send those queued (bounded wait), disconnect."""
         if self._closed:
@@ -416,6 +548,8 @@ class RedisBus:
         while self._queue and self._connected and loop.time() < deadline:
             await asyncio.sleep(0.005)
         await _stop([t for t in (self._task, self._publisher) if t is not None])
+        for req in self._sending:
+            req.settle(BusUnavailable("the bus client was closed"))
         self._fail_queued("the bus client was closed")
         self._set_down()
         for client in (self._cmd, self._reader):
@@ -480,6 +614,8 @@ class RedisBus:
         self._publish_sha = await cmd.script_load(self._publish_src)
         self._epoch_sha = await cmd.script_load(self._epoch_src)
         self._history_sha = await cmd.script_load(self._history_src)
+        self._trim_sha = await cmd.script_load(self._trim_src)
+        self._expire_sha = await cmd.script_load(self._expire_src)
         epoch = await self._epoch_call("")
         reads = self._reads_entries()
         heads: list[int | None] = []
@@ -590,8 +726,8 @@ class RedisBus:
         """Every key of the shard's state topics and every retained event of its
         stream topics at a position <= `head`, oldest first, and the stream
         topics' floors (rule 4)."""
-        topics = sorted(t.decode() for t in await self._cmd.smembers(self._topic_sets[shard]))
-        streams = sorted(t.decode() for t in await self._cmd.hkeys(self._floors[shard]))
+        topics = sorted(_text(t) for t in await self._cmd.smembers(self._topic_sets[shard]))
+        streams = sorted(_text(t) for t in await self._cmd.hkeys(self._floors[shard]))
         out: list[Entry] = []
         floors: list[tuple[str, int]] = []
         upto = format_pos(head)
@@ -654,7 +790,6 @@ class RedisBus:
     async def _read(self, group: int, shards: list[int]) -> None:
         """Rule 3: XREAD BLOCK the group's shards from their last IDs, forever."""
         loop = asyncio.get_running_loop()
-        reader = self._reader
         sink = self._sink
         assert sink is not None
         last = self._last
@@ -666,10 +801,9 @@ class RedisBus:
         while True:
             streams = {self._logs[s]: format_pos(last[s] or 0) for s in shards}
             self._read_sent[group] = loop.time()
-            reply = await asyncio.wait_for(
-                reader.xread(streams, count=count, block=self.block_ms), timeout
-            )
+            reply, trims = await asyncio.wait_for(self._xread(streams, count, shards), timeout)
             del self._read_sent[group]  # not waiting on Redis while handling the reply
+            self._check_byte_trims(shards, reply, trims)
             if not reply:
                 continue
             full = [of_log[name] for name, items in reply if len(items) >= count]
@@ -680,11 +814,48 @@ class RedisBus:
                 s = of_log[name]
                 for sid, fields in items:
                     entries.append(
-                        (fields[b"t"].decode(), fields[b"k"].decode(), pos_of(sid), fields[b"d"])
+                        (_text(fields[b"t"]), _text(fields[b"k"]), pos_of(sid), fields[b"d"])
                     )
                 last[s] = entries[-1][2]
             self._last_entry_at = loop.time()
             sink.on_bus_entries(entries)
+
+    async def _xread(
+        self, streams: dict[str, str], count: int, shards: list[int]
+    ) -> tuple[Any, list[Any]]:
+        """XREAD BLOCK, then each shard's `trimmed` (rule 8): one pipelined
+        round trip (two on a cluster)."""
+        reader = self._reader
+        metas = [self._metas[s] for s in shards]
+        if self.cluster:
+            reply = await reader.xread(streams, count=count, block=self.block_ms)
+            return reply, [await reader.hget(m, "trimmed") for m in metas]
+        pipe = reader.pipeline(transaction=False)
+        pipe.xread(streams, count=count, block=self.block_ms)
+        for m in metas:
+            pipe.hget(m, "trimmed")
+        reply, *trims = await pipe.execute()
+        return reply, trims
+
+    def _check_byte_trims(self, shards: list[int], reply: Any, trims: list[Any]) -> None:
+        """Raise `_Resync` before delivering a reply when a byte trim removed
+        entries of a shard this reader had not read (rule 8): the newest ID
+        removed is above the last ID read, and the reply does not reach back
+        to it (had it, the trim came after the read, and the next read checks)."""
+        firsts: dict[int, int] | None = None
+        for s, trimmed in zip(shards, trims, strict=True):
+            if trimmed is None:
+                continue
+            cut = pos_of(trimmed)
+            if cut <= (self._last[s] or 0):
+                continue
+            if firsts is None:
+                firsts = {
+                    self._shard_of_log[name]: pos_of(items[0][0]) for name, items in reply or ()
+                }
+            first = firsts.get(s)
+            if first is None or first > cut:
+                raise _Resync(f"shard {s}: entries not read yet were trimmed (stream_max_bytes)")
 
     async def _check_trimmed(self, shards: list[int]) -> None:
         """Raise `_Resync` (before anything of the reply is delivered) when a
@@ -711,7 +882,8 @@ class RedisBus:
             del self._read_sent[0]
 
     async def _probe(self) -> None:
-        """Rule 6: once per `probe_interval_s`, the epoch, and heads for the lag."""
+        """Rule 6: once per `probe_interval_s`, the epoch, and heads for the
+        lag; and the idle topics' expiry (rule 8)."""
         loop = asyncio.get_running_loop()
         reads = self._reads_entries()
         while True:
@@ -719,6 +891,8 @@ class RedisBus:
             epoch = await self._cmd.get(self._epoch_key)
             if epoch is None or epoch.decode() != self._epoch:
                 raise _Resync("the epoch in Redis changed")
+            if self._expires:
+                await self._expire_topics()
             if not reads:
                 continue
             heads, firsts = await self._heads_and_firsts()
@@ -741,6 +915,26 @@ class RedisBus:
                 if head > last and (not unread or unread[-1][0] < head):
                     unread.append((head, now))
 
+    async def _expire_topics(self) -> None:
+        """Remove every shard's topics idle past their deadline (expire.lua)."""
+        commands = [
+            (
+                "EVALSHA",
+                self._expire_sha,
+                3,
+                self._expiries[s],
+                self._topic_sets[s],
+                self._floors[s],
+                f"{self.prefix}:{{s{s}}}:",
+                EXPIRE_BATCH,
+            )
+            for s in range(self.shards)
+        ]
+        for s, gone in enumerate(await self._many(commands)):
+            if gone:
+                self.topics_expired += len(gone)
+                log.info("bus: %d idle topic(s) of shard %d expired", len(gone), s)
+
     def _set_down(self) -> None:
         was = self._connected
         self._connected = False
@@ -762,6 +956,8 @@ class RedisBus:
     def _shard(self, topic: str) -> int:
         s = self._shard_cache.get(topic)
         if s is None:
+            if len(self._shard_cache) >= SHARD_CACHE_MAX:  # names come from clients
+                self._shard_cache.clear()
             s = self._shard_cache[topic] = shard_of(topic, self.shards)
         return s
 
@@ -772,15 +968,13 @@ class RedisBus:
         return f"{self.prefix}:{{s{shard}}}:hist:{topic}"
 
     def _calls(self, updates: Sequence[Update]) -> list[_Call]:
-        """Group a request's updates by shard (order kept); refuse what is not
-        bytes, and an empty key for a state topic."""
+        """Group a request's updates by shard (order kept); refuse what breaks
+        rule 1 of engine/bus/limits.py, and an empty key for a state topic."""
+        bounds.check_updates(updates, self.limits.max_data_bytes)
         by_shard: dict[int, _Call] = {}
         history_of = self._history_of
+        expiry_of = self._expiry_of
         for i, u in enumerate(updates):
-            if not isinstance(u.data, bytes | bytearray) or not u.data:
-                raise BusError(f"update {i}: data must be msgpack bytes, got {type(u.data)!r}")
-            if not isinstance(u.topic, str) or not isinstance(u.key, str):
-                raise BusError(f"update {i}: topic and key must be strings")
             history = history_of(u.topic)
             if history is None and not u.key:
                 raise BusError(f"update {i}: a state topic's key must not be empty")
@@ -788,16 +982,19 @@ class RedisBus:
             call = by_shard.get(s)
             if call is None:
                 call = by_shard[s] = (s, [], [], [])
+            expiry_ms = round(expiry_of(u.topic) * 1000)
             if history is None:
                 call[1].append(self._state_key(u.topic, s))
-                call[2].extend((u.topic, u.key, bytes(u.data), -1))
+                call[2].extend((u.topic, u.key, bytes(u.data), -1, expiry_ms))
             else:
                 call[1].append(self._hist_key(u.topic, s))
-                call[2].extend((u.topic, u.key, bytes(u.data), history))
+                call[2].extend((u.topic, u.key, bytes(u.data), history, expiry_ms))
             call[3].append(i)
         return list(by_shard.values())
 
     async def _publish_loop(self) -> None:
+        """Send queued requests, batch by batch (rule 1). An error in one batch
+        fails that batch's requests only (rule 8); the loop goes on."""
         queue = self._queue
         while True:
             await self._wake.wait()
@@ -807,46 +1004,66 @@ class RedisBus:
                     self._fail_queued("not connected to Redis")
                     break
                 batch = [queue.popleft() for _ in range(min(PIPELINE_REQUESTS, len(queue)))]
+                batch = [req for req in batch if not req.settled]  # timed out while queued
+                if not batch:
+                    continue
+                self._sending = batch  # settled by close() if cancelled meanwhile
                 try:
                     await self._send(batch)
                 except _REDIS_DOWN as exc:
                     for req in batch:
-                        _call(req.done, BusUnavailable(f"Redis: {exc}"))
+                        req.settle(BusUnavailable(f"Redis: {exc}"))
                     self._fail_queued(f"Redis: {exc}")
                     if self._trouble is not None and not self._trouble.done():
                         self._trouble.set_exception(exc)
                     break
+                except Exception as exc:  # a bug or a value Redis' client cannot send
+                    log.exception("bus: a publish batch failed; its requests are refused")
+                    for req in batch:
+                        req.settle(BusError(f"the publish failed: {type(exc).__name__}: {exc}"))
+                if self._trim_due:
+                    await self._trim_shards()
 
-    async def _send(self, batch: list[_Request]) -> None:
-        """Send the batch: one script call per shard for consecutive requests (up
-        to MERGE_UPDATES updates each), in one pipeline round trip, or one call
-        at a time on a cluster. Per shard, calls keep the requests' order."""
-        merged: list[tuple[list[str], list[Any], list[tuple[_Request, int]]]] = []
+    def _merge(
+        self, batch: list[_Request]
+    ) -> list[tuple[int, list[str], list[Any], list[tuple[_Request, list[int]]]]]:
+        """Script calls for `batch`: per shard, consecutive requests share a
+        call (up to MERGE_UPDATES updates), each request its own segment of
+        ARGV (checked and applied whole by the script). Order kept per shard."""
+        merged: list[tuple[int, list[str], list[Any], list[tuple[_Request, list[int]]]]] = []
         current: dict[int, int] = {}  # shard -> its call being filled in `merged`
         for req in batch:
             for shard, state_keys, argv, indices in req.calls:
                 m = current.get(shard)
-                if m is None or len(merged[m][2]) + len(indices) > MERGE_UPDATES:
+                if m is None or len(merged[m][1]) - 5 + len(indices) > MERGE_UPDATES:
                     m = current[shard] = len(merged)
-                    merged.append(
-                        (
-                            [self._logs[shard], self._topic_sets[shard], self._floors[shard]],
-                            [self.stream_maxlen],
-                            [],
-                        )
-                    )
-                keys, args, owners = merged[m]
+                    keys = [
+                        self._logs[shard],
+                        self._topic_sets[shard],
+                        self._floors[shard],
+                        self._metas[shard],
+                        self._expiries[shard],
+                    ]
+                    merged.append((shard, keys, list(self._script_head), []))
+                _, keys, args, segments = merged[m]
                 keys.extend(state_keys)
+                args.append(len(indices))
                 args.extend(argv)
-                owners.extend((req, i) for i in indices)
+                segments.append((req, indices))
+        return merged
+
+    async def _send(self, batch: list[_Request]) -> None:
+        """Send the batch: the script calls of `_merge`, in one pipeline round
+        trip, or one call at a time on a cluster; then settle every request."""
+        merged = self._merge(batch)
         sha = self._publish_sha
         replies: list[Any]
         if self.cluster:
             replies = []
-            for keys, args, _ in merged:
+            for _, keys, args, _ in merged:
                 try:
                     replies.append(await self._cmd.evalsha(sha, len(keys), *keys, *args))
-                except ResponseError as exc:  # NOSCRIPT included: that call did not run
+                except ResponseError as exc:  # NOSCRIPT and OOM included: that call did not run
                     replies.append(exc)
                 except _REDIS_DOWN as exc:  # the calls before it were published: say so
                     down = RedisConnectionError(f"Redis: {exc}")
@@ -856,32 +1073,101 @@ class RedisBus:
                     break
         else:
             pipe = self._cmd.pipeline(transaction=False)
-            for keys, args, _ in merged:
+            for _, keys, args, _ in merged:
                 pipe.evalsha(sha, len(keys), *keys, *args)
             replies = await pipe.execute(raise_on_error=False)
         failed: dict[int, BusError] = {}
-        for (_, _, owners), reply in zip(merged, replies, strict=True):
+        for (shard, _, _, segments), reply in zip(merged, replies, strict=True):
             if isinstance(reply, Exception):
-                if isinstance(reply, RedisConnectionError):  # BusyLoadingError: Redis is starting
-                    err: BusError = BusUnavailable(f"Redis: {reply}")
-                elif isinstance(reply, NoScriptError | ResponseError) and "NOSCRIPT" in str(reply):
-                    err = BusUnavailable("Redis lost the publish script; reconnecting")
-                    if self._trouble is not None and not self._trouble.done():
-                        self._trouble.set_exception(RedisError("NOSCRIPT"))
-                else:
-                    err = BusError(f"Redis refused the publish: {reply}")
-                for req, _ in owners:
+                err = self._call_error(shard, reply)
+                for req, _ in segments:
                     failed.setdefault(id(req), err)
                 continue
-            for (req, i), sid in zip(owners, reply, strict=True):
-                req.results[i] = pos_of(sid)
+            if reply[-1] == 1:
+                self._trim_due.add(shard)
+            for (req, indices), ids in zip(segments, reply, strict=False):
+                if ids and ids[0] == b"!":
+                    _, code, topic, key = (x.decode(errors="replace") for x in ids)
+                    failed.setdefault(id(req), self._refusal(code, topic, key))
+                    continue
+                for i, sid in zip(indices, ids, strict=True):
+                    req.results[i] = pos_of(sid)
         for req in batch:
             err_ = failed.get(id(req))
-            _call(req.done, err_ if err_ is not None else req.results)
+            req.settle(err_ if err_ is not None else req.results)
+
+    def _call_error(self, shard: int, reply: Exception) -> BusError:
+        """What a script call's error means for its requests (rules 1, 9)."""
+        if isinstance(reply, RedisConnectionError):  # BusyLoadingError: Redis is starting
+            return BusUnavailable(f"Redis: {reply}")
+        if isinstance(reply, OutOfMemoryError) or str(reply).startswith("OOM"):
+            self.oom_refusals += 1
+            self._trim_due.add(-1)  # an emergency trim (rule 9)
+            return BusUnavailable(
+                "Redis is out of memory (maxmemory): nothing was published; trimming"
+                f" shard {shard}'s stream (size maxmemory by docs/redis.md, Sizing)"
+            )
+        if isinstance(reply, NoScriptError | ResponseError) and "NOSCRIPT" in str(reply):
+            if self._trouble is not None and not self._trouble.done():
+                self._trouble.set_exception(RedisError("NOSCRIPT"))
+            return BusUnavailable("Redis lost the publish script; reconnecting")
+        return BusError(f"Redis refused the publish: {reply}")
+
+    def _refusal(self, code: str, topic: str, key: str) -> BusError:
+        if code == ErrorCode.TOO_MANY_KEYS:
+            return bounds.too_many_keys(topic, key, self.limits.max_keys_per_topic)
+        if code == ErrorCode.TOO_MANY_TOPICS:
+            return bounds.too_many_topics(topic, self._topics_per_shard)
+        return BusError(f"Redis refused the publish of {topic!r}: {code}")
+
+    async def _trim_shards(self) -> None:
+        """Run trim.lua for the shards whose byte check is due (rule 8); after a
+        maxmemory refusal (rule 9), at most once per OOM_TRIM_INTERVAL_S, for
+        the shard whose stream takes the most memory, down to OOM_TRIM_FRACTION
+        of it."""
+        due, self._trim_due = self._trim_due, set()
+        targets: dict[int, int] = {}  # shard -> budget
+        if self.stream_max_bytes > 0:
+            targets.update((s, self.stream_max_bytes) for s in due if s >= 0)
+        if -1 in due:
+            now = asyncio.get_running_loop().time()
+            if now - self._oom_trimmed >= OOM_TRIM_INTERVAL_S:
+                self._oom_trimmed = now
+                try:
+                    usages = await self._many(
+                        [("MEMORY", "USAGE", log, "SAMPLES", 0) for log in self._logs]
+                    )
+                except Exception as exc:
+                    log.warning("bus: measuring the streams failed: %s", exc)
+                    usages = []
+                sizes = [int(u or 0) for u in usages]
+                if sizes and max(sizes) > 0:
+                    shard = sizes.index(max(sizes))
+                    targets[shard] = min(
+                        int(sizes[shard] * OOM_TRIM_FRACTION),
+                        targets.get(shard, sizes[shard]),
+                    )
+        for shard, target in sorted(targets.items()):
+            try:
+                removed, before = await self._cmd.evalsha(
+                    self._trim_sha, 2, self._logs[shard], self._metas[shard], target, TRIM_KEEP
+                )
+            except Exception as exc:  # the next check or refusal tries again
+                log.warning("bus: trimming shard %d's stream failed: %s", shard, exc)
+                continue
+            if removed:
+                self.byte_trims += int(removed)
+                log.info(
+                    "bus: trimmed %d entries of shard %d's stream (%d bytes, budget %d)",
+                    removed,
+                    shard,
+                    before,
+                    target,
+                )
 
     def _fail_queued(self, why: str) -> None:
         while self._queue:
-            _call(self._queue.popleft().done, BusUnavailable(why))
+            self._queue.popleft().settle(BusUnavailable(why))
 
 
 async def _stop(tasks: Sequence[asyncio.Future[Any]]) -> None:

@@ -91,9 +91,11 @@ ENGINE_DEPS: dict[str, tuple[str, ...]] = {
     "engine/supervisor/backoff.py": (*_BASE, "engine.config"),
     "engine/bus/base.py": (*_BASE, "engine.protocol"),
     "engine/bus/wire.py": (*_BASE, "engine.protocol", "engine.bus.base"),
+    "engine/bus/limits.py": (*_BASE, "engine.protocol", "engine.bus.base"),
     "engine/bus/hubcore.py": (
         *_PROTOCOL,
         "engine.bus.base",
+        "engine.bus.limits",
         "engine.bus.wire",
         "engine.config",
     ),
@@ -195,6 +197,7 @@ def pure_files() -> list[Path]:
         "supervisor/backoff.py",
         "bus/base.py",
         "bus/wire.py",
+        "bus/limits.py",
         "bus/hubcore.py",
     ):
         files.append(ENGINE / name)
