@@ -557,6 +557,19 @@ async def test_an_error_in_the_clients_own_send_path_is_raised_not_retried(
     assert isinstance(client.last_error, UnicodeEncodeError)
     assert engine.worker.connects - before == 1  # and "closed" makes no more attempts
 
+    # a caller that started the client in the background sees it too
+    other = connect(engine.url, token="\ud800", policy=ReconnectPolicy(base_ms=50, max_ms=400))
+    changes = other.changes()
+    other.start()
+    with pytest.raises(UnicodeEncodeError):
+        await other.subscribe(["c.t"])
+    with pytest.raises(UnicodeEncodeError):
+        await anext(changes)
+    with pytest.raises(UnicodeEncodeError):
+        await other.wait_connected(1.0)
+    await other.close()
+    assert engine.worker.connects - before == 2
+
 
 async def test_a_token_of_the_wrong_type_is_a_type_error_at_once() -> None:
     from tests.support.serve import free_port
