@@ -314,13 +314,17 @@ def plan_request(
     if path not in POST_PATHS:
         return Plan(path)
     if not api_key and not bind_is_loopback(bind_host):
+        where = (
+            f"set the environment variable {api_key_env} (auth.api_key_env)"
+            if api_key_env
+            else "set auth.api_key_env to an environment variable holding a key"
+        )
         raise HttpError(
             403,
             ErrorCode.FORBIDDEN,
             f"POST {path} is refused: the admin port listens on {bind_host[:60]!r}, beyond"
-            f" loopback, and no API key is set: set the environment variable"
-            f" {api_key_env or 'named by auth.api_key_env'} (auth.api_key_env)"
-            " and send 'Authorization: Bearer <key>'",
+            f" loopback, and no API key is set: {where} and send"
+            " 'Authorization: Bearer <key>'",
         )
     check_api_key(headers.get("authorization"), api_key)
     media = media_kind(headers.get("content-type"))

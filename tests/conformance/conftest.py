@@ -15,7 +15,7 @@ from tests.support.serve import Served
 MAX_MESSAGE_BYTES = 200_000
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped once the package's tests are done
 def served(tmp_path_factory: Any) -> Iterator[Served]:
     s = Served(
         ["--workers", "1"],

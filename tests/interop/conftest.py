@@ -25,7 +25,7 @@ TIMEOUT_MS = int(10_000 * TIMEOUT_FACTOR)
 TOPIC_RULES = [{"pattern": "interop.*.ev", "mode": "stream", "history": 100}]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped once the package's tests are done
 def interop_served(tmp_path_factory: Any) -> Iterator[Served]:
     s = Served(
         ["--workers", "1"],

@@ -383,6 +383,37 @@ def test_posts_beyond_loopback_without_a_key_are_403_naming_the_variable(
     assert plan("POST", path, bind_host="127.0.0.1").path == path
 
 
+def test_the_403_says_what_to_set_when_no_key_variable_is_named() -> None:
+    with pytest.raises(HttpError) as info:
+        plan_request(
+            "POST",
+            "/publish",
+            {"content-type": "application/json"},
+            api_key=None,
+            body_limit=LIMIT,
+            bind_host="0.0.0.0",
+            api_key_env="",
+        )
+    assert info.value.status == 403 and "set auth.api_key_env" in info.value.message
+
+
+def test_admin_allowed_hosts_setting_is_checked_and_read_from_the_environment() -> None:
+    from engine.config import parse_config
+    from engine.errors import ConfigError
+
+    env = {"FANOUT_SERVER_ADMIN_ALLOWED_HOSTS": '["Fanout-Admin", "*.svc.cluster.local", "*"]'}
+    cfg = parse_config({}, env)
+    assert cfg.server.admin_allowed_hosts == ("fanout-admin", "*.svc.cluster.local", "*")
+    for bad in (["a b"], ["http://x"], ["x:8001"], "fanout-admin", [1], ["*.*.x"]):
+        with pytest.raises(ConfigError) as info:
+            parse_config({"server": {"admin_allowed_hosts": bad}}, {})
+        assert info.value.key == "server.admin_allowed_hosts"
+    for key, bad_value in (("admin_idle_timeout_s", 0), ("admin_probe_connections", 0)):
+        with pytest.raises(ConfigError) as info:
+            parse_config({"server": {key: bad_value}}, {})
+        assert info.value.key == f"server.{key}"
+
+
 @pytest.mark.parametrize(
     ("header", "name"),
     [
