@@ -161,7 +161,13 @@ async def test_posts_are_refused_beyond_loopback_without_a_key(exposed: Served) 
 
 @pytest.fixture
 def local(tmp_path: Path) -> Iterator[Served]:
-    s = Served(["--workers", "1"], log_path=str(tmp_path / "serve.log"))
+    # Idle sockets are not closed during the test: the probes must get through
+    # on their own slots, not because the idle timeout freed general ones.
+    s = Served(
+        ["--workers", "1"],
+        env={"FANOUT_SERVER_ADMIN_IDLE_TIMEOUT_S": "3600"},
+        log_path=str(tmp_path / "serve.log"),
+    )
     try:
         s.wait_ready()
         yield s

@@ -418,10 +418,25 @@ async def test_a_slow_client_does_not_block_others(admin: AdminServer) -> None:
         slow_body.close()
 
 
-async def test_connections_over_the_cap_serve_only_probes(admin: AdminServer) -> None:
+@pytest.fixture
+async def patient_admin(
+    cfg: Config, run_dir: str, hub: Hub, bus: Bus
+) -> AsyncIterator[AdminServer]:
+    """An admin server whose idle timeout outlasts any test: idle sockets stay."""
+    cfg = dataclasses.replace(
+        cfg, server=dataclasses.replace(cfg.server, admin_idle_timeout_s=3600)
+    )
+    server = await serve_admin(cfg, run_dir, bus)
+    yield server
+    await server.close()
+
+
+async def test_connections_over_the_cap_serve_only_probes(patient_admin: AdminServer) -> None:
     """Past MAX_CONNECTIONS, a probe connection answers /healthz (issue 11,
     finding 6) and 503 for anything else; past the probe slots too, 503."""
     from engine.admin.server import MAX_CONNECTIONS
+
+    admin = patient_admin
 
     def open_idle(n: int) -> list[socket.socket]:
         return [
@@ -459,7 +474,9 @@ async def test_connections_over_the_cap_serve_only_probes(admin: AdminServer) ->
 async def test_idle_connections_are_closed_after_the_idle_timeout(
     cfg: Config, run_dir: str, hub: Hub, bus: Bus
 ) -> None:
-    cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, admin_idle_timeout_s=0.2))
+    # Long enough that the second client's request, sent right after its
+    # connect, always arrives within it.
+    cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, admin_idle_timeout_s=1.0))
     server = await serve_admin(cfg, run_dir, bus)
     try:
 
