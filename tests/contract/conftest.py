@@ -175,3 +175,56 @@ async def bus_env(bus_backend: str, run_dir: str) -> AsyncIterator[BusEnv]:
         yield env
     finally:
         await env.close()
+
+
+class Stall:
+    """Makes the bus of a `BusEnv` stop answering publishes (its link stays up):
+    Redis pauses its write commands (CLIENT PAUSE WRITE); the hub drops
+    publish requests. `release` ends it."""
+
+    def __init__(self, env: BusEnv) -> None:
+        self.env = env
+        self._restore: Callable[[], Any] | None = None
+
+    async def start(self) -> None:
+        env = self.env
+        if env.backend == "redis":
+            assert env.redis is not None
+            from redis.asyncio import Redis
+
+            client = Redis.from_url(env.redis.url)
+            try:
+                await client.execute_command("CLIENT", "PAUSE", int(WAIT_S * 1000), "WRITE")
+            finally:
+                await client.aclose()
+
+            async def unpause() -> None:
+                assert env.redis is not None
+                c = Redis.from_url(env.redis.url)
+                try:
+                    await c.execute_command("CLIENT", "UNPAUSE")
+                finally:
+                    await c.aclose()
+
+            self._restore = unpause
+        else:
+            hub = env._hub
+            assert hub is not None
+            receive = hub._receive
+
+            def drop_publishes(conn: Any, msg: Any) -> None:
+                if isinstance(msg, tuple) and msg and msg[0] == "p":
+                    return
+                receive(conn, msg)
+
+            hub._receive = drop_publishes  # type: ignore[method-assign]
+
+            async def restore() -> None:
+                del hub._receive  # the class' method again
+
+            self._restore = restore
+
+    async def release(self) -> None:
+        if self._restore is not None:
+            await self._restore()
+            self._restore = None

@@ -23,8 +23,8 @@ import pytest
 from engine.bus import Update
 from engine.codes import ErrorCode
 from engine.config import TopicRule
-from engine.errors import BusError, BusRefused
-from tests.contract.conftest import WAIT_S, BusEnv, Recorder, until
+from engine.errors import BusError, BusRefused, BusUnavailable
+from tests.contract.conftest import WAIT_S, BusEnv, Recorder, Stall, until
 
 
 def val(x: object) -> bytes:
@@ -162,3 +162,83 @@ async def test_an_idle_topic_expires(bus_env: BusEnv) -> None:
     sink = Recorder()
     await bus_env.client(sink)
     assert {t for (t, _) in sink.state} == {"tmp.d", "keep.c"}
+
+
+# -- no wait without a bound; supervised tasks (finding 3) ------------------------------
+
+
+async def test_a_bus_that_never_answers_gives_unavailable_not_a_hang(bus_env: BusEnv) -> None:
+    limited(bus_env, publish_timeout_s=0.3)
+    sink = Recorder()
+    await bus_env.client(sink)
+    pub = await bus_env.client(want_entries=False)
+    stall = Stall(bus_env)
+    await stall.start()
+    try:
+        answers: dict[int, object] = {}
+        for i in range(5):
+            pub.publish([Update("stall.t", "k", val(i))], lambda r, i=i: answers.__setitem__(i, r))
+        err = await answered(pub.publish_wait([Update("stall.t", "k", val(9))]))
+        assert isinstance(err, BusUnavailable), err
+        assert "publish_timeout_s" in str(err)
+        await until(lambda: len(answers) == 5, "every stalled publish answered")
+        assert all(isinstance(a, BusUnavailable) for a in answers.values()), answers
+    finally:
+        await stall.release()
+    ok = await answered(pub.publish_wait([Update("stall.t", "k", val("after"))]))
+    assert isinstance(ok, list), ok
+    await until(lambda: ("stall.t", ok[0]) in sink.marks(), "the publish after the stall delivered")
+    stats = pub.bus_stats()  # type: ignore[attr-defined]
+    assert stats["publish_timeouts"] >= 6
+
+
+async def test_a_failed_background_task_is_restarted_and_counted(
+    bus_env: BusEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = Recorder()
+    await bus_env.client(sink)
+    pub = await bus_env.client(want_entries=False)
+    crashed = asyncio.Event()
+    if bus_env.backend == "redis":
+        # the publish loop: its wait for work raises once
+        wake = pub._wake  # type: ignore[attr-defined]
+
+        class Boom:
+            async def wait(self) -> None:
+                pub._wake = wake  # type: ignore[attr-defined]
+                crashed.set()
+                raise RuntimeError("injected: the publish loop fails")
+
+            def set(self) -> None:
+                wake.set()
+
+            def clear(self) -> None:
+                wake.clear()
+
+        pub._wake = Boom()  # type: ignore[attr-defined]
+        pub._wake.set()  # type: ignore[attr-defined]
+        name = "publisher"
+    else:
+        # the link task: making its next link raises once
+        import engine.bus.local as local
+
+        link_class = local._Link
+
+        class BoomLink(link_class):  # type: ignore[valid-type, misc]
+            def __init__(self, *args: object) -> None:
+                monkeypatch.setattr(local, "_Link", link_class)
+                crashed.set()
+                raise RuntimeError("injected: the link task fails")
+
+        monkeypatch.setattr(local, "_Link", BoomLink)
+        pub._current.abort()  # type: ignore[attr-defined]
+        name = "link"
+    await asyncio.wait_for(crashed.wait(), WAIT_S)
+    await until(lambda: pub.bus_stats()["task_restarts"] == 1, "the restart counted")  # type: ignore[attr-defined]
+    assert pub.health.restarts == {name: 1}  # type: ignore[attr-defined]
+    await until(lambda: pub.connected, "the client connected again")
+    ok = await answered(pub.publish_wait([Update("crash.t", "k", val(1))]))
+    assert isinstance(ok, list), ok
+    await until(
+        lambda: ("crash.t", ok[0]) in sink.marks(), "the publish after the restart delivered"
+    )

@@ -134,6 +134,45 @@ async def test_a_reader_behind_the_trimming_reloads_the_state(redis: RedisServer
         proxy.close()
 
 
+async def test_a_reader_behind_a_byte_trim_reloads_the_state(redis: RedisServer) -> None:
+    """Byte trims (bus.redis.stream_max_bytes) cut the stream far below
+    stream_maxlen, so the reply after the gap is not full: the reader learns of
+    the gap from the recorded `trimmed` ID, not from a full reply (rule 8)."""
+    proxy = StallProxy(redis.port).start()
+    sink = OrderedRecorder()
+    budget = 64 * 1024
+    reader = RedisBus(proxy.url, shards=1, stream_max_bytes=budget)
+    pub = RedisBus(redis.url, shards=1, stream_max_bytes=budget, want_entries=False)
+    await reader.start(sink)
+    await pub.start(None)
+    try:
+        (first,) = await pub.publish_wait([Update("bytes.t", "first", val("first"))])
+        await until(lambda: ("bytes.t", first) in sink.marks(), "the first entry")
+        proxy.stall()
+        # answers the reader's pending XREAD (the reply waits in the proxy), so
+        # that its next XREAD is sent after the trims below
+        await pub.publish_wait([Update("bytes.t", "wake", val("wake"))])
+        for i in range(300):  # 300 x 2 KB into a 64 KB budget
+            pub.publish([Update("bytes.t", f"k{i}", val("x" * 2000))], lambda r: None)
+        (last,) = await pub.publish_wait([Update("bytes.t", "end", val("end"))])
+        await until(lambda: pub.bus_stats()["byte_trims"] > 200, "the stream trimmed by bytes")
+        await until(lambda: (reader.lag_ms() or 0) > 0, "the stalled reader lags")
+        proxy.resume()
+        await until(lambda: ("bytes.t", "end") in sink.state, "the reader caught up")
+        snap = await pub.snapshot("bytes.t")
+        assert len(snap.items) == 303
+        await until(
+            lambda: sink.topic_state("bytes.t") == {k: (p, d) for k, p, d in snap.items},
+            "the reader's state equals Redis's (every key, those trimmed from the stream too)",
+        )
+        assert sink.state[("bytes.t", "end")] == (last, val("end"))
+        assert sink.below == [], "the reload came before any entry after the gap"
+    finally:
+        await reader.close()
+        await pub.close()
+        proxy.close()
+
+
 async def test_redis_back_with_less_data_is_a_new_epoch(redis: RedisServer) -> None:
     sink = OrderedRecorder()
     # The reader retries after a second: the restarted Redis gets a new entry
