@@ -54,7 +54,16 @@ import msgpack
 
 from engine.bus.base import Update
 from engine.codes import ErrorCode
-from engine.protocol.codec import NIL, format_pos, valid_topic
+from engine.protocol.codec import (
+    MAX_DATA_DEPTH,
+    NIL,
+    data_problem,
+    depth_problem,
+    format_pos,
+    nested_deeper_than,
+    utf8_problem,
+    valid_topic,
+)
 
 JSON_TYPE: Final = "application/json"
 # Media types accepted as msgpack: the registered one and the two in common use.
@@ -428,6 +437,9 @@ def _check_item(fields: Mapping[str, Any], where: str) -> tuple[str, str]:
         raise _bad(f"'{where}key' must be a string, not {_type_name(key)}", topic)
     if "key" in fields and not key:
         raise _bad(f"'{where}key' must not be empty", topic)
+    problem = utf8_problem(key)  # JSON "\ud800": it would fail on the bus, not here
+    if problem is not None:
+        raise _bad(f"'{where}key' {problem}", topic)
     if "data" not in fields:
         raise _bad(f"'{where}data' is required (null deletes the key)", topic)
     return topic, key
@@ -463,7 +475,9 @@ def _parse_json(body: bytes, max_items: int) -> PublishRequest:
     try:
         doc = json.loads(body)
     except RecursionError:
-        raise _bad("undecodable JSON: nested too deeply") from None
+        raise _bad(
+            f"undecodable JSON: nested too deeply ('data' may nest {MAX_DATA_DEPTH} levels)"
+        ) from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad(f"undecodable JSON: {str(exc)[:120]}") from None
     if not isinstance(doc, dict):
@@ -490,8 +504,17 @@ def _json_update(fields: dict[str, Any], where: str) -> Update:
     value = fields["data"]
     if value is None:
         return Update(topic, key, NIL)
+    if nested_deeper_than(value, MAX_DATA_DEPTH):
+        raise _bad(f"'{where}data' {depth_problem()}", topic)
     try:
         data = msgpack.packb(value, use_bin_type=True)
+    except UnicodeEncodeError as exc:  # a lone surrogate, in a string or an object key
+        bad = f"U+{ord(exc.object[exc.start]):04X}"
+        raise _bad(
+            f"'{where}data' holds a string that is not valid UTF-8 (a lone surrogate, {bad},"
+            " as JSON.stringify writes for half an emoji)",
+            topic,
+        ) from None
     except (OverflowError, ValueError, TypeError) as exc:
         raise _bad(f"'{where}data' cannot be encoded as msgpack: {exc}", topic) from None
     return Update(topic, key, data)
@@ -557,7 +580,10 @@ def _read_msgpack_fields(
     data: bytes | None = None
     items: list[Update] | None = None
     for _ in range(unpacker.read_map_header()):
-        name = unpacker.unpack()
+        try:
+            name = unpacker.unpack()
+        except UnicodeDecodeError:
+            raise _bad(f"a field name in '{where or 'body'}' is not valid UTF-8") from None
         if not isinstance(name, str):
             raise _bad(
                 f"field names must be strings, found {_type_name(name)} in '{where or 'body'}'"
@@ -573,7 +599,10 @@ def _read_msgpack_fields(
                 raise _bad("field 'items' appears twice")
             items = _read_msgpack_items(unpacker, body, max_items)
         else:
-            fields[name] = unpacker.unpack()
+            try:
+                fields[name] = unpacker.unpack()
+            except UnicodeDecodeError:
+                raise _bad(f"'{where}{name[:60]}' is not valid UTF-8") from None
     return fields, data, items
 
 
@@ -597,6 +626,9 @@ def _msgpack_update(fields: dict[str, Any], data: bytes | None, where: str) -> U
         fields = {**fields, "data": None}  # presence only: the bytes are kept apart
     topic, key = _check_item(fields, where)
     assert data is not None  # _check_item refused a missing 'data'
+    problem = data_problem(data)  # sliced, never decoded so far: UTF-8 and nesting
+    if problem is not None:
+        raise _bad(f"'{where}data' {problem}", topic)
     return Update(topic, key, data)
 
 

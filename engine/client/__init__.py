@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         CONNECTING,
         UNAUTHORIZED,
         WAITING,
+        BadValue,
         Client,
         Counters,
         SubscribeError,
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     )
     from engine.client.publisher import BusPublisher, Publisher, PublishError
     from engine.client.state import Change, ReconnectPolicy, StateView, TopicView
+    from engine.protocol.codec import Undecodable
 
 _WHERE = {
     **dict.fromkeys(
@@ -41,6 +43,7 @@ _WHERE = {
             "CONNECTING",
             "UNAUTHORIZED",
             "WAITING",
+            "BadValue",
             "Client",
             "Counters",
             "SubscribeError",
@@ -51,6 +54,7 @@ _WHERE = {
     ),
     **dict.fromkeys(("BusPublisher", "Publisher", "PublishError"), "engine.client.publisher"),
     **dict.fromkeys(("Change", "ReconnectPolicy", "StateView", "TopicView"), "engine.client.state"),
+    "Undecodable": "engine.protocol.codec",
 }
 
 __all__ = [
@@ -59,6 +63,7 @@ __all__ = [
     "CONNECTING",
     "UNAUTHORIZED",
     "WAITING",
+    "BadValue",
     "BusPublisher",
     "Change",
     "Client",
@@ -70,6 +75,7 @@ __all__ = [
     "SubscribeError",
     "TopicView",
     "Unauthorized",
+    "Undecodable",
     "connect",
 ]
 

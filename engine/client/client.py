@@ -68,6 +68,7 @@ CLOSED: Final = "closed"  # close() was called
 
 ChangeCallback = Callable[[Change], None]
 StateCallback = Callable[[str], None]
+ErrorCallback = Callable[[Exception], None]
 
 
 class SubscribeError(Exception):
@@ -81,6 +82,21 @@ class SubscribeError(Exception):
 
 class Unauthorized(Exception):
     """The server closed with 4001/4003: a new token is needed (`set_token`)."""
+
+
+class BadValue(Exception):
+    """A value this client could not decode (engine.protocol.codec rule 5: not
+    UTF-8, nested deeper than `MAX_DATA_DEPTH`). `code` is "bad_value"; `key`
+    is the state key, or the stream event's position. The view holds an
+    `Undecodable` for it and the connection is kept: reported, not retried."""
+
+    code = "bad_value"
+
+    def __init__(self, topic: str, key: str, reason: str) -> None:
+        super().__init__(f"bad_value: {topic} {key!r}: {reason}")
+        self.topic = topic
+        self.key = key
+        self.reason = reason
 
 
 class _CallerError(Exception):
@@ -110,6 +126,7 @@ class Counters:
     updates: int = 0  # keys received in snap and upd
     byes: int = 0
     changes_dropped: int = 0
+    bad_values: int = 0  # values this client could not decode (`BadValue`)
     last_close_code: int | None = None
     retry_delays_ms: deque[float] = field(default_factory=lambda: deque(maxlen=64))
 
@@ -210,6 +227,7 @@ class Client:
         self._streams: weakref.WeakSet[ChangeStream] = weakref.WeakSet()
         self._on_change: list[ChangeCallback] = []
         self._on_state: list[StateCallback] = []
+        self._on_error: list[ErrorCallback] = []
         self._ids = itertools.count(1)
         self._conn: raw.RawConnection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -348,6 +366,21 @@ class Client:
     def on_state(self, callback: StateCallback) -> None:
         """Call `callback(conn_state)` whenever the connection state changes."""
         self._on_state.append(callback)
+
+    def on_error(self, callback: ErrorCallback) -> None:
+        """Call `callback(error)` for every error the server or a value reports,
+        synchronously, in the reader task: `SubscribeError` for a server `err`,
+        `BadValue` for a value this client cannot decode. Neither closes the
+        connection."""
+        self._on_error.append(callback)
+
+    def _report(self, error: Exception) -> None:
+        self.last_error = error
+        for cb in self._on_error:
+            try:
+                cb(error)
+            except Exception:
+                log.exception("client: error callback failed")
 
     # -- the connection loop ---------------------------------------------------------
 
@@ -503,6 +536,10 @@ class Client:
         change = self.state.apply(msg)
         if change is None:
             return
+        for key, bad in change.undecodable():
+            self.counters.bad_values += 1
+            log.warning("client: cannot decode %s %r: %s", change.topic, key, bad.reason)
+            self._report(BadValue(change.topic, key, bad.reason))
         if change.kind == "snap":
             if change.full:
                 self.counters.snaps_full += 1
@@ -523,7 +560,7 @@ class Client:
 
     def _refused(self, msg: Mapping[str, Any]) -> None:
         error = SubscribeError(str(msg.get("code")), str(msg.get("msg")), msg.get("topic"))
-        self.last_error = error
+        self._report(error)
         names = self._sent.pop(msg.get("id", -1), None)
         if names is None:
             log.warning("client: server error: %s", error)

@@ -20,6 +20,8 @@ from typing import Any
 import msgpack
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
+from engine.protocol.codec import decode_server_frame
+
 _BINARY = WSMsgType.BINARY
 
 
@@ -44,10 +46,9 @@ class _Listener(WSListener):
         mtype = frame.msg_type
         if mtype == _BINARY:
             conn.frames += 1
-            # strict_map_key=False: a publisher's data may use non-string map keys
-            unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-            unpacker.feed(frame.get_payload_as_bytes())
-            conn.push(list(unpacker))
+            # A value that cannot be decoded arrives as an Undecodable (codec rule 5);
+            # only a broken frame raises (ValueError), and picows then disconnects.
+            conn.push(decode_server_frame(frame.get_payload_as_bytes()))
         elif mtype == WSMsgType.CLOSE:
             conn.close_code = frame.get_close_code().value
             conn.close_reason = frame.get_close_reason() or ""

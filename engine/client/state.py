@@ -20,7 +20,12 @@ Rules this module owns (docs/protocol.md sections 4.1, 4.2 and 6):
    see. A full `snap` also reports the keys it removed (as deleted).
 4. Stream topics (`evt`, `gap`) advance the mark to the newest event position;
    a `gap` is surfaced as a change of kind "gap", never skipped silently.
-5. Reconnect delays: exponential backoff with full jitter (a uniform draw in
+5. A value the client could not decode (engine.protocol.codec rule 5: not
+   UTF-8, nested deeper than `MAX_DATA_DEPTH`) arrives as an `Undecodable`.
+   It is a value, not a deletion: the view holds it for its key (a newer,
+   readable value replaces it), and `Change.undecodable()` lists it so that
+   the client can report it. It never ends the connection.
+6. Reconnect delays: exponential backoff with full jitter (a uniform draw in
    [0, ceiling], the ceiling growing by `factor` per consecutive failure up to
    `max_ms`), the streak forgotten once a connection stayed up `stable_s`;
    a `bye` replaces the next delay with its `retry_ms` (the engine jittered it
@@ -36,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from engine.codes import CLOSE_NOT_AUTHENTICATED, CLOSE_TOKEN_EXPIRED
+from engine.protocol.codec import Undecodable
 from engine.supervisor.backoff import Backoff, FailureStreak
 
 # Close codes after which reconnecting with the same token is pointless.
@@ -61,6 +67,13 @@ class Change:
     events: tuple[tuple[str, Any], ...] = ()
     gap_from: str | None = None
     gap_to: str | None = None
+
+    def undecodable(self) -> list[tuple[str, Undecodable]]:
+        """(key, or a stream event's position; the placeholder) of every value of
+        this change the client could not decode (rule 5), in order."""
+        out = [(k, v) for k, v in self.items.items() if type(v) is Undecodable]
+        out.extend((pos, v) for pos, v in self.events if type(v) is Undecodable)
+        return out
 
 
 class TopicView(Mapping[str, Any]):

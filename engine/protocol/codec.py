@@ -20,6 +20,16 @@ Rules this module owns:
 4. Positions are integers inside the engine and strings on the wire
    ("MS-SEQ", the Redis stream ID form, for every bus backend): `format_pos`,
    `parse_pos`.
+5. Only values every client can decode are published. On every ingest path
+   (WebSocket `pub` here, `POST /publish` in engine.admin.http, `BusPublisher`)
+   every string is valid UTF-8 (`utf8_problem`: no lone surrogate, which
+   JavaScript's `JSON.stringify` emits for half an emoji) and `data` passes
+   `data_problem`: it decodes with the Python client's own decoder, and
+   arrays and maps nest at most `MAX_DATA_DEPTH` (32) deep. Both clients
+   decode at least that (`CLIENT_MAX_DEPTH` counts the server message around
+   a value); a value they cannot decode anyway (stored before this check) is
+   handed over as an `Undecodable` and reported, never a reason to drop the
+   connection (`decode_server_frame`).
 """
 
 from __future__ import annotations
@@ -45,6 +55,15 @@ _POS_RE: Final = re.compile(r"([0-9]{1,15})-([0-9]{1,10})")
 
 # Hard caps on what one client message may hold, whatever its size.
 MAX_DEPTH_HINT: Final = 32  # documented; msgpack's C unpacker enforces its own stack limit
+# How deep the arrays and maps of one `data` value may nest (rule 5): a scalar
+# is depth 0, `[1]` and `{}` depth 1, `[[1]]` depth 2. Shared with both clients
+# (fanout.js MAX_DATA_DEPTH) and documented in docs/protocol.md section 1.
+MAX_DATA_DEPTH: Final = 32
+# Containers of a server message around a value: the message map, `items`,
+# and a stream event's `[pos, data]` pair.
+ENVELOPE_DEPTH: Final = 3
+# The nesting a client decodes in a server message (fanout.js `maxDepth`).
+CLIENT_MAX_DEPTH: Final = MAX_DATA_DEPTH + ENVELOPE_DEPTH
 _FIELDS: Final = frozenset({"op", "id", "topics", "topic", "key", "since", "max_hz", "token"})
 _MAX_ID: Final = 2**53
 
@@ -75,6 +94,102 @@ def parse_pos(text: object) -> int:
 
 def valid_topic(name: object) -> bool:
     return isinstance(name, str) and TOPIC_RE.fullmatch(name) is not None
+
+
+# -- values every client can decode (rule 5) ---------------------------------------
+
+
+def utf8_problem(text: str) -> str | None:
+    """Why `text` cannot be sent as a msgpack str (a lone surrogate), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        return (
+            f"is not valid UTF-8: it holds a lone surrogate (U+{ord(bad):04X}) at"
+            f" character {exc.start}, as JSON.stringify writes for half an emoji"
+        )
+    return None
+
+
+def nested_deeper_than(value: object, limit: int) -> bool:
+    """Whether the lists and dicts of a decoded value nest deeper than `limit`
+    (a scalar is depth 0). Iterative: no recursion, whatever the depth."""
+    if type(value) is not list and type(value) is not dict:
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        container, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = container.values() if type(container) is dict else container
+        for child in children:
+            if type(child) is list or type(child) is dict:
+                stack.append((child, depth + 1))
+    return False
+
+
+def depth_problem(limit: int = MAX_DATA_DEPTH) -> str:
+    return (
+        f"is nested deeper than {limit} levels of arrays and maps (the limit every"
+        f" client decodes, MAX_DATA_DEPTH = {MAX_DATA_DEPTH}: docs/protocol.md)"
+    )
+
+
+def _value_unpacker_kw(size: int) -> dict[str, Any]:
+    """`msgpack.unpackb` options for one value of `size` bytes: the client's
+    decoding, with every length bounded by the size (no allocation beyond it)."""
+    n = max(size, 1)
+    return {
+        "raw": False,
+        "strict_map_key": False,
+        "max_str_len": n,
+        "max_bin_len": n,
+        "max_array_len": n,
+        "max_map_len": n,
+        "max_ext_len": n,
+    }
+
+
+def data_problem(data: bytes, limit: int = MAX_DATA_DEPTH) -> str | None:
+    """Why the msgpack bytes of one `data` value must not be published, or None.
+
+    The value is decoded as the Python client decodes it (strings as UTF-8,
+    map keys of any scalar type), so whatever passes, both clients can read:
+    refused are strings (values or map keys) that are not UTF-8, arrays or
+    maps as map keys, malformed ext values (a bad timestamp), and nesting
+    deeper than `limit`. Costs one decode of `data` (C) and one pass over its
+    containers; allocation is bounded by the size of `data`.
+    """
+    if data == NIL:
+        return None
+    try:
+        value = msgpack.unpackb(data, **_value_unpacker_kw(len(data)))
+    except UnicodeDecodeError:
+        return "holds a string that is not valid UTF-8"
+    except msgpack.StackError:
+        return depth_problem(limit)
+    except TypeError as exc:  # an unhashable map key: an array or a map
+        return f"uses an array or a map as a map key, which clients cannot decode ({exc})"
+    except Exception as exc:  # msgpack's many ValueError kinds: a malformed value
+        return f"is not a msgpack value clients can decode ({type(exc).__name__})"
+    if nested_deeper_than(value, limit):
+        return depth_problem(limit)
+    return None
+
+
+class Undecodable:
+    """Stands for a value a client could not decode (rule 5): too deep, not
+    UTF-8, not msgpack a client reads. `reason` says why; the connection and
+    every other value of the frame are kept. Never equal to a decoded value."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Undecodable({self.reason!r})"
 
 
 # -- client -> server ---------------------------------------------------------------
@@ -174,7 +289,10 @@ def decode_request(payload: bytes, max_topics: int) -> Request:
                 fields[k] = _ILL_TYPED  # refused by _validate, with the request's id
                 unpacker.skip()
             else:
-                fields[k] = unpacker.unpack()
+                try:
+                    fields[k] = unpacker.unpack()
+                except UnicodeDecodeError:
+                    raise _bad(f"'{k}' is not valid UTF-8", _id_of(fields)) from None
         if unpacker.tell() != len(payload):
             raise _bad("trailing bytes after the message (one message per frame)")
     except RemoteProtocolError:
@@ -187,6 +305,14 @@ def decode_request(payload: bytes, max_topics: int) -> Request:
 
 
 _ILL_TYPED: Final = object()  # a container where a scalar field belongs (never decoded)
+
+
+def _id_of(fields: Mapping[str, Any]) -> int | None:
+    """The request's `id` when it was read already and is well formed."""
+    rid = fields.get("id")
+    if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < _MAX_ID:
+        return rid
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +431,9 @@ def _validate(fields: dict[str, Any], data: bytes | None, max_topics: int) -> Re
             raise _bad("'key' must be a non-empty string", rid, topic)
         if data is None:
             raise _bad("'pub' needs a 'data' field", rid, topic)
+        problem = data_problem(data)
+        if problem is not None:
+            raise _bad(f"'data' {problem}", rid, topic)
         return Pub(rid, topic, key, data)
     if op == "ping":
         return Ping(rid)
@@ -546,10 +675,198 @@ def decode_frame(frame: bytes) -> list[Any]:
     """
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
     unpacker.feed(frame)
-    messages = list(unpacker)
-    if unpacker.tell() != len(frame):
-        raise ValueError(f"frame ends inside a message ({len(frame) - unpacker.tell()} bytes left)")
+    messages = []
+    while True:
+        # tell() after a failed read counts the partial bytes it consumed: take it before
+        start = unpacker.tell()
+        try:
+            messages.append(unpacker.unpack())
+        except msgpack.OutOfData:
+            if start != len(frame):
+                raise ValueError(
+                    f"frame ends inside a message ({len(frame) - start} bytes left)"
+                ) from None
+            return messages
+
+
+# -- a client decoding server frames (rule 5) ----------------------------------------
+
+
+def decode_server_frame(frame: bytes, limit: int = MAX_DATA_DEPTH) -> list[Any]:
+    """Decode every message of a server frame, for a client (rule 5).
+
+    A value in `items` (a state key's value, a stream event's data) that this
+    client cannot decode (a string that is not UTF-8, nesting deeper than
+    `limit`, malformed msgpack of a known length) becomes an `Undecodable`;
+    every other message and value of the frame is decoded as usual. Raises
+    `ValueError` only when the frame itself is broken (truncated, an unknown
+    type byte, a message that is not a map): the server broke the protocol.
+    The common case costs `decode_frame` plus one pass over each value's
+    containers; the slow path runs only for a frame that failed to decode.
+    """
+    try:
+        messages = decode_frame(frame)
+    except Exception:
+        try:
+            return _decode_tolerant(bytes(frame), limit)
+        except ValueError:
+            raise
+        except Exception as exc:  # an envelope value msgpack refuses (TypeError, ...)
+            raise ValueError(f"undecodable server frame: {type(exc).__name__}") from None
+    for msg in messages:
+        if not isinstance(msg, dict):
+            raise ValueError("a server message must be a msgpack map")
+        _mark_deep(msg, limit)
     return messages
+
+
+def _mark_deep(msg: dict[Any, Any], limit: int) -> None:
+    if msg.get("op") not in ("snap", "upd", "evt"):
+        return
+    items = msg.get("items")
+    if isinstance(items, dict):
+        for key, value in items.items():
+            if nested_deeper_than(value, limit):
+                items[key] = Undecodable(depth_problem(limit))
+    elif isinstance(items, list):
+        for event in items:
+            if isinstance(event, list) and len(event) == 2 and nested_deeper_than(event[1], limit):
+                event[1] = Undecodable(depth_problem(limit))
+
+
+# Bytes after the type byte of the msgpack types of a fixed size.
+_FIXED_SIZE: Final = {
+    0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,
+    0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8, 0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17,
+}  # fmt: skip
+# type byte -> (bytes of its length field, extra bytes after it: an ext's type)
+_SIZED: Final = {
+    0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0), 0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0),
+    0xC7: (1, 1), 0xC8: (2, 1), 0xC9: (4, 1),
+}  # fmt: skip
+# type byte -> (bytes of its count field, elements per count: 2 for a map)
+_COUNTED: Final = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}
+
+
+def _uint(buf: bytes, at: int, size: int) -> int:
+    if at + size > len(buf):
+        raise ValueError("frame ends inside a message")
+    return int.from_bytes(buf[at : at + size], "big")
+
+
+def _head(buf: bytes, at: int) -> tuple[str, int, int]:
+    """("map" | "array", element count, offset of the first element), or
+    ("scalar", 0, at) when the value at `at` is not a container."""
+    if at >= len(buf):
+        raise ValueError("frame ends inside a message")
+    b = buf[at]
+    if 0x80 <= b <= 0x8F:
+        return "map", b & 0x0F, at + 1
+    if 0x90 <= b <= 0x9F:
+        return "array", b & 0x0F, at + 1
+    counted = _COUNTED.get(b)
+    if counted is not None:
+        size, _ = counted
+        return ("array" if b in (0xDC, 0xDD) else "map"), _uint(buf, at + 1, size), at + 1 + size
+    return "scalar", 0, at
+
+
+def _skip(buf: bytes, at: int) -> int:
+    """The offset just after the msgpack value at `at`, without decoding it.
+    Iterative (any depth) and O(bytes skipped): each step consumes a byte."""
+    n = len(buf)
+    pending = 1
+    while pending:
+        if at >= n:
+            raise ValueError("frame ends inside a message")
+        b = buf[at]
+        pending -= 1
+        if b <= 0x7F or b >= 0xE0:
+            at += 1
+        elif b <= 0x8F:
+            pending += 2 * (b & 0x0F)
+            at += 1
+        elif b <= 0x9F:
+            pending += b & 0x0F
+            at += 1
+        elif b <= 0xBF:
+            at += 1 + (b & 0x1F)
+        elif b in _FIXED_SIZE:
+            at += 1 + _FIXED_SIZE[b]
+        elif b in _SIZED:
+            size, extra = _SIZED[b]
+            at += 1 + size + extra + _uint(buf, at + 1, size)
+        elif b in _COUNTED:
+            size, per = _COUNTED[b]
+            pending += per * _uint(buf, at + 1, size)
+            at += 1 + size
+        else:
+            raise ValueError(f"unknown msgpack type byte 0x{b:02x}")
+    if at > n:
+        raise ValueError("frame ends inside a message")
+    return at
+
+
+def _one(buf: bytes, at: int) -> tuple[Any, int]:
+    """The value at `at` (it must decode: it is part of the envelope) and the offset after it."""
+    end = _skip(buf, at)
+    return msgpack.unpackb(buf[at:end], **_value_unpacker_kw(end - at)), end
+
+
+def _guarded(buf: bytes, at: int, limit: int) -> tuple[Any, int]:
+    """The value at `at`, or an `Undecodable` saying why it cannot be decoded."""
+    end = _skip(buf, at)
+    try:
+        value = msgpack.unpackb(buf[at:end], **_value_unpacker_kw(end - at))
+    except UnicodeDecodeError:
+        return Undecodable("a string that is not valid UTF-8"), end
+    except msgpack.StackError:
+        return Undecodable(depth_problem(limit)), end
+    except Exception as exc:
+        return Undecodable(f"not a msgpack value this client decodes ({type(exc).__name__})"), end
+    if nested_deeper_than(value, limit):
+        return Undecodable(depth_problem(limit)), end
+    return value, end
+
+
+def _decode_tolerant(buf: bytes, limit: int) -> list[Any]:
+    out: list[Any] = []
+    at = 0
+    while at < len(buf):
+        kind, n, at = _head(buf, at)
+        if kind != "map":
+            raise ValueError("a server message must be a msgpack map")
+        msg: dict[Any, Any] = {}
+        for _ in range(n):
+            name, at = _one(buf, at)
+            if name != "items":
+                msg[name], at = _one(buf, at)
+                continue
+            kind, count, first = _head(buf, at)
+            if kind == "map":  # a state topic's {key: data}
+                items: dict[Any, Any] = {}
+                at = first
+                for _ in range(count):
+                    key, at = _one(buf, at)
+                    items[key], at = _guarded(buf, at, limit)
+                msg[name] = items
+            elif kind == "array":  # a stream topic's [[pos, data], ...]
+                events: list[Any] = []
+                at = first
+                for _ in range(count):
+                    shape, two, inner = _head(buf, at)
+                    if shape == "array" and two == 2:
+                        pos, inner = _one(buf, inner)
+                        data, at = _guarded(buf, inner, limit)
+                        events.append([pos, data])
+                    else:
+                        event, at = _guarded(buf, at, limit)
+                        events.append(event)
+                msg[name] = events
+            else:
+                msg[name], at = _one(buf, at)
+        out.append(msg)
+    return out
 
 
 def iter_items(pairs: Iterable[tuple[str, bytes]]) -> list[bytes]:

@@ -7,8 +7,25 @@ export class Ext {
   data: Uint8Array;
 }
 
-/** Every msgpack value in `bytes` (a frame may hold several messages). Throws RangeError on truncated input. */
+/** How deep the arrays and maps of one `data` value may nest (32): the engine refuses deeper values. */
+export const MAX_DATA_DEPTH: number;
+/** Containers around a value in a server message (3): the message, `items`, a stream event. */
+export const ENVELOPE_DEPTH: number;
+/** MAX_DATA_DEPTH + ENVELOPE_DEPTH: the default `maxDepth` of decodeAll. */
+export const CLIENT_MAX_DEPTH: number;
+
+/** A value this client could not decode (not UTF-8, nested deeper than MAX_DATA_DEPTH). */
+export class Undecodable {
+  constructor(reason: string);
+  reason: string;
+}
+
+/** Every msgpack value in `bytes` (a frame may hold several messages). Throws RangeError on truncated input or nesting past `maxDepth` (default CLIENT_MAX_DEPTH), TypeError on a string that is not UTF-8. */
 export function decodeAll(bytes: Uint8Array | ArrayBuffer, options?: { maxDepth?: number }): unknown[];
+/** Every message of a server frame; a value in `items` it cannot decode becomes an Undecodable. Throws only for a broken frame. */
+export function decodeFrame(bytes: Uint8Array | ArrayBuffer): Record<string, unknown>[];
+/** [key (or a stream event's position), Undecodable] of every value of `change` the client could not decode. */
+export function undecodableIn(change: Change): Array<[string, Undecodable]>;
 /** Exactly one msgpack value. */
 export function decode(bytes: Uint8Array | ArrayBuffer): unknown;
 /** msgpack bytes of a value (null, boolean, number, bigint, string, Uint8Array, array, Map, object). */
@@ -102,6 +119,8 @@ export interface Counters {
   updates: number;
   byes: number;
   sendRefused: number;
+  /** Values the client could not decode (each reported as an "error" event with code "bad_value"). */
+  badValues: number;
   lastCloseCode: number | null;
   lastRetryMs: number | null;
 }
@@ -109,7 +128,10 @@ export interface Counters {
 export interface FanoutEventMap {
   state: CustomEvent<{ state: ConnectionState }>;
   change: CustomEvent<Change>;
-  error: CustomEvent<{ code: string; msg: string; topic?: string | null }>;
+  /** A server `err` (its code), "bad_value" (a value this client cannot decode: `topic`, `key`
+   * (a stream event's position), the view holds an Undecodable; the connection stays up), or
+   * "bad_frame" (a broken frame: the client closes 1002 and reconnects). */
+  error: CustomEvent<{ code: string; msg: string; topic?: string | null; key?: string }>;
   bye: CustomEvent<{ op: "bye"; reason: string; retry_ms: number }>;
 }
 

@@ -20,13 +20,28 @@
 // - sends respect `bufferedAmount`: over `maxBufferedBytes`, messages wait in a
 //   bounded outbox (overflow: the message is refused, `send` returns false and
 //   `counters.sendRefused` counts it).
+// - a value it cannot decode (not UTF-8, nested deeper than MAX_DATA_DEPTH)
+//   is kept as an `Undecodable` and reported ("error", code "bad_value"): the
+//   connection stays up (no close 1002, no reconnect loop).
 // Events (EventTarget): "state" {state}, "change" {topic, kind, pos, full,
 // epoch, items: {key: value|null}, events, from, to}, "error" {code, msg,
-// topic}, "bye" {reason, retry_ms}.
+// topic, key}, "bye" {reason, retry_ms}.
 
 // -- msgpack ----------------------------------------------------------------------
 
-const utf8Decoder = new TextDecoder("utf-8");
+/**
+ * How deep the arrays and maps of one `data` value may nest (a scalar is depth
+ * 0, `[1]` and `{}` depth 1): the engine refuses deeper values on every ingest
+ * path, and this client decodes at least that (docs/protocol.md section 1; the
+ * same constant as engine/protocol/codec.py MAX_DATA_DEPTH).
+ */
+export const MAX_DATA_DEPTH = 32;
+/** Containers of a server message around a value: the message, `items`, a stream event's [pos, data]. */
+export const ENVELOPE_DEPTH = 3;
+/** The nesting decodeAll accepts by default: a whole server message. */
+export const CLIENT_MAX_DEPTH = MAX_DATA_DEPTH + ENVELOPE_DEPTH;
+
+const utf8Decoder = new TextDecoder("utf-8", { fatal: true }); // not UTF-8: an error, never U+FFFD
 const utf8Encoder = new TextEncoder();
 
 /** An ext value this decoder does not interpret: `type` and raw `data`. */
@@ -38,48 +53,60 @@ export class Ext {
 }
 
 /**
- * Decode every msgpack value in `bytes` (a frame may hold several messages
- * back to back). Throws RangeError when the input ends inside a value.
- * Integers beyond 2^53 become BigInt; bin becomes Uint8Array; map keys become
- * strings (as object keys); nesting deeper than `maxDepth` throws.
+ * Stands for a value this client could not decode (a string that is not
+ * UTF-8, nesting deeper than MAX_DATA_DEPTH): `reason` says why. The client
+ * keeps it as the key's value, reports an "error" event with code
+ * "bad_value", and keeps the connection (docs/clients.md).
  */
-export function decodeAll(bytes, { maxDepth = 64 } = {}) {
+export class Undecodable {
+  constructor(reason) {
+    this.reason = reason;
+  }
+}
+
+const TRUNCATED = "msgpack: truncated input";
+
+/** A reader over one buffer; every decode below is built on it. */
+function reader(bytes) {
   const buf = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
   const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
-  let at = 0;
+  const r = { buf, at: 0 };
   const need = (n) => {
-    if (at + n > buf.length) throw new RangeError("msgpack: truncated input");
+    if (r.at + n > buf.length) throw new RangeError(TRUNCATED);
   };
-  const u8 = () => { need(1); return buf[at++]; };
-  const u16 = () => { need(2); const v = view.getUint16(at); at += 2; return v; };
-  const u32 = () => { need(4); const v = view.getUint32(at); at += 4; return v; };
+  const u8 = () => { need(1); return buf[r.at++]; };
+  const u16 = () => { need(2); const v = view.getUint16(r.at); r.at += 2; return v; };
+  const u32 = () => { need(4); const v = view.getUint32(r.at); r.at += 4; return v; };
   const big = (v) => (v <= BigInt(Number.MAX_SAFE_INTEGER) && v >= BigInt(Number.MIN_SAFE_INTEGER) ? Number(v) : v);
-  const str = (n) => { need(n); const s = utf8Decoder.decode(buf.subarray(at, at + n)); at += n; return s; };
-  const bin = (n) => { need(n); const b = buf.slice(at, at + n); at += n; return b; };
-  const arr = (n, d) => {
+  const str = (n) => { need(n); const s = utf8Decoder.decode(buf.subarray(r.at, r.at + n)); r.at += n; return s; };
+  const bin = (n) => { need(n); const b = buf.slice(r.at, r.at + n); r.at += n; return b; };
+  const tooDeep = (d, max) => {
+    if (d > max) throw new RangeError(`msgpack: nested deeper than ${max} levels of arrays and maps`);
+  };
+  const arr = (n, d, max) => {
+    tooDeep(d, max);
     const out = new Array(n);
-    for (let i = 0; i < n; i++) out[i] = value(d);
+    for (let i = 0; i < n; i++) out[i] = value(d, max);
     return out;
   };
-  const map = (n, d) => {
+  const map = (n, d, max) => {
+    tooDeep(d, max);
     const out = {};
     for (let i = 0; i < n; i++) {
-      const k = value(d);
-      const v = value(d);
-      Object.defineProperty(out, String(k), { value: v, enumerable: true, writable: true, configurable: true });
+      const k = value(d, max);
+      setOwn(out, k, value(d, max));
     }
     return out;
   };
-  const ext = (n) => { need(1); const type = view.getInt8(at); at += 1; return new Ext(type, bin(n)); };
-  function value(depth) {
-    if (depth > maxDepth) throw new RangeError("msgpack: nested too deeply");
-    const d = depth + 1;
+  const ext = (n) => { need(1); const type = view.getInt8(r.at); r.at += 1; return new Ext(type, bin(n)); };
+  /** The value at the cursor; `depth` containers enclose it, at most `max` may nest. */
+  function value(depth, max) {
     const b = u8();
     if (b <= 0x7f) return b;
     if (b >= 0xe0) return b - 0x100;
     if (b >= 0xa0 && b <= 0xbf) return str(b & 0x1f);
-    if (b >= 0x90 && b <= 0x9f) return arr(b & 0x0f, d);
-    if (b >= 0x80 && b <= 0x8f) return map(b & 0x0f, d);
+    if (b >= 0x90 && b <= 0x9f) return arr(b & 0x0f, depth + 1, max);
+    if (b >= 0x80 && b <= 0x8f) return map(b & 0x0f, depth + 1, max);
     switch (b) {
       case 0xc0: return null;
       case 0xc2: return false;
@@ -90,16 +117,16 @@ export function decodeAll(bytes, { maxDepth = 64 } = {}) {
       case 0xc7: return ext(u8());
       case 0xc8: return ext(u16());
       case 0xc9: return ext(u32());
-      case 0xca: { need(4); const v = view.getFloat32(at); at += 4; return v; }
-      case 0xcb: { need(8); const v = view.getFloat64(at); at += 8; return v; }
+      case 0xca: { need(4); const v = view.getFloat32(r.at); r.at += 4; return v; }
+      case 0xcb: { need(8); const v = view.getFloat64(r.at); r.at += 8; return v; }
       case 0xcc: return u8();
       case 0xcd: return u16();
       case 0xce: return u32();
-      case 0xcf: { need(8); const v = view.getBigUint64(at); at += 8; return big(v); }
-      case 0xd0: { need(1); const v = view.getInt8(at); at += 1; return v; }
-      case 0xd1: { need(2); const v = view.getInt16(at); at += 2; return v; }
-      case 0xd2: { need(4); const v = view.getInt32(at); at += 4; return v; }
-      case 0xd3: { need(8); const v = view.getBigInt64(at); at += 8; return big(v); }
+      case 0xcf: { need(8); const v = view.getBigUint64(r.at); r.at += 8; return big(v); }
+      case 0xd0: { need(1); const v = view.getInt8(r.at); r.at += 1; return v; }
+      case 0xd1: { need(2); const v = view.getInt16(r.at); r.at += 2; return v; }
+      case 0xd2: { need(4); const v = view.getInt32(r.at); r.at += 4; return v; }
+      case 0xd3: { need(8); const v = view.getBigInt64(r.at); r.at += 8; return big(v); }
       case 0xd4: return ext(1);
       case 0xd5: return ext(2);
       case 0xd6: return ext(4);
@@ -108,16 +135,139 @@ export function decodeAll(bytes, { maxDepth = 64 } = {}) {
       case 0xd9: return str(u8());
       case 0xda: return str(u16());
       case 0xdb: return str(u32());
-      case 0xdc: return arr(u16(), d);
-      case 0xdd: return arr(u32(), d);
-      case 0xde: return map(u16(), d);
-      case 0xdf: return map(u32(), d);
+      case 0xdc: return arr(u16(), depth + 1, max);
+      case 0xdd: return arr(u32(), depth + 1, max);
+      case 0xde: return map(u16(), depth + 1, max);
+      case 0xdf: return map(u32(), depth + 1, max);
       default: throw new RangeError(`msgpack: unknown type byte 0x${b.toString(16)}`);
     }
   }
+  /** ["map" | "array", count] of the container at the cursor (consumed), or null (nothing consumed). */
+  function head() {
+    need(1);
+    const b = buf[r.at];
+    if (b >= 0x80 && b <= 0x8f) { r.at += 1; return ["map", b & 0x0f]; }
+    if (b >= 0x90 && b <= 0x9f) { r.at += 1; return ["array", b & 0x0f]; }
+    if (b === 0xdc || b === 0xde) { r.at += 1; return [b === 0xdc ? "array" : "map", u16()]; }
+    if (b === 0xdd || b === 0xdf) { r.at += 1; return [b === 0xdd ? "array" : "map", u32()]; }
+    return null;
+  }
+  /** Move past the value at the cursor without decoding it: iterative, any depth. */
+  function skip() {
+    let pending = 1;
+    while (pending > 0) {
+      const b = u8();
+      pending -= 1;
+      if (b <= 0x7f || b >= 0xe0 || b === 0xc0 || b === 0xc2 || b === 0xc3) continue;
+      if (b >= 0x80 && b <= 0x8f) pending += 2 * (b & 0x0f);
+      else if (b >= 0x90 && b <= 0x9f) pending += b & 0x0f;
+      else if (b >= 0xa0 && b <= 0xbf) { need(b & 0x1f); r.at += b & 0x1f; }
+      else {
+        const fixed = { 0xca: 4, 0xcb: 8, 0xcc: 1, 0xcd: 2, 0xce: 4, 0xcf: 8, 0xd0: 1, 0xd1: 2, 0xd2: 4, 0xd3: 8, 0xd4: 2, 0xd5: 3, 0xd6: 5, 0xd7: 9, 0xd8: 17 }[b];
+        if (fixed !== undefined) { need(fixed); r.at += fixed; continue; }
+        switch (b) {
+          case 0xc4: case 0xd9: { const n = u8(); need(n); r.at += n; break; }
+          case 0xc5: case 0xda: { const n = u16(); need(n); r.at += n; break; }
+          case 0xc6: case 0xdb: { const n = u32(); need(n); r.at += n; break; }
+          case 0xc7: { const n = u8() + 1; need(n); r.at += n; break; }
+          case 0xc8: { const n = u16() + 1; need(n); r.at += n; break; }
+          case 0xc9: { const n = u32() + 1; need(n); r.at += n; break; }
+          case 0xdc: pending += u16(); break;
+          case 0xdd: pending += u32(); break;
+          case 0xde: pending += 2 * u16(); break;
+          case 0xdf: pending += 2 * u32(); break;
+          default: throw new RangeError(`msgpack: unknown type byte 0x${b.toString(16)}`);
+        }
+      }
+    }
+  }
+  /** A `data` value, or an Undecodable saying why it cannot be decoded (its bytes are skipped). */
+  function guarded() {
+    const start = r.at;
+    try {
+      return value(0, MAX_DATA_DEPTH);
+    } catch (err) {
+      if (err instanceof RangeError && err.message === TRUNCATED) throw err;
+      r.at = start;
+      skip(); // a frame that cannot be skipped is broken: that throws
+      const reason = err instanceof TypeError ? "a string that is not valid UTF-8" : String(err.message || err);
+      return new Undecodable(reason);
+    }
+  }
+  r.value = value;
+  r.head = head;
+  r.guarded = guarded;
+  return r;
+}
+
+// Object keys are set as own data properties: a key named __proto__ is plain data.
+function setOwn(obj, k, v) {
+  Object.defineProperty(obj, String(k), { value: v, enumerable: true, writable: true, configurable: true });
+}
+
+/**
+ * Decode every msgpack value in `bytes` (a frame may hold several messages
+ * back to back). Throws RangeError when the input ends inside a value, and
+ * TypeError for a string that is not UTF-8. Integers beyond 2^53 become
+ * BigInt; bin becomes Uint8Array; map keys become strings (as object keys);
+ * arrays and maps nested more than `maxDepth` deep throw.
+ */
+export function decodeAll(bytes, { maxDepth = CLIENT_MAX_DEPTH } = {}) {
+  const r = reader(bytes);
   const out = [];
-  while (at < buf.length) out.push(value(0));
+  while (r.at < r.buf.length) out.push(r.value(0, maxDepth));
   return out;
+}
+
+/**
+ * Decode a server frame: every message in it (docs/protocol.md section 1).
+ * A value in `items` (a key's value, a stream event's data) that this client
+ * cannot decode (not UTF-8, nested deeper than MAX_DATA_DEPTH) becomes an
+ * Undecodable; the rest of the frame is decoded as usual. Throws only when the
+ * frame itself is broken (truncated, an unknown type byte, a message that is
+ * not a map).
+ */
+export function decodeFrame(bytes) {
+  const r = reader(bytes);
+  const out = [];
+  while (r.at < r.buf.length) {
+    const h = r.head();
+    if (!h || h[0] !== "map") throw new RangeError("msgpack: a server message must be a map");
+    const msg = {};
+    for (let i = 0; i < h[1]; i++) {
+      const k = r.value(1, CLIENT_MAX_DEPTH);
+      setOwn(msg, k, k === "items" ? items(r) : r.value(1, CLIENT_MAX_DEPTH));
+    }
+    out.push(msg);
+  }
+  return out;
+}
+
+function items(r) {
+  const h = r.head();
+  if (h && h[0] === "map") { // a state topic's {key: data}
+    const out = {};
+    for (let i = 0; i < h[1]; i++) {
+      const k = r.value(2, CLIENT_MAX_DEPTH);
+      setOwn(out, k, r.guarded());
+    }
+    return out;
+  }
+  if (h && h[0] === "array") { // a stream topic's [[pos, data], ...]
+    const out = new Array(h[1]);
+    for (let i = 0; i < h[1]; i++) {
+      const start = r.at;
+      const e = r.head();
+      if (e && e[0] === "array" && e[1] === 2) {
+        out[i] = [r.value(3, CLIENT_MAX_DEPTH), r.guarded()];
+      } else {
+        r.at = start;
+        out[i] = r.guarded();
+      }
+    }
+    return out;
+  }
+  return r.value(1, CLIENT_MAX_DEPTH);
 }
 
 /** Decode exactly one msgpack value. */
@@ -159,8 +309,10 @@ export function encode(value) {
       else withView(9, (v) => { v.setUint8(0, 0xd3); v.setBigInt64(1, BigInt(n)); });
     }
   };
+  const container = (depth) => {
+    if (depth >= CLIENT_MAX_DEPTH) throw new RangeError(`msgpack: nested deeper than ${CLIENT_MAX_DEPTH} levels of arrays and maps`);
+  };
   function put(v, depth) {
-    if (depth > 64) throw new RangeError("msgpack: nested too deeply");
     if (v === null || v === undefined) bytes(0xc0);
     else if (v === false) bytes(0xc2);
     else if (v === true) bytes(0xc3);
@@ -179,12 +331,15 @@ export function encode(value) {
       head(b.length, null, 0, 0xc4, 0xc5, 0xc6);
       push(b);
     } else if (Array.isArray(v)) {
+      container(depth);
       head(v.length, 0x90, 15, null, 0xdc, 0xdd);
       for (const x of v) put(x, depth + 1);
     } else if (v instanceof Map) {
+      container(depth);
       head(v.size, 0x80, 15, null, 0xde, 0xdf);
       for (const [k, x] of v) { put(k, depth + 1); put(x, depth + 1); }
     } else if (typeof v === "object") {
+      container(depth);
       const keys = Object.keys(v).filter((k) => v[k] !== undefined);
       head(keys.length, 0x80, 15, null, 0xde, 0xdf);
       for (const k of keys) { put(k, depth + 1); put(v[k], depth + 1); }
@@ -300,6 +455,18 @@ export class StateView {
   }
 }
 
+/** [key (or a stream event's position), Undecodable] of every value of `change` this client could not decode. */
+export function undecodableIn(change) {
+  const out = [];
+  for (const k of own(change.items)) {
+    if (change.items[k] instanceof Undecodable) out.push([k, change.items[k]]);
+  }
+  for (const e of change.events ?? []) {
+    if (Array.isArray(e) && e[1] instanceof Undecodable) out.push([e[0], e[1]]);
+  }
+  return out;
+}
+
 function str(msg, name) {
   const v = msg[name];
   if (typeof v !== "string") throw new TypeError(`${msg.op}: '${name}' must be a string`);
@@ -396,7 +563,7 @@ export class FanoutClient extends EventTarget {
     this.state = "idle";
     this.counters = {
       connects: 0, connectFailures: 0, disconnects: 0, messages: 0, frames: 0,
-      snapsFull: 0, snapsPartial: 0, updates: 0, byes: 0, sendRefused: 0,
+      snapsFull: 0, snapsPartial: 0, updates: 0, byes: 0, sendRefused: 0, badValues: 0,
       lastCloseCode: null, lastRetryMs: null,
     };
     this._subs = new Map(); // topic -> maxHz
@@ -571,7 +738,9 @@ export class FanoutClient extends EventTarget {
     this.counters.frames += 1;
     let messages;
     try {
-      messages = decodeAll(new Uint8Array(data));
+      // a value it cannot decode arrives as an Undecodable (reported in _handle);
+      // only a broken frame (truncated, not msgpack) throws: the server broke the protocol
+      messages = decodeFrame(new Uint8Array(data));
     } catch (err) {
       this.dispatchEvent(new CustomEvent("error", { detail: { code: "bad_frame", msg: String(err) } }));
       ws.close(1002);
@@ -609,6 +778,10 @@ export class FanoutClient extends EventTarget {
     if (!this._subs.has(msg.topic)) return; // in flight when we unsubscribed: not ours to keep
     const change = this.view.apply(msg);
     if (!change) return;
+    for (const [key, bad] of undecodableIn(change)) {
+      this.counters.badValues += 1;
+      this.dispatchEvent(new CustomEvent("error", { detail: { code: "bad_value", msg: bad.reason, topic: change.topic, key } }));
+    }
     if (change.kind === "snap") {
       if (change.full) this.counters.snapsFull += 1;
       else this.counters.snapsPartial += 1;

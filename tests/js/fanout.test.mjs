@@ -5,7 +5,10 @@
 import { test, mock } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync, writeFileSync } from "node:fs";
-import { decode, decodeAll, encode, Ext, StateView, Reconnector, FanoutClient } from "../../engine/static/fanout.js";
+import {
+  decode, decodeAll, decodeFrame, encode, Ext, StateView, Reconnector, FanoutClient,
+  Undecodable, undecodableIn, MAX_DATA_DEPTH, CLIENT_MAX_DEPTH,
+} from "../../engine/static/fanout.js";
 
 const hex = (b) => Buffer.from(b).toString("hex");
 const unhex = (s) => new Uint8Array(Buffer.from(s, "hex"));
@@ -139,6 +142,7 @@ class FakeSocket {
   close(code = 1000) { this.serverClose(code); }
   open() { this.readyState = 1; this.recv({ op: "hello", v: 1, conn: "c", node: "n", auth: false }); }
   recv(...msgs) { this.onmessage({ data: msgs.map((m) => encode(m)).reduce((a, b) => new Uint8Array([...a, ...b])).buffer }); }
+  recvBytes(bytes) { this.onmessage({ data: new Uint8Array(bytes).buffer }); }
   serverClose(code) { if (this.readyState === 3) return; this.readyState = 3; this.onclose({ code }); }
 }
 
@@ -235,4 +239,89 @@ test("client: a refused sub rejects its promise and is forgotten", async () => {
   ws.recv({ op: "err", id: 1, code: "bad_topic", msg: "bad topic name", topic: "bad topic" });
   await assert.rejects(p, (e) => e.code === "bad_topic");
   client.close();
+});
+
+// -- values a client cannot decode (issue 11, finding 7) --------------------------------------
+
+const cat = (...parts) => new Uint8Array(parts.flatMap((p) => [...p]));
+const deep = (n, leaf = [0x01]) => new Uint8Array([...new Array(n).fill(0x91), ...leaf]); // [[...[1]]]
+const BAD_UTF8 = new Uint8Array([0xa3, 0xed, 0xa0, 0x80]); // U+D800 encoded as a character
+/** An `upd` frame whose item values are given as raw msgpack bytes. */
+const updBytes = (topic, pos, pairs) => cat(
+  [0x84], encode("op"), encode("upd"), encode("topic"), encode(topic), encode("pos"), encode(pos),
+  encode("items"), [0x80 | pairs.length], ...pairs.flatMap(([k, v]) => [encode(k), v]),
+);
+const evtBytes = (topic, events) => cat(
+  [0x83], encode("op"), encode("evt"), encode("topic"), encode(topic), encode("items"),
+  [0x90 | events.length], ...events.flatMap(([pos, v]) => [[0x92], encode(pos), v]),
+);
+const nestedValue = (n) => { let v = 1; for (let i = 0; i < n; i++) v = [v]; return v; };
+
+test("the nesting limit is the engine's: 32 for data, 35 for a whole message", () => {
+  assert.equal(MAX_DATA_DEPTH, 32);
+  assert.equal(CLIENT_MAX_DEPTH, MAX_DATA_DEPTH + 3);
+  // a stream snap holds data at the limit: message, items, [pos, data], then 32 levels
+  const snap = { op: "snap", topic: "s", epoch: "e", pos: "1-0", full: true, items: [["1-0", nestedValue(MAX_DATA_DEPTH)]] };
+  assert.deepEqual(decodeAll(encode(snap)), [snap]);
+  assert.deepEqual(decodeFrame(encode(snap)), [snap]);
+  assert.throws(() => decodeAll(cat([0x81, 0xa1, 0x61], deep(CLIENT_MAX_DEPTH))), RangeError);
+  assert.throws(() => encode({ a: nestedValue(CLIENT_MAX_DEPTH) }), RangeError);
+  assert.ok(encode({ op: "pub", topic: "t", key: "k", data: nestedValue(MAX_DATA_DEPTH) }));
+});
+
+test("decodeFrame: a value it cannot decode becomes an Undecodable, the rest of the frame is kept", () => {
+  const frame = cat(
+    updBytes("t", "2-0", [["a", encode(1)], ["deep", deep(MAX_DATA_DEPTH + 1)], ["utf8", cat([0x91], BAD_UTF8)], ["z", encode(null)], ["ok", deep(MAX_DATA_DEPTH)]]),
+    evtBytes("s", [["3-0", BAD_UTF8], ["3-1", encode("fine")]]),
+    encode({ op: "pong", id: 9, ts: 1 }),
+  );
+  const [upd, evt, pong] = decodeFrame(frame);
+  assert.equal(upd.items.a, 1);
+  assert.equal(upd.items.z, null);
+  assert.deepEqual(upd.items.ok, nestedValue(MAX_DATA_DEPTH));
+  assert.ok(upd.items.deep instanceof Undecodable && upd.items.deep.reason.includes("32"));
+  assert.ok(upd.items.utf8 instanceof Undecodable && upd.items.utf8.reason.includes("UTF-8"));
+  assert.ok(evt.items[0][1] instanceof Undecodable);
+  assert.deepEqual(evt.items[1], ["3-1", "fine"]);
+  assert.deepEqual(pong, { op: "pong", id: 9, ts: 1 });
+  const change = new StateView().apply(upd);
+  assert.deepEqual(undecodableIn(change).map(([k]) => k), ["deep", "utf8"]);
+  assert.deepEqual(undecodableIn(new StateView().apply(evt)).map(([k]) => k), ["3-0"]);
+});
+
+test("decodeFrame: a broken frame still throws (the server broke the protocol)", () => {
+  const good = updBytes("t", "1-0", [["k", BAD_UTF8]]);
+  for (let n = 1; n < good.length; n++) assert.throws(() => decodeFrame(good.subarray(0, n)), RangeError);
+  assert.throws(() => decodeFrame(updBytes("t", "1-0", [["k", new Uint8Array([0x91, 0xc1])]])), RangeError); // no length to skip
+  assert.throws(() => decodeFrame(encode([1])), RangeError); // not a map
+});
+
+test("client: a value it cannot decode is an error event, not a close and a reconnect loop", () => {
+  mock.timers.enable({ apis: ["setTimeout"] });
+  try {
+    FakeSocket.all = [];
+    const client = new FanoutClient("ws://x/ws", { WebSocket: FakeSocket });
+    const errors = [];
+    client.addEventListener("error", (e) => errors.push(e.detail));
+    client.connect();
+    const ws = FakeSocket.all[0];
+    ws.open();
+    client.subscribe(["t"]);
+    ws.recv({ op: "ack", id: 1 }, { op: "snap", topic: "t", epoch: "e", pos: "1-0", full: true, items: { a: 1, deep: 1 } });
+    ws.recvBytes(updBytes("t", "2-0", [["deep", deep(1000)], ["a", encode(2)]]));
+    ws.recvBytes(evtBytes("t", [["3-0", BAD_UTF8]]));
+    assert.deepEqual(errors.map((d) => [d.code, d.topic, d.key]), [["bad_value", "t", "deep"], ["bad_value", "t", "3-0"]]);
+    assert.equal(client.counters.badValues, 2);
+    assert.equal(client.state, "connected");
+    assert.equal(ws.readyState, 1, "the connection was not closed");
+    mock.timers.tick(60000);
+    assert.equal(FakeSocket.all.length, 1, "no reconnect");
+    assert.equal(client.topic("t").get("a"), 2, "the other key of the frame was applied");
+    assert.ok(client.topic("t").get("deep") instanceof Undecodable);
+    ws.recv({ op: "upd", topic: "t", pos: "4-0", items: { deep: 3 } });
+    assert.equal(client.topic("t").get("deep"), 3, "a readable value replaces it");
+    client.close();
+  } finally {
+    mock.timers.reset();
+  }
 });

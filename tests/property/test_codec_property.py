@@ -16,6 +16,7 @@ import math
 from typing import Any
 
 import msgpack
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -249,7 +250,15 @@ def test_pub_data_is_the_publishers_bytes(
     fields: list[bytes] = [pack("op"), pack("pub"), pack("topic"), pack("t"), pack("data"), data]
     if key is not None:
         fields += [pack("key"), pack(key)]
-    req = decode_request(map_header(len(fields) // 2) + b"".join(fields), MAX_TOPICS)
+    payload = map_header(len(fields) // 2) + b"".join(fields)
+    try:  # the oracle: what a client's decoder makes of the value (codec rule 5)
+        msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except UnicodeDecodeError:  # bin packed as an old-style raw str: not UTF-8
+        with pytest.raises(RemoteProtocolError) as info:
+            decode_request(payload, MAX_TOPICS)
+        assert info.value.code == ErrorCode.BAD_REQUEST and "UTF-8" in info.value.message
+        return
+    req = decode_request(payload, MAX_TOPICS)
     assert isinstance(req, Pub)
     assert req.data == data
     assert req.key == key

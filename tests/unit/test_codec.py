@@ -16,6 +16,8 @@ import pytest
 from engine.codes import ErrorCode
 from engine.errors import RemoteProtocolError
 from engine.protocol.codec import (
+    CLIENT_MAX_DEPTH,
+    MAX_DATA_DEPTH,
     NIL,
     Auth,
     Ping,
@@ -31,21 +33,26 @@ from engine.protocol.codec import (
     build_stream_snap,
     build_upd,
     bye,
+    data_problem,
     decode_frame,
     decode_request,
+    decode_server_frame,
     err,
     format_pos,
     hello,
     iter_items,
     make_pos,
     map_header,
+    nested_deeper_than,
     pack_event,
     pack_item,
     pack_str,
     parse_pos,
     pong,
+    utf8_problem,
     valid_topic,
 )
+from engine.protocol.codec import Undecodable as UndecodableValue
 
 MAX_TOPICS = 8
 NOW_MS = 1_700_000_000_123  # a realistic wall-clock millisecond: positions exceed 64 bits
@@ -359,12 +366,202 @@ def test_deep_nesting_is_bad_request(field: str) -> None:
 
 
 def test_nesting_a_publisher_may_use_is_accepted() -> None:
-    value: object = None
-    for _ in range(100):
-        value = [value]
+    value = nested(MAX_DATA_DEPTH, None)
     req = decode({"op": "pub", "topic": "t", "data": value})
     assert isinstance(req, Pub)
     assert req.data == pack(value)
+
+
+def nested(depth: int, leaf: object = 1) -> object:
+    """`leaf` inside `depth` arrays (depth 0: the leaf itself)."""
+    value = leaf
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+BAD_UTF8 = b"\xed\xa0\x80"  # U+D800 encoded as a character: not UTF-8
+
+
+def with_bytes(value: object, marker: str, raw: bytes) -> bytes:
+    """`value` packed, with the str `marker` replaced by a str of the bytes `raw`."""
+    packed = pack(value)
+    assert packed.count(pack(marker)) == 1
+    return packed.replace(pack(marker), bytes([0xA0 | len(raw)]) + raw)
+
+
+# -- rule 5: only values every client can decode ---------------------------------------
+
+
+def test_the_nesting_limit_is_32_and_clients_decode_it_inside_a_message() -> None:
+    assert MAX_DATA_DEPTH == 32
+    assert CLIENT_MAX_DEPTH == MAX_DATA_DEPTH + 3  # message map, items, [pos, data]
+
+
+@pytest.mark.parametrize(
+    ("value", "depth"),
+    [(1, 0), ("s", 0), ([], 1), ({}, 1), ([1], 1), ({"a": []}, 2), ([[{}]], 3), ({1: [[]]}, 3)],
+    ids=repr,
+)
+def test_nested_deeper_than_counts_arrays_and_maps(value: object, depth: int) -> None:
+    assert not nested_deeper_than(value, depth)
+    if depth:
+        assert nested_deeper_than(value, depth - 1)
+
+
+def test_nested_deeper_than_needs_no_recursion() -> None:
+    assert nested_deeper_than(nested(100_000), MAX_DATA_DEPTH)
+
+
+@pytest.mark.parametrize(
+    "value", [*DATA_VALUES, nested(MAX_DATA_DEPTH), nested(MAX_DATA_DEPTH - 1, {})], ids=repr
+)
+def test_data_every_client_decodes_passes(value: object) -> None:
+    assert data_problem(pack(value)) is None
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (pack(nested(MAX_DATA_DEPTH + 1)), "32"),
+        (pack(nested(MAX_DATA_DEPTH, {})), "32"),  # an empty map one level too deep
+        (pack({"a": nested(MAX_DATA_DEPTH)}), "32"),
+        (pack(nested(1000)), "32"),
+        (b"\x91" * 5000 + b"\x01", "32"),  # past msgpack's own stack
+        (with_bytes(["S"], "S", BAD_UTF8), "UTF-8"),
+        (with_bytes({"K": 1}, "K", BAD_UTF8), "UTF-8"),  # a map key
+        (with_bytes({"a": {"b": ["x", "S"]}}, "S", b"\xff"), "UTF-8"),
+        (b"\x81\x91\x01\x02", "map key"),  # [1] as a map key
+        (b"\xd6\xff\x00\x00", "msgpack"),  # a timestamp ext of a bad size: malformed
+    ],
+    ids=repr,
+)
+def test_data_a_client_cannot_decode_is_refused_saying_why(data: bytes, words: str) -> None:
+    problem = data_problem(data)
+    assert problem is not None and words in problem
+
+
+def test_a_lone_surrogate_is_named() -> None:
+    assert utf8_problem("é€𝄞 fine") is None
+    problem = utf8_problem("ok\ud83d")
+    assert problem is not None and "U+D83D" in problem and "UTF-8" in problem
+
+
+def test_pub_of_data_too_deep_is_bad_request_naming_the_limit() -> None:
+    exc = refused({"op": "pub", "id": 4, "topic": "t", "key": "k", "data": nested(33)})
+    assert exc.code == ErrorCode.BAD_REQUEST and exc.request_id == 4 and exc.topic == "t"
+    assert "'data'" in exc.message and "32" in exc.message
+
+
+def test_pub_of_data_not_utf8_is_bad_request() -> None:
+    payload = with_bytes(
+        {"op": "pub", "id": 5, "topic": "t", "key": "k", "data": {"S": 1}}, "S", BAD_UTF8
+    )
+    exc = refusal(payload)
+    assert exc.code == ErrorCode.BAD_REQUEST and exc.request_id == 5
+    assert "'data'" in exc.message and "UTF-8" in exc.message
+
+
+def test_a_string_field_not_utf8_is_bad_request_naming_it() -> None:
+    payload = with_bytes(
+        {"id": 6, "op": "pub", "topic": "t", "key": "KEY", "data": 1}, "KEY", BAD_UTF8
+    )
+    exc = refusal(payload)
+    assert exc.code == ErrorCode.BAD_REQUEST and exc.request_id == 6
+    assert "'key'" in exc.message and "UTF-8" in exc.message
+
+
+# -- rule 5: a client decoding what it can -----------------------------------------------
+
+
+def test_a_good_frame_decodes_as_decode_frame_does() -> None:
+    frame = b"".join(
+        [
+            ack(1),
+            build_upd(
+                pack_str("t"), make_pos(5, 0), [pack_item("k", pack(nested(MAX_DATA_DEPTH)))]
+            ),
+            build_evt(pack_str("s"), [pack_event(make_pos(6, 1), pack({1: [b"x"]}))]),
+        ]
+    )
+    assert decode_server_frame(frame) == decode_frame(frame)
+
+
+def test_values_a_client_cannot_decode_become_undecodable_and_the_rest_is_kept() -> None:
+    bad = with_bytes({"a": "S"}, "S", BAD_UTF8)
+    deep = pack(nested(MAX_DATA_DEPTH + 1))
+    frame = b"".join(
+        [
+            build_upd(
+                pack_str("t"),
+                make_pos(1, 0),
+                [
+                    pack_item("a", pack(1)),
+                    pack_item("bad", bad),
+                    pack_item("deep", deep),
+                    pack_item("z", NIL),
+                ],
+            ),
+            build_evt(
+                pack_str("s"),
+                [pack_event(make_pos(2, 0), bad), pack_event(make_pos(2, 1), pack("ok"))],
+            ),
+            build_stream_snap(
+                pack_str("s"), "e", make_pos(2, 1), True, [pack_event(make_pos(2, 0), deep)]
+            ),
+            build_snap(pack_str("t"), "e", make_pos(1, 0), True, [pack_item("deep", deep)]),
+            pong(3, 7),
+        ]
+    )
+    upd, evt, ssnap, snap, pong_msg = decode_server_frame(frame)
+    assert upd["op"] == "upd" and upd["pos"] == "1-0"
+    assert upd["items"]["a"] == 1 and upd["items"]["z"] is None
+    assert (
+        isinstance(upd["items"]["bad"], UndecodableValue) and "UTF-8" in upd["items"]["bad"].reason
+    )
+    assert (
+        isinstance(upd["items"]["deep"], UndecodableValue) and "32" in upd["items"]["deep"].reason
+    )
+    assert evt["items"][0][0] == "2-0" and isinstance(evt["items"][0][1], UndecodableValue)
+    assert evt["items"][1] == ["2-1", "ok"]
+    assert isinstance(ssnap["items"][0][1], UndecodableValue) and ssnap["full"] is True
+    assert isinstance(snap["items"]["deep"], UndecodableValue)
+    assert pong_msg == {"op": "pong", "id": 3, "ts": 7}
+
+
+def test_a_too_deep_value_in_a_decodable_frame_is_undecodable_too() -> None:
+    frame = build_upd(pack_str("t"), make_pos(1, 0), [pack_item("deep", pack(nested(40)))])
+    (upd,) = decode_server_frame(frame)
+    assert isinstance(upd["items"]["deep"], UndecodableValue)
+    assert decode_server_frame(frame, limit=40)[0]["items"]["deep"] == nested(40)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"\x91\x01",  # a message that is not a map
+        b"\xc1",  # an unknown type byte
+        pack({"op": "upd", "items": {"k": 1}})[:-1]
+        + b"\xc1",  # ... inside a value: no length to skip
+        b"\x81" + with_bytes("S", "S", BAD_UTF8) + pack(1),  # a field name that is not UTF-8
+        b"\x82\xa2op\xa3upd\xa5items\xde\x00\x01\x91\x01\x01",  # [1] as an item key
+    ],
+    ids=repr,
+)
+def test_a_broken_frame_is_a_value_error(frame: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_server_frame(frame)
+
+
+def test_every_truncation_of_a_frame_with_a_bad_value_is_a_value_error() -> None:
+    bad = with_bytes(["S"], "S", BAD_UTF8)
+    frame = build_upd(
+        pack_str("t"), make_pos(1, 0), [pack_item("k", bad), pack_item("n", pack(nested(40)))]
+    )
+    assert decode_server_frame(b"") == []
+    for n in range(1, len(frame)):
+        with pytest.raises(ValueError):
+            decode_server_frame(frame[:n])
 
 
 # -- refusals: fields ----------------------------------------------------------------------
