@@ -24,7 +24,7 @@ Security rules this module applies (the policies live in engine/auth):
   `limits.fragment_timeout_s` of its first frame (else 1008; the worker's
   one-second timer checks idle connections). Empty fragments are counted,
   never stored. What one connection holds is thus bounded by configuration,
-  whatever it sends (the bound: docs/protocol.md, "Limits").
+  whatever it sends (docs/protocol.md section 1).
 - Framing errors picows passes on fail the connection with 1002 (RFC 6455
   5.2, 5.4): reserved bits without an extension, a continuation with no
   message to continue, a new data frame inside a fragmented message. A close
@@ -306,7 +306,12 @@ class Connection(WSListener):
 
     def resume_reads(self) -> None:
         self.reads_paused = False
-        if not self.closing and self.transport is not None:
+        transport = self.transport
+        if (
+            not self.closing
+            and transport is not None
+            and not transport.is_close_frame_sent  # picows failed a frame meanwhile
+        ):
             self.underlying.resume_reading()  # type: ignore[attr-defined]
 
     def pause_writing(self) -> None:

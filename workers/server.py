@@ -644,7 +644,8 @@ class _Accept:
 
 class _PeerProtocol(WSProtocol):  # type: ignore[misc]
     """picows' server protocol, recording the peer address for its `_Accept`
-    (picows passes the listener factory only the parsed request)."""
+    (picows passes the listener factory only the parsed request), and reading
+    nothing more once a close frame was sent."""
 
     __slots__ = ("_accept",)
     _accept: _Accept | None
@@ -655,6 +656,17 @@ class _PeerProtocol(WSProtocol):  # type: ignore[misc]
             self._accept.peer = peer[0] if isinstance(peer, tuple) else ""
             self._accept = None
         super().connection_made(transport)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        super().buffer_updated(nbytes)
+        ws = self.transport
+        if ws is not None and ws.is_close_frame_sent:
+            # Closing (ours, or picows failing a frame: it disconnects 10 ms
+            # later). Stop reading now: after a frame error picows' parser is
+            # left mid-frame and would grow its read buffer, doubling, to hold
+            # whatever arrives until the disconnect (a frame header claiming
+            # 2^62 bytes: MBs on loopback). Once per read, not per frame.
+            ws.underlying_transport.pause_reading()
 
 
 # read from the socket by picows; a small initial buffer keeps idle connections cheap
