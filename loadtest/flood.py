@@ -474,6 +474,8 @@ def start_server(
             "FANOUT_SERVER_ADMIN_PORT": str(admin_port),
             "FANOUT_LIMITS_MESSAGES_PER_S": str(args.rate_limit),
             "FANOUT_LIMITS_ABUSE_WINDOW_S": str(args.abuse_window),
+            # message floods are measured here, not connect floods (every abuser connects at once)
+            "FANOUT_LIMITS_UPGRADES_PER_S": "0",
             "FANOUT_RUN_DIR": run_dir,
             "FANOUT_LOG_LEVEL": "warning",
             **(extra_env or {}),
