@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
@@ -36,7 +36,7 @@ import h11
 import msgpack
 
 from engine.bus.base import Update
-from engine.protocol.codec import format_pos, valid_topic
+from engine.protocol.codec import data_problem, format_pos, utf8_problem, valid_topic
 from engine.supervisor.backoff import Backoff
 
 if TYPE_CHECKING:
@@ -265,13 +265,26 @@ class BusPublisher:
 
     async def publish_many(self, items: Iterable[Item]) -> list[str]:
         """Publish atomically; returns wire positions. Raises BusUnavailable
-        (nothing was published) or BusError."""
-        updates: Sequence[Update] = [
-            Update(t, k, msgpack.packb(d, use_bin_type=True)) for t, k, d in items
-        ]
-        for u in updates:
-            if not valid_topic(u.topic) or not u.key:
-                raise ValueError(f"bad topic {u.topic!r} or empty key")
+        (nothing was published) or BusError; ValueError for a value the HTTP
+        and WebSocket paths would refuse too (engine.protocol.codec rule 5:
+        strings that are not UTF-8, `data` nested deeper than MAX_DATA_DEPTH)."""
+        updates: list[Update] = []
+        for i, (topic, key, value) in enumerate(items):
+            if not valid_topic(topic) or not key:
+                raise ValueError(f"bad topic {topic!r} or empty key")
+            problem = utf8_problem(key)
+            if problem is not None:
+                raise ValueError(f"item {i} ({topic}): 'key' {problem}")
+            try:
+                data = msgpack.packb(value, use_bin_type=True)
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"item {i} ({topic} {key!r}): 'data' holds a string that is not valid UTF-8"
+                ) from None
+            problem = data_problem(data)
+            if problem is not None:
+                raise ValueError(f"item {i} ({topic} {key!r}): 'data' {problem}")
+            updates.append(Update(topic, key, data))
         if not updates:
             return []
         return [format_pos(p) for p in await self.bus.publish_wait(updates)]

@@ -34,7 +34,7 @@ from engine.bus.base import Update
 from engine.bus.hub import serve_hub
 from engine.client import connect as client_connect
 from engine.client.raw import RawConnection, connect
-from engine.config import default_config
+from engine.config import Config, default_config
 from engine.protocol.codec import MAX_DATA_DEPTH, Undecodable
 from tests.support.redis_server import RedisServer, redis_available
 from tests.support.serve import TIMEOUT_FACTOR, Served
@@ -316,9 +316,10 @@ async def test_data_nested_past_the_limit_is_refused_on_every_path_and_the_limit
 
 
 @pytest.fixture
-async def engine(tmp_path: Any) -> AsyncIterator[tuple[Any, str]]:
+async def engine(tmp_path: Any) -> AsyncIterator[tuple[Any, str, Config, str]]:
     """A hub and one worker in this process (the test writes into the bus
-    directly), and the worker's URL."""
+    directly, as a value stored before the checks would arrive), and the
+    worker's URL."""
     import dataclasses
 
     from workers.main import serve_worker
@@ -333,7 +334,7 @@ async def engine(tmp_path: Any) -> AsyncIterator[tuple[Any, str]]:
     hub = await serve_hub(cfg, run_dir)
     worker = await serve_worker(cfg, run_dir)
     try:
-        yield worker, f"ws://127.0.0.1:{worker.port}{cfg.server.path}"
+        yield worker, f"ws://127.0.0.1:{worker.port}{cfg.server.path}", cfg, run_dir
     finally:
         await worker.close()
         await worker.bus.close()
@@ -341,9 +342,9 @@ async def engine(tmp_path: Any) -> AsyncIterator[tuple[Any, str]]:
 
 
 async def test_the_python_client_reports_a_value_it_cannot_decode_and_stays_connected(
-    engine: tuple[Any, str],
+    engine: tuple[Any, str, Config, str],
 ) -> None:
-    worker, url = engine
+    worker, url, _, _ = engine
 
     async def put(key: str, data: bytes) -> None:
         await worker.bus.publish_wait([Update(TARGET, key, data)])
@@ -372,3 +373,31 @@ async def test_the_python_client_reports_a_value_it_cannot_decode_and_stays_conn
         ]
         assert client.counters.connects == 1 and client.counters.disconnects == 0
         assert client.counters.bad_values == 2
+
+
+async def test_bus_publisher_refuses_what_every_other_ingest_path_refuses(
+    engine: tuple[Any, str, Config, str],
+) -> None:
+    """BusPublisher (back-end code next to the bus) is an ingest path too."""
+    from engine.client import BusPublisher
+
+    _, url, cfg, run_dir = engine
+    async with BusPublisher(cfg, run_dir) as pub:
+        with pytest.raises(ValueError, match=r"'data' is nested deeper than 32"):
+            await pub.publish_many(
+                [(TARGET, "ok", 1), (TARGET, "deep", nested(MAX_DATA_DEPTH + 1))]
+            )
+        with pytest.raises(ValueError, match="'key' is not valid UTF-8"):
+            await pub.publish(TARGET, "\ud800", 1)
+        with pytest.raises(ValueError, match="UTF-8"):
+            await pub.publish(TARGET, "k", {"a": ["x\udc00"]})
+        await pub.publish(TARGET, "last", nested(MAX_DATA_DEPTH))
+    conn = await connect(url)
+    try:
+        assert (await conn.recv())["op"] == "hello"
+        conn.subscribe([TARGET], id=1)
+        assert (await conn.recv())["op"] == "ack"
+        snap = await conn.recv()
+        assert snap["items"] == {"last": nested(MAX_DATA_DEPTH)}  # nothing else was published
+    finally:
+        conn.close()

@@ -18,6 +18,7 @@ import pytest
 from engine.bus import Update, create_bus, shard_of
 from engine.client.raw import connect
 from engine.config import Config, TopicRule, default_config
+from engine.errors import BusRefused
 from tests.contract.conftest import Recorder, until
 from tests.support.redis_server import RedisCluster, redis_available
 from tests.support.serve import Served
@@ -158,3 +159,40 @@ async def test_fanout_serve_on_a_cluster(cluster: RedisCluster, tmp_path: Any) -
             except TimeoutError:
                 pass
         served.stop()
+
+
+async def test_bounds_expiry_and_byte_trims_on_a_cluster(
+    cluster: RedisCluster, tmp_path: Any
+) -> None:
+    """publish.lua's counts, expire.lua (which builds the topic's keys from the
+    shard's hash tag) and trim.lua each run on the node of their shard."""
+    cfg = cluster_config(cluster, "t3")
+    rules = (TopicRule(pattern="cl.tmp.>", mode="state", idle_expiry_s=0.5), *cfg.topics)
+    bus_cfg = dataclasses.replace(cfg.bus, max_keys_per_topic=2)
+    redis = dataclasses.replace(bus_cfg.redis, stream_max_bytes=32 * 1024)
+    cfg = dataclasses.replace(cfg, topics=rules, bus=dataclasses.replace(bus_cfg, redis=redis))
+    sink = Recorder()
+    reader = create_bus(cfg, str(tmp_path))
+    pub = create_bus(cfg, str(tmp_path), want_entries=False)
+    try:
+        await reader.start(sink)
+        await pub.start(None)
+        temps = [f"cl.tmp.{i}" for i in range(8)]
+        assert len({shard_of(t, SHARDS) for t in temps}) > 3
+        for topic in temps:
+            await pub.publish_wait([Update(topic, "a", val(1)), Update(topic, "b", val(2))])
+        with pytest.raises(BusRefused) as err:
+            await pub.publish_wait([Update("cl.tmp.0", "c", val(3))])
+        assert err.value.code == "too_many_keys"
+        for i in range(100):  # 100 x 2 KB on one shard: over its 32 KB budget
+            await pub.publish_wait([Update("cl.big", f"k{i % 2}", val("x" * 2000))])
+        await until(lambda: pub.bus_stats()["byte_trims"] > 0, "a byte trim on the cluster")  # type: ignore[attr-defined]
+        for topic in temps:
+            while (await pub.snapshot(topic)).items:
+                await asyncio.sleep(0.1)
+        assert (await pub.snapshot("cl.big")).items  # no expiry rule: kept
+        last = await pub.publish_wait([Update("cl.big", "k0", val("end"))])
+        await until(lambda: ("cl.big", last[0]) in sink.marks(), "the reader keeps reading")
+    finally:
+        await reader.close()
+        await pub.close()
