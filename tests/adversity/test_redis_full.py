@@ -264,3 +264,53 @@ async def test_a_redis_sized_by_the_docs_refuses_nothing_small(
         assert metric(served, 'fanout_admin_bus_events_total{event="oom_refusals"}') == 0
     finally:
         served.stop()
+
+
+async def test_publishes_over_the_bounds_get_clear_codes(
+    full_redis: RedisServer, tmp_path: Any
+) -> None:
+    """Each bound answers its own code on both ingest paths (POST /publish:
+    400 with the code and topic; WebSocket `pub`: `err` with the code), the
+    connection stays open, nothing of the refused publish arrives, and an
+    honest subscriber keeps receiving."""
+    served = serve_on(
+        full_redis,
+        tmp_path,
+        {
+            "FANOUT_BUS_MAX_DATA_BYTES": "1000",
+            "FANOUT_BUS_MAX_KEYS_PER_TOPIC": "2",
+            "FANOUT_BUS_MAX_TOPICS": "4",
+            "FANOUT_BUS_SHARDS": "1",
+            "FANOUT_AUTH_ALLOW_ANONYMOUS_PUBLISH": "true",
+        },
+    )
+    try:
+        sub = await subscribe(served, "honest.t")
+        pub = await connect(served.ws_url)
+        assert (await pub.recv())["op"] == "hello"
+        cases = [
+            ({"topic": "honest.t", "key": "big", "data": "x" * 1000}, "too_large"),
+            ({"topic": "honest.t", "key": "k2", "data": 1}, "too_many_keys"),
+            ({"topic": "new.4", "key": "k", "data": 1}, "too_many_topics"),
+        ]
+        for topic in ("honest.t", "t.1", "t.2", "t.3"):  # 4 topics, honest.t with 2 keys
+            for key in ("k0", "k1") if topic == "honest.t" else ("k0",):
+                status, body = served.post("/publish", {"topic": topic, "key": key, "data": 0})
+                assert status == 200, body
+        for n, (item, code) in enumerate(cases):
+            status, body = served.post("/publish", item)
+            assert status == 400 and body["error"] == code, (status, body)
+            assert body["topic"] == item["topic"]
+            pub.send({"op": "pub", "id": n, **item})
+            reply = await pub.recv()
+            assert reply["op"] == "err" and reply["code"] == code and reply["id"] == n, reply
+            # the honest subscriber keeps receiving after each refusal
+            status, _ = served.post("/publish", {"topic": "honest.t", "key": "k0", "data": n + 1})
+            assert status == 200
+            await sub.until(lambda n=n: sub.state.get("k0") == n + 1, "the honest update")
+        assert "big" not in sub.state and "k2" not in sub.state
+        pub.send({"op": "pub", "id": 9, "topic": "honest.t", "key": "k1", "data": 9})
+        assert (await pub.recv())["op"] == "ack"  # the publisher's connection is still open
+        await sub.until(lambda: sub.state.get("k1") == 9, "the publisher's later update")
+    finally:
+        served.stop()
