@@ -123,6 +123,11 @@ def nested_deeper_than(value: object, limit: int) -> bool:
         if depth > limit:
             return True
         children = container.values() if type(container) is dict else container
+        if len(children) > 16:
+            # a long flat container (the common large value) is judged in C
+            kinds = set(map(type, children))
+            if list not in kinds and dict not in kinds:
+                continue
         for child in children:
             if type(child) is list or type(child) is dict:
                 stack.append((child, depth + 1))
