@@ -743,7 +743,8 @@ export class FanoutClient extends EventTarget {
       messages = decodeFrame(new Uint8Array(data));
     } catch (err) {
       this.dispatchEvent(new CustomEvent("error", { detail: { code: "bad_frame", msg: String(err) } }));
-      ws.close(1002);
+      // a browser's close() takes only 1000 or 3000-4999 (1002 throws InvalidAccessError)
+      ws.close(4002, "undecodable frame");
       return;
     }
     for (const msg of messages) this._handle(ws, msg);

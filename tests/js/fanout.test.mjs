@@ -139,7 +139,11 @@ class FakeSocket {
     FakeSocket.all.push(this);
   }
   send(bytes) { this.sent.push(decode(bytes)); }
-  close(code = 1000) { this.serverClose(code); }
+  close(code = 1000) {
+    // as a browser's WebSocket: only 1000 and 3000-4999 may be sent (else InvalidAccessError)
+    if (code !== 1000 && (code < 3000 || code > 4999)) throw new Error(`InvalidAccessError: close(${code})`);
+    this.serverClose(code);
+  }
   open() { this.readyState = 1; this.recv({ op: "hello", v: 1, conn: "c", node: "n", auth: false }); }
   recv(...msgs) { this.onmessage({ data: msgs.map((m) => encode(m)).reduce((a, b) => new Uint8Array([...a, ...b])).buffer }); }
   recvBytes(bytes) { this.onmessage({ data: new Uint8Array(bytes).buffer }); }
@@ -320,6 +324,30 @@ test("client: a value it cannot decode is an error event, not a close and a reco
     assert.ok(client.topic("t").get("deep") instanceof Undecodable);
     ws.recv({ op: "upd", topic: "t", pos: "4-0", items: { deep: 3 } });
     assert.equal(client.topic("t").get("deep"), 3, "a readable value replaces it");
+    client.close();
+  } finally {
+    mock.timers.reset();
+  }
+});
+
+test("client: a broken frame closes with a code a browser may send (4002) and reconnects", () => {
+  mock.timers.enable({ apis: ["setTimeout"] });
+  try {
+    FakeSocket.all = [];
+    const client = new FanoutClient("ws://x/ws", { WebSocket: FakeSocket });
+    const errors = [];
+    const closes = [];
+    client.addEventListener("error", (e) => errors.push(e.detail.code));
+    client.connect();
+    const ws = FakeSocket.all[0];
+    const onclose = ws.onclose;
+    ws.onclose = (ev) => { closes.push(ev.code); onclose(ev); };
+    ws.open();
+    ws.recvBytes([0x81]); // a one-element array announced, nothing follows: not a frame
+    assert.deepEqual(errors, ["bad_frame"]);
+    assert.deepEqual(closes, [4002]);
+    mock.timers.tick(60000);
+    assert.equal(FakeSocket.all.length, 2, "reconnected after its backoff");
     client.close();
   } finally {
     mock.timers.reset();
