@@ -71,8 +71,12 @@ def utf8(text: object, what: str) -> bytes:
 def check_updates(updates: Sequence[Update], max_data_bytes: int) -> None:
     """Raise `BusError` / `BusRefused` for the first update that breaks rule 1."""
     for i, u in enumerate(updates):
-        utf8(u.topic, f"update {i}: topic")
-        utf8(u.key, f"update {i}: key of {u.topic!r}")
+        topic, key = u.topic, u.key
+        # isascii() is a flag read: only other strings pay for an encode
+        if type(topic) is not str or not topic.isascii():
+            utf8(topic, f"update {i}: topic")
+        if type(key) is not str or not key.isascii():
+            utf8(key, f"update {i}: key of {topic!r}")
         data = u.data
         if not isinstance(data, bytes | bytearray) or not data:
             raise BusError(f"update {i}: data must be msgpack bytes, got {type(data)!r}")

@@ -8,16 +8,20 @@
 --              (added: data bytes since the last byte check; trimmed: the ID
 --              of the newest entry a byte trim removed)
 -- KEYS[5]      the shard's idle deadlines            <prefix>:{s<N>}:expiry (zset)
--- KEYS[5 + i]  update i's topic state hash           <prefix>:{s<N>}:state:<topic>
+-- KEYS[5 + i]  update i's (1-based) topic state hash           <prefix>:{s<N>}:state:<topic>
 --              or, for a stream topic, its history   <prefix>:{s<N>}:hist:<topic>
 -- ARGV[1]      MAXLEN ~ of the shard's stream
 -- ARGV[2]      keys a state topic may hold (0: no limit)
 -- ARGV[3]      topics the shard may hold (0: no limit)
 -- ARGV[4]      bytes the shard's stream may take (0: no byte checks)
 -- ARGV[5]      data bytes added between two byte checks
--- ARGV[6..]    requests, each: its update count n, then n times: topic, key,
---              data (msgpack bytes), history (-1: a state topic; >= 0: a
---              stream topic retaining that many events), idle expiry in ms (0: none)
+-- ARGV[6]      the requests' update counts, comma-separated ("1,1,3")
+-- ARGV[7]      idle expiries: "i:ms" pairs, comma-separated, for the updates
+--              (1-based in this call) of topics with one ("": none)
+-- ARGV[8..]    the updates, 4 each: topic, key, data (msgpack bytes), history
+--              (-1: a state topic; >= 0: a stream topic retaining that many events)
+--              (two strings instead of 2 values per update: each argument
+--              costs the client an encode and Redis a copy)
 --
 -- Each request is checked whole, then applied whole (engine/bus/limits.py
 -- rules 2-3): a request that would add a key to a full topic, or a topic to
@@ -49,14 +53,20 @@ local max_topics = tonumber(ARGV[3])
 local max_bytes = tonumber(ARGV[4])
 local check_every = tonumber(ARGV[5])
 
+local counts = {}
+for c in string.gmatch(ARGV[6], '%d+') do
+  counts[#counts + 1] = tonumber(c)
+end
+local expiries = {}
+for i, ms in string.gmatch(ARGV[7], '(%d+):(%d+)') do
+  expiries[tonumber(i)] = tonumber(ms)
+end
+
 local out = {}
-local a = 6 -- the next request's ARGV
-local k = 6 -- its first update's KEYS
+local u = 0 -- updates of this call before the current request
 local added = 0
 local ntopics = nil -- the shard's topic count, read when first needed
-while a <= #ARGV do
-  local n = tonumber(ARGV[a])
-  a = a + 1
+for _, n in ipairs(counts) do
   -- 1. check the request whole
   local refusal = nil
   if max_keys > 0 or max_topics > 0 then
@@ -64,17 +74,18 @@ while a <= #ARGV do
     local fresh = 0
     local new_keys = {} -- state key -> keys this request adds
     local seen = {}
-    for i = 0, n - 1 do
-      local topic = ARGV[a + 5 * i]
-      local key = ARGV[a + 5 * i + 1]
-      local history = tonumber(ARGV[a + 5 * i + 3])
-      local tkey = KEYS[k + i]
-      local known
+    for i = u + 1, u + n do
+      local topic = ARGV[4 * i + 4]
+      local key = ARGV[4 * i + 5]
+      local history = tonumber(ARGV[4 * i + 7])
+      local tkey = KEYS[5 + i]
+      local known = true
       if history < 0 then
-        known = redis.call('SISMEMBER', topics, topic) == 1
-        if max_keys > 0 and not seen[tkey .. '\0' .. key] then
-          seen[tkey .. '\0' .. key] = true
-          if redis.call('HEXISTS', tkey, key) == 0 then
+        -- the common case, a key rewritten, costs one HEXISTS
+        if redis.call('HEXISTS', tkey, key) == 0 then
+          known = redis.call('SISMEMBER', topics, topic) == 1
+          if max_keys > 0 and not seen[tkey .. '\0' .. key] then
+            seen[tkey .. '\0' .. key] = true
             local count = (new_keys[tkey] or redis.call('HLEN', tkey)) + 1
             new_keys[tkey] = count
             if count > max_keys then
@@ -107,22 +118,21 @@ while a <= #ARGV do
     out[#out + 1] = refusal
   else
     local ids = {}
-    for i = 0, n - 1 do
-      local topic = ARGV[a + 5 * i]
-      local key = ARGV[a + 5 * i + 1]
-      local data = ARGV[a + 5 * i + 2]
-      local history = tonumber(ARGV[a + 5 * i + 3])
-      local expiry = tonumber(ARGV[a + 5 * i + 4])
+    for i = u + 1, u + n do
+      local topic = ARGV[4 * i + 4]
+      local key = ARGV[4 * i + 5]
+      local data = ARGV[4 * i + 6]
+      local history = tonumber(ARGV[4 * i + 7])
       local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
                             't', topic, 'k', key, 'd', data)
       added = added + #data
       if history < 0 then
-        redis.call('HSET', KEYS[k + i], key, id .. ' ' .. data)
+        redis.call('HSET', KEYS[5 + i], key, id .. ' ' .. data)
         redis.call('SADD', topics, topic)
       elseif history == 0 then
         redis.call('HSET', floors, topic, id) -- retained: nothing
       else
-        local hist = KEYS[k + i]
+        local hist = KEYS[5 + i]
         local len = redis.call('XLEN', hist)
         if len >= history then
           local gone = redis.call('XRANGE', hist, '-', '+', 'COUNT', len - history + 1)
@@ -132,16 +142,16 @@ while a <= #ARGV do
         end
         redis.call('XADD', hist, 'MAXLEN', history, id, 'k', key, 'd', data)
       end
-      if expiry > 0 then
+      local expiry = expiries[i]
+      if expiry then
         local ms = tonumber(string.match(id, '^(%d+)-'))
         redis.call('ZADD', idle, ms + expiry, topic)
       end
-      ids[i + 1] = id
+      ids[#ids + 1] = id
     end
     out[#out + 1] = ids
   end
-  a = a + 5 * n
-  k = k + n
+  u = u + n
 end
 local due = 0
 if max_bytes > 0 and added > 0 then
