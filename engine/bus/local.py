@@ -22,7 +22,9 @@ Rules:
    outstanding replies first (up to `close_timeout_s`).
 4. Nothing waits on the hub without a bound (`request_timeout_s`,
    `bus.publish_timeout_s`): a request without a reply by then gets
-   `BusUnavailable` (a timer per request; a late reply is ignored). A publish
+   `BusUnavailable` (one timer per link: requests are sent in order with one
+   timeout, so the oldest pending request is the next due; a late reply is
+   ignored). A publish
    is checked before it is sent (`engine/bus/limits.py` rule 1: strings, data
    size), so a bad value fails alone; the hub refuses one over a count with
    `BusRefused`. The connecting task is supervised (`engine/bus/tasks.py`).
@@ -63,6 +65,7 @@ class _Link(asyncio.Protocol):
 
     __slots__ = (
         "bus",
+        "deadlines",
         "hello_timer",
         "idle",
         "lost",
@@ -78,7 +81,9 @@ class _Link(asyncio.Protocol):
         self.transport: asyncio.WriteTransport | None = None
         self.up = False  # handshake complete ("d" received) and not lost since
         # request id -> reply callback and its timeout (rule 4)
-        self.pending: dict[int, tuple[_Reply, asyncio.TimerHandle]] = {}
+        # request id -> reply callback and its deadline (loop time), oldest first
+        self.pending: dict[int, tuple[_Reply, float]] = {}
+        self.deadlines: asyncio.TimerHandle | None = None  # the oldest pending's (rule 4)
         self.lost: asyncio.Future[None] = loop.create_future()
         self.idle: asyncio.Future[None] | None = None  # set by close(): no pending left
         self.hello_timer: asyncio.TimerHandle | None = None
@@ -124,6 +129,9 @@ class _Link(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.hello_timer is not None:
             self.hello_timer.cancel()
+        if self.deadlines is not None:
+            self.deadlines.cancel()
+            self.deadlines = None
         self.bus._on_link_lost(self)
         if not self.lost.done():
             self.lost.set_result(None)
@@ -243,21 +251,27 @@ class LocalBus:
     def _expect(self, link: _Link, req_id: int, reply: _Reply) -> None:
         """Wait for the reply to `req_id`, for request_timeout_s at most (rule 4)."""
         loop = self._loop or asyncio.get_running_loop()
-        timer = loop.call_later(self.request_timeout_s, self._timed_out, link, req_id)
-        link.pending[req_id] = (reply, timer)
+        link.pending[req_id] = (reply, loop.time() + self.request_timeout_s)
+        if link.deadlines is None:
+            link.deadlines = loop.call_later(self.request_timeout_s, self._timed_out, link)
 
-    def _timed_out(self, link: _Link, req_id: int) -> None:
-        waiting = link.pending.pop(req_id, None)
-        if waiting is None:
-            return
-        self.request_timeouts += 1
-        _call(
-            waiting[0],
-            BusUnavailable(
-                f"no reply from the hub within bus.publish_timeout_s ({self.request_timeout_s:g} s)"
-            ),
-        )
-        if not link.pending and link.idle is not None and not link.idle.done():
+    def _timed_out(self, link: _Link) -> None:
+        """Fail the pending requests past their deadline, oldest first; then
+        wait for the next one's."""
+        link.deadlines = None
+        loop = self._loop or asyncio.get_running_loop()
+        now = loop.time()
+        pending = link.pending
+        why = f"no reply from the hub within bus.publish_timeout_s ({self.request_timeout_s:g} s)"
+        while pending:
+            req_id, (callback, deadline) = next(iter(pending.items()))
+            if deadline > now:
+                link.deadlines = loop.call_at(deadline, self._timed_out, link)
+                break
+            del pending[req_id]
+            self.request_timeouts += 1
+            _call(callback, BusUnavailable(why))
+        if not pending and link.idle is not None and not link.idle.done():
             link.idle.set_result(None)
 
     async def publish_wait(self, updates: Sequence[Update]) -> list[int]:
@@ -377,7 +391,6 @@ class LocalBus:
     def _reply(self, link: _Link, req_id: int, result: Any) -> None:
         waiting = link.pending.pop(req_id, None)
         if waiting is not None:
-            waiting[1].cancel()
             _call(waiting[0], result)
         if not link.pending and link.idle is not None and not link.idle.done():
             link.idle.set_result(None)
@@ -390,8 +403,7 @@ class LocalBus:
         if self._current is link:
             self._current = None
         pending, link.pending = link.pending, {}
-        for callback, timer in pending.values():
-            timer.cancel()
+        for callback, _ in pending.values():
             _call(callback, BusUnavailable("the link to the hub was lost"))
         if link.idle is not None and not link.idle.done():
             link.idle.set_result(None)
