@@ -366,6 +366,13 @@ class FanoutConfig:
     ping_interval_s: float = _float(20, 0, lo_open=True)
     ping_timeout_s: float = _float(20, 0, lo_open=True)
     socket_notsent_lowat_bytes: int = _int(16_384, 0)
+    # Topics a worker holds (issue 11, finding 2): a topic whose last subscriber
+    # left is kept this long, then dropped (reloaded from the bus on a later
+    # sub); at most max_idle_topics are kept so (the oldest go first); a load
+    # not answered by the bus in topic_load_timeout_s fails the sub (unavailable).
+    topic_grace_s: float = _float(5, 0)
+    max_idle_topics: int = _int(10_000, 0)
+    topic_load_timeout_s: float = _float(5, 0, lo_open=True)
 
 
 @dataclass(frozen=True, slots=True)

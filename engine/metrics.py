@@ -123,6 +123,11 @@ SHARD_SERIES_MAX: Final = 64
 WORKER_SERIES: Final = (
     ("connections", "fanout_connections", "gauge", "Open WebSocket connections."),
     ("subscriptions", "fanout_subscriptions", "gauge", "Topic subscriptions held."),
+    ("topics", "fanout_topics", "gauge", "Topics held: subscribed, loading, or in their grace (fanout.topic_grace_s)."),
+    ("topics_dropped", "fanout_topics_dropped_total", "counter", "Topics dropped after their last subscriber left and the grace passed."),
+    ("topics_loaded", "fanout_topic_loads_total", "counter", "Topics loaded from the bus for a sub."),
+    ("topic_load_failures", "fanout_topic_load_failures_total", "counter", "Topic loads that failed (the sub was answered err unavailable)."),
+    ("updates_unheld", "fanout_updates_unheld_total", "counter", "Bus entries ignored: their topic is not held by this worker."),
     ("connects", "fanout_connects_total", "counter", "WebSocket connections accepted."),
     ("updates_applied", "fanout_updates_applied_total", "counter", "Bus entries that changed a key's value."),
     ("updates_delivered", "fanout_updates_delivered_total", "counter", "Key values delivered to clients (in upd and snap messages)."),

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
@@ -68,6 +69,8 @@ if TYPE_CHECKING:
 _BINARY = WSMsgType.BINARY
 _CONTINUATION = WSMsgType.CONTINUATION
 _PING = WSMsgType.PING
+# loads of a `sub`'s topics, when one loaded first went (its grace) while another loaded
+_SUB_LOAD_ATTEMPTS = 3
 _PONG = WSMsgType.PONG
 _CLOSE = WSMsgType.CLOSE
 _TEXT = WSMsgType.TEXT
@@ -90,6 +93,7 @@ class Connection(WSListener):
         "fragments_deadline",
         "fragments_left",
         "fragments_size",
+        "held",
         "last_ping_at",
         "limiter",
         "opened_at",
@@ -125,6 +129,9 @@ class Connection(WSListener):
         self.limiter = RateLimiter(server.rate_policy, self.opened_at)
         self.authed = False
         self.reads_paused = False
+        # requests read while a `sub` waits for its topics' load, answered in
+        # order after it (None: none waits); reading is paused meanwhile
+        self.held: deque[bytes] | None = None
         self.perms: Permissions | None = None
         self.user: str | None = None
         # monotonic time by which the connection must (re)authenticate: inf = never
@@ -311,6 +318,7 @@ class Connection(WSListener):
             not self.closing
             and transport is not None
             and not transport.is_close_frame_sent  # picows failed a frame meanwhile
+            and self.held is None
         ):
             self.underlying.resume_reading()  # type: ignore[attr-defined]
 
@@ -374,6 +382,12 @@ class Connection(WSListener):
     # -- requests --------------------------------------------------------------------
 
     def receive_message(self, payload: bytes) -> None:
+        if self.held is not None:
+            # a `sub` waits for a load: requests keep their order (reading is
+            # paused, so only the rest of the current read lands here, each
+            # admitted by the rate limiter)
+            self.held.append(payload)
+            return
         server = self.server
         try:
             request = codec.decode_request(payload, server.max_topics_per_conn)
@@ -450,12 +464,71 @@ class Connection(WSListener):
                 )
             )
             return
+        missing = server.missing_topics(req.topics)
+        if missing:
+            # topics this worker does not hold (engine/fanout/core.py rule 9):
+            # answered once the bus loaded them; later requests wait their turn
+            self.held = deque()
+            self.underlying.pause_reading()  # type: ignore[attr-defined]
+            server.load_topics(missing, lambda failed: self.sub_loaded(req, failed, 1))
+            return
+        self.answer_sub(req)
+
+    def answer_sub(self, req: Sub) -> None:
+        """Subscribe to topics all held: `ack`, then one `snap` per topic, one frame."""
+        server = self.server
         parts = [codec.ack(req.id)]
         for topic in req.topics:
             snap, n = server.subscribe(self.session, topic, req.since.get(topic), req.max_hz)
             parts.append(snap)
             server.fanout.stats.updates_delivered += n
         self.send_control(b"".join(parts))
+
+    def sub_loaded(self, req: Sub, failed: str | None, attempt: int) -> None:
+        """The loads a held `sub` waited for are done: answer it (or `err
+        unavailable` naming the topic that failed), then the requests held."""
+        if self.closing:
+            self.held = None
+            return
+        server = self.server
+        if failed is None:
+            # a topic loaded first may have gone while another loaded (its grace)
+            missing = server.missing_topics(req.topics)
+            if missing and attempt < _SUB_LOAD_ATTEMPTS:
+                server.load_topics(missing, lambda f: self.sub_loaded(req, f, attempt + 1))
+                return
+            failed = missing[0] if missing else None
+        if failed is None:
+            self.answer_sub(req)
+        else:
+            self.refuse(
+                RemoteProtocolError(
+                    ErrorCode.UNAVAILABLE,
+                    f"topic {failed!r} could not be loaded from the bus; nothing was subscribed",
+                    topic=failed,
+                    request_id=req.id,
+                )
+            )
+        self.release_held()
+
+    def release_held(self) -> None:
+        """Process the requests held while a `sub` waited, in order, until one
+        waits again; then read again."""
+        held = self.held
+        self.held = None
+        while held and not self.closing:
+            self.receive_message(held.popleft())
+            if self.held is not None:
+                self.held.extend(held)  # another `sub` waits: the rest after it
+                return
+        transport = self.transport
+        if (
+            not self.closing
+            and not self.reads_paused
+            and transport is not None
+            and not transport.is_close_frame_sent
+        ):
+            self.underlying.resume_reading()  # type: ignore[attr-defined]
 
     def handle_unsub(self, req: Unsub) -> None:
         for topic in req.topics:

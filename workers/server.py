@@ -26,12 +26,13 @@ import asyncio
 import gc
 import itertools
 import logging
+import math
 import os
 import random
 import socket
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -59,6 +60,7 @@ from engine.auth.ratelimit import (
 from engine.auth.tokens import Identity, TokenError, TokenVerifier, load_verifier, parse_jwks
 from engine.bus.base import Bus, Entry
 from engine.config import Config
+from engine.errors import BusError
 from engine.fanout.budget import slow_expired, watermarks
 from engine.fanout.core import Fanout, Session, period_ticks, quantize_period
 from engine.metrics import Histogram
@@ -90,7 +92,18 @@ class WorkerServer:
         self.slot = slot
         self.node = node or cfg.server.node or socket.gethostname()
         self.rules = TopicRules(cfg.topics)
-        self.fanout = Fanout(history_of=self.rules.history_of)
+        # lazy: only the topics subscribed here (engine/fanout/core.py rule 9)
+        self.fanout = Fanout(
+            history_of=self.rules.history_of,
+            lazy=True,
+            max_idle_topics=cfg.fanout.max_idle_topics,
+        )
+        self.grace_ticks = math.ceil(cfg.fanout.topic_grace_s * 1000 / cfg.fanout.flush_interval_ms)
+        # topic -> the `sub`s waiting for its load; the load tasks under way
+        self._waiting: dict[str, list[_Waiter]] = {}
+        self._loads: set[asyncio.Task[None]] = set()
+        self.topic_load_failures = 0
+        self._dropped_at_trim = 0  # topics_dropped at the last malloc_trim
         # a dict as an ordered set: ~30 bytes per entry at any size, where a set's
         # table, grown 4x at a time, costs up to ~105 (5,000 entries)
         self.connections: dict[Connection, None] = {}
@@ -210,6 +223,8 @@ class WorkerServer:
 
     async def close(self) -> None:
         await self.stop_accepting()
+        for load in list(self._loads):
+            load.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -378,6 +393,65 @@ class WorkerServer:
             period = quantize_period(period)  # few distinct periods per topic
         return self.fanout.subscribe(session, topic, since, period)
 
+    # -- topics held (engine/fanout/core.py rule 9) -----------------------------------
+
+    def missing_topics(self, topics: Sequence[str]) -> list[str]:
+        """The topics of a `sub` this worker must load from the bus first."""
+        needs_load = self.fanout.needs_load
+        return [t for t in topics if needs_load(t)]
+
+    def load_topics(self, topics: Sequence[str], done: Callable[[str | None], None]) -> None:
+        """Load `topics` from the bus (one load per topic, shared by every `sub`
+        that waits for it), then call `done(None)`, or `done(topic)` naming one
+        that could not be loaded (the bus is down, or did not answer within
+        `fanout.topic_load_timeout_s`)."""
+        waiter = _Waiter(len(topics), done)
+        loop = asyncio.get_running_loop()
+        for topic in topics:
+            self._waiting.setdefault(topic, []).append(waiter)
+            if self.fanout.begin_load(topic):
+                task = loop.create_task(self.load_topic(topic))
+                self._loads.add(task)
+                task.add_done_callback(self._loads.discard)
+
+    async def load_topic(self, topic: str) -> None:
+        """Fetch a topic's state (or a stream topic's history) and merge it in
+        (`Fanout.load_state` / `load_stream`); a load of another epoch than this
+        worker's (the bus changed epochs meanwhile) is fetched again."""
+        fanout = self.fanout
+        timeout = self.cfg.fanout.topic_load_timeout_s
+        history = self.rules.history_of(topic)
+        failure: str | None = "the bus changed epochs during the load"
+        try:
+            for attempt in range(_LOAD_ATTEMPTS):
+                if history is None:
+                    snap = await asyncio.wait_for(self.bus.snapshot(topic), timeout)
+                    loaded = fanout.load_state(topic, snap.epoch, snap.items)
+                else:
+                    h = await asyncio.wait_for(self.bus.history(topic, 0, history), timeout)
+                    loaded = fanout.load_stream(topic, h.epoch, h.events, h.complete)
+                if loaded or topic not in fanout.loading:
+                    failure = None
+                    break
+                await asyncio.sleep(_LOAD_RETRY_S * (attempt + 1))  # until the epoch is known here
+        except asyncio.CancelledError:
+            failure = "the worker is stopping"
+            raise
+        except TimeoutError:
+            failure = f"no answer from the bus in {timeout:g} s (fanout.topic_load_timeout_s)"
+        except BusError as exc:
+            failure = str(exc) or type(exc).__name__
+        except Exception as exc:  # a bug must fail this load, never hang its subs
+            log.exception("loading topic %r failed", topic)
+            failure = repr(exc)
+        finally:
+            if failure is not None:
+                fanout.abandon_load(topic)
+                self.topic_load_failures += 1
+                log.warning("topic %r not loaded: %s", topic, failure)
+            for waiter in self._waiting.pop(topic, ()):
+                waiter.one_done(topic if failure is not None else None)
+
     # -- bus sink --------------------------------------------------------------------
 
     def on_bus_epoch(self, epoch: str) -> None:
@@ -464,6 +538,7 @@ class WorkerServer:
         self.check_pings(now)
         if self._jwks_mtime:
             self.reload_jwks()
+        self.fanout.drop_idle(self.grace_ticks)  # topics nobody subscribed to for the grace
         self.maybe_trim(now)
         for fn in self.on_tick:
             fn()
@@ -477,11 +552,12 @@ class WorkerServer:
         n = len(self.connections)
         if n > self._trim_peak:
             self._trim_peak = n
+        dropped = self.fanout.stats.topics_dropped - self._dropped_at_trim
         if (
-            self._trim_peak - n >= _TRIM_AFTER_CLOSES
-            and n <= 0.8 * self._trim_peak
-            and now - self._trim_at >= _TRIM_EVERY_S
-        ):
+            (self._trim_peak - n >= _TRIM_AFTER_CLOSES and n <= 0.8 * self._trim_peak)
+            or dropped >= _TRIM_AFTER_DROPS  # topics dropped after their grace (rule 9)
+        ) and now - self._trim_at >= _TRIM_EVERY_S:
+            self._dropped_at_trim = self.fanout.stats.topics_dropped
             self._trim_peak = n
             self._trim_at = now
             # a closed connection and its session refer to each other: only the
@@ -554,6 +630,13 @@ class WorkerServer:
             "bus_events": bus_stats() if callable(bus_stats := getattr(self.bus, "bus_stats", None)) else {},
             "connections": len(self.connections),
             "subscriptions": self.fanout.subscription_count(),
+            "topics": len(self.fanout.topics),  # held: subscribed, loading or in their grace
+            "topics_idle": len(self.fanout.idle),
+            "topics_loading": len(self.fanout.loading),
+            "topics_loaded": s.topics_loaded,
+            "topics_dropped": s.topics_dropped,
+            "topic_load_failures": self.topic_load_failures,
+            "updates_unheld": s.updates_unheld,
             "frames_sent": s.frames_sent + self.stats_control_frames,
             "bytes_sent": s.bytes_sent,
             "updates_applied": s.updates_applied,
@@ -605,6 +688,27 @@ def _http_error(
 
 
 _TRIM_AFTER_CLOSES = 500
+_TRIM_AFTER_DROPS = 10_000
+_LOAD_ATTEMPTS = 5  # fetches of one topic whose epoch is not this worker's yet
+_LOAD_RETRY_S = 0.05
+
+
+class _Waiter:
+    """One `sub` waiting for the loads of its topics (`WorkerServer.load_topics`)."""
+
+    __slots__ = ("done", "failed", "left")
+
+    def __init__(self, left: int, done: Callable[[str | None], None]) -> None:
+        self.left = left
+        self.done = done
+        self.failed: str | None = None
+
+    def one_done(self, failed: str | None) -> None:
+        if failed is not None and self.failed is None:
+            self.failed = failed
+        self.left -= 1
+        if self.left == 0:
+            self.done(self.failed)
 _TRIM_EVERY_S = 5.0
 
 

@@ -108,6 +108,9 @@ _STATIC_NAME: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
 COUNTERS: Final = (
     "connections",
     "subscriptions",
+    "topics",
+    "topics_dropped",
+    "updates_unheld",
     "frames_sent",
     "bytes_sent",
     "updates_delivered",

@@ -43,12 +43,28 @@ Rules this module owns:
    topic's bounded buffer no longer holds them all. Nothing else is kept for
    it. State topics pay nothing for this: a topic's kind is decided once, when
    the core first sees it, and both kinds answer the same calls.
+9. Topic lifetime (`lazy=True`, what a worker uses): the core holds only the
+   topics that have a subscriber, are being loaded, or lost their last
+   subscriber less than a grace ago (`idle`, at most `max_idle_topics`, the
+   oldest dropped first). Entries and floors of a topic it does not hold are
+   ignored (the bus keeps them for a later `sub`): they never create one. A
+   `sub` of a topic not held waits for a load: `begin_load` starts holding it
+   (live entries apply from then on), the shell fetches the bus's state or
+   history, and `load_state` / `load_stream` merge it under those entries
+   (idempotent by position, tombstones included, so the topic is exact: a
+   `since` is answered as if it had always been held; a stream topic's floor
+   is set no lower than the truth, so a `since` it cannot prove gets a full
+   snap). A load of another epoch is refused (fetch again). `drop_idle`
+   forgets the topics idle for the grace. So memory follows subscriptions:
+   topics held <= connections x max_topics_per_conn + loads + max_idle_topics.
+   Without `lazy` (tests, tools) every entry creates its topic and none is
+   ever dropped.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from engine.fanout.state import TopicState
@@ -146,10 +162,13 @@ class Stats:
         "bytes_sent",
         "frames_refused",
         "frames_sent",
+        "topics_dropped",
+        "topics_loaded",
         "updates_applied",
         "updates_coalesced",
         "updates_delivered",
         "updates_stale",
+        "updates_unheld",
     )
 
     def __init__(self) -> None:
@@ -160,6 +179,9 @@ class Stats:
         self.bytes_sent = 0
         self.updates_delivered = 0  # key values in delivered upd/snap messages
         self.frames_refused = 0  # frames not written: over budget
+        self.topics_dropped = 0  # topics forgotten after their grace (rule 9)
+        self.topics_loaded = 0  # topics loaded from the bus for a sub (rule 9)
+        self.updates_unheld = 0  # entries ignored: their topic is not held (rule 9)
 
 
 def period_ticks(max_hz: float | None, cap_hz: float, flush_interval_ms: int) -> int:
@@ -192,7 +214,9 @@ class Fanout:
     `history_of(topic)` is the `history` of a stream topic, None for a state
     topic (the `[[topics]]` rules; without it every topic is a state topic).
     `stream_buffer_events` is the least a worker keeps of each subscribed
-    stream topic (engine/fanout/stream.py rule 2).
+    stream topic (engine/fanout/stream.py rule 2). `lazy` holds only the
+    topics subscribed here, loaded on demand, and `max_idle_topics` of those
+    whose last subscriber left (rule 9).
     """
 
     def __init__(
@@ -200,11 +224,19 @@ class Fanout:
         epoch: str = "",
         history_of: Callable[[str], int | None] | None = None,
         stream_buffer_events: int = STREAM_BUFFER_MIN,
+        *,
+        lazy: bool = False,
+        max_idle_topics: int = 10_000,
     ) -> None:
         self.epoch = epoch
         self.history_of = history_of
         self.stream_buffer_events = stream_buffer_events
+        self.lazy = lazy
+        self.max_idle_topics = max_idle_topics
         self.topics: dict[str, Topic] = {}
+        self.loading: set[str] = set()  # topics held and waiting for their load (rule 9)
+        # topics without a subscriber -> the tick they lost the last one, oldest first
+        self.idle: dict[str, int] = {}
         self.dirty: set[Topic] = set()
         # slot -> topics to visit at that slot's next due tick
         self.pending: dict[Slot, set[Topic]] = {}
@@ -234,9 +266,12 @@ class Fanout:
 
     def apply(self, topic: str, key: str, pos: int, data: bytes) -> None:
         """Apply one bus entry (idempotent by position): a state topic's key
-        update, or a stream topic's event."""
+        update, or a stream topic's event. Lazy: ignored for a topic not held."""
         t = self.topics.get(topic)
         if t is None:
+            if self.lazy:
+                self.stats.updates_unheld += 1  # rule 9: nobody subscribes to it here
+                return
             t = self._new_topic(topic)
         if t.groups:
             old = t.entries.get(key)
@@ -254,8 +289,13 @@ class Fanout:
     def lose(self, topic: str, floor: int) -> None:
         """The bus no longer holds the events of stream topic `topic` up to
         `floor` (`BusSink.on_bus_floors`): if this worker lacks some of them,
-        its subscribers get a `gap` at the next flush. Ignored for state topics."""
-        t = self.topic(topic)
+        its subscribers get a `gap` at the next flush. Ignored for state topics,
+        and (lazy) for a topic not held: its load reads the bus's history."""
+        t = self.topics.get(topic)
+        if t is None:
+            if self.lazy:
+                return
+            t = self._new_topic(topic)
         if isinstance(t, StreamState) and t.lose(floor) and t.groups:
             self.dirty.add(t)
 
@@ -271,7 +311,109 @@ class Fanout:
                 for sub in g.subs:
                     sub.sent_pos = _NEEDS_SNAP
                 self._visit(t, g.slot)
-        self.topics = {n: t for n, t in self.topics.items() if t.groups}
+        # what a subscriber or a load needs is refilled by the new epoch's sync
+        kept = {n: t for n, t in self.topics.items() if t.groups or n in self.loading}
+        self.stats.topics_dropped += len(self.topics) - len(kept)
+        self.topics = kept
+        self.idle = {}
+
+    # -- topic lifetime (rule 9) ------------------------------------------------------
+
+    def needs_load(self, topic: str) -> bool:
+        """Whether a `sub` of `topic` must wait for a load (lazy, not held or loading)."""
+        return self.lazy and (topic in self.loading or topic not in self.topics)
+
+    def begin_load(self, topic: str) -> bool:
+        """Hold `topic` from now on (live entries apply to it) and mark it
+        loading. True when the caller must fetch it from the bus; False when it
+        is held already or a load is under way."""
+        if topic in self.topics:
+            return False
+        self._new_topic(topic)
+        self.loading.add(topic)
+        return True
+
+    def is_stream(self, topic: str) -> bool:
+        return self.history_of is not None and self.history_of(topic) is not None
+
+    def load_state(self, topic: str, epoch: str, items: Sequence[tuple[str, int, bytes]]) -> bool:
+        """Merge a state topic's loaded snapshot (key, pos, data; deletions as
+        NIL), fetched after `begin_load`, under the entries applied since.
+        False (nothing changes) when the topic is not loading or the snapshot
+        is of another epoch: fetch it again."""
+        t = self._loaded(topic, epoch)
+        if t is None:
+            return False
+        assert isinstance(t, TopicState)
+        t.merge(items)
+        return True
+
+    def load_stream(
+        self, topic: str, epoch: str, events: Sequence[tuple[int, str, bytes]], complete: bool
+    ) -> bool:
+        """Merge a stream topic's loaded history (pos, key, data: the bus's
+        retained events, `complete` when nothing was ever dropped), fetched
+        after `begin_load`, under the events applied since. False as for
+        `load_state`."""
+        t = self._loaded(topic, epoch)
+        if t is None:
+            return False
+        assert isinstance(t, StreamState)
+        t.load([(p, d) for p, _, d in events], complete)
+        return True
+
+    def _loaded(self, topic: str, epoch: str) -> Topic | None:
+        if topic not in self.loading or epoch != self.epoch:
+            return None
+        self.loading.discard(topic)
+        self.stats.topics_loaded += 1
+        t = self.topics[topic]
+        if not t.groups and self.lazy:
+            # its waiters subscribe now, or it goes after the grace; not `_idle`:
+            # the bound on idle topics must not drop it before they do
+            self.idle[topic] = self.tick
+        return t
+
+    def abandon_load(self, topic: str) -> None:
+        """The load failed: forget the topic unless someone subscribes to it."""
+        if topic in self.loading:
+            self.loading.discard(topic)
+            t = self.topics.get(topic)
+            if t is not None and not t.groups:
+                del self.topics[topic]
+
+    def drop_idle(self, grace_ticks: int) -> int:
+        """Forget the topics that have had no subscriber for `grace_ticks`
+        flush ticks (rule 9); returns how many."""
+        idle = self.idle
+        due = self.tick - grace_ticks
+        n = 0
+        while idle:
+            name = next(iter(idle))
+            if idle[name] > due:
+                break
+            del idle[name]
+            self._drop(name)
+            n += 1
+        return n
+
+    def _idle(self, t: Topic) -> None:
+        if not self.lazy:
+            return
+        idle = self.idle
+        idle.pop(t.name, None)
+        idle[t.name] = self.tick
+        if len(idle) > self.max_idle_topics:
+            oldest = next(iter(idle))
+            del idle[oldest]
+            self._drop(oldest)
+
+    def _drop(self, name: str) -> None:
+        t = self.topics.get(name)
+        if t is not None and not t.groups and name not in self.loading:
+            del self.topics[name]
+            self.dirty.discard(t)
+            self.stats.topics_dropped += 1
 
     # -- session side ----------------------------------------------------------------
 
@@ -287,10 +429,13 @@ class Fanout:
         `since` when its history still reaches back to it, else its newest
         `history` events (engine/fanout/stream.py rule 4).
         """
+        if self.lazy and self.needs_load(topic):
+            raise LookupError(f"topic {topic!r} is not held: load it first (begin_load)")
         t = self.topic(topic)
         old = session.subs.get(topic)
         if old is not None:
-            self._remove(old)
+            self._remove(old, idle=False)
+        self.idle.pop(topic, None)
         mark = since[1] if since is not None and since[0] == self.epoch else None
         snap, n, at = t.snap_since(self.epoch, mark)
         slot = (period, phase_in(period, session.phase))
@@ -316,7 +461,7 @@ class Fanout:
             self._remove(sub)
         session.subs.clear()
 
-    def _remove(self, sub: Sub) -> None:
+    def _remove(self, sub: Sub, idle: bool = True) -> None:
         sub.live = False
         g = sub.group
         g.subs.discard(sub)
@@ -330,6 +475,8 @@ class Fanout:
             else:
                 del self.periods[g.slot]
                 self.pending.pop(g.slot, None)
+            if idle and not t.groups:
+                self._idle(t)  # its last subscriber left (rule 9)
 
     def _visit(self, t: Topic, slot: Slot) -> None:
         self.pending.setdefault(slot, set()).add(t)

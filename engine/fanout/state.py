@@ -17,6 +17,7 @@ Rules this module owns:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from engine.protocol.codec import NIL, build_snap, build_upd, pack_item, pack_str
@@ -64,6 +65,32 @@ class TopicState:
             # Out of order (merging a snapshot under the live stream): restore rule 2.
             self.entries = dict(sorted(entries.items(), key=lambda kv: kv[1][0]))
         return True
+
+    def merge(self, items: Iterable[tuple[str, int, bytes]]) -> int:
+        """Apply many entries at once (a snapshot loaded under live entries,
+        in any order): rule 1 per key, then one sort restores rule 2. Returns
+        how many changed a key."""
+        entries = self.entries
+        newest = self.pos
+        changed = 0
+        for key, pos, data in items:
+            old = entries.get(key)
+            if old is not None:
+                if old[0] >= pos:
+                    continue
+                if not old[2]:
+                    self.live -= 1
+            deleted = data == NIL
+            entries[key] = (pos, pack_item(key, data), deleted)
+            if not deleted:
+                self.live += 1
+            if pos > newest:
+                newest = pos
+            changed += 1
+        if changed:
+            self.pos = newest
+            self.entries = dict(sorted(entries.items(), key=lambda kv: kv[1][0]))
+        return changed
 
     def changed_since(self, since: int) -> list[bytes]:
         """Packed items of the keys changed after `since`, oldest first, deletions included."""

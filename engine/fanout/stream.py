@@ -32,13 +32,21 @@ Rules this module owns:
    (`lose`: it was disconnected longer than the bus retains events), the
    events held are dropped and the topic's position moves to that floor:
    every subscriber gets a `gap` for it.
+6. A topic loaded for a `sub` (`load`: the bus's retained events, fetched
+   after the topic began taking live events) holds their union in order.
+   What the bus dropped before the topic was held bounds which `since` can be
+   answered exactly (`since_floor`, set no lower than the truth: 0 when the
+   bus says nothing was ever dropped, else just below the oldest event held;
+   with no event to tell, `history = 0`, unknown until the next event
+   arrives, every `since` until then getting a full snap). It is not a gap:
+   nobody subscribed here before.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, ClassVar, Final
 
@@ -57,6 +65,9 @@ its buffer: the events no flush has planned yet are not dropped below that
 (rule 2), so a burst within one flush interval reaches every subscriber."""
 
 
+_UNKNOWN: Final = 1 << 128  # above every position: a floor not known yet (rule 6)
+
+
 class StreamState:
     """The recent events and position of one stream topic (see the module rules)."""
 
@@ -71,6 +82,7 @@ class StreamState:
         "packed_name",
         "pos",
         "sent_mark",
+        "since_floor",
     )
 
     # No per-key state: nothing is coalesced (the fan-out core reads it when it
@@ -86,6 +98,7 @@ class StreamState:
         # (pos, packed [pos, data]), oldest first (rule 1)
         self.events: deque[tuple[int, bytes]] = deque()
         self.floor = 0  # every event after it is held (rule 2)
+        self.since_floor = 0  # the oldest `since` a partial snap may answer (rule 6)
         self.pos = 0  # the newest event's position (or the floor after a loss)
         self.sent_mark = 0  # position as of the last flush that visited the topic
         # (period, phase) -> subscriber group; owned by engine.fanout.core
@@ -96,6 +109,8 @@ class StreamState:
         when an event at or after `pos` is already known."""
         if pos <= self.pos:
             return False
+        if self.since_floor == _UNKNOWN:
+            self.since_floor = pos - 1  # rule 6: every event from this one on arrives live
         events = self.events
         events.append((pos, pack_event(pos, data)))
         self.pos = pos
@@ -120,6 +135,28 @@ class StreamState:
         self.events.clear()
         self.floor = self.pos = floor
         return True
+
+    def load(self, events: Sequence[tuple[int, bytes]], complete: bool) -> None:
+        """Merge the bus's retained events (pos, data), oldest first, under the
+        events applied since the load began (rule 6). `complete`: the bus
+        never dropped an event of the topic."""
+        last = events[-1][0] if events else 0
+        if not complete:
+            if events:
+                oldest = events[0][0] - 1
+            elif self.events:
+                oldest = self.events[0][0] - 1
+            else:
+                oldest = _UNKNOWN
+            self.since_floor = max(self.since_floor, oldest)
+        merged = deque((p, pack_event(p, d)) for p, d in events if p > self.floor)
+        merged.extend(e for e in self.events if e[0] > last)
+        self.events = merged
+        if last > self.pos:
+            self.pos = last
+        limit = self.buffer_events if self.groups else self.history
+        while len(merged) > limit:
+            self.floor = merged.popleft()[0]
 
     def events_since(self, since: int) -> list[bytes]:
         """Packed events held after `since`, oldest first."""
@@ -146,8 +183,8 @@ class StreamState:
         events held: how far back `since` may be for a `full: false` snap."""
         n = len(self.events)
         if n > self.history:
-            return self.events[n - self.history - 1][0]
-        return self.floor
+            return max(self.events[n - self.history - 1][0], self.since_floor)
+        return max(self.floor, self.since_floor)
 
     def recent(self) -> list[bytes]:
         """The newest `history` events held, oldest first."""
@@ -175,5 +212,6 @@ class StreamState:
         """Forget every event (the bus lost its history: a new epoch)."""
         self.events.clear()
         self.floor = 0
+        self.since_floor = 0
         self.pos = 0
         self.sent_mark = 0

@@ -616,6 +616,9 @@ def test_stats_sums_workers_and_counts_uptime_from_the_supervisor() -> None:
     counters = {
         "connections": 3,
         "subscriptions": 5,
+        "topics": 4,
+        "topics_dropped": 17,
+        "updates_unheld": 19,
         "frames_sent": 7,
         "bytes_sent": 11,
         "updates_delivered": 13,

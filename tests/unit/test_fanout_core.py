@@ -921,3 +921,158 @@ def test_stats_count_what_was_written() -> None:
     assert st.bytes_sent == len(ca.raw[-1]) + len(cb.raw[-1])
     assert st.updates_delivered == 4
     assert st.frames_refused == 0
+
+
+# -- topic lifetime (rule 9) ------------------------------------------------------------
+
+
+def lazy(max_idle_topics: int = 10_000) -> Fanout:
+    return Fanout(EPOCH, lazy=True, max_idle_topics=max_idle_topics)
+
+
+def tick(fo: Fanout, n: int = 1) -> None:
+    for _ in range(n):
+        flush(fo)
+
+
+def load(fo: Fanout, topic: str, items: list[tuple[str, int, Any]]) -> None:
+    """A sub's load as the shell runs it: hold, fetch (here: `items`), merge."""
+    assert fo.needs_load(topic) and fo.begin_load(topic)
+    assert fo.load_state(topic, EPOCH, [(k, p, val(v)) for k, p, v in items])
+    assert not fo.needs_load(topic)
+
+
+def test_lazy_entries_of_a_topic_not_held_create_nothing() -> None:
+    fo = lazy()
+    fo.apply("t", "a", pos(1), val(1))
+    fo.lose("t", pos(1))
+    assert fo.topics == {} and fo.needs_load("t")
+    s, _ = connect()
+    with pytest.raises(LookupError, match="'t'"):
+        fo.subscribe(s, "t", None, 1)
+
+
+def test_fresh_topics_subscribed_then_left_are_dropped_after_the_grace() -> None:
+    # issue 11, finding 2: sub + unsub of fresh names must not grow the table
+    fo = lazy()
+    s, _ = connect()
+    honest, hc = connect()
+    load(fo, "honest", [])
+    sub(fo, honest, "honest")
+    for i in range(300):
+        load(fo, f"fresh.{i}", [])
+        sub(fo, s, f"fresh.{i}")
+        if i % 2:
+            fo.unsubscribe(s, f"fresh.{i}")
+    fo.close_session(s)  # the even ones leave with the session
+    assert len(fo.topics) == 301 and len(fo.idle) == 300
+    tick(fo, 2)
+    assert fo.drop_idle(grace_ticks=3) == 0  # within the grace: kept
+    fo.apply("honest", "k", pos(1), val(1))
+    tick(fo)
+    assert fo.drop_idle(grace_ticks=3) == 300
+    assert list(fo.topics) == ["honest"] and fo.idle == {}
+    assert fo.stats.topics_dropped == 300
+    assert hc.views["honest"] == {"k": 1}  # the honest subscriber kept receiving
+    fo.apply("honest", "k", pos(2), val(2))
+    tick(fo)
+    assert hc.views["honest"] == {"k": 2}
+
+
+def test_a_topic_resubscribed_within_its_grace_is_kept_without_a_load() -> None:
+    fo = lazy()
+    s, c = connect()
+    load(fo, "t", [("a", pos(1), 1)])
+    sub(fo, s, "t")
+    fo.unsubscribe(s, "t")
+    fo.apply("t", "a", pos(2), val(2))  # held in its grace: still applied
+    tick(fo, 5)
+    assert not fo.needs_load("t")
+    snap = sub(fo, s, "t")
+    assert snap["items"] == {"a": 2} and fo.idle == {}
+    tick(fo, 10)
+    assert fo.drop_idle(grace_ticks=3) == 0  # subscribed again: not idle
+    assert c.views["t"] == {"a": 2}
+
+
+def test_idle_topics_are_bounded_the_oldest_dropped_first() -> None:
+    fo = lazy(max_idle_topics=2)
+    s, _ = connect()
+    for name in ("a", "b", "c"):
+        load(fo, name, [])
+        sub(fo, s, name)
+    for name in ("a", "b", "c"):
+        fo.unsubscribe(s, name)
+    assert list(fo.idle) == ["b", "c"] and set(fo.topics) == {"b", "c"}
+    assert fo.needs_load("a") and fo.stats.topics_dropped == 1
+
+
+def test_a_resubscribe_does_not_make_the_topic_idle_even_with_no_idle_room() -> None:
+    fo = lazy(max_idle_topics=0)
+    s, _ = connect()
+    load(fo, "t", [("a", pos(1), 1)])  # loaded: idle until its waiter subscribes
+    sub(fo, s, "t")
+    assert sub(fo, s, "t")["items"] == {"a": 1}  # the old subscription goes, not the topic
+    fo.unsubscribe(s, "t")
+    assert fo.topics == {}  # no idle room: dropped at once
+
+
+def test_a_dropped_topic_reloaded_serves_the_latest_values_and_an_exact_since() -> None:
+    fo = lazy()
+    s, c = connect()
+    load(fo, "t", [("a", pos(1), 1), ("b", pos(2), 2), ("c", pos(3), 3)])
+    first = sub(fo, s, "t")
+    fo.unsubscribe(s, "t")
+    tick(fo)
+    assert fo.drop_idle(grace_ticks=0) == 1
+    # published while not held: ignored here, kept by the bus
+    fo.apply("t", "a", pos(4), val(10))
+    fo.apply("t", "c", pos(5), NIL)
+    assert fo.needs_load("t") and fo.begin_load("t")
+    assert not fo.begin_load("t")  # one load at a time
+    # live entries while the load is under way, newer than the snapshot's ...
+    fo.apply("t", "d", pos(7), val(4))
+    fo.apply("t", "a", pos(8), val(11))
+    # ... and the snapshot (taken after begin_load; deleted keys as NIL)
+    snapshot = [("b", pos(2), val(2)), ("a", pos(4), val(10)), ("c", pos(5), NIL)]
+    assert fo.load_state("t", EPOCH, snapshot)
+    snap = sub(fo, s, "t")
+    assert snap["full"] and c.views["t"] == {"a": 11, "b": 2, "d": 4}
+    assert snap["pos"] == format_pos(pos(8))
+    partial = sub(fo, s, "t", since=(EPOCH, pos(3)))
+    assert (partial["full"], partial["items"]) == (False, {"c": None, "d": 4, "a": 11})
+    assert first["pos"] == format_pos(pos(3))
+    fo.apply("t", "b", pos(9), val(3))
+    tick(fo)
+    assert c.views["t"] == {"a": 11, "b": 3, "d": 4}
+
+
+def test_a_load_of_another_epoch_is_refused_and_fetched_again() -> None:
+    fo = lazy()
+    assert fo.begin_load("t")
+    fo.reset("e2")  # a new epoch while the load is under way: the topic is kept
+    assert fo.needs_load("t")
+    assert not fo.load_state("t", EPOCH, [("a", pos(1), val(1))])
+    assert fo.load_state("t", "e2", [("a", pos(1), val(2))])
+    s, _ = connect()
+    assert sub(fo, s, "t")["items"] == {"a": 2}
+
+
+def test_an_abandoned_load_leaves_nothing() -> None:
+    fo = lazy()
+    assert fo.begin_load("t")
+    fo.apply("t", "a", pos(1), val(1))
+    fo.abandon_load("t")
+    assert fo.topics == {} and fo.needs_load("t")
+
+
+def test_a_new_epoch_drops_the_idle_topics() -> None:
+    fo = lazy()
+    s, _ = connect()
+    load(fo, "kept", [])
+    load(fo, "idle", [])
+    sub(fo, s, "kept")
+    sub(fo, s, "idle")
+    fo.unsubscribe(s, "idle")
+    fo.reset("e2")
+    assert list(fo.topics) == ["kept"] and fo.idle == {}

@@ -485,3 +485,58 @@ def test_a_new_epoch_sends_a_full_snap_of_the_stream() -> None:
     publish(fo, "trades", 3, 3)
     flush(fo)
     assert c.data("trades") == [1, 2, 3]
+
+
+# -- loaded for a sub (core rule 9, stream.py rule 6) -------------------------------------
+
+
+def lazy() -> Fanout:
+    return Fanout(EPOCH, history_of=history_of, lazy=True)
+
+
+def events(first: int, last: int) -> list[tuple[int, str, bytes]]:
+    return [(pos(n), "k", val(n)) for n in range(first, last + 1)]
+
+
+def test_a_loaded_stream_merges_the_bus_history_under_the_live_events() -> None:
+    fo = lazy()
+    publish(fo, "trades", 1, 3)  # not held: ignored
+    assert fo.topics == {}
+    assert fo.begin_load("trades")
+    publish(fo, "trades", 9, 10)  # live while the load is under way
+    # the bus's history (5 retained of 9 published; 9 both in it and live)
+    assert fo.load_stream("trades", EPOCH, events(5, 9), complete=False)
+    s, c = connect()
+    snap = sub(fo, s, "trades")
+    assert snap["full"] and c.data("trades") == [6, 7, 8, 9, 10]  # the newest `history`
+    assert sub(fo, s, "trades", since=pos(7))["items"] == [
+        [format_pos(pos(n)), n] for n in (8, 9, 10)
+    ]
+    # before the oldest event held: it cannot be proved nothing was lost, a full snap
+    assert sub(fo, s, "trades", since=pos(3))["full"] is True
+    publish(fo, "trades", 11, 11)
+    flush(fo)
+    assert c.data("trades")[-2:] == [10, 11] and c.gaps == {}
+
+
+def test_a_loaded_stream_with_its_whole_history_answers_any_since_exactly() -> None:
+    fo = lazy()
+    assert fo.begin_load("trades")
+    assert fo.load_stream("trades", EPOCH, events(1, 3), complete=True)
+    s, _ = connect()
+    snap = sub(fo, s, "trades", since=0)
+    assert (snap["full"], len(snap["items"])) == (False, 3)
+
+
+def test_a_loaded_stream_without_history_proves_no_since_until_an_event_arrives() -> None:
+    fo = lazy()
+    assert fo.begin_load("logs")
+    assert fo.load_stream("logs", EPOCH, [], complete=False)  # history 0: the bus kept none
+    s, c = connect()
+    assert sub(fo, s, "logs", since=pos(4))["full"] is True
+    publish(fo, "logs", 6, 6)
+    flush(fo)
+    assert c.data("logs") == [6] and c.gaps == {}
+    late, _ = connect()
+    snap = sub(fo, late, "logs", since=pos(6))
+    assert (snap["full"], snap["items"]) == (False, [])
