@@ -93,7 +93,7 @@ Rules:
    `data`), it refuses publishes until topics expire or an operator acts:
    size `maxmemory` by docs/redis.md ("Sizing").
 10. Nothing waits on Redis without a bound: every publish gets a reply or
-   `BusUnavailable` within `publish_timeout_s` (a timer per request), as do
+   `BusUnavailable` within `publish_timeout_s` (one timer for them all), as do
    snapshots and histories. The publish loop and the link task are
    supervised (`engine/bus/tasks.py`): a task that raises is restarted with
    backoff and counted (`task_restarts`); while one is down the client
@@ -223,29 +223,42 @@ class _Resync(Exception):
     """The probe found the epoch changed or a stream trimmed past us: sync again."""
 
 
-# shard, per-update keys (state hash or history stream), ARGV quintuples, indices
-_Call = tuple[int, list[str], list[Any], list[int]]
+# shard, per-update keys (state hash or history stream), ARGV quadruples, indices
+# in the request, idle expiries in ms per update (None: no topic of the call has one)
+_Call = tuple[int, list[str], list[Any], list[int], list[int] | None]
+
+
+class _Merged:
+    """One script call of publish.lua being built (`RedisBus._merge`)."""
+
+    __slots__ = ("argv", "counts", "expiries", "keys", "segments", "shard", "updates")
+
+    def __init__(self, shard: int, shard_keys: list[str]) -> None:
+        self.shard = shard
+        self.keys = list(shard_keys)  # KEYS[1..5], then one per update
+        self.argv: list[Any] = []  # 4 per update
+        self.counts: list[int] = []  # updates per request
+        self.expiries: list[str] = []  # "i:ms" for updates of expiring topics
+        self.updates = 0
+        self.segments: list[tuple[_Request, list[int]]] = []  # request, its indices
 
 
 class _Request:
-    """One publish waiting for Redis. Settled once: by its reply, a failure, or its timer."""
+    """One publish waiting for Redis. Settled once: by its reply, a failure, or its deadline."""
 
-    __slots__ = ("calls", "done", "results", "settled", "timer")
+    __slots__ = ("calls", "deadline", "done", "results", "settled")
 
-    def __init__(self, calls: list[_Call], done: PublishDone):
+    def __init__(self, calls: list[_Call], done: PublishDone, deadline: float):
         self.calls = calls  # per shard: its updates' state keys, ARGV and indices in the request
         self.done = done
+        self.deadline = deadline  # loop time: BusUnavailable past it (rule 10)
         self.results: list[int] = [0] * sum(len(c[3]) for c in calls)
         self.settled = False
-        self.timer: asyncio.TimerHandle | None = None
 
     def settle(self, result: Sequence[int] | BusError) -> None:
         if self.settled:
             return
         self.settled = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         _call(self.done, result)
 
 
@@ -318,6 +331,7 @@ class RedisBus:
         self._oom_trimmed = -OOM_TRIM_INTERVAL_S  # loop time of the last emergency trim
         self._trim_due: set[int] = set()  # shards whose byte check is due
         self._sending: list[_Request] = []  # the batch the publish loop sent last
+        self._deadlines: asyncio.TimerHandle | None = None  # rule 10: the next deadline
         self._streak = FailureStreak(backoff, stable_s=STABLE_LINK_S)
         self._epoch_key = f"{prefix}:epoch"
         self._logs = [f"{prefix}:{{s{s}}}:log" for s in range(shards)]
@@ -326,6 +340,11 @@ class RedisBus:
         self._floors = [f"{prefix}:{{s{s}}}:streams" for s in range(shards)]
         self._metas = [f"{prefix}:{{s{s}}}:meta" for s in range(shards)]
         self._expiries = [f"{prefix}:{{s{s}}}:expiry" for s in range(shards)]
+        # KEYS[1..5] of publish.lua, per shard
+        self._shard_keys = [
+            [self._logs[s], self._topic_sets[s], self._floors[s], self._metas[s], self._expiries[s]]
+            for s in range(shards)
+        ]
         self._history_of = history_of or _no_streams
         self._publish_src = _script("publish.lua")
         self._epoch_src = _script("epoch.lua")
@@ -459,23 +478,36 @@ class RedisBus:
         if not calls:
             loop.call_soon(_call, done, [])
             return
-        req = _Request(calls, done)
-        req.timer = loop.call_later(self.publish_timeout_s, self._expire_request, req)
-        self._queue.append(req)
+        self._queue.append(_Request(calls, done, loop.time() + self.publish_timeout_s))
+        if self._deadlines is None:
+            self._deadlines = loop.call_later(self.publish_timeout_s, self._expire_requests)
         self._wake.set()
 
-    def _expire_request(self, req: _Request) -> None:
-        """Its timer: no reply within publish_timeout_s (rule 10). It may
-        still be applied later if it was sent (like a reply lost with the link)."""
-        req.timer = None
-        if not req.settled:
-            self.publish_timeouts += 1
-            req.settle(
-                BusUnavailable(
-                    "no reply from Redis within bus.publish_timeout_s"
-                    f" ({self.publish_timeout_s:g} s)"
-                )
-            )
+    def _expire_requests(self) -> None:
+        """One timer for every request (rule 10): requests are sent in queue
+        order and share one timeout, so deadlines grow along the batch being
+        sent, then the queue. Settles those past theirs with BusUnavailable
+        (one that was sent may still be applied, like a reply lost with the
+        link) and sets the timer for the next one."""
+        loop = self._loop or asyncio.get_running_loop()
+        self._deadlines = None
+        now = loop.time()
+        why = f"no reply from Redis within bus.publish_timeout_s ({self.publish_timeout_s:g} s)"
+        queue = self._queue
+        for req in self._sending:
+            if not req.settled and req.deadline <= now:
+                self.publish_timeouts += 1
+                req.settle(BusUnavailable(why))
+        while queue and (queue[0].settled or queue[0].deadline <= now):
+            req = queue.popleft()
+            if not req.settled:
+                self.publish_timeouts += 1
+                req.settle(BusUnavailable(why))
+        waiting = [r.deadline for r in self._sending if not r.settled]
+        if queue:
+            waiting.append(queue[0].deadline)
+        if waiting:
+            self._deadlines = loop.call_at(min(waiting), self._expire_requests)
 
     async def publish_wait(self, updates: Sequence[Update]) -> list[int]:
         """`publish`, awaited: the positions, or raises `BusUnavailable` / `BusError`."""
@@ -547,6 +579,9 @@ class RedisBus:
         while self._queue and self._connected and loop.time() < deadline:
             await asyncio.sleep(0.005)
         await _stop([t for t in (self._task, self._publisher) if t is not None])
+        if self._deadlines is not None:
+            self._deadlines.cancel()
+            self._deadlines = None
         for req in self._sending:
             req.settle(BusUnavailable("the bus client was closed"))
         self._fail_queued("the bus client was closed")
@@ -972,7 +1007,7 @@ class RedisBus:
         bounds.check_updates(updates, self.limits.max_data_bytes)
         by_shard: dict[int, _Call] = {}
         history_of = self._history_of
-        expiry_of = self._expiry_of
+        expiry_of = self._expiry_of if self._expires else None
         for i, u in enumerate(updates):
             history = history_of(u.topic)
             if history is None and not u.key:
@@ -980,15 +1015,18 @@ class RedisBus:
             s = self._shard(u.topic)
             call = by_shard.get(s)
             if call is None:
-                call = by_shard[s] = (s, [], [], [])
-            expiry_ms = round(expiry_of(u.topic) * 1000)
+                call = by_shard[s] = (s, [], [], [], None if expiry_of is None else [])
             if history is None:
                 call[1].append(self._state_key(u.topic, s))
-                call[2].extend((u.topic, u.key, bytes(u.data), -1, expiry_ms))
+                call[2].extend((u.topic, u.key, bytes(u.data), -1))
             else:
                 call[1].append(self._hist_key(u.topic, s))
-                call[2].extend((u.topic, u.key, bytes(u.data), history, expiry_ms))
+                call[2].extend((u.topic, u.key, bytes(u.data), history))
             call[3].append(i)
+            if expiry_of is not None:
+                expiries = call[4]
+                assert expiries is not None
+                expiries.append(round(expiry_of(u.topic) * 1000))
         return list(by_shard.values())
 
     async def _publish_loop(self) -> None:
@@ -1023,32 +1061,28 @@ class RedisBus:
                 if self._trim_due:
                     await self._trim_shards()
 
-    def _merge(
-        self, batch: list[_Request]
-    ) -> list[tuple[int, list[str], list[Any], list[tuple[_Request, list[int]]]]]:
+    def _merge(self, batch: list[_Request]) -> list[_Merged]:
         """Script calls for `batch`: per shard, consecutive requests share a
-        call (up to MERGE_UPDATES updates), each request its own segment of
-        ARGV (checked and applied whole by the script). Order kept per shard."""
-        merged: list[tuple[int, list[str], list[Any], list[tuple[_Request, list[int]]]]] = []
+        call (up to MERGE_UPDATES updates), each request its own segment
+        (checked and applied whole by the script). Order kept per shard."""
+        merged: list[_Merged] = []
         current: dict[int, int] = {}  # shard -> its call being filled in `merged`
         for req in batch:
-            for shard, state_keys, argv, indices in req.calls:
+            for shard, state_keys, argv, indices, expiries in req.calls:
                 m = current.get(shard)
-                if m is None or len(merged[m][1]) - 5 + len(indices) > MERGE_UPDATES:
+                if m is None or merged[m].updates + len(indices) > MERGE_UPDATES:
                     m = current[shard] = len(merged)
-                    keys = [
-                        self._logs[shard],
-                        self._topic_sets[shard],
-                        self._floors[shard],
-                        self._metas[shard],
-                        self._expiries[shard],
-                    ]
-                    merged.append((shard, keys, list(self._script_head), []))
-                _, keys, args, segments = merged[m]
-                keys.extend(state_keys)
-                args.append(len(indices))
-                args.extend(argv)
-                segments.append((req, indices))
+                    merged.append(_Merged(shard, self._shard_keys[shard]))
+                call = merged[m]
+                if expiries is not None:
+                    call.expiries.extend(
+                        f"{call.updates + j + 1}:{ms}" for j, ms in enumerate(expiries) if ms > 0
+                    )
+                call.keys.extend(state_keys)
+                call.argv.extend(argv)
+                call.counts.append(len(indices))
+                call.updates += len(indices)
+                call.segments.append((req, indices))
         return merged
 
     async def _send(self, batch: list[_Request]) -> None:
@@ -1056,10 +1090,18 @@ class RedisBus:
         trip, or one call at a time on a cluster; then settle every request."""
         merged = self._merge(batch)
         sha = self._publish_sha
+        head = self._script_head
+        calls = [
+            (
+                call.keys,
+                [*head, ",".join(map(str, call.counts)), ",".join(call.expiries), *call.argv],
+            )
+            for call in merged
+        ]
         replies: list[Any]
         if self.cluster:
             replies = []
-            for _, keys, args, _ in merged:
+            for keys, args in calls:
                 try:
                     replies.append(await self._cmd.evalsha(sha, len(keys), *keys, *args))
                 except ResponseError as exc:  # NOSCRIPT and OOM included: that call did not run
@@ -1072,19 +1114,19 @@ class RedisBus:
                     break
         else:
             pipe = self._cmd.pipeline(transaction=False)
-            for _, keys, args, _ in merged:
+            for keys, args in calls:
                 pipe.evalsha(sha, len(keys), *keys, *args)
             replies = await pipe.execute(raise_on_error=False)
         failed: dict[int, BusError] = {}
-        for (shard, _, _, segments), reply in zip(merged, replies, strict=True):
+        for call, reply in zip(merged, replies, strict=True):
             if isinstance(reply, Exception):
-                err = self._call_error(shard, reply)
-                for req, _ in segments:
+                err = self._call_error(call.shard, reply)
+                for req, _ in call.segments:
                     failed.setdefault(id(req), err)
                 continue
             if reply[-1] == 1:
-                self._trim_due.add(shard)
-            for (req, indices), ids in zip(segments, reply, strict=False):
+                self._trim_due.add(call.shard)
+            for (req, indices), ids in zip(call.segments, reply, strict=False):
                 if ids and ids[0] == b"!":
                     _, code, topic, key = (x.decode(errors="replace") for x in ids)
                     failed.setdefault(id(req), self._refusal(code, topic, key))
