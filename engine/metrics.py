@@ -263,7 +263,13 @@ def _is_number(v: object) -> bool:
 
 
 # What a bus client counts (its `bus_stats()`, engine/bus/tasks.py and the backends).
-BUS_EVENTS: Final = ("task_restarts", "publish_timeouts", "oom_refusals", "byte_trims", "topics_expired")
+BUS_EVENTS: Final = (
+    "task_restarts",
+    "publish_timeouts",
+    "oom_refusals",
+    "byte_trims",
+    "topics_expired",
+)
 
 
 def bus_events_family(

@@ -617,6 +617,8 @@ class WorkerServer:
         lags = shard_lags() if callable(shard_lags) else None
         entry_age = getattr(self.bus, "last_entry_age_ms", None)
         age = entry_age() if callable(entry_age) else None
+        events = getattr(self.bus, "bus_stats", None)
+        health = getattr(self.bus, "health", None)  # engine.bus.tasks.TaskHealth
         return {
             "pid": os.getpid(),
             "slot": self.slot,
@@ -627,7 +629,8 @@ class WorkerServer:
             "bus_shard_lag_ms": None if lags is None else [round(x, 1) for x in lags],
             "bus_last_entry_age_ms": None if age is None else round(age, 1),
             # task restarts, publish timeouts, maxmemory refusals... (engine/bus/tasks.py)
-            "bus_events": bus_stats() if callable(bus_stats := getattr(self.bus, "bus_stats", None)) else {},
+            "bus_events": events() if callable(events) else {},
+            "bus_tasks_down": sorted(health.down) if health is not None else [],
             "connections": len(self.connections),
             "subscriptions": self.fanout.subscription_count(),
             "topics": len(self.fanout.topics),  # held: subscribed, loading or in their grace

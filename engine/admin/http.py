@@ -752,6 +752,9 @@ def _worker_fault(
     if status.get("accepting") is not True:
         return "not accepting"
     if status.get("bus_connected") is not True:
+        down = status.get("bus_tasks_down")
+        if isinstance(down, list) and down:  # engine/bus/tasks.py: failed, restarting
+            return f"bus task {', '.join(str(d)[:20] for d in down[:4])} restarting"
         return "bus disconnected"
     lag = _number(status.get("bus_lag_ms"))
     if max_lag_ms is not None and lag is not None and lag > max_lag_ms:
