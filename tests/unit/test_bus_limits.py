@@ -107,3 +107,20 @@ async def test_a_failing_task_is_restarted_counted_and_down_meanwhile() -> None:
     finish.set()
     await task  # a task that returns is done, not restarted
     assert runs == 3
+
+
+def test_readyz_names_a_bus_task_that_is_restarting() -> None:
+    """A worker whose bus task failed reports bus_connected false and the task:
+    /readyz says which (engine/admin/http.py `_worker_fault`)."""
+    from engine.admin import http
+
+    now = 1000.0
+    supervisor = {"ts": now, "state": "running", "workers_expected": 1, "workers": {"1": 7}}
+    worker = {"ts": now, "pid": 7, "accepting": True, "bus_connected": False}
+    args: dict[str, object] = {"now": now, "heartbeat_timeout_s": 10.0, "parent_alive": False}
+    ok, reasons = http.readiness(
+        supervisor, {1: {**worker, "bus_tasks_down": ["publisher"]}}, bus_connected=True, **args
+    )  # type: ignore[arg-type]
+    assert not ok and reasons == ["worker 1: bus task publisher restarting"]
+    ok, reasons = http.readiness(supervisor, {1: worker}, bus_connected=True, **args)  # type: ignore[arg-type]
+    assert reasons == ["worker 1: bus disconnected"]
