@@ -583,8 +583,7 @@ class AdminServer:
         except BusUnavailable as exc:
             self.publish_failures += 1
             return http.unavailable(f"the bus is unavailable, nothing was published: {exc}")
-        except BusRefused as exc:  # over a bus bound: the publisher's to fix
-            self.publish_failures += 1
+        except BusRefused as exc:  # over a bus bound: bad input, the publisher's to fix
             raise http.HttpError(400, exc.code, exc.message, topic=exc.topic) from None
         except BusError as exc:
             self.publish_failures += 1
