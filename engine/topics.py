@@ -31,9 +31,7 @@ MAX_PATTERN_LEN: Final = 200
 _LITERAL_RE: Final = re.compile(r"[A-Za-z0-9_:-]+")
 _EXPECT: Final = "expected a topic pattern like 'prices.fx', 'prices.>' or 'prices.*.eu'"
 
-DEFAULT_RULE: Final = TopicRule(
-    pattern=">", mode="state", max_hz=0.0, history=0, idle_expiry_s=0.0
-)
+DEFAULT_RULE: Final = TopicRule(pattern=">", mode="state", max_hz=0.0, history=0, idle_expiry_s=0.0)
 """The rule of a topic no `[[topics]]` entry matches: state topic, no rate cap, no
 history, never expires."""
 
