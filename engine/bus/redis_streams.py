@@ -91,7 +91,7 @@ Rules:
    (`trim.lua` runs even when Redis is full), at most once per
    `OOM_TRIM_INTERVAL_S`; so a Redis filled by the streams recovers by itself. Filled by state (keys x
    `data`), it refuses publishes until topics expire or an operator acts:
-   size `maxmemory` by docs/redis.md ("Sizing").
+   size `maxmemory` by docs/kubernetes.md ("Sizing the Redis bus").
 10. Nothing waits on Redis without a bound: every publish gets a reply or
    `BusUnavailable` within `publish_timeout_s` (one timer for them all), as do
    snapshots and histories. The publish loop and the link task are
@@ -1145,8 +1145,8 @@ class RedisBus:
             self.oom_refusals += 1
             self._trim_due.add(-1)  # an emergency trim (rule 9)
             return BusUnavailable(
-                "Redis is out of memory (maxmemory): nothing was published; trimming"
-                f" shard {shard}'s stream (size maxmemory by docs/redis.md, Sizing)"
+                "Redis is out of memory (maxmemory): nothing was published; trimming the"
+                " largest stream (size maxmemory by docs/kubernetes.md, Sizing the Redis bus)"
             )
         if isinstance(reply, NoScriptError | ResponseError) and "NOSCRIPT" in str(reply):
             if self._trouble is not None and not self._trouble.done():

@@ -13,7 +13,7 @@ another status); the bus trims the largest stream (a command Redis runs even
 when full) and publishing resumes by itself: after the fill every small
 publish to other topics succeeds; an honest subscriber on the same worker
 receives every acknowledged value; `/readyz` is 200; the refusals are counted
-in /metrics. A second test sizes the deployment by docs/redis.md ("Sizing")
+in /metrics. A second test sizes the deployment by docs/kubernetes.md ("Sizing the Redis bus")
 and shows that no small publish fails at all.
 """
 
@@ -233,7 +233,7 @@ async def test_a_redis_filled_by_large_values_keeps_publishing(
 async def test_a_redis_sized_by_the_docs_refuses_nothing_small(
     full_redis: RedisServer, tmp_path: Any
 ) -> None:
-    """docs/redis.md, Sizing: shards x (stream_max_bytes + a merged batch) +
+    """docs/kubernetes.md, Sizing the Redis bus: shards x (stream_max_bytes + a merged batch) +
     keys x max_data_bytes + in-flight requests under maxmemory. Here: 4 shards
     x 2 MiB of streams, a batch of at most 4 x 900 KB in flight, the big topic
     bounded to 4 keys: about 2 + 3.6 + 3.6 + 3.6 = 13 MB of a 20 MB Redis."""
