@@ -13,6 +13,7 @@ dropped and subscribed again is served its latest values from the bus.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -20,6 +21,8 @@ from typing import Any
 import pytest
 
 from engine.client.raw import RawConnection, connect
+from engine.protocol.codec import format_pos, parse_pos
+from tests.support.redis_server import RedisServer, redis_available
 from tests.support.serve import TIMEOUT_FACTOR, Served
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -30,20 +33,31 @@ GRACE_S = 0.5
 LEAVERS = 3  # attackers that disconnect while subscribed
 
 
-@pytest.fixture
-def served(tmp_path: Any) -> Iterator[Served]:
-    s = Served(
-        ["--workers", "1"],
-        env={
-            "FANOUT_LIMITS_MESSAGES_PER_S": "10000",
-            "FANOUT_FANOUT_TOPIC_GRACE_S": str(GRACE_S),
-            "FANOUT_FANOUT_FLUSH_INTERVAL_MS": "5",
-        },
-        log_path=str(tmp_path / "serve.log"),
-    )
-    s.wait_ready()
-    yield s
-    s.stop()
+HISTORY = 5  # of the stream topics `ev.>`
+
+
+@pytest.fixture(params=["local", "redis"])
+def served(request: Any, tmp_path: Any) -> Iterator[Served]:
+    env = {
+        "FANOUT_LIMITS_MESSAGES_PER_S": "10000",
+        "FANOUT_FANOUT_TOPIC_GRACE_S": str(GRACE_S),
+        "FANOUT_FANOUT_FLUSH_INTERVAL_MS": "5",
+        "FANOUT_TOPICS": json.dumps([{"pattern": "ev.>", "mode": "stream", "history": HISTORY}]),
+    }
+    redis: RedisServer | None = None
+    if request.param == "redis":
+        if not redis_available():
+            pytest.skip("redis-server is not installed")
+        redis = RedisServer(persistent=False).start()
+        env |= {"FANOUT_BUS_BACKEND": "redis", "FANOUT_BUS_REDIS_URL": redis.url}
+    s = Served(["--workers", "1"], env=env, log_path=str(tmp_path / "serve.log"))
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+        if redis is not None:
+            redis.close()
 
 
 def worker_status(served: Served) -> dict[str, Any]:
@@ -214,3 +228,49 @@ async def test_a_dropped_topic_subscribed_again_gets_its_latest_values(
     partial = await conn.recv_op("snap")
     assert (partial["full"], partial["items"]) == (False, {"a": 10, "c": None, "d": 4})
     assert partial["pos"] == snap["pos"]
+
+
+async def test_a_dropped_stream_topic_subscribed_again_is_served_from_the_bus_history(
+    served: Served, clients: list[RawConnection]
+) -> None:
+    def publish(n: int) -> int:
+        status, body = served.post("/publish", {"topic": "ev.t", "key": "e", "data": n})
+        assert status == 200, body
+        return parse_pos(body["pos"])
+
+    positions = [publish(n) for n in range(3)]
+    conn = await client(served, clients)
+    conn.send({"op": "sub", "topics": ["ev.t"], "id": 1})
+    await conn.recv_op("ack")
+    first = await conn.recv_op("snap")
+    assert [d for _, d in first["items"]] == [0, 1, 2] and first["full"] is True
+    conn.send({"op": "unsub", "topics": ["ev.t"], "id": 2})
+    await conn.recv_op("ack")
+    await until_status(
+        served, lambda w: w["topics_dropped"] == 1 and w["topics"] == 0, "ev.t dropped"
+    )
+    positions += [publish(n) for n in range(3, 10)]  # the bus keeps the newest 5
+    await until_status(served, lambda w: w["updates_unheld"] >= 7, "the events reached it")
+    wire = [format_pos(p) for p in positions]
+    # no since: the newest `history` events
+    conn.send({"op": "sub", "topics": ["ev.t"], "id": 3})
+    await conn.recv_op("ack")
+    snap = await conn.recv_op("snap")
+    assert (snap["full"], snap["pos"]) == (True, wire[-1])
+    assert snap["items"] == [[wire[n], n] for n in range(5, 10)]
+    # a since the bus history still reaches: exactly the events after it
+    since = {"ev.t": [first["epoch"], wire[6]]}
+    conn.send({"op": "sub", "topics": ["ev.t"], "since": since, "id": 4})
+    await conn.recv_op("ack")
+    partial = await conn.recv_op("snap")
+    assert (partial["full"], partial["items"]) == (False, [[wire[n], n] for n in (7, 8, 9)])
+    # a since older than what the bus kept (the first snap's): a full snap, not a silent skip
+    since = {"ev.t": [first["epoch"], first["pos"]]}
+    conn.send({"op": "sub", "topics": ["ev.t"], "since": since, "id": 5})
+    await conn.recv_op("ack")
+    old = await conn.recv_op("snap")
+    assert (old["full"], [d for _, d in old["items"]]) == (True, [5, 6, 7, 8, 9])
+    # and it is live again: the next event follows
+    p = publish(10)
+    evt = await conn.recv_op("evt")
+    assert evt["items"] == [[format_pos(p), 10]]
