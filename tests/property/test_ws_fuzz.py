@@ -300,6 +300,7 @@ def test_arbitrary_frame_sequences(worker: tuple[Served, str, psutil.Process]) -
         still_answers(served.port)
     baseline = proc.memory_info().rss
     peak = [baseline]
+    ran = [0]
 
     @settings(
         max_examples=EXAMPLES,
@@ -308,6 +309,7 @@ def test_arbitrary_frame_sequences(worker: tuple[Served, str, psutil.Process]) -
     )
     @given(sequence=sequences)
     def one(sequence: list[Frame]) -> None:
+        ran[0] += 1
         replies = parse(exchange(served.port, sequence))
         check_closes(sequence, replies)
         rss = proc.memory_info().rss
@@ -320,6 +322,6 @@ def test_arbitrary_frame_sequences(worker: tuple[Served, str, psutil.Process]) -
     text = log_text(log)
     assert "Traceback" not in text, text[-4000:]
     print(
-        f"{EXAMPLES} examples: worker RSS {baseline / 2**20:.1f} MiB at start,"
+        f"{ran[0]} examples: worker RSS {baseline / 2**20:.1f} MiB at start,"
         f" peak {peak[0] / 2**20:.1f} MiB (bound +{RSS_BOUND_BYTES / 2**20:.1f} MiB)"
     )
