@@ -712,6 +712,8 @@ class _Waiter:
         self.left -= 1
         if self.left == 0:
             self.done(self.failed)
+
+
 _TRIM_EVERY_S = 5.0
 
 
