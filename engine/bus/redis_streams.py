@@ -1033,6 +1033,8 @@ class RedisBus:
         """Send queued requests, batch by batch (rule 1). An error in one batch
         fails that batch's requests only (rule 8); the loop goes on."""
         queue = self._queue
+        if queue:  # restarted (rule 10): what was queued meanwhile is sent
+            self._wake.set()
         while True:
             await self._wake.wait()
             self._wake.clear()
