@@ -34,8 +34,9 @@ Rules this module owns:
    one topic with the same period and offset: they share messages. Spreading
    costs up to `PHASES` encodings of a topic per period instead of one (each
    tick at most one per period), which bounds it.
-7. A new epoch (the bus lost its data) clears every topic; every subscriber
-   then gets a full `snap` in place of its next `upd`.
+7. A new epoch (the bus lost its data) clears every topic (and forgets those
+   without a subscriber or a load); every subscriber then gets a full `snap`
+   in place of its next `upd`.
 8. Stream topics (`history_of` names them, engine/fanout/stream.py) go through
    the same groups, plans and frames: their shared message per flush is one
    `evt` of the events since the group's previous flush; a subscriber that is
@@ -52,9 +53,9 @@ Rules this module owns:
    (live entries apply from then on), the shell fetches the bus's state or
    history, and `load_state` / `load_stream` merge it under those entries
    (idempotent by position, tombstones included, so the topic is exact: a
-   `since` is answered as if it had always been held; a stream topic's floor
-   is set no lower than the truth, so a `since` it cannot prove gets a full
-   snap). A load of another epoch is refused (fetch again). `drop_idle`
+   `since` is answered as if it had always been held; a stream topic's
+   `since_floor` is set no lower than the truth, so a `since` it cannot prove
+   gets a full snap, stream.py rule 6). A load of another epoch is refused (fetch again). `drop_idle`
    forgets the topics idle for the grace. So memory follows subscriptions:
    topics held <= connections x max_topics_per_conn + loads + max_idle_topics.
    Without `lazy` (tests, tools) every entry creates its topic and none is

@@ -20,6 +20,11 @@ written is decoded into that client's view, and checked as it arrives:
 
 After a final resume and flush, every subscriber's view equals the topic's
 live state, and nothing more is planned.
+
+A lazy core (rule 9), driven with subs that wait for a load the bus answers
+later, holds exactly the subscribed, loading and idle topics, each equal to
+the bus's state; every snap (with or without `since`) brings its client to
+the bus's latest state.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine.fanout.core import Delivery, Fanout, Session, Shared, phase_in
@@ -466,3 +471,157 @@ def test_a_paused_session_is_written_nothing_then_one_catch_up_per_topic(
         assert run.clients[0].views[topic] == run.model.live(topic)
         assert run.clients[0].views[topic] == run.clients[1].views[topic]
     assert {t for t in TOPICS if run.clients[0].pos[t] > 0} == changed
+
+
+# -- topic lifetime (core rule 9) -------------------------------------------------------
+
+
+class LazyClient:
+    """A `Writer` keeping a state client's view of each topic."""
+
+    def __init__(self) -> None:
+        self.views: dict[str, dict[str, Any]] = {}
+
+    def write(self, frame: bytes) -> bool:
+        self.receive(frame)
+        return True
+
+    def receive(self, frame: bytes) -> None:
+        for m in decode_frame(frame):
+            if m["op"] == "snap" and m["full"]:
+                self.views[m["topic"]] = {}
+            view = self.views.setdefault(m["topic"], {})
+            for k, v in m["items"].items():
+                if v is None:
+                    view.pop(k, None)
+                else:
+                    view[k] = v
+
+
+lazy_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("publish"), topics, st.sampled_from(KEYS), st.booleans()),
+        st.tuples(st.just("sub"), slots, topics, st.none() | st.integers(0, 8)),
+        st.tuples(st.just("finish"), topics),  # the bus answers the topic's load
+        st.tuples(st.just("unsub"), slots, topics),
+        st.tuples(st.just("close"), slots),
+        st.tuples(st.just("tick")),
+        st.tuples(st.just("drop"), st.integers(0, 2)),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=max(300, settings().max_examples))
+@given(ops=lazy_ops, max_idle=st.integers(0, 2))
+@example(  # a tombstone loaded from the bus answers a `since` before the deletion
+    ops=[
+        ("publish", "t0", "k0", False),
+        ("publish", "t0", "k0", True),
+        ("sub", 0, "t0", 1),
+        ("finish", "t0"),
+    ],
+    max_idle=0,
+)
+def test_a_lazy_core_holds_what_is_subscribed_and_serves_the_bus_state(
+    ops: list[tuple[Any, ...]], max_idle: int
+) -> None:
+    fo = Fanout("e", lazy=True, max_idle_topics=max_idle)
+    bus: dict[str, dict[str, tuple[int, bytes]]] = {t: {} for t in TOPICS}  # tombstones kept
+    clients = [LazyClient() for _ in range(SLOTS)]
+    sessions = [Session(c) for c in clients]
+    waiting: list[tuple[int, str, int | None]] = []  # subs waiting for a load: (slot, topic, since)
+    log: list[tuple[str, str, int, bytes]] = []  # every publish, in order
+    seq = 0
+
+    def state_at(topic: str, mark: int) -> dict[str, Any]:
+        view: dict[str, Any] = {}
+        for t, k, p, d in log:
+            if t == topic and p <= mark:
+                if d == NIL:
+                    view.pop(k, None)
+                else:
+                    view[k] = msgpack.unpackb(d)
+        return view
+
+    def live(topic: str) -> dict[str, Any]:
+        return {k: msgpack.unpackb(d) for k, (_, d) in bus[topic].items() if d != NIL}
+
+    def subscribe(slot: int, topic: str, since: int | None) -> None:
+        mark = None if since is None else make_pos(1000 + since, 0)
+        snap, _ = fo.subscribe(sessions[slot], topic, None if mark is None else ("e", mark), 1)
+        if mark is not None:
+            # exactly the keys changed after `since`, deletions as nil (tombstones loaded too)
+            (msg,) = decode_frame(snap)
+            assert msg["full"] is False
+            assert msg["items"] == {
+                k: None if d == NIL else msgpack.unpackb(d)
+                for k, (p, d) in bus[topic].items()
+                if p > mark
+            }
+            clients[slot].views[topic] = state_at(topic, mark)  # what such a client holds
+        clients[slot].receive(snap)
+        assert clients[slot].views[topic] == live(topic), (
+            "a snap brings the client to the bus state"
+        )
+
+    def flush() -> None:
+        for s, deliveries in fo.collect().items():
+            fo.deliver(s, deliveries)
+
+    for op, *args in ops:
+        if op == "publish":
+            topic, key, deleted = args
+            seq += 1
+            p = make_pos(1000 + seq, 0)
+            data = NIL if deleted else val(seq)
+            bus[topic][key] = (p, data)
+            log.append((topic, key, p, data))
+            fo.apply(topic, key, p, data)
+        elif op == "sub":
+            slot, topic, since = args
+            waiting = [w for w in waiting if w[:2] != (slot, topic)]
+            if fo.needs_load(topic):
+                fo.begin_load(topic)
+                waiting.append((slot, topic, since))
+            else:
+                subscribe(slot, topic, since)
+        elif op == "finish":
+            (topic,) = args
+            if topic in fo.loading:
+                items = sorted(((k, p, d) for k, (p, d) in bus[topic].items()), key=lambda i: i[1])
+                assert fo.load_state(topic, "e", items)
+                for slot, t, since in [w for w in waiting if w[1] == topic]:
+                    subscribe(slot, t, since)
+                waiting = [w for w in waiting if w[1] != topic]
+        elif op == "unsub":
+            slot, topic = args
+            waiting = [w for w in waiting if w[:2] != (slot, topic)]
+            fo.unsubscribe(sessions[slot], topic)
+        elif op == "close":
+            (slot,) = args
+            waiting = [w for w in waiting if w[0] != slot]
+            fo.close_session(sessions[slot])
+        elif op == "tick":
+            flush()
+        else:
+            fo.drop_idle(args[0])
+        # what is held: the subscribed, the loading and the idle topics, nothing else
+        subscribed = {t for s in sessions for t in s.subs}
+        assert set(fo.topics) == subscribed | fo.loading | set(fo.idle)
+        assert not (subscribed & set(fo.idle)) and not (fo.loading & set(fo.idle))
+        assert len(fo.idle) <= max_idle + len(TOPICS)  # a load's topic waits in it uncapped
+        for t in fo.topics:
+            if t not in fo.loading:
+                assert state_of(fo.topics[t]) == live(t), "a held topic is the bus's state"
+    flush()
+    for s, c in zip(sessions, clients, strict=True):
+        for topic in s.subs:
+            assert c.views[topic] == live(topic)
+
+
+def state_of(t: Any) -> dict[str, Any]:
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(b"".join(t.live_items()))
+    flat = list(unpacker)
+    return dict(zip(flat[::2], flat[1::2], strict=True))
