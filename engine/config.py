@@ -368,10 +368,12 @@ class FanoutConfig:
     socket_notsent_lowat_bytes: int = _int(16_384, 0)
     # Topics a worker holds (issue 11, finding 2): a topic whose last subscriber
     # left is kept this long, then dropped (reloaded from the bus on a later
-    # sub); at most max_idle_topics are kept so (the oldest go first); a load
-    # not answered by the bus in topic_load_timeout_s fails the sub (unavailable).
+    # sub); at most max_idle_topics are kept so (the oldest go first); at most
+    # max_topic_loads loads are asked of the bus at once; a load not done in
+    # topic_load_timeout_s fails the sub (unavailable).
     topic_grace_s: float = _float(5, 0)
     max_idle_topics: int = _int(10_000, 0)
+    max_topic_loads: int = _int(256, 1)
     topic_load_timeout_s: float = _float(5, 0, lo_open=True)
 
 

@@ -64,7 +64,7 @@ from engine.protocol.codec import Auth, Ping, Pub, Sub, Unsub
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from workers.server import WorkerServer
+    from workers.server import LoadFailure, WorkerServer
 
 _BINARY = WSMsgType.BINARY
 _CONTINUATION = WSMsgType.CONTINUATION
@@ -484,9 +484,9 @@ class Connection(WSListener):
             server.fanout.stats.updates_delivered += n
         self.send_control(b"".join(parts))
 
-    def sub_loaded(self, req: Sub, failed: str | None, attempt: int) -> None:
+    def sub_loaded(self, req: Sub, failed: LoadFailure | None, attempt: int) -> None:
         """The loads a held `sub` waited for are done: answer it (or `err
-        unavailable` naming the topic that failed), then the requests held."""
+        unavailable` naming the topic that failed, and why), then the requests held."""
         if self.closing:
             self.held = None
             return
@@ -497,15 +497,18 @@ class Connection(WSListener):
             if missing and attempt < _SUB_LOAD_ATTEMPTS:
                 server.load_topics(missing, lambda f: self.sub_loaded(req, f, attempt + 1))
                 return
-            failed = missing[0] if missing else None
+            if missing:
+                failed = (missing[0], "dropped again while the other topics loaded")
         if failed is None:
             self.answer_sub(req)
         else:
+            topic, why = failed
             self.refuse(
                 RemoteProtocolError(
                     ErrorCode.UNAVAILABLE,
-                    f"topic {failed!r} could not be loaded from the bus; nothing was subscribed",
-                    topic=failed,
+                    f"topic {topic!r} could not be loaded from the bus ({why});"
+                    " nothing was subscribed",
+                    topic=topic,
                     request_id=req.id,
                 )
             )

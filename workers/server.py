@@ -103,6 +103,8 @@ class WorkerServer:
         self._waiting: dict[str, list[_Waiter]] = {}
         self._loads: set[asyncio.Task[None]] = set()
         self.topic_load_failures = 0
+        self._load_failure_logged_at = -math.inf
+        self._load_slots = asyncio.Semaphore(cfg.fanout.max_topic_loads)
         self._dropped_at_trim = 0  # topics_dropped at the last malloc_trim
         # a dict as an ordered set: ~30 bytes per entry at any size, where a set's
         # table, grown 4x at a time, costs up to ~105 (5,000 entries)
@@ -400,11 +402,13 @@ class WorkerServer:
         needs_load = self.fanout.needs_load
         return [t for t in topics if needs_load(t)]
 
-    def load_topics(self, topics: Sequence[str], done: Callable[[str | None], None]) -> None:
+    def load_topics(
+        self, topics: Sequence[str], done: Callable[[LoadFailure | None], None]
+    ) -> None:
         """Load `topics` from the bus (one load per topic, shared by every `sub`
-        that waits for it), then call `done(None)`, or `done(topic)` naming one
-        that could not be loaded (the bus is down, or did not answer within
-        `fanout.topic_load_timeout_s`)."""
+        that waits for it), then call `done(None)`, or `done((topic, why))`
+        naming one that could not be loaded (the bus is down, or the load took
+        over `fanout.topic_load_timeout_s`)."""
         waiter = _Waiter(len(topics), done)
         loop = asyncio.get_running_loop()
         for topic in topics:
@@ -415,30 +419,19 @@ class WorkerServer:
                 task.add_done_callback(self._loads.discard)
 
     async def load_topic(self, topic: str) -> None:
-        """Fetch a topic's state (or a stream topic's history) and merge it in
-        (`Fanout.load_state` / `load_stream`); a load of another epoch than this
-        worker's (the bus changed epochs meanwhile) is fetched again."""
-        fanout = self.fanout
+        """Load one topic for the `sub`s waiting for it: at most
+        `fanout.max_topic_loads` at once per worker (the others wait their
+        turn), all within `fanout.topic_load_timeout_s`; a failure is reported
+        to every waiting `sub`, and the topic forgotten."""
         timeout = self.cfg.fanout.topic_load_timeout_s
-        history = self.rules.history_of(topic)
-        failure: str | None = "the bus changed epochs during the load"
+        failure: str | None = None
         try:
-            for attempt in range(_LOAD_ATTEMPTS):
-                if history is None:
-                    snap = await asyncio.wait_for(self.bus.snapshot(topic), timeout)
-                    loaded = fanout.load_state(topic, snap.epoch, snap.items)
-                else:
-                    h = await asyncio.wait_for(self.bus.history(topic, 0, history), timeout)
-                    loaded = fanout.load_stream(topic, h.epoch, h.events, h.complete)
-                if loaded or topic not in fanout.loading:
-                    failure = None
-                    break
-                await asyncio.sleep(_LOAD_RETRY_S * (attempt + 1))  # until the epoch is known here
+            failure = await asyncio.wait_for(self._fetch_topic(topic), timeout)
         except asyncio.CancelledError:
             failure = "the worker is stopping"
             raise
         except TimeoutError:
-            failure = f"no answer from the bus in {timeout:g} s (fanout.topic_load_timeout_s)"
+            failure = f"not loaded within fanout.topic_load_timeout_s ({timeout:g} s)"
         except BusError as exc:
             failure = str(exc) or type(exc).__name__
         except Exception as exc:  # a bug must fail this load, never hang its subs
@@ -446,11 +439,43 @@ class WorkerServer:
             failure = repr(exc)
         finally:
             if failure is not None:
-                fanout.abandon_load(topic)
+                self.fanout.abandon_load(topic)
                 self.topic_load_failures += 1
-                log.warning("topic %r not loaded: %s", topic, failure)
+                self._log_load_failure(topic, failure)
             for waiter in self._waiting.pop(topic, ()):
-                waiter.one_done(topic if failure is not None else None)
+                waiter.one_done(None if failure is None else (topic, failure))
+
+    async def _fetch_topic(self, topic: str) -> str | None:
+        """Fetch a topic's state (or a stream topic's history) and merge it in
+        (`Fanout.load_state` / `load_stream`); a load of another epoch than this
+        worker's (the bus changed epochs meanwhile) is fetched again. Returns
+        None, or why it was not loaded."""
+        fanout = self.fanout
+        history = self.rules.history_of(topic)
+        async with self._load_slots:
+            for attempt in range(_LOAD_ATTEMPTS):
+                if history is None:
+                    snap = await self.bus.snapshot(topic)
+                    loaded = fanout.load_state(topic, snap.epoch, snap.items)
+                else:
+                    h = await self.bus.history(topic, 0, history)
+                    loaded = fanout.load_stream(topic, h.epoch, h.events, h.complete)
+                if loaded or topic not in fanout.loading:
+                    return None
+                await asyncio.sleep(_LOAD_RETRY_S * (attempt + 1))  # until the epoch is known here
+        return "the bus changed epochs during the load"
+
+    def _log_load_failure(self, topic: str, failure: str) -> None:
+        # at most one line a second: a client can ask for loads while the bus is down
+        now = time.monotonic()
+        if now - self._load_failure_logged_at >= 1.0:
+            log.warning(
+                "topic %r not loaded: %s (%d load failures so far)",
+                topic,
+                failure,
+                self.topic_load_failures,
+            )
+            self._load_failure_logged_at = now
 
     # -- bus sink --------------------------------------------------------------------
 
@@ -696,17 +721,21 @@ _LOAD_ATTEMPTS = 5  # fetches of one topic whose epoch is not this worker's yet
 _LOAD_RETRY_S = 0.05
 
 
+# A topic that could not be loaded for a `sub`, and why.
+LoadFailure = tuple[str, str]
+
+
 class _Waiter:
     """One `sub` waiting for the loads of its topics (`WorkerServer.load_topics`)."""
 
     __slots__ = ("done", "failed", "left")
 
-    def __init__(self, left: int, done: Callable[[str | None], None]) -> None:
+    def __init__(self, left: int, done: Callable[[LoadFailure | None], None]) -> None:
         self.left = left
         self.done = done
-        self.failed: str | None = None
+        self.failed: LoadFailure | None = None
 
-    def one_done(self, failed: str | None) -> None:
+    def one_done(self, failed: LoadFailure | None) -> None:
         if failed is not None and self.failed is None:
             self.failed = failed
         self.left -= 1

@@ -100,3 +100,30 @@ async def test_a_client_that_leaves_while_its_sub_loads_leaves_nothing(engine: E
     await eventually(lambda: not engine.worker.connections)  # type: ignore[union-attr]
     await eventually(lambda: "gone.t" not in engine.worker.fanout.topics)  # type: ignore[union-attr]
     assert engine.worker.fanout.subscription_count() == 0
+
+
+async def test_a_load_the_bus_does_not_answer_in_time_is_refused_then_the_next_works(
+    engine_factory: Any,
+) -> None:
+    engine = await engine_factory(
+        fanout={"flush_interval_ms": 5, "topic_load_timeout_s": 0.3, "max_topic_loads": 1}
+    )
+    honest, _ = await engine.subscriber(["held.t"])
+    await engine.publish("slow.t", "k", 1)
+    assert engine.worker is not None
+    link = engine.worker.bus._link  # the worker's link to the hub
+    assert link is not None and link.transport is not None
+    link.transport.pause_reading()  # a stalled bus: no reply reaches the worker
+    conn = await engine.client()
+    conn.send({"op": "sub", "topics": ["slow.t", "slow.u"], "id": 1})
+    honest.send({"op": "ping", "id": 2})
+    assert (await honest.recv_op("pong"))["id"] == 2  # the worker serves others meanwhile
+    err = await conn.recv()
+    assert (err["op"], err["code"], err["id"]) == ("err", "unavailable", 1)
+    assert "fanout.topic_load_timeout_s" in err["msg"]
+    assert engine.worker.topic_load_failures == 2  # one in flight, one waiting its turn
+    link.transport.resume_reading()
+    conn.send({"op": "sub", "topics": ["slow.t"], "id": 3})
+    assert (await conn.recv())["op"] == "ack"
+    snap = await conn.recv()
+    assert (snap["topic"], snap["items"]) == ("slow.t", {"k": 1})
