@@ -1,4 +1,4 @@
-"""Security and abuse resistance (issue 4): one test per row of the README's
+"""Security and abuse resistance (issue 4): one test per row of SECURITY.md's
 bad-input table (rows already covered elsewhere are named there), each with a
 well-behaved client on the same worker that must keep receiving updates.
 
