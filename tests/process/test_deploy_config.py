@@ -89,7 +89,8 @@ def publish(pod: Served, body: dict[str, Any], key: str | None) -> tuple[int, An
         with urllib.request.urlopen(req, timeout=5) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
+        with exc:  # close the error response's socket
+            return exc.code, json.loads(exc.read() or b"null")
 
 
 def healthcheck_command() -> list[str]:

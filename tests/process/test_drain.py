@@ -47,6 +47,7 @@ async def test_sigterm_readyz_first_then_paced_closes_then_exit_0(tmp_path: Any)
                 try:
                     urllib.request.urlopen(served.admin_url + "/readyz", timeout=1).close()
                 except urllib.error.HTTPError as exc:
+                    exc.close()  # its socket, or a ResourceWarning at a later GC
                     if exc.code == 503:
                         not_ready_at.append(time.monotonic())
                         return

@@ -48,7 +48,8 @@ def post_raw(served: Served, body: bytes, content_type: str) -> tuple[int, Any]:
         with urllib.request.urlopen(req, timeout=5) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+        with exc:  # close the error response's socket
+            return exc.code, json.loads(exc.read())
 
 
 BAD_BODIES = [

@@ -64,7 +64,8 @@ class Served:
             with urllib.request.urlopen(self.admin_url + path, timeout=5) as resp:
                 return resp.status, json.loads(resp.read())
         except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
+            with exc:  # an unclosed error response leaks its socket (ResourceWarning at a later GC)
+                return exc.code, json.loads(exc.read() or b"null")
 
     def post(self, path: str, body: Any) -> tuple[int, Any]:
         req = urllib.request.Request(
@@ -77,7 +78,8 @@ class Served:
             with urllib.request.urlopen(req, timeout=5) as resp:
                 return resp.status, json.loads(resp.read())
         except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
+            with exc:  # an unclosed error response leaks its socket (ResourceWarning at a later GC)
+                return exc.code, json.loads(exc.read() or b"null")
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout * TIMEOUT_FACTOR
