@@ -23,7 +23,7 @@ import asyncio
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -99,8 +99,20 @@ class Subscriber:
             await asyncio.sleep(0.02)
 
 
+OPENED: list[RawConnection] = []  # closed after each test (a leaked transport warns at a later GC)
+
+
+@pytest.fixture(autouse=True)
+async def _close_connections() -> AsyncIterator[None]:
+    yield  # async: torn down on the test's own loop, while it still runs
+    while OPENED:
+        OPENED.pop().close()
+    await asyncio.sleep(0)
+
+
 async def subscribe(served: Served, topic: str) -> Subscriber:
     conn = await connect(served.ws_url)
+    OPENED.append(conn)
     assert (await conn.recv())["op"] == "hello"
     conn.subscribe([topic], id=1)
     assert (await conn.recv())["op"] == "ack"
@@ -287,6 +299,7 @@ async def test_publishes_over_the_bounds_get_clear_codes(
     try:
         sub = await subscribe(served, "honest.t")
         pub = await connect(served.ws_url)
+        OPENED.append(pub)
         assert (await pub.recv())["op"] == "hello"
         cases = [
             ({"topic": "honest.t", "key": "big", "data": "x" * 1000}, "too_large"),
