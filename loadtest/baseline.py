@@ -36,7 +36,7 @@ from typing import Any
 
 import msgpack
 
-from loadtest.common import raise_nofile
+from loadtest.children import raise_nofile
 
 MAX_BODY = 16 * 1024 * 1024  # larger POST bodies are refused (413)
 MAX_HEADER_BYTES = 64 * 1024

@@ -68,7 +68,9 @@ from engine.client import Publisher, PublishError
 from engine.client.client import CONNECTED, WAITING, Client
 from engine.client.state import Change
 from engine.config import WorkersConfig
-from loadtest.common import RedisServer, Server, SetupError, raise_nofile, redis_available
+from loadtest.children import raise_nofile
+from loadtest.redis_server import RedisServer, redis_available
+from loadtest.server import Server, SetupError
 
 NODES: Final = ("a", "b", "c")
 DRAINED: Final = "a"

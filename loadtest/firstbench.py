@@ -66,23 +66,10 @@ from typing import Any
 import msgpack
 import psutil
 
-from loadtest.common import (
-    Child,
-    Children,
-    LatencyRecorder,
-    Server,
-    SetupError,
-    bucket_mid_ns,
-    bucket_of,
-    cpu_seconds,
-    http_get,
-    machine_busy_seconds,
-    merge_hist,
-    percentiles_ms,
-    raise_nofile,
-    server_pids,
-    used,
-)
+from loadtest.accounting import cpu_seconds, machine_busy_seconds, server_pids, used
+from loadtest.children import Child, Children, raise_nofile
+from loadtest.latency import LatencyRecorder, bucket_mid_ns, bucket_of, merge_hist, percentiles_ms
+from loadtest.server import Server, SetupError, http_get
 
 # -- subscriber processes ------------------------------------------------------------------
 

@@ -58,7 +58,7 @@ from typing import Any
 import msgpack
 import psutil
 
-from loadtest.common import tree_memory_bytes
+from loadtest.accounting import tree_memory_bytes
 
 TOPIC = "feed"
 KEYS = 50
@@ -419,7 +419,7 @@ def tree_rss_mb(pid: int) -> dict[str, float]:
 
 
 def tree_memory_mb(pid: int) -> dict[str, float]:
-    """The tree's memory by kind (loadtest/common.py, `memory_bytes`): pss counts
+    """The tree's memory by kind (loadtest/accounting.py, `memory_bytes`): pss counts
     each page once (copy-on-write copies included), anon is the heap, file the
     pages of shared libraries a process touched (no new memory)."""
     kinds = tree_memory_bytes(p.pid for p in server_tree(pid))

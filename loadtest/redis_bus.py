@@ -26,7 +26,7 @@ import uvloop
 
 from engine.bus.base import Entry, Update
 from engine.bus.redis_streams import RedisBus
-from loadtest.common import RedisServer
+from loadtest.redis_server import RedisServer
 
 IN_FLIGHT = 4000  # requests published and not answered yet (MAX_QUEUED is 10,000)
 

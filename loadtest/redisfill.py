@@ -24,7 +24,7 @@ import msgpack
 from engine.bus import Update, create_bus
 from engine.config import default_config
 from engine.errors import BusError
-from loadtest.common import RedisServer
+from loadtest.redis_server import RedisServer
 
 BIG = msgpack.packb("x" * 900_000)
 WAIT_S = 10.0

@@ -42,7 +42,8 @@ from typing import Any
 
 from loadtest.bench.nodes import BUSES
 from loadtest.bench.run import SCENARIOS, BenchSettings, broke, machine, run_target
-from loadtest.common import SetupError, raise_nofile
+from loadtest.children import raise_nofile
+from loadtest.server import SetupError
 from loadtest.workload import WORKLOADS
 
 

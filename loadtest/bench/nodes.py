@@ -24,7 +24,9 @@ import signal
 from collections.abc import Mapping
 from typing import Any
 
-from loadtest.common import RedisServer, Server, SetupError, redis_available, server_pids
+from loadtest.accounting import server_pids
+from loadtest.redis_server import RedisServer, redis_available
+from loadtest.server import Server, SetupError
 
 BUSES = ("local", "redis")
 

@@ -30,24 +30,21 @@ from typing import Any
 
 import psutil
 
-from loadtest.bench.nodes import FanoutNodes
-from loadtest.bench.publisher import publisher_process
-from loadtest.bench.subscriber import subscriber_process
-from loadtest.common import (
-    Children,
-    Server,
-    SetupError,
-    _server_preexec,
+from loadtest.accounting import (
     cpu_seconds,
-    free_port,
     machine_busy_seconds,
-    merge_hist,
-    percentiles_ms,
     rss_bytes,
     server_pids,
     tree_memory_bytes,
     used,
 )
+from loadtest.bench.nodes import FanoutNodes
+from loadtest.bench.publisher import publisher_process
+from loadtest.bench.subscriber import subscriber_process
+from loadtest.children import Children, tied_preexec
+from loadtest.latency import merge_hist, percentiles_ms
+from loadtest.ports import free_port
+from loadtest.server import Server, SetupError
 from loadtest.workload import Workload
 
 SCENARIOS = ("fanout", "idle", "slow", "storm", "churn")
@@ -113,7 +110,7 @@ class BaselineServer:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             cwd=root,
-            preexec_fn=lambda: _server_preexec(cpus),
+            preexec_fn=lambda: tied_preexec(cpus),
         )
 
     url = Server.url
@@ -484,7 +481,7 @@ def _measure(
             "server_rss_end_bytes": rss_end,
             "server_rss_peak_bytes": rss_peak,
             "rss_per_connection_bytes": round((rss_connected - rss_before) / connections),
-            # the same, split (common.memory_bytes): pss counts each page of the tree
+            # the same, split (accounting.memory_bytes): pss counts each page of the tree
             # once, copy-on-write copies included; anon is the heap; file, shared
             # libraries' pages a process touched for the first time (no new memory)
             "per_connection_bytes": _per_connection(mem_before, mem_connected, connections),

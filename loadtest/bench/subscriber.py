@@ -32,7 +32,8 @@ from typing import Any
 
 import msgpack
 
-from loadtest.common import LatencyRecorder, percentiles_ms, raise_nofile
+from loadtest.children import raise_nofile
+from loadtest.latency import LatencyRecorder, percentiles_ms
 from loadtest.workload import STREAM_KEY
 
 # One decoded message: (topic or None, clear the view, items for the view, epoch

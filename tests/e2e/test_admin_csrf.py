@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from loadtest.common import free_port
+from loadtest.ports import free_port
 from tests.e2e.browser import CHROMIUM, CHROMIUM_ARGS, missing
 from tests.support.rawws import RawWS
 from tests.support.serve import TIMEOUT_FACTOR, Served

@@ -5,7 +5,7 @@ ports in a temporary directory and stop them at teardown. A server can be
 killed (SIGKILL) and started again on the same port with the same directory,
 so that, with persistence on (`appendonly yes`, `appendfsync always`), it
 comes back with its data; `wipe=True` restarts it empty. The server itself is
-`loadtest.common.RedisServer` (the load tools start theirs with it too).
+`loadtest.redis_server.RedisServer` (the load tools start theirs with it too).
 
 `requirepass` turns on AUTH (every client must send the password); `tls`
 (`tests.support.tls.TlsFiles`) adds a TLS port, `tls_port`, next to the plain
@@ -23,8 +23,9 @@ import tempfile
 import time
 from typing import Any
 
-from loadtest import common
-from loadtest.common import REDIS_CLI, REDIS_SERVER, redis_available
+from loadtest import redis_server
+from loadtest.ports import free_port
+from loadtest.redis_server import REDIS_CLI, REDIS_SERVER, redis_available
 from tests.support.serve import TIMEOUT_FACTOR
 from tests.support.tls import TlsFiles
 
@@ -50,8 +51,8 @@ def cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
-class RedisServer(common.RedisServer):
-    """`loadtest.common.RedisServer` with its waits scaled by
+class RedisServer(redis_server.RedisServer):
+    """`loadtest.redis_server.RedisServer` with its waits scaled by
     FANOUT_TEST_TIMEOUT_FACTOR, and optionally AUTH (`requirepass`) and TLS (`tls`)."""
 
     timeout_s = 10 * TIMEOUT_FACTOR
@@ -66,7 +67,7 @@ class RedisServer(common.RedisServer):
     ) -> None:
         self.requirepass = requirepass
         self.tls = tls
-        self.tls_port = common.free_port() if tls is not None else 0
+        self.tls_port = free_port() if tls is not None else 0
         more = list(extra or [])
         if requirepass is not None:
             more += ["--requirepass", requirepass]

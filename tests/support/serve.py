@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from loadtest.common import free_port
+from loadtest.ports import free_port
 
 TIMEOUT_FACTOR = float(os.environ.get("FANOUT_TEST_TIMEOUT_FACTOR", "1"))
 
