@@ -718,3 +718,141 @@ def test_run_admin_exits_4_when_the_port_is_taken(run_dir: str) -> None:
             [sys.executable, "-c", code], cwd=os.getcwd(), timeout=TIMEOUT_S, capture_output=True
         )
     assert proc.returncode == 4
+
+
+# -- the board's shape: /stats, /metrics and /readyz byte for byte -------------------------
+#
+# The status board is the contract between the workers and the admin. These
+# tests pin what the admin answers for a board written exactly as the workers
+# and the supervisor write it: the golden files were captured before the status
+# became a dataclass (issue 12), and must not change with how it is read.
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
+FULL_WORKER: dict[str, Any] = {  # every key a worker writes, in its order
+    "pid": 1001,
+    "slot": 1,
+    "accepting": True,
+    "bus_connected": True,
+    "bus_lag_ms": 12.5,
+    "bus_shard_lag_ms": [0.0, 12.5, 3.1],
+    "bus_last_entry_age_ms": 40.2,
+    "bus_events": {"task_restarts": 1, "publish_timeouts": 2, "oom_refusals": 0,
+                   "byte_trims": 3, "topics_expired": 4},
+    "bus_tasks_down": [],
+    "connections": 10,
+    "subscriptions": 20,
+    "topics": 7,
+    "topics_idle": 2,
+    "topics_loading": 1,
+    "topics_loaded": 30,
+    "topics_dropped": 9,
+    "topic_load_failures": 1,
+    "updates_unheld": 2,
+    "frames_sent": 300,
+    "bytes_sent": 4000,
+    "updates_applied": 55,
+    "updates_delivered": 500,
+    "updates_coalesced": 6,
+    "published": 8,
+    "slow_events": 3,
+    "flush_hist": {"b": [0.001, 0.01, 0.1], "c": [5, 3, 1, 0], "n": 9, "s": 0.0625},
+    "publish_hist": {"b": [0.001, 0.01, 0.1], "c": [0, 8, 0, 0], "n": 8, "s": 0.04},
+    "frames_refused": 4,
+    "slow_clients": 1,
+    "slow_closes": 2,
+    "connects": 12,
+    "closes": {"1000": 5, "4008": 2, "3xxx": 1},
+    "errors": {"bad_topic": 4, "forbidden": 1},
+    "ping_timeouts": 1,
+    "upgrades_refused": {"429": 2, "503": 1},
+    "upgrades_refused_by": {"too_many_attempts": 2, "busy": 1},
+    "loop_lag_max_ms": 3.5,
+    "started": 1_700_000_000.25,
+    "ts": 0.0,  # set when written
+}  # fmt: skip
+LOCAL_WORKER: dict[str, Any] = {  # the local bus reports no shards, no events
+    **FULL_WORKER,
+    "pid": 1002,
+    "slot": 2,
+    "bus_lag_ms": None,
+    "bus_shard_lag_ms": None,
+    "bus_last_entry_age_ms": None,
+    "bus_events": {},
+    "flush_hist": {"b": [0.001, 0.01, 0.1], "c": [0, 0, 0, 0], "n": 0, "s": 0.0},
+    "closes": {},
+    "errors": {},
+    "upgrades_refused": {},
+    "upgrades_refused_by": {},
+}
+
+
+def write_board_file(run_dir: str, name: str, doc: dict[str, Any]) -> None:
+    """A status file as its owner writes it: JSON, `ts` last (the wire itself)."""
+    with open(os.path.join(run_dir, f"{name}.json"), "w", encoding="utf-8") as fh:
+        json.dump({**doc, "ts": time.time()}, fh, separators=(",", ":"))
+
+
+def write_full_board(run_dir: str, **worker2: Any) -> None:
+    write_board_file(run_dir, "supervisor", {
+        "pid": 1, "state": "running", "workers_expected": 2, "workers": {"1": 1001, "2": 1002},
+        "aux": {"hub": 1003, "admin": 1004}, "port": 8080, "admin_port": 8081,
+        "started": time.time() - 50,
+    })  # fmt: skip
+    write_board_file(run_dir, "worker-1", FULL_WORKER)
+    write_board_file(run_dir, "worker-2", {**LOCAL_WORKER, **worker2})
+    write_board_file(run_dir, "worker-3", {**FULL_WORKER, "pid": 1009, "slot": 3})  # not run
+
+
+def masked(text: str) -> str:
+    """Wall-clock figures (uptime, heartbeat ages) and the bus epoch masked; psutil's figures of
+    processes (whichever pids happen to exist here) left out."""
+    text = re.sub(r'"(uptime_s|heartbeat_age_s)":[0-9.e+-]+', r'"\1":"*"', text)
+    text = re.sub(r'"epoch":"[^"]*"', '"epoch":"*"', text)  # the hub's, new every run
+    text = re.sub(r"(fanout_worker_heartbeat_age_seconds\{[^}]*\}) \S+", r"\1 *", text)
+    return "".join(ln for ln in text.splitlines(keepends=True) if "fanout_process_" not in ln)
+
+
+def golden(name: str) -> str:
+    with open(os.path.join(GOLDEN, name), encoding="utf-8") as fh:
+        return fh.read()
+
+
+def _get(port: int, path: str) -> tuple[int, str, str]:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT_S)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, r.getheader("content-type") or "", r.read().decode()
+    finally:
+        c.close()
+
+
+async def test_stats_metrics_and_readyz_keep_their_shape_byte_for_byte(
+    admin: AdminServer, run_dir: str
+) -> None:
+    write_full_board(run_dir)
+    status, ctype, body = await asyncio.to_thread(_get, admin.port, "/stats")
+    assert (status, ctype) == (200, "application/json")
+    assert masked(body) == golden("stats.json").rstrip("\n")
+    status, ctype, body = await asyncio.to_thread(_get, admin.port, "/metrics")
+    assert (status, ctype) == (200, "text/plain; version=0.0.4; charset=utf-8")
+    assert masked(body) == golden("metrics.txt")
+    status, _, body = await asyncio.to_thread(_get, admin.port, "/readyz")
+    assert (status, body) == (200, '{"status":"ready","workers":2}')
+    # a worker whose bus task is restarting, and one lagging past bus.max_lag_ms
+    write_full_board(run_dir, bus_connected=False, bus_tasks_down=["publisher", "reader"])
+    write_board_file(run_dir, "worker-1", {**FULL_WORKER, "bus_lag_ms": 90_000.0})
+    status, _, body = await asyncio.to_thread(_get, admin.port, "/readyz")
+    assert (status, body) == (
+        503,
+        '{"status":"not_ready","reasons":["worker 1: bus lagging (90000 ms > 5000 ms)",'
+        '"worker 2: bus task publisher, reader restarting"]}',
+    )
+
+
+async def test_a_worker_writes_every_key_of_the_pinned_board(
+    engine_factory: Any,
+) -> None:
+    engine = await engine_factory()
+    status = engine.worker.status()
+    assert [*status, "ts"] == list(FULL_WORKER)
