@@ -637,13 +637,9 @@ class WorkerServer:
 
     def status(self) -> dict[str, Any]:
         s = self.fanout.stats
-        # Per-shard figures only some buses have (the redis bus; not the local hub).
-        shard_lags = getattr(self.bus, "shard_lags_ms", None)
-        lags = shard_lags() if callable(shard_lags) else None
-        entry_age = getattr(self.bus, "last_entry_age_ms", None)
-        age = entry_age() if callable(entry_age) else None
-        events = getattr(self.bus, "bus_stats", None)
-        health = getattr(self.bus, "health", None)  # engine.bus.tasks.TaskHealth
+        # Per-shard figures only some buses have (the redis bus; the local hub: None).
+        lags = self.bus.shard_lags_ms()
+        age = self.bus.last_entry_age_ms()
         return {
             "pid": os.getpid(),
             "slot": self.slot,
@@ -654,8 +650,8 @@ class WorkerServer:
             "bus_shard_lag_ms": None if lags is None else [round(x, 1) for x in lags],
             "bus_last_entry_age_ms": None if age is None else round(age, 1),
             # task restarts, publish timeouts, maxmemory refusals... (engine/bus/tasks.py)
-            "bus_events": events() if callable(events) else {},
-            "bus_tasks_down": sorted(health.down) if health is not None else [],
+            "bus_events": self.bus.bus_stats(),
+            "bus_tasks_down": self.bus.tasks_down(),
             "connections": len(self.connections),
             "subscriptions": self.fanout.subscription_count(),
             "topics": len(self.fanout.topics),  # held: subscribed, loading or in their grace

@@ -48,7 +48,7 @@ from engine import metrics
 from engine.admin import http
 from engine.codes import EXIT_PORT_IN_USE, ErrorCode
 from engine.errors import BusError, BusRefused, BusUnavailable
-from engine.supervisor.board import REBALANCE, SUPERVISOR, Board
+from engine.board import REBALANCE, SUPERVISOR, Board
 from engine.topics import TopicRules
 
 if TYPE_CHECKING:
@@ -552,11 +552,10 @@ class AdminServer:
                 (({}, 1 if self.bus.connected else 0),),
             ),
         ]  # fmt: skip
-        bus_stats = getattr(self.bus, "bus_stats", None)
-        if callable(bus_stats):  # the admin's own bus client
-            families.append(
-                metrics.bus_events_family([({}, bus_stats())], "fanout_admin_bus_events_total")
-            )
+        # the admin's own bus client
+        families.append(
+            metrics.bus_events_family([({}, self.bus.bus_stats())], "fanout_admin_bus_events_total")
+        )
         return metrics.render(families)
 
     def stats(self) -> dict[str, Any]:

@@ -139,6 +139,25 @@ class Bus(Protocol):
         """How far this client is behind the bus head (the worst shard), in ms;
         None when the backend cannot tell. `/readyz` fails past `bus.max_lag_ms`."""
 
+    # Figures some backends cannot tell: each has a documented default
+    # (`engine.bus.backend.BusBackend`), so callers ask, never probe with getattr.
+
+    def shard_lags_ms(self) -> list[float] | None:
+        """Each shard's lag in ms (index = shard), for metrics; None while
+        disconnected, or when the backend has no per-shard figure (the local hub)."""
+
+    def last_entry_age_ms(self) -> float | None:
+        """Milliseconds since this client last received an entry; None when
+        it never did, or the backend does not track it (the local hub)."""
+
+    def bus_stats(self) -> dict[str, int]:
+        """Counters of the client's failure modes (task restarts, publish
+        timeouts, ...: `engine.metrics.bus_events_family`); {} when it has none."""
+
+    def tasks_down(self) -> list[str]:
+        """The client's background tasks down right now (restarting), sorted;
+        while any is, `connected` is False (guarantee 7)."""
+
     async def start(self, sink: BusSink | None) -> None:
         """Connect (and keep reconnecting with backoff in the background).
 

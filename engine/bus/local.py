@@ -39,14 +39,16 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
-from engine.bus import limits as bounds
-from engine.bus import wire
+import engine.bus.limits as bounds
+import engine.bus.wire as wire
+from engine.bus.backend import BusBackend, CallbackGuard
 from engine.bus.base import BusSink, History, PublishDone, Snapshot, Update
 from engine.bus.tasks import TaskHealth, supervise
 from engine.errors import BusError, BusUnavailable
-from engine.supervisor.backoff import Backoff, FailureStreak
+from engine.backoff import Backoff, FailureStreak
 
 log = logging.getLogger(__name__)
+_call = CallbackGuard(log, "bus: a reply callback failed")
 
 RECONNECT_BACKOFF: Final = Backoff(min_ms=100, max_ms=5000)
 # A link that stayed up this long broke for a new reason: retry at once (100 ms).
@@ -137,7 +139,7 @@ class _Link(asyncio.Protocol):
             self.lost.set_result(None)
 
 
-class LocalBus:
+class LocalBus(BusBackend):
     """The `Bus` of the local backend: a client of the hub at `socket_path`.
 
     `holds_all_state` is True: every (re)connect delivers the whole state.
@@ -273,21 +275,6 @@ class LocalBus:
             _call(callback, BusUnavailable(why))
         if not pending and link.idle is not None and not link.idle.done():
             link.idle.set_result(None)
-
-    async def publish_wait(self, updates: Sequence[Update]) -> list[int]:
-        """`publish`, awaited: the positions, or raises `BusUnavailable` / `BusError`."""
-        fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-
-        def done(result: Sequence[int] | BusError) -> None:
-            if fut.done():
-                return
-            if isinstance(result, BusError):
-                fut.set_exception(result)
-            else:
-                fut.set_result(list(result))
-
-        self.publish(updates, done)
-        return await fut
 
     async def snapshot(self, topic: str) -> Snapshot:
         """The topic's latest state from the hub (deleted keys included with data NIL)."""
@@ -443,10 +430,3 @@ class LocalBus:
     def _new_id(self) -> int:
         self._next_id += 1
         return self._next_id
-
-
-def _call(callback: _Reply, result: Any) -> None:
-    try:
-        callback(result)
-    except Exception:
-        log.exception("bus: a reply callback failed")

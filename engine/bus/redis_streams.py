@@ -119,7 +119,7 @@ import importlib.resources
 import logging
 import random
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
 import redis.asyncio as aioredis
@@ -129,7 +129,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
-from engine.bus import limits as bounds
+import engine.bus.limits as bounds
+from engine.bus.backend import BusBackend, CallbackGuard
 from engine.bus.base import (
     BusSink,
     Entry,
@@ -147,9 +148,10 @@ from engine.codes import ErrorCode
 from engine.config import redact_url
 from engine.errors import BusError, BusUnavailable
 from engine.protocol.codec import format_pos, make_pos
-from engine.supervisor.backoff import Backoff, FailureStreak
+from engine.backoff import Backoff, FailureStreak
 
 log = logging.getLogger(__name__)
+_call = CallbackGuard(log, "bus: a publish callback failed")
 
 RECONNECT_BACKOFF: Final = Backoff(min_ms=100, max_ms=5000)
 STABLE_LINK_S: Final = 10.0
@@ -262,7 +264,7 @@ class _Request:
         _call(self.done, result)
 
 
-class RedisBus:
+class RedisBus(BusBackend):
     """The `Bus` of the redis backend. See the module's rules.
 
     `holds_all_state` is True: a connect delivers the whole state (rule 4). A
@@ -508,21 +510,6 @@ class RedisBus:
             waiting.append(queue[0].deadline)
         if waiting:
             self._deadlines = loop.call_at(min(waiting), self._expire_requests)
-
-    async def publish_wait(self, updates: Sequence[Update]) -> list[int]:
-        """`publish`, awaited: the positions, or raises `BusUnavailable` / `BusError`."""
-        fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-
-        def done(result: Sequence[int] | BusError) -> None:
-            if fut.done():
-                return
-            if isinstance(result, BusError):
-                fut.set_exception(result)
-            else:
-                fut.set_result(list(result))
-
-        self.publish(updates, done)
-        return await fut
 
     async def snapshot(self, topic: str) -> Snapshot:
         """The topic's latest state from its hash (deleted keys included with data NIL)."""
@@ -1239,10 +1226,3 @@ async def _stop(tasks: Sequence[asyncio.Future[Any]]) -> None:
             t.exception()  # retrieved: no "exception was never retrieved" warning
     if interrupted:
         raise asyncio.CancelledError
-
-
-def _call(callback: Callable[[Any], None], result: Any) -> None:
-    try:
-        callback(result)
-    except Exception:
-        log.exception("bus: a publish callback failed")
