@@ -57,10 +57,13 @@ from engine.codes import ErrorCode
 from engine.protocol.codec import (
     MAX_DATA_DEPTH,
     NIL,
+    bounded_unpacker,
+    container_at,
     data_problem,
     depth_problem,
     format_pos,
     nested_deeper_than,
+    read_raw,
     utf8_problem,
     valid_topic,
 )
@@ -526,30 +529,28 @@ def _json_update(fields: dict[str, Any], where: str) -> Update:
 # msgpack --------------------------------------------------------------------------
 
 
+# The body is read with the codec's reader (engine.protocol.codec rules 1 and 3):
+# limits bounded by the body's own size, containers told from their header byte,
+# `data` sliced out undecoded.
+
+
 def _msgpack_is_array(body: bytes, at: int) -> bool:
-    return at < len(body) and (0x90 <= body[at] <= 0x9F or body[at] in (0xDC, 0xDD))
+    shape = container_at(body, at)
+    return shape is not None and shape[0] == "array"
 
 
 def _msgpack_is_map(body: bytes, at: int) -> bool:
-    return at < len(body) and (0x80 <= body[at] <= 0x8F or body[at] in (0xDE, 0xDF))
+    shape = container_at(body, at)
+    return shape is not None and shape[0] == "map"
 
 
 def _parse_msgpack(body: bytes, max_items: int) -> PublishRequest:
     if not body:
         raise _bad("the body is empty: expected a msgpack map")
-    # Limits bounded by the body's own size (as in engine.protocol.codec): no
-    # length prefix can make the unpacker allocate more than the body holds.
     n = len(body)
-    unpacker = msgpack.Unpacker(
-        raw=False,
-        strict_map_key=False,
-        max_buffer_size=n,
-        max_str_len=n,
-        max_bin_len=n,
-        max_array_len=n,
-        max_map_len=n,
-        max_ext_len=n,
-    )
+    # strict_map_key=False: a field given a map with keys that are not strings
+    # is refused by name ("'topic' must be a string"), not as undecodable
+    unpacker = bounded_unpacker(n, strict_map_key=False)
     unpacker.feed(body)
     try:
         if not _msgpack_is_map(body, 0):
@@ -594,9 +595,7 @@ def _read_msgpack_fields(
         if name in fields or (name == "data" and data is not None):
             raise _bad(f"field '{where}{name[:60]}' appears twice")
         if name == "data":
-            start = unpacker.tell()
-            unpacker.skip()
-            data = body[start : unpacker.tell()]
+            data = read_raw(unpacker, body)
         elif name == "items" and max_items is not None:
             if items is not None:
                 raise _bad("field 'items' appears twice")

@@ -197,6 +197,58 @@ class Undecodable:
         return f"Undecodable({self.reason!r})"
 
 
+# -- reading one msgpack message (rule 3; the admin's /publish bodies too) ------------
+
+
+def bounded_unpacker(size: int, *, strict_map_key: bool = True) -> msgpack.Unpacker:
+    """An unpacker for one message of `size` bytes (fed whole), every length
+    limit bounded by that size (rule 3): a string, binary or container cannot
+    claim more than there are bytes left to describe it, so no length prefix
+    makes it allocate beyond the message. `strict_map_key=False` lets map keys
+    of any scalar type through (a publisher's body; `decode_request` keeps
+    the protocol's string keys)."""
+    n = max(size, 1)
+    return msgpack.Unpacker(
+        raw=False,
+        use_list=True,
+        strict_map_key=strict_map_key,
+        max_buffer_size=n,
+        max_str_len=n,
+        max_bin_len=n,
+        max_array_len=n,
+        max_map_len=n,
+        max_ext_len=n,
+    )
+
+
+def container_at(payload: bytes, at: int) -> tuple[str, int] | None:
+    """("array" | "map", length) when the msgpack value at `at` is a container
+    (read from its header byte, without decoding it), else None."""
+    if at >= len(payload):
+        return None
+    b = payload[at]
+    if 0x90 <= b <= 0x9F:
+        return "array", b & 0x0F
+    if 0x80 <= b <= 0x8F:
+        return "map", b & 0x0F
+    if b in (0xDC, 0xDE):
+        n = int.from_bytes(payload[at + 1 : at + 3], "big")
+        return ("array" if b == 0xDC else "map"), n
+    if b in (0xDD, 0xDF):
+        n = int.from_bytes(payload[at + 1 : at + 5], "big")
+        return ("array" if b == 0xDD else "map"), n
+    return None
+
+
+def read_raw(unpacker: msgpack.Unpacker, payload: bytes) -> bytes:
+    """The exact msgpack bytes of the value at the unpacker's position, which
+    moves past it (rule 1: `data` is skipped, never decoded). A copy: a
+    memoryview payload (a picows frame) is not kept."""
+    start = unpacker.tell()
+    unpacker.skip()
+    return bytes(payload[start : unpacker.tell()])
+
+
 # -- client -> server ---------------------------------------------------------------
 
 
@@ -238,23 +290,6 @@ Request = Sub | Unsub | Pub | Ping | Auth
 KNOWN_OPS: Final = frozenset({"sub", "unsub", "pub", "ping", "auth"})
 
 
-def _unpacker(size: int) -> msgpack.Unpacker:
-    # Every length limit is bounded by the frame's own size: a container can't
-    # claim more elements than there are bytes left to describe them.
-    n = max(size, 1)
-    return msgpack.Unpacker(
-        raw=False,
-        use_list=True,
-        strict_map_key=True,
-        max_buffer_size=n,
-        max_str_len=n,
-        max_bin_len=n,
-        max_array_len=n,
-        max_map_len=n,
-        max_ext_len=n,
-    )
-
-
 def _bad(msg: str, rid: int | None = None, topic: str | None = None) -> RemoteProtocolError:
     return RemoteProtocolError(ErrorCode.BAD_REQUEST, msg, request_id=rid, topic=topic)
 
@@ -268,7 +303,7 @@ def decode_request(payload: bytes, max_topics: int) -> Request:
     """
     fields: dict[str, Any] = {}
     data: bytes | None = None
-    unpacker = _unpacker(len(payload))
+    unpacker = bounded_unpacker(len(payload))
     try:
         unpacker.feed(payload)
         try:
@@ -276,21 +311,18 @@ def decode_request(payload: bytes, max_topics: int) -> Request:
         except msgpack.UnpackValueError:
             raise _bad("a message must be a msgpack map") from None
         for _ in range(n):
-            if _container(payload, unpacker.tell()) is not None:
+            if container_at(payload, unpacker.tell()) is not None:
                 raise _bad("message field names must be strings")
             k = unpacker.unpack()
             if not isinstance(k, str):
                 raise _bad("message field names must be strings")
             if k == "data":
-                start = unpacker.tell()
-                unpacker.skip()
-                # bytes(): a memoryview payload (a picows frame) must not be kept.
-                data = bytes(payload[start : unpacker.tell()])
+                data = read_raw(unpacker, payload)
             elif k not in _FIELDS:
                 unpacker.skip()  # not ours: never decoded (rule 3)
             elif k in ("topics", "since"):
                 fields[k] = _read_shallow(unpacker, payload, k, max_topics)
-            elif _container(payload, unpacker.tell()) is not None:
+            elif container_at(payload, unpacker.tell()) is not None:
                 fields[k] = _ILL_TYPED  # refused by _validate, with the request's id
                 unpacker.skip()
             else:
@@ -327,30 +359,11 @@ class _TooMany:
     n: int
 
 
-def _container(payload: bytes, at: int) -> tuple[str, int] | None:
-    """("array" | "map", length) when the msgpack value at `at` is a container
-    (read from its header byte, without decoding it), else None."""
-    if at >= len(payload):
-        return None
-    b = payload[at]
-    if 0x90 <= b <= 0x9F:
-        return "array", b & 0x0F
-    if 0x80 <= b <= 0x8F:
-        return "map", b & 0x0F
-    if b in (0xDC, 0xDE):
-        n = int.from_bytes(payload[at + 1 : at + 3], "big")
-        return ("array" if b == 0xDC else "map"), n
-    if b in (0xDD, 0xDF):
-        n = int.from_bytes(payload[at + 1 : at + 5], "big")
-        return ("array" if b == 0xDD else "map"), n
-    return None
-
-
 def _read_shallow(unpacker: msgpack.Unpacker, payload: bytes, name: str, max_topics: int) -> Any:
     """`topics` (a list of scalars) or `since` (a map of scalar -> list of two
     scalars), at most `max_topics` entries: anything else is skipped undecoded
     and left for `_validate` to refuse (the sentinel `_ILL_TYPED`), or refused here."""
-    shape = _container(payload, unpacker.tell())
+    shape = container_at(payload, unpacker.tell())
     want = "array" if name == "topics" else "map"
     if shape is None or shape[0] != want:
         if shape is None:
@@ -364,7 +377,7 @@ def _read_shallow(unpacker: msgpack.Unpacker, payload: bytes, name: str, max_top
         n = unpacker.read_array_header()
         items: list[Any] = []
         for _ in range(n):
-            if _container(payload, unpacker.tell()) is not None:
+            if container_at(payload, unpacker.tell()) is not None:
                 unpacker.skip()
                 items.append(_ILL_TYPED)
             else:
@@ -373,13 +386,13 @@ def _read_shallow(unpacker: msgpack.Unpacker, payload: bytes, name: str, max_top
     n = unpacker.read_map_header()
     since: dict[Any, Any] = {}
     for _ in range(n):
-        if _container(payload, unpacker.tell()) is not None:
+        if container_at(payload, unpacker.tell()) is not None:
             unpacker.skip()
             unpacker.skip()
             since[("_ill_typed", len(since))] = _ILL_TYPED
             continue
         topic = unpacker.unpack()
-        mark = _container(payload, unpacker.tell())
+        mark = container_at(payload, unpacker.tell())
         if mark is None:
             value: Any = unpacker.unpack()
         elif mark != ("array", 2):
@@ -389,7 +402,7 @@ def _read_shallow(unpacker: msgpack.Unpacker, payload: bytes, name: str, max_top
             unpacker.read_array_header()
             value = []
             for _ in range(2):
-                if _container(payload, unpacker.tell()) is not None:
+                if container_at(payload, unpacker.tell()) is not None:
                     unpacker.skip()
                     value.append(_ILL_TYPED)
                 else:

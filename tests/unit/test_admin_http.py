@@ -11,7 +11,7 @@ import pytest
 from engine.admin import http
 from engine.admin.http import HttpError, parse_publish, plan_request
 from engine.bus.base import Update
-from engine.protocol.codec import NIL, make_pos
+from engine.protocol.codec import NIL, Pub, decode_request, make_pos
 
 MAX_ITEMS = 5
 
@@ -181,6 +181,17 @@ def test_msgpack_batch_keeps_every_data_bytes_exactly() -> None:
     assert req.batch is True
     assert [u.data for u in req.updates] == ODD_DATA
     assert [u.key for u in req.updates] == [f"k{i}" for i in range(len(ODD_DATA))]
+
+
+@pytest.mark.parametrize("data", ODD_DATA)
+def test_msgpack_body_and_websocket_pub_read_data_alike(data: bytes) -> None:
+    """One reader (engine.protocol.codec): the admin's /publish body and a
+    WebSocket `pub` hand the bus the same `data` bytes."""
+    fields = [("topic", pm("t.x")), ("key", pm("k")), ("data", data)]
+    req = parse_publish(_raw_map(fields), "msgpack", 5)
+    pub = decode_request(_raw_map([("op", pm("pub")), *fields]), 8)
+    assert isinstance(pub, Pub)
+    assert req.updates[0].data == pub.data == data
 
 
 def test_msgpack_and_json_agree_on_plain_values() -> None:

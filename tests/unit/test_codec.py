@@ -27,12 +27,14 @@ from engine.protocol.codec import (
     Unsub,
     ack,
     array_header,
+    bounded_unpacker,
     build_evt,
     build_gap,
     build_snap,
     build_stream_snap,
     build_upd,
     bye,
+    container_at,
     data_problem,
     decode_frame,
     decode_request,
@@ -49,6 +51,7 @@ from engine.protocol.codec import (
     pack_str,
     parse_pos,
     pong,
+    read_raw,
     utf8_problem,
     valid_topic,
 )
@@ -1059,3 +1062,72 @@ def test_pack_str_and_pack_item_are_plain_msgpack() -> None:
     assert pack_str("prices.fx") == pack("prices.fx")
     assert pack_item("k", pack([1])) == pack("k") + pack([1])
     assert iter_items([("a", NIL), ("b", pack(2))]) == [pack("a") + NIL, pack("b") + pack(2)]
+
+
+# -- the shared reader (rule 3; engine.admin.http reads /publish bodies with it) -----
+
+
+@pytest.mark.parametrize(
+    ("payload", "shape"),
+    [
+        (b"\x80", ("map", 0)),
+        (b"\x8f", ("map", 15)),
+        (b"\x93\x01\x02\x03", ("array", 3)),
+        (b"\xdc\x01\x00", ("array", 256)),
+        (b"\xde\x00\x02", ("map", 2)),
+        (b"\xdd\x00\x01\x00\x00", ("array", 65536)),
+        (b"\xdf\x00\x00\x00\x03", ("map", 3)),
+        (b"\xa1x", None),  # a string
+        (b"\x01", None),
+        (b"\xc0", None),
+        (b"", None),  # nothing left
+    ],
+)
+def test_container_at_reads_the_header_byte_only(payload: bytes, shape: object) -> None:
+    assert container_at(payload, 0) == shape
+    assert container_at(b"\x01" + payload, 1) == shape  # at an offset
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xdb\x7f\xff\xff\xff",  # str32 of 2 GiB
+        b"\xc6\x7f\xff\xff\xff",  # bin32 of 2 GiB
+        b"\xdd\x7f\xff\xff\xff",  # array32 of 2**31 elements
+        b"\xdf\x7f\xff\xff\xff",  # map32 of 2**31 pairs
+    ],
+)
+def test_bounded_unpacker_refuses_a_length_beyond_the_message(strict: bool, payload: bytes) -> None:
+    unpacker = bounded_unpacker(len(payload), strict_map_key=strict)
+    unpacker.feed(payload)
+    # refused (a limit, or simply no data), never an attempt to allocate the length
+    with pytest.raises((ValueError, msgpack.OutOfData)):
+        unpacker.unpack()
+
+
+def test_bounded_unpacker_keys_strict_or_not() -> None:
+    payload = msgpack.packb({1: "x"})
+    strict = bounded_unpacker(len(payload))
+    strict.feed(payload)
+    with pytest.raises(ValueError):
+        strict.unpack()
+    loose = bounded_unpacker(len(payload), strict_map_key=False)
+    loose.feed(payload)
+    assert loose.unpack() == {1: "x"}
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+@pytest.mark.parametrize(
+    "data", [b"\xca\x3f\xc0\x00\x00", b"\xd1\x00\x01", b"\x82\xa1z\x01\xa1a\x02"]
+)
+def test_read_raw_slices_the_exact_bytes_and_moves_past_them(kind: type, data: bytes) -> None:
+    payload = kind(b"\xa4data" + data + b"\x07")  # a key, the value, one more value
+    unpacker = bounded_unpacker(len(payload))
+    unpacker.feed(payload)
+    assert unpacker.unpack() == "data"
+    raw = read_raw(unpacker, payload)
+    assert type(raw) is bytes  # a copy: never a view of a picows frame
+    assert raw == data
+    assert unpacker.unpack() == 7  # the reader is just after the value
+    assert unpacker.tell() == len(payload)
