@@ -6,7 +6,8 @@
     locust -f loadtest/locustfile.py,loadtest/locust_ramp.py ...   # with the ramp shape
     locust -f loadtest/locustfile.py --processes 2 ...               # master + 2 workers
 
-- `SubscriberUser`: one WebSocket connection (picows, msgpack) subscribed to
+- `SubscriberUser`: one WebSocket connection (the load tools' client,
+  loadtest/client.py, in decoding mode) subscribed to
   `--topics` (all of them, or `--topics-per-user` random ones); every key value
   received in an `upd` is reported as a request `WS upd <topic>` whose
   response time is publish-to-receive latency (`data` is `[seq, time_ns]`).
@@ -44,6 +45,8 @@ import msgpack
 from gevent import monkey
 from locust import HttpUser, User, constant, constant_throughput, events, task
 
+from loadtest.client import DecodingSink, connect, listener_class
+
 _MAX_PENDING = 1_000_000
 
 
@@ -75,6 +78,7 @@ class _Pump:
         self.dropped = 0
         self.conns: dict[int, Any] = {}
         self.ids = itertools.count(1)
+        self.sink = _Samples(self)
         start_new_thread = monkey.get_original("_thread", "start_new_thread")
         start_new_thread(self._run, ())
         deadline = time.monotonic() + 10
@@ -147,105 +151,51 @@ class _Pump:
     def _close(self, handle: int) -> None:
         client = self.conns.pop(handle, None)
         if client is not None:
-            client.closing = True
+            client.dropping = True
             if client.transport is not None:
                 client.transport.send_close(1000)
                 client.transport.disconnect()
 
     async def _connect(self, handle: int, url: str, topics: list[str], max_hz: float) -> None:
-        from picows import ws_connect
-
-        client = _client_class()(self, topics, max_hz)
+        client = listener_class()(self.sink, topics, max_hz=max_hz, tag=time.perf_counter())
         self.conns[handle] = client
         try:
-            await ws_connect(
-                lambda: client,
-                url,
-                extra_headers={"Sec-WebSocket-Protocol": "fanout.v1"},
-                websocket_handshake_timeout=15,
-                max_frame_size=64 * 1024 * 1024,
-            )
+            await connect(client, url)
         except Exception as exc:
             self.conns.pop(handle, None)
-            self.emit("fail", "connect", (time.perf_counter() - client.t0) * 1000, 0, repr(exc))
+            self.emit("fail", "connect", (time.perf_counter() - client.tag) * 1000, 0, repr(exc))
 
 
-_CLIENT_CLASS: type | None = None
+class _Samples(DecodingSink):
+    """Decoding mode (loadtest/client.py): every message of a subscriber becomes
+    samples of the pump. `client.tag` is the connect's perf_counter start."""
 
+    def __init__(self, pump: _Pump) -> None:
+        self.emit = pump.emit
 
-def _client_class() -> type:
-    global _CLIENT_CLASS
-    if _CLIENT_CLASS is not None:
-        return _CLIENT_CLASS
-    from picows import WSListener, WSMsgType
+    def message(self, client: Any, msg: Any, now_ns: int, size: int) -> None:
+        emit = self.emit
+        op = msg.get("op") if isinstance(msg, dict) else None
+        if op == "upd":
+            name = f"upd {msg.get('topic')}"
+            for v in (msg.get("items") or {}).values():
+                if isinstance(v, list) and len(v) == 2 and isinstance(v[1], int):
+                    emit("ok", name, (now_ns - v[1]) / 1e6, size, None)
+        elif op == "snap":
+            if client.ready:  # every topic has had its snap (marked before this call)
+                emit("ok", "connect", (time.perf_counter() - client.tag) * 1000, size, None)
+        elif op == "err":
+            emit("fail", f"err {msg.get('code')}", 0, size, str(msg))
+        elif op is None:
+            emit("fail", "bad message", 0, size, repr(msg)[:100])
 
-    binary, close_t, cont = WSMsgType.BINARY, WSMsgType.CLOSE, WSMsgType.CONTINUATION
+    def bad(self, client: Any, error: str, size: int) -> None:
+        self.emit("fail", "bad message", 0, size, error)
 
-    class Client(WSListener):
-        def __init__(self, pump: _Pump, topics: list[str], max_hz: float) -> None:
-            self.pump = pump
-            self.topics = topics
-            self.pending = set(topics)
-            self.transport: Any = None
-            self.closing = False
-            self.close_code: int | None = None
-            self.fragments: bytearray | None = None
-            self.t0 = time.perf_counter()
-            sub: dict[str, Any] = {"op": "sub", "topics": topics, "id": 1}
-            if max_hz:
-                sub["max_hz"] = max_hz
-            self.sub = msgpack.packb(sub)
-
-        def on_ws_connected(self, transport: Any) -> None:
-            self.transport = transport
-            transport.send(binary, self.sub)
-
-        def on_ws_frame(self, transport: Any, frame: Any) -> None:
-            t = frame.msg_type
-            if t == binary and frame.fin and self.fragments is None:
-                self.feed(frame.get_payload_as_bytes())
-            elif t in (binary, cont):
-                self.fragments = (self.fragments or bytearray()) + frame.get_payload_as_bytes()
-                if frame.fin:
-                    payload, self.fragments = bytes(self.fragments), None
-                    self.feed(payload)
-            elif t == close_t:
-                self.close_code = int(frame.get_close_code())
-                transport.send_close(frame.get_close_code())
-                transport.disconnect()
-
-        def feed(self, payload: bytes) -> None:
-            now = time.time_ns()
-            emit = self.pump.emit
-            unpacker = msgpack.Unpacker(raw=False)
-            unpacker.feed(payload)
-            try:
-                for msg in unpacker:
-                    op = msg.get("op") if isinstance(msg, dict) else None
-                    if op == "upd":
-                        name = f"upd {msg.get('topic')}"
-                        for v in (msg.get("items") or {}).values():
-                            if isinstance(v, list) and len(v) == 2 and isinstance(v[1], int):
-                                emit("ok", name, (now - v[1]) / 1e6, len(payload), None)
-                    elif op == "snap":
-                        self.pending.discard(msg.get("topic"))
-                        if not self.pending:
-                            ms = (time.perf_counter() - self.t0) * 1000
-                            emit("ok", "connect", ms, len(payload), None)
-                    elif op == "err":
-                        emit("fail", f"err {msg.get('code')}", 0, len(payload), str(msg))
-                    elif op is None:
-                        emit("fail", "bad message", 0, len(payload), repr(msg)[:100])
-            except (ValueError, msgpack.UnpackException) as exc:
-                emit("fail", "bad message", 0, len(payload), str(exc))
-
-        def on_ws_disconnected(self, transport: Any) -> None:
-            if not self.closing:
-                code = self.close_code if self.close_code is not None else 1006
-                self.pump.emit("fail", f"close {code}", 0, 0, f"server closed: {code}")
-
-    _CLIENT_CLASS = Client
-    return Client
+    def disconnected(self, client: Any) -> None:
+        if not client.dropping:
+            code = client.close_code if client.close_code is not None else 1006
+            self.emit("fail", f"close {code}", 0, 0, f"server closed: {code}")
 
 
 _PUMP: _Pump | None = None

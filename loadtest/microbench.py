@@ -1,13 +1,13 @@
 """Micro-benchmarks of the Python hot paths, with no sockets: the fan-out core's
 cost per frame (apply + plan + deliver to a no-op writer) on the hot and market
-workloads, and the load generator's cost per frame (`ProcState.feed`) on market
+workloads, and the load generator's cost per frame (`CountingSink.feed`, loadtest/client.py) on market
 frames built by the real core.
 
     .venv/bin/python -m loadtest.microbench            # all three, best of 5 rounds
     .venv/bin/python -m loadtest.microbench core-hot --rate 10000
 
 They measure Python work only (the kernel's send and picows are not in them),
-so they show what a change to engine/fanout/core.py or loadtest/bench/subscriber.py
+so they show what a change to engine/fanout/core.py or loadtest/client.py
 saves per frame, with less noise than a full `fanout bench` run. Bounded: a
 fixed number of ticks per round, 5 rounds.
 """
@@ -23,7 +23,7 @@ import msgpack
 
 from engine.fanout.core import Fanout, Session
 from engine.protocol.codec import make_pos
-from loadtest.bench.subscriber import ProcState
+from loadtest.client import CountingSink
 from loadtest.workload import HOT, MARKET, Workload, key_sampler
 
 TICKS_PER_S = 50  # a 20 ms flush interval
@@ -115,7 +115,7 @@ def bench_generator(subscribers: int, rate: float) -> dict[str, Any]:
     clients = [_View(t) for t in subs]
     best = float("inf")
     for _ in range(ROUNDS):
-        st = ProcState()
+        st = CountingSink()
         st.measuring = True
         t0 = time.perf_counter()
         for i, frame in frames:

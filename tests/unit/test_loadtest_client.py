@@ -1,0 +1,180 @@
+"""The load tools' client (loadtest/client.py): counting mode (`CountingSink`),
+what a bench client holds after the frames the engine sends it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from loadtest.client import CountingSink, DecodingSink, listener_class
+
+
+class View:
+    """What `CountingSink.feed` needs of a bench client."""
+
+    def __init__(self, *topics: str) -> None:
+        self.views: dict[str, dict[str, Any]] = {t: {} for t in topics}
+        self.epochs: dict[str, Any] = {}
+        self.positions: dict[str, Any] = {}
+        self.snapped: set[str] = set()
+        self.ready = False
+
+
+def pack(**msg: Any) -> bytes:
+    out: bytes = msgpack.packb(msg)
+    return out
+
+
+def upd(topic: str, pos: str, **items: Any) -> bytes:
+    return pack(op="upd", topic=topic, pos=pos, items=items)
+
+
+def test_a_frame_of_several_messages_updates_each_topic_and_counts_every_value() -> None:
+    st, c = CountingSink(), View("a", "b")
+    st.feed(c, pack(op="snap", topic="a", epoch="e", pos="1-0", full=True, items={"x": [1, 5]}))
+    st.feed(c, pack(op="snap", topic="b", epoch="e", pos="1-0", full=True, items={}))
+    assert c.ready
+    st.measuring = True
+    st.feed(c, upd("a", "2-0", x=[2, 7], y=[3, 7]) + upd("b", "3-0", z=[4, 8]) + upd("c", "4-0"))
+    assert c.views == {"a": {"x": [2, 7], "y": [3, 7]}, "b": {"z": [4, 8]}}
+    assert c.positions == {"a": "2-0", "b": "3-0"}
+    assert st.frames == 3
+    assert st.updates == 3  # x, y, z: a snap's values are not delivered updates
+    assert st.samples == 3  # one latency sample per value (stamps 7, 7, 8)
+
+
+def test_the_same_message_in_other_frames_is_decoded_once() -> None:
+    st = CountingSink()
+    clients = [View("a", "b") for _ in range(3)]
+    shared = upd("a", "2-0", x=[2, 7])
+    st.feed(clients[0], shared)  # a frame of that one message
+    st.feed(clients[1], shared + upd("b", "2-0", y=[3, 7]))
+    st.feed(clients[2], upd("b", "2-0", z=[4, 7]) + shared)
+    assert [c.views["a"] for c in clients] == [{"x": [2, 7]}] * 3
+    assert len(st.mcache) == 3  # the shared message, and each one's other message
+
+
+def test_an_undecodable_frame_is_counted_and_the_next_frames_decode() -> None:
+    st, c = CountingSink(), View("a")
+    st.feed(c, upd("a", "2-0", x=[2, 7])[:-3])  # cut short
+    st.feed(c, b"\xc1")  # never valid msgpack
+    st.feed(c, upd("a", "3-0", x=[3, 7]))
+    assert st.errors["undecodable"] == 2
+    assert c.views["a"] == {"x": [3, 7]}
+
+
+def test_control_messages_are_counted_not_cached() -> None:
+    st, c = CountingSink(), View("a")
+    bye = pack(op="bye", reason="drain", retry_ms=100)
+    st.feed(c, bye)
+    st.feed(c, bye)
+    st.feed(c, pack(op="err", code="rate_limited", message="slow down"))
+    assert st.byes == 2
+    assert st.errors["err:rate_limited"] == 1
+    assert not st.mcache
+
+
+# -- the listener: one for every tool -------------------------------------------------------
+
+
+class Frame:
+    """What the listener reads of a picows frame."""
+
+    def __init__(self, msg_type: Any, payload: bytes = b"", fin: bool = True, code: int = 0):
+        self.msg_type, self.fin, self.payload, self.code = msg_type, fin, payload, code
+
+    def get_payload_as_bytes(self) -> bytes:
+        return self.payload
+
+    def get_close_code(self) -> int:
+        return self.code
+
+
+class Transport:
+    def __init__(self) -> None:
+        self.sent: list[tuple[Any, bytes]] = []
+        self.closes: list[int] = []
+        self.disconnects = 0
+
+    def send(self, mtype: Any, payload: bytes) -> None:
+        self.sent.append((mtype, payload))
+
+    def send_close(self, code: int) -> None:
+        self.closes.append(code)
+
+    def disconnect(self, graceful: bool = True) -> None:
+        self.disconnects += 1
+
+
+def test_the_listener_subscribes_on_connect_and_reassembles_a_fragmented_message() -> None:
+    from picows import WSMsgType
+
+    st = CountingSink()
+    c = listener_class()(st, ["a"], max_hz=5, since={"a": ["e", "1-0"]})
+    t = Transport()
+    c.on_ws_connected(t)
+    ((mtype, sub),) = t.sent
+    assert mtype == WSMsgType.BINARY
+    assert msgpack.unpackb(sub) == {
+        "op": "sub", "topics": ["a"], "id": 1, "max_hz": 5, "since": {"a": ["e", "1-0"]},
+    }  # fmt: skip
+    whole = upd("a", "2-0", x=[2, 7])
+    c.on_ws_frame(t, Frame(WSMsgType.BINARY, whole[:5], fin=False))
+    c.on_ws_frame(t, Frame(WSMsgType.CONTINUATION, whole[5:9], fin=False))
+    assert st.frames == 0  # nothing is fed before the last fragment
+    c.on_ws_frame(t, Frame(WSMsgType.CONTINUATION, whole[9:], fin=True))
+    c.on_ws_frame(t, Frame(WSMsgType.BINARY, upd("a", "3-0", y=[3, 7])))
+    assert st.frames == 2
+    assert c.views == {"a": {"x": [2, 7], "y": [3, 7]}}
+    c.on_ws_frame(t, Frame(WSMsgType.TEXT, b"{}"))
+    assert st.errors["frame:TEXT"] == 1
+
+
+def test_a_server_close_is_answered_and_counted_a_dropped_client_is_not() -> None:
+    from picows import WSMsgType
+
+    st = CountingSink()
+    cls = listener_class()
+    closed, dropped, slow = cls(st, ["a"]), cls(st, ["a"]), cls(st, ["a"], slow=True)
+    for c in (closed, dropped, slow):
+        c.on_ws_connected(Transport())
+    t = closed.transport
+    closed.on_ws_frame(t, Frame(WSMsgType.CLOSE, code=4001))
+    assert t.closes == [4001] and t.disconnects == 1
+    closed.on_ws_disconnected(t)
+    closed.on_ws_disconnected(t)  # once only
+    dropped.drop()
+    assert dropped.transport.disconnects == 1
+    dropped.on_ws_disconnected(dropped.transport)
+    slow.on_ws_disconnected(slow.transport)
+    assert st.close_codes == {4001: 1}
+    assert st.slow_close_codes == {1006: 1}
+    assert st.closed == 2
+
+
+class Recorder(DecodingSink):
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, bool]] = []
+        self.bad_payloads: list[str] = []
+
+    def message(self, client: Any, msg: Any, now_ns: int, size: int) -> None:
+        self.seen.append((msg.get("op"), client.ready))
+
+    def bad(self, client: Any, error: str, size: int) -> None:
+        self.bad_payloads.append(error)
+
+
+def test_decoding_mode_hands_every_message_and_marks_snaps_first() -> None:
+    sink = Recorder()
+    c = listener_class()(sink, ["a", "b"])
+    snap_a = pack(op="snap", topic="a", epoch="e", pos="1-0", full=True, items={})
+    snap_b = pack(op="snap", topic="b", epoch="e", pos="1-0", full=True, items={})
+    sink.feed(c, snap_a + upd("a", "2-0", x=[2, 7]))
+    sink.feed(c, snap_b)
+    sink.feed(c, upd("b", "3-0")[:-2])
+    assert sink.seen == [("snap", False), ("upd", False), ("snap", True)]
+    assert c.snapped == {"a", "b"} and c.ready
+    assert len(sink.seen) == 3  # a message cut short is not handed over
+    sink.feed(c, b"\xc1")  # never valid msgpack
+    assert len(sink.bad_payloads) == 1
