@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal, TypeVar
 
 from engine.errors import ConfigError
+from engine.patterns import compile_pattern
 
 ENV_PREFIX: Final = "FANOUT_"
 ENV_CONFIG: Final = "FANOUT_CONFIG"
@@ -732,9 +733,6 @@ def _apply_overrides(builder: _Builder, overrides: Mapping[str, object]) -> None
 
 
 def _parse_topics(value: object, source: str) -> tuple[TopicRule, ...]:
-    # Imported here: engine.topics imports TopicRule from this module.
-    from engine.topics import compile_pattern
-
     if not isinstance(value, list | tuple):
         raise ConfigError(
             "topics", f"expected an array of [[topics]] tables, got {value!r}{source}"

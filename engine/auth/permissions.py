@@ -2,7 +2,7 @@
 
 Rules this module owns:
 
-1. `sub_topics` and `pub_topics` are lists of topic patterns (engine.topics:
+1. `sub_topics` and `pub_topics` are lists of topic patterns (engine.patterns:
    `*` one segment, a trailing `>` the rest). A token without `sub_topics` may
    subscribe to nothing, or to any topic when `auth.missing_sub_topics = "all"`;
    a token without `pub_topics` may not publish (protocol.md section 3). An
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from engine.errors import ConfigError
-from engine.topics import Pattern, compile_pattern
+from engine.patterns import Pattern, compile_pattern
 
 MAX_PATTERNS: Final = 256
 

@@ -1,11 +1,11 @@
-"""engine.topics: pattern matching agrees with its definition on generated patterns and topics."""
+"""engine.patterns: pattern matching agrees with its definition on generated patterns and topics."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.topics import compile_pattern
+from engine.patterns import compile_pattern
 
 # A small alphabet makes collisions between pattern and topic segments likely.
 segment = st.text(alphabet="ab:_-", min_size=1, max_size=3)

@@ -78,7 +78,7 @@ WAIVERS: dict[str, dict[str, str]] = {
 }
 
 _BASE = ("engine.errors", "engine.codes")
-_PROTOCOL = (*_BASE, "engine.protocol", "engine.topics")
+_PROTOCOL = (*_BASE, "engine.protocol", "engine.patterns")
 ENGINE_DEPS: dict[str, tuple[str, ...]] = {
     # A name covers its submodules: "engine.protocol" allows engine.protocol.codec.
     "engine/__init__.py": (),
@@ -86,8 +86,9 @@ ENGINE_DEPS: dict[str, tuple[str, ...]] = {
     "engine/codes.py": (),
     "engine/protocol/": _PROTOCOL,
     "engine/fanout/": (*_PROTOCOL, "engine.fanout", "engine.config", "engine.bus.base"),
-    "engine/config.py": (*_BASE, "engine.topics"),
-    "engine/topics.py": (*_BASE, "engine.config"),
+    "engine/config.py": (*_BASE, "engine.patterns"),
+    "engine/patterns.py": _BASE,
+    "engine/topics.py": (*_BASE, "engine.config", "engine.patterns"),
     "engine/supervisor/backoff.py": (*_BASE, "engine.config"),
     "engine/bus/base.py": (*_BASE, "engine.protocol"),
     "engine/bus/wire.py": (*_BASE, "engine.protocol", "engine.bus.base"),
@@ -193,6 +194,7 @@ def pure_files() -> list[Path]:
         files += sorted((ENGINE / package).rglob("*.py"))
     for name in (
         "config.py",
+        "patterns.py",
         "topics.py",
         "supervisor/backoff.py",
         "bus/base.py",

@@ -1,4 +1,5 @@
-"""engine.topics: pattern syntax and matching, and TopicRules lookup with its bounded cache."""
+"""engine.patterns: pattern syntax and matching; engine.topics: TopicRules lookup
+with its bounded cache."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 
 from engine.config import TopicRule
 from engine.errors import ConfigError
-from engine.topics import DEFAULT_RULE, Pattern, TopicRules, compile_pattern
+from engine.patterns import Pattern, compile_pattern
+from engine.topics import DEFAULT_RULE, TopicRules
 
 
 @pytest.mark.parametrize(
