@@ -68,7 +68,7 @@ fuzz: $(STAMP)
 
 # The first measurement: 1,000 subscribers, 10,000 updates/s for 30 s, 2 workers (README, Benchmarks).
 bench-first: $(STAMP)
-	$(BIN)/python -m loadtest.firstbench
+	$(BIN)/fanout bench --preset first
 
 # The hot-workload capacity comparison of docs/benchmarks.md: fanout next to the naive
 # picows broadcaster, 1,000 subscribers, 10,000 updates/s, 60 s (reports/ gets JSON + Markdown).

@@ -43,7 +43,8 @@ Rules this module owns:
    behind gets the events after its own position, preceded by a `gap` when the
    topic's bounded buffer no longer holds them all. Nothing else is kept for
    it. State topics pay nothing for this: a topic's kind is decided once, when
-   the core first sees it, and both kinds answer the same calls.
+   the core first sees it, and both kinds answer the same calls (the `Topic`
+   protocol of engine/fanout/session.py, which mypy checks).
 9. Topic lifetime (`lazy=True`, what a worker uses): the core holds only the
    topics that have a subscriber, are being loaded, or lost their last
    subscriber less than a grace ago (`idle`, at most `max_idle_topics`, the
@@ -66,57 +67,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
 
+from engine.fanout.session import COALESCED, Group, Session, Slot, Sub, Topic, Writer
 from engine.fanout.state import TopicState
 from engine.fanout.stream import STREAM_BUFFER_MIN, StreamState
 
-# A topic of either kind: both answer apply, update_since, full_snap, snap_since, clear.
-Topic = TopicState | StreamState
+# The shell builds a `Session` around its `Writer` and hands it to `Fanout`:
+# both are part of the core's interface (they live in engine/fanout/session.py).
+__all__ = [
+    "PHASES",
+    "Delivery",
+    "Fanout",
+    "Session",
+    "Shared",
+    "Stats",
+    "Writer",
+    "period_ticks",
+    "phase_in",
+    "quantize_period",
+]
 
 # One planned delivery: (subscription, message bytes, topic position it reflects, items in it)
-Delivery = tuple["Sub", bytes, int, int]
+Delivery = tuple[Sub, bytes, int, int]
 
 _NEEDS_SNAP = -1  # sent_pos of a subscriber that must get a full snap next
-
-
-class Writer(Protocol):
-    """The shell's side of a session: writes one frame if the send budget admits it."""
-
-    def write(self, frame: bytes) -> bool:
-        """Send `frame` now and return True, or return False (over budget; nothing sent)."""
-
-
-class Session:
-    """One connection's subscriptions. `paused` is set by the shell while the
-    transport is over its budget (pause_writing .. resume_writing). `phase`
-    spreads its rate-limited frames (rule 6): give sessions distinct values."""
-
-    __slots__ = ("__weakref__", "paused", "phase", "subs", "writer")
-
-    def __init__(self, writer: Writer, phase: int = 0) -> None:
-        self.writer = writer
-        self.subs: dict[str, Sub] = {}
-        self.paused = False
-        self.phase = phase
-
-
-class Sub:
-    """One session's subscription to one topic. `live` turns False when it ends
-    (unsub, re-sub, closed session)."""
-
-    __slots__ = ("group", "live", "sent_pos", "session", "topic")
-
-    def __init__(self, session: Session, topic: Topic, group: Group, sent_pos: int) -> None:
-        self.session = session
-        self.topic = topic
-        self.group = group
-        self.sent_pos = sent_pos
-        self.live = True
-
-
-# A group's due ticks: (period, offset), due when tick % period == offset.
-Slot = tuple[int, int]
 
 PHASES = 4  # offsets a period's sessions are spread over (rule 6)
 
@@ -125,19 +99,6 @@ def phase_in(period: int, phase: int) -> int:
     """The offset (in ticks, within `period`) of a session of this `phase`."""
     n = min(period, PHASES)
     return (phase % n) * period // n
-
-
-class Group:
-    """The subscribers of one topic that share a flush period and phase."""
-
-    __slots__ = ("behind", "flushed_pos", "period", "slot", "subs")
-
-    def __init__(self, slot: Slot, flushed_pos: int) -> None:
-        self.slot = slot
-        self.period = slot[0]
-        self.subs: set[Sub] = set()
-        self.behind: set[Sub] = set()  # subs with sent_pos < flushed_pos
-        self.flushed_pos = flushed_pos
 
 
 class Shared:
@@ -274,16 +235,13 @@ class Fanout:
                 self.stats.updates_unheld += 1  # rule 9: nobody subscribes to it here
                 return
             t = self._new_topic(topic)
-        if t.groups:
-            old = t.entries.get(key)
-            if t.apply(key, pos, data):
-                self.stats.updates_applied += 1
-                self.dirty.add(t)
-                if old is not None and old[0] > t.sent_mark:
-                    self.stats.updates_coalesced += 1
-                return
-        elif t.apply(key, pos, data):
+        applied = t.apply(key, pos, data)
+        if applied:
             self.stats.updates_applied += 1
+            if t.groups:
+                self.dirty.add(t)
+                if applied == COALESCED:
+                    self.stats.updates_coalesced += 1
             return
         self.stats.updates_stale += 1
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from engine.fanout.session import APPLIED, COALESCED, STALE
 from engine.protocol.codec import NIL, build_snap, build_upd, pack_item, pack_str
 
 if TYPE_CHECKING:
-    from engine.fanout.core import Group, Slot
+    from engine.fanout.session import Group, Slot
 
 
 class TopicState:
@@ -44,17 +45,22 @@ class TopicState:
         # (period, phase) -> subscriber group; owned by engine.fanout.core
         self.groups: dict[Slot, Group] = {}
 
-    def apply(self, key: str, pos: int, data: bytes) -> bool:
-        """Record `data` for `key` at `pos`. Returns False (and changes nothing)
-        when the key already holds a position at or after `pos`."""
+    def apply(self, key: str, pos: int, data: bytes) -> int:
+        """Record `data` for `key` at `pos`. Returns `STALE` (and changes
+        nothing) when the key already holds a position at or after `pos`,
+        `COALESCED` when it replaced a value newer than `sent_mark` (one no
+        flush has planned yet), else `APPLIED` (engine/fanout/session.py rule 2)."""
         entries = self.entries
         old = entries.get(key)
+        result = APPLIED
         if old is not None:
             if old[0] >= pos:
-                return False
+                return STALE
             del entries[key]
             if not old[2]:
                 self.live -= 1
+            if old[0] > self.sent_mark:
+                result = COALESCED
         deleted = data == NIL
         entries[key] = (pos, pack_item(key, data), deleted)
         if not deleted:
@@ -64,7 +70,7 @@ class TopicState:
         else:
             # Out of order (merging a snapshot under the live stream): restore rule 2.
             self.entries = dict(sorted(entries.items(), key=lambda kv: kv[1][0]))
-        return True
+        return result
 
     def merge(self, items: Iterable[tuple[str, int, bytes]]) -> int:
         """Apply many entries at once (a snapshot loaded under live entries,

@@ -46,14 +46,14 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Mapping, Sequence
-from types import MappingProxyType
-from typing import TYPE_CHECKING, ClassVar, Final
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final
 
+from engine.fanout.session import APPLIED, STALE
 from engine.protocol.codec import build_evt, build_gap, build_stream_snap, pack_event, pack_str
 
 if TYPE_CHECKING:
-    from engine.fanout.core import Group, Slot
+    from engine.fanout.session import Group, Slot
 
 STREAM_BUFFER_MIN: Final = 256
 """Events a worker keeps of each subscribed stream topic at least (when its
@@ -85,10 +85,6 @@ class StreamState:
         "since_floor",
     )
 
-    # No per-key state: nothing is coalesced (the fan-out core reads it when it
-    # counts coalesced updates, the same way for both kinds of topic).
-    entries: ClassVar[Mapping[str, tuple[int, bytes, bool]]] = MappingProxyType({})
-
     def __init__(self, name: str, history: int, buffer_events: int = STREAM_BUFFER_MIN) -> None:
         self.name = name
         self.packed_name = pack_str(name)
@@ -104,11 +100,12 @@ class StreamState:
         # (period, phase) -> subscriber group; owned by engine.fanout.core
         self.groups: dict[Slot, Group] = {}
 
-    def apply(self, key: str, pos: int, data: bytes) -> bool:
-        """Append the event at `pos` (`key` is not used). False (nothing changes)
-        when an event at or after `pos` is already known."""
+    def apply(self, key: str, pos: int, data: bytes) -> int:
+        """Append the event at `pos` (`key` is not used): `APPLIED`, or `STALE`
+        (nothing changes) when an event at or after `pos` is already known.
+        Never `COALESCED`: every event is delivered (engine/fanout/session.py rule 2)."""
         if pos <= self.pos:
-            return False
+            return STALE
         if self.since_floor == _UNKNOWN:
             self.since_floor = pos - 1  # rule 6: every event from this one on arrives live
         events = self.events
@@ -125,7 +122,7 @@ class StreamState:
         else:
             while len(events) > self.history:
                 self.floor = events.popleft()[0]
-        return True
+        return APPLIED
 
     def lose(self, floor: int) -> bool:
         """The events up to `floor` that this topic lacks are lost for good

@@ -8,6 +8,7 @@
     fanout bench --churn 200
     fanout bench --sweep rate --steps 1000,5000,10000,20000 --baseline
     fanout bench --bus redis --nodes 2             # end to end across nodes over Redis
+    fanout bench --preset first                    # the first measurement (make bench-first)
 
 Each run starts its own server(s) on free ports (fanout: `fanout serve` with
 `--workers` and `flush_interval_ms`; with `--baseline`, then the naive picows
@@ -46,11 +47,35 @@ from loadtest.children import raise_nofile
 from loadtest.server import SetupError
 from loadtest.workload import WORKLOADS
 
+# Named runs: a preset sets these flags' defaults; flags given on the command line win.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The first measurement (README, "Benchmarks"; loadtest/firstbench.py until issue 12):
+    # the hot workload, 1,000 subscribers in 2 processes, 10,000 updates/s for 30 s,
+    # 2 workers, connections opened 100 at a time per process.
+    "first": {
+        "workload": "hot",
+        "subscribers": 1000,
+        "sub_procs": 2,
+        "rate": 10_000.0,
+        "duration": 30.0,
+        "workers": 2,
+        "connect_concurrency": 100,
+    },
+}
+
 
 def _cpu_list(text: str) -> tuple[int, ...]:
-    from loadtest.firstbench import _cpu_list as parse
-
-    return parse(text)
+    """ "0", "0-3", "0,2" -> CPU numbers."""
+    cpus: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            cpus.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a CPU list: {text!r}") from None
+    if not cpus:
+        raise argparse.ArgumentTypeError("empty CPU list")
+    return tuple(cpus)
 
 
 def _int_list(text: str) -> list[int]:
@@ -71,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Workloads: hot = 1 topic x 50 keys, every subscriber on it, keys round robin; "
         "market = 100 topics x 50 keys, Zipf s=1.1 key popularity, 5 random topics per "
         "subscriber. See docs/benchmarks.md.",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a named run: first = the first measurement (hot, -S 1000 in 2 processes, "
+        "-U 10000, -D 30, 2 workers); other flags override it",
     )
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="hot")
     sc = p.add_mutually_exclusive_group()
@@ -221,10 +252,19 @@ def settings_from(a: argparse.Namespace) -> BenchSettings:
     )
 
 
+def parse_args(p: argparse.ArgumentParser, args: Sequence[str]) -> argparse.Namespace:
+    """The flags, with a --preset's values as the defaults of the flags not given."""
+    a = p.parse_args(args)
+    if a.preset:
+        p.set_defaults(**PRESETS[a.preset])
+        a = p.parse_args(args)
+    return a
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     p = build_parser()
-    a = p.parse_args(args)
+    a = parse_args(p, args)
     if a.sweep and not a.steps:
         p.error("--sweep needs --steps")
     if a.subscribers < 1 or a.rate <= 0 or a.duration <= 0:
@@ -256,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = (
         a.name
+        or (f"bench-{a.preset}-{stamp}" if a.preset else "")
         or f"bench-{s.workload.name}-{s.scenario}"
         + (f"-redis{s.nodes}" if s.bus == "redis" else "")
         + (f"-sweep-{a.sweep}" if a.sweep else "")
@@ -268,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tool": "fanout bench",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": "fanout bench " + shlex.join(args),
+        "preset": a.preset,
         "machine": machine(),
         "settings": {
             **{k: v for k, v in asdict(s).items() if k != "workload"},
@@ -335,4 +377,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if report["all_converged"] else 1
 
 
-__all__ = ["build_parser", "main"]
+__all__ = ["PRESETS", "build_parser", "main", "parse_args"]

@@ -1,36 +1,61 @@
 """The publisher process of `fanout bench`: POST /publish at U updates/s.
 
-It reuses firstbench's keep-alive HTTP publisher and its clock-paced loop
-(`_publish_for`: every batch interval it sends what is due by then, so a slow
-request is made up for by a larger next batch); only the choice of keys
-differs: the workload's sampler picks (topic, key) pairs. `data` is
-`[seq, time.time_ns()]`, stamped per batch just before it is sent.
+One keep-alive HTTP connection to the admin port (`WorkloadPublisher`) and a
+clock-paced loop (`publish_for`: every batch interval it sends what is due by
+then, so a slow request is made up for by a larger next batch); the
+workload's sampler picks the (topic, key) pairs. `data` is `[seq,
+time.time_ns()]`, stamped per batch just before it is sent.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import http.client
+import json
+import os
 import signal
 import time
+import urllib.parse
 from multiprocessing.connection import Connection as Pipe
+from typing import Any
 
-from loadtest.firstbench import _publish_for, _Publisher
+import msgpack
+
+from loadtest.latency import bucket_mid_ns, bucket_of, percentiles_ms
 from loadtest.workload import Workload, key_sampler
 
 GRACE_S = 2.0  # a server that cannot keep up: stop publishing this long after the duration
 
 
-class WorkloadPublisher(_Publisher):
-    """Publishes the workload's keys; finals are {topic: {key: seq}}."""
+class WorkloadPublisher:
+    """POST /publish batches of the workload's keys over one keep-alive HTTP/1.1
+    connection (msgpack or JSON bodies); finals are {topic: {key: seq}}."""
 
     def __init__(
         self, admin: str, workload: Workload, seed: int, max_items: int, body: str
     ) -> None:
-        super().__init__(admin, "", [], max_items, body)
+        parsed = urllib.parse.urlsplit(admin)
+        self.host = parsed.hostname or "127.0.0.1"
+        self.port = parsed.port or 80
         self.workload = workload
         self.sample = key_sampler(workload, seed)
+        self.max_items = max_items
+        self.body = body
+        self.headers = {"Content-Type": f"application/{body}"}
+        api_key = os.environ.get("FANOUT_API_KEY", "")
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.conn: http.client.HTTPConnection | None = None
+        self.seq = 0
+        self.requests = 0
+        self.accepted = 0
+        self.failed = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.rtt_hist: dict[int, int] = {}
 
     def post(self, n: int) -> bool:
+        """Publish `n` updates (one request), stamped now; True when the bus accepted them."""
         t = time.time_ns()
         seq = self.seq
         items = [
@@ -53,6 +78,110 @@ class WorkloadPublisher(_Publisher):
             if not self._send(items[i : i + self.max_items]):
                 raise RuntimeError(f"publishing the final values failed: {dict(self.errors)}")
         return finals
+
+    def _send(self, items: list[dict[str, Any]]) -> bool:
+        if self.body == "json":
+            body = json.dumps({"items": items}, separators=(",", ":")).encode()
+        else:
+            body = msgpack.packb({"items": items})
+        t0 = time.perf_counter_ns()
+        self.requests += 1
+        try:
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+            self.conn.request("POST", "/publish", body, self.headers)
+            resp = self.conn.getresponse()
+            answer = resp.read()
+            status = resp.status
+        except (OSError, http.client.HTTPException) as exc:
+            self.errors[f"{type(exc).__name__}: {str(exc)[:100]}"] += 1
+            self.failed += len(items)
+            if self.conn is not None:
+                self.conn.close()
+            self.conn = None
+            return False
+        b = bucket_of(time.perf_counter_ns() - t0)
+        self.rtt_hist[b] = self.rtt_hist.get(b, 0) + 1
+        if status != 200:
+            self.errors[f"HTTP {status}: {answer[:100]!r}"] += 1
+            self.failed += len(items)
+            return False
+        self.accepted += len(items)
+        return True
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+def publish_for(
+    pub: WorkloadPublisher,
+    pipe: Pipe,
+    rate: float,
+    duration_s: float,
+    batch_ms: float,
+    grace_s: float = 30.0,
+) -> dict[str, Any]:
+    """Publish `rate` updates/s for `duration_s`, paced against the clock.
+
+    Every tick (`batch_ms`) sends what is due by then (`rate * elapsed`, minus
+    what was sent), so a slow request is made up for by a larger next batch
+    instead of lowering the rate. Bounded: at most `rate * duration_s` updates,
+    and it gives up `grace_s` (30) s past the end.
+    """
+    total = round(rate * duration_s)
+    interval = batch_ms / 1000.0
+    sent = 0
+    max_behind = 0
+    start = time.perf_counter()
+    hard_stop = start + duration_s + grace_s
+    next_tick = start
+    next_report = start + 1.0
+    aborted = exiting = False
+    while sent < total:
+        now = time.perf_counter()
+        if now > hard_stop:
+            aborted = True
+            break
+        elapsed = now - start
+        due = total if elapsed >= duration_s else min(total, int(rate * elapsed))
+        max_behind = max(max_behind, due - sent - round(rate * interval))
+        while sent < due and time.perf_counter() <= hard_stop:
+            n = min(due - sent, pub.max_items)
+            pub.post(n)
+            sent += n
+        now = time.perf_counter()
+        if now >= next_report:
+            pipe.send(("progress", {"sent": sent, "accepted": pub.accepted}))
+            next_report += 1.0
+        if pipe.poll():
+            cmd = pipe.recv()
+            if cmd[0] in ("abort", "exit"):
+                aborted, exiting = True, cmd[0] == "exit"
+                break
+        next_tick += interval
+        delay = next_tick - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        else:
+            next_tick = time.perf_counter()  # behind: don't burst to catch up ticks
+    end = time.perf_counter()
+    return {
+        "sent": sent,
+        "accepted": pub.accepted,
+        "failed": pub.failed,
+        "requests": pub.requests,
+        "elapsed_s": round(end - start, 4),
+        "achieved_rate": round(pub.accepted / max(end - start, 1e-9), 1),
+        "max_behind_items": max(0, max_behind),
+        "errors": dict(pub.errors),
+        "rtt_ms": {
+            **percentiles_ms(pub.rtt_hist, (0.5, 0.99)),
+            "max": round(bucket_mid_ns(max(pub.rtt_hist)) / 1e6, 3) if pub.rtt_hist else None,
+        },
+        "aborted": aborted,
+        "exit": exiting,
+    }
 
 
 def publisher_process(
@@ -78,7 +207,7 @@ def publisher_process(
                 continue
             cmd = pipe.recv()
             if cmd[0] == "go":
-                done = _publish_for(pub, pipe, rate, duration_s, batch_ms, grace_s=GRACE_S)
+                done = publish_for(pub, pipe, rate, duration_s, batch_ms, grace_s=GRACE_S)
                 pipe.send(("done", done))
                 if done["exit"]:
                     return
@@ -96,4 +225,4 @@ def publisher_process(
         pub.close()
 
 
-__all__ = ["WorkloadPublisher", "publisher_process"]
+__all__ = ["WorkloadPublisher", "publish_for", "publisher_process"]

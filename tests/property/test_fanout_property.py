@@ -39,6 +39,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine.fanout.core import Delivery, Fanout, Session, Shared, phase_in
+from engine.fanout.session import APPLIED, COALESCED, STALE
 from engine.fanout.state import TopicState
 from engine.protocol.codec import NIL, decode_frame, make_pos, pack_item, parse_pos
 
@@ -77,7 +78,9 @@ def test_topic_state_keeps_the_newest_entry_per_key_whatever_the_order(
     last_pos = 0
     for key, pos, value in order:
         newer = key not in held or held[key][0] < pos
-        assert t.apply(key, pos, value) is newer
+        # sent_mark is 0 (no flush): a value replaced was never planned (session.py rule 2)
+        expected = (COALESCED if key in held else APPLIED) if newer else STALE
+        assert t.apply(key, pos, value) == expected
         if newer:
             held[key] = (pos, value)
         # positions only move forward, entries stay sorted, one entry per key

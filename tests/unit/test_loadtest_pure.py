@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import collections
 
+import pytest
+
+from loadtest.latency import bucket_of, percentiles_ms
 from loadtest.report import markdown, ratios, step_table
 from loadtest.workload import HOT, MARKET, key_sampler
 
@@ -70,3 +73,18 @@ def test_markdown_names_the_command_and_says_whether_every_client_converged() ->
     md = markdown(report)
     assert "`fanout bench -S 10`" in md
     assert "NOT every client converged" in md
+
+
+def test_latency_buckets_are_monotonic_and_percentiles_fall_in_the_right_bucket() -> None:
+    samples_ms = [1.0] * 98 + [50.0, 5000.0]
+    hist: dict[int, int] = {}
+    for ms in samples_ms:
+        b = bucket_of(int(ms * 1e6))
+        hist[b] = hist.get(b, 0) + 1
+    assert bucket_of(-5) == 0
+    assert bucket_of(10**6) < bucket_of(10**9) < bucket_of(10**10)
+    p = percentiles_ms(hist, (0.5, 0.99, 1.0))
+    assert p["p50"] == pytest.approx(1.0, abs=0.07)
+    assert p["p99"] == pytest.approx(50.0, abs=0.07)
+    assert p["p100"] == pytest.approx(5000.0, abs=70.0)
+    assert percentiles_ms({}, (0.5,)) == {"p50": None}
