@@ -923,6 +923,39 @@ def test_stats_count_what_was_written() -> None:
     assert st.frames_refused == 0
 
 
+class _Sink:
+    """A `Writer` that takes every frame (for subscribers whose frames a test ignores)."""
+
+    def write(self, frame: bytes) -> bool:
+        return True
+
+
+def test_stats_count_the_updates_coalesced_before_a_flush() -> None:
+    """Rule 1: a key changed again before a flush planned its value is counted
+    as coalesced; a change over a value already flushed is not, nor one of a
+    topic without subscribers, nor a stream topic's event (rule 8)."""
+    fo = Fanout(EPOCH, history_of=lambda t: 10 if t == "log" else None)
+    s, _ = connect()
+    sub(fo, s, "prices")
+    fo.subscribe(Session(_Sink()), "log", None, 1)
+    fo.apply("prices", "a", pos(1), val(1))  # a first value
+    fo.apply("prices", "a", pos(2), val(2))  # over 1, never flushed
+    fo.apply("prices", "a", pos(3), val(3))  # over 2, never flushed
+    fo.apply("prices", "a", pos(3), val(3))  # a replay: stale
+    fo.apply("log", "e", pos(4), val(4))
+    fo.apply("log", "e", pos(5), val(5))  # every event is delivered
+    fo.apply("nobody", "a", pos(6), val(6))
+    fo.apply("nobody", "a", pos(7), val(7))  # no subscriber: no flush to wait for
+    assert (fo.stats.updates_applied, fo.stats.updates_coalesced) == (7, 2)
+    flush(fo)
+    fo.apply("prices", "a", pos(8), val(8))  # over a flushed value
+    assert fo.stats.updates_coalesced == 2
+    fo.apply("prices", "a", pos(9), val(9))  # over 8, never flushed
+    fo.apply("prices", "b", pos(10), val(10))  # a new key
+    assert fo.stats.updates_coalesced == 3
+    assert fo.stats.updates_stale == 1
+
+
 # -- topic lifetime (rule 9) ------------------------------------------------------------
 
 
