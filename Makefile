@@ -39,6 +39,15 @@ system-deps:
 	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { \
 	  echo "installing nodejs and npm (Debian packages)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	@# promtool (checks /metrics and deploy/kubernetes/monitoring's rules): taken out of
+	@# Debian's `prometheus` package alone, since installing the package would also start
+	@# a Prometheus server (its init script) and pull in its web UI's JavaScript.
+	@command -v promtool >/dev/null 2>&1 || { \
+	  echo "installing promtool (from Debian's prometheus package)"; \
+	  apt-get update -qq && tmp=$$(mktemp -d) && chmod 755 "$$tmp" && \
+	  (cd "$$tmp" && apt-get download -qq prometheus >/dev/null 2>&1) && \
+	  dpkg-deb --fsys-tarfile "$$tmp"/prometheus_*.deb | tar -xO ./usr/bin/promtool > /usr/local/bin/promtool && \
+	  chmod 755 /usr/local/bin/promtool && rm -rf "$$tmp"; }
 
 run: $(STAMP)
 	$(BIN)/fanout serve --demo
