@@ -2,7 +2,8 @@
 
 PURE: no clock, no randomness, no I/O. Callers pass `now` (any monotonic
 seconds) and `rand` (a float in [0, 1)), so every delay is reproducible in a
-test. The supervisor uses it to respawn workers; clients use it to reconnect.
+test. The supervisor uses it to respawn workers, the bus clients to restart
+their tasks and reconnect, the clients to reconnect.
 
 Rules:
 1. A delay is never below `min_ms` and never above `max_ms`.

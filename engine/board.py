@@ -3,7 +3,11 @@
 Workers write theirs from a timer on their event loop (so a fresh file is also
 the heartbeat: a hung loop stops writing); the supervisor writes its own. The
 supervisor reads the workers' files to detect stale heartbeats; the admin
-process reads them all for /readyz and /stats.
+process reads them all for /readyz, /stats and /metrics. What a worker's and
+the supervisor's files hold is engine.status (`WorkerStatus`,
+`SupervisorStatus`), converted to and from JSON there; this module only moves
+that JSON. The hub's status and the admin's rebalance request are plain
+objects (`write` / `read`).
 
 Rules:
 1. Writes are atomic (write to a temporary name, then rename): a reader sees
@@ -19,7 +23,10 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
+
+from engine.status import SupervisorStatus, WorkerStatus
 
 SUPERVISOR = "supervisor"
 # A shedding request from POST /rebalance: {"id", "shed": {slot: n}, "pace_s"};
@@ -40,7 +47,8 @@ class Board:
     def _file(self, name: str) -> str:
         return os.path.join(self.path, f"{name}.json")
 
-    def write(self, name: str, status: dict[str, Any]) -> None:
+    def write(self, name: str, status: Mapping[str, Any]) -> None:
+        """Write a JSON object as `name`'s status, stamped with `ts` (rules 1, 2)."""
         status = {**status, "ts": time.time()}
         tmp = os.path.join(self.path, f".{name}.{os.getpid()}.tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -48,6 +56,7 @@ class Board:
         os.replace(tmp, self._file(name))
 
     def read(self, name: str) -> dict[str, Any] | None:
+        """`name`'s status as JSON, or None (no file, or not a JSON object)."""
         try:
             with open(self._file(name), encoding="utf-8") as fh:
                 data = json.load(fh)
@@ -59,9 +68,19 @@ class Board:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._file(name))
 
-    def read_workers(self) -> dict[int, dict[str, Any]]:
+    def write_worker(self, slot: int, status: WorkerStatus) -> None:
+        self.write(worker_name(slot), status.to_json())
+
+    def write_supervisor(self, status: SupervisorStatus) -> None:
+        self.write(SUPERVISOR, status.to_json())
+
+    def read_supervisor(self) -> SupervisorStatus | None:
+        doc = self.read(SUPERVISOR)
+        return None if doc is None else SupervisorStatus.from_json(doc)
+
+    def read_workers(self) -> dict[int, WorkerStatus]:
         """Every worker's status by slot."""
-        out: dict[int, dict[str, Any]] = {}
+        out: dict[int, WorkerStatus] = {}
         try:
             names = os.listdir(self.path)
         except FileNotFoundError:
@@ -72,17 +91,10 @@ class Board:
                     slot = int(fname[len("worker-") : -len(".json")])
                 except ValueError:
                     continue
-                status = self.read(fname[: -len(".json")])
-                if status is not None:
-                    out[slot] = status
+                doc = self.read(fname[: -len(".json")])
+                if doc is not None:
+                    out[slot] = WorkerStatus.from_json(doc)
         return out
-
-
-def age_s(status: dict[str, Any] | None, now: float | None = None) -> float:
-    """Seconds since a status was written (infinite when there is none)."""
-    if status is None or not isinstance(status.get("ts"), int | float):
-        return float("inf")
-    return (time.time() if now is None else now) - float(status["ts"])
 
 
 def default_run_dir() -> str:

@@ -232,7 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _default_run_base() -> str:
-    from engine.supervisor.board import default_run_dir
+    from engine.board import default_run_dir
 
     return default_run_dir()
 

@@ -1,8 +1,9 @@
 """Metrics: bounded histograms and the Prometheus text rendering. PURE: no I/O.
 
 How metrics travel: each worker keeps plain counters and histograms in its
-own memory and writes them into its board status once a second (the status
-file is also its heartbeat); the admin process reads every status, adds
+own memory and writes them into its board status once a second (an
+engine.status.WorkerStatus; the file is also its heartbeat); the admin
+process reads every status, adds
 per-process figures (CPU, RSS, open fds) and its own publish metrics, and
 renders them here. This is the "equivalent aggregation across workers" of
 the design: no shared memory, no lock, nothing on the hot path but an
@@ -17,11 +18,12 @@ name (`_seconds`, `_bytes`), `_total` for counters.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from engine.protocol.closecodes import close_label
+from engine.status import HistogramCounts, WorkerStatus
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -47,14 +49,15 @@ class Histogram:
         self.count += 1
         self.sum += value
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form for a board status."""
-        return {"b": list(self.buckets), "c": list(self.counts), "n": self.count, "s": self.sum}
+    def snapshot(self) -> HistogramCounts:
+        """Its figures as of now, for a board status or a Family sample."""
+        return HistogramCounts(self.buckets, tuple(self.counts), self.count, self.sum)
 
 
 @dataclass(frozen=True, slots=True)
 class Family:
-    """One metric family: name, type (counter | gauge | histogram), help, samples."""
+    """One metric family: name, type (counter | gauge | histogram), help, samples
+    (labels and a number, or a HistogramCounts for a histogram)."""
 
     name: str
     kind: str
@@ -98,17 +101,15 @@ def render(families: Iterable[Family]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _histogram_lines(name: str, labels: Mapping[str, str], h: Mapping[str, Any]) -> list[str]:
+def _histogram_lines(name: str, labels: Mapping[str, str], h: HistogramCounts) -> list[str]:
     lines = []
     cumulative = 0
-    bounds = list(h.get("b", ()))
-    counts = list(h.get("c", ()))
-    for bound, count in zip([*bounds, float("inf")], counts, strict=False):
-        cumulative += int(count)
+    for bound, count in zip([*h.bounds, float("inf")], h.counts, strict=False):
+        cumulative += count
         le = "+Inf" if bound == float("inf") else _num(bound)
         lines.append(f"{name}_bucket{_labels({**labels, 'le': le})} {cumulative}")
-    lines.append(f"{name}_sum{_labels(labels)} {_num(float(h.get('s', 0.0)))}")
-    lines.append(f"{name}_count{_labels(labels)} {int(h.get('n', 0))}")
+    lines.append(f"{name}_sum{_labels(labels)} {_num(h.sum)}")
+    lines.append(f"{name}_count{_labels(labels)} {h.count}")
     return lines
 
 
@@ -119,55 +120,49 @@ def _histogram_lines(name: str, labels: Mapping[str, str], h: Mapping[str, Any])
 # (fanout_bus_lag_seconds), to keep a node's series count bounded.
 SHARD_SERIES_MAX: Final = 64
 
-# (status field, metric name, kind, help): per-worker figures written by workers.
-WORKER_SERIES: Final = (
-    ("connections", "fanout_connections", "gauge", "Open WebSocket connections."),
-    ("subscriptions", "fanout_subscriptions", "gauge", "Topic subscriptions held."),
-    ("topics", "fanout_topics", "gauge", "Topics held: subscribed, loading, or in their grace (fanout.topic_grace_s)."),
-    ("topics_dropped", "fanout_topics_dropped_total", "counter", "Topics dropped after their last subscriber left and the grace passed."),
-    ("topics_loaded", "fanout_topic_loads_total", "counter", "Topics loaded from the bus for a sub."),
-    ("topic_load_failures", "fanout_topic_load_failures_total", "counter", "Topic loads that failed (the sub was answered err unavailable)."),
-    ("updates_unheld", "fanout_updates_unheld_total", "counter", "Bus entries ignored: their topic is not held by this worker."),
-    ("connects", "fanout_connects_total", "counter", "WebSocket connections accepted."),
-    ("updates_applied", "fanout_updates_applied_total", "counter", "Bus entries that changed a key's value."),
-    ("updates_delivered", "fanout_updates_delivered_total", "counter", "Key values delivered to clients (in upd and snap messages)."),
-    ("updates_coalesced", "fanout_updates_coalesced_total", "counter", "Updates replaced by a newer value of the same key before they were sent."),
-    ("frames_sent", "fanout_frames_sent_total", "counter", "WebSocket frames sent (updates and replies)."),
-    ("bytes_sent", "fanout_bytes_sent_total", "counter", "Bytes of update frames handed to sockets."),
-    ("frames_refused", "fanout_send_budget_overflows_total", "counter", "Update frames not sent because the connection was over its send budget."),
-    ("slow_clients", "fanout_slow_consumers", "gauge", "Connections over their send budget right now."),
-    ("slow_events", "fanout_slow_consumer_events_total", "counter", "Times a connection went over its send budget."),
-    ("slow_closes", "fanout_slow_consumer_closes_total", "counter", "Connections closed with 4008 (over budget too long)."),
-    ("ping_timeouts", "fanout_ping_timeouts_total", "counter", "Connections dropped for not answering WebSocket pings."),
-    ("published", "fanout_updates_published_total", "counter", "Updates accepted by the bus from WebSocket `pub`."),
+# (the status figure, metric name, kind, help): per-worker figures written by workers.
+WORKER_SERIES: Final[tuple[tuple[Callable[[WorkerStatus], int], str, str, str], ...]] = (
+    (lambda st: st.connections, "fanout_connections", "gauge", "Open WebSocket connections."),
+    (lambda st: st.subscriptions, "fanout_subscriptions", "gauge", "Topic subscriptions held."),
+    (lambda st: st.topics, "fanout_topics", "gauge", "Topics held: subscribed, loading, or in their grace (fanout.topic_grace_s)."),
+    (lambda st: st.topics_dropped, "fanout_topics_dropped_total", "counter", "Topics dropped after their last subscriber left and the grace passed."),
+    (lambda st: st.topics_loaded, "fanout_topic_loads_total", "counter", "Topics loaded from the bus for a sub."),
+    (lambda st: st.topic_load_failures, "fanout_topic_load_failures_total", "counter", "Topic loads that failed (the sub was answered err unavailable)."),
+    (lambda st: st.updates_unheld, "fanout_updates_unheld_total", "counter", "Bus entries ignored: their topic is not held by this worker."),
+    (lambda st: st.connects, "fanout_connects_total", "counter", "WebSocket connections accepted."),
+    (lambda st: st.updates_applied, "fanout_updates_applied_total", "counter", "Bus entries that changed a key's value."),
+    (lambda st: st.updates_delivered, "fanout_updates_delivered_total", "counter", "Key values delivered to clients (in upd and snap messages)."),
+    (lambda st: st.updates_coalesced, "fanout_updates_coalesced_total", "counter", "Updates replaced by a newer value of the same key before they were sent."),
+    (lambda st: st.frames_sent, "fanout_frames_sent_total", "counter", "WebSocket frames sent (updates and replies)."),
+    (lambda st: st.bytes_sent, "fanout_bytes_sent_total", "counter", "Bytes of update frames handed to sockets."),
+    (lambda st: st.frames_refused, "fanout_send_budget_overflows_total", "counter", "Update frames not sent because the connection was over its send budget."),
+    (lambda st: st.slow_clients, "fanout_slow_consumers", "gauge", "Connections over their send budget right now."),
+    (lambda st: st.slow_events, "fanout_slow_consumer_events_total", "counter", "Times a connection went over its send budget."),
+    (lambda st: st.slow_closes, "fanout_slow_consumer_closes_total", "counter", "Connections closed with 4008 (over budget too long)."),
+    (lambda st: st.ping_timeouts, "fanout_ping_timeouts_total", "counter", "Connections dropped for not answering WebSocket pings."),
+    (lambda st: st.published, "fanout_updates_published_total", "counter", "Updates accepted by the bus from WebSocket `pub`."),
 )  # fmt: skip
 
 
 def worker_families(
-    workers: Mapping[int, Mapping[str, Any]], heartbeat_age_s: Mapping[int, float]
+    workers: Mapping[int, WorkerStatus], heartbeat_age_s: Mapping[int, float]
 ) -> list[Family]:
     """Families built from worker statuses (slot -> status)."""
     fams: list[Family] = []
     slots = sorted(workers)
-    for field, name, kind, help_ in WORKER_SERIES:
-        samples = tuple(
-            ({"worker": str(s)}, workers[s][field])
-            for s in slots
-            if isinstance(workers[s].get(field), int | float)
-            and not isinstance(workers[s].get(field), bool)
-        )
+    for figure, name, kind, help_ in WORKER_SERIES:
+        samples = tuple(({"worker": str(s)}, figure(workers[s])) for s in slots)
         fams.append(Family(name, kind, help_, samples))
     closes = []
     errors = []
     refusals = []
     for s in slots:
-        for label, n in sorted(_close_labels(workers[s].get("closes")).items()):
+        for label, n in sorted(_close_labels(workers[s].closes).items()):
             closes.append(({"worker": str(s), "code": label}, n))
-        for code, n in sorted((workers[s].get("errors") or {}).items()):
-            errors.append(({"worker": str(s), "code": str(code)}, n))
-        for reason, n in sorted((workers[s].get("upgrades_refused_by") or {}).items()):
-            if _is_number(n):
-                refusals.append(({"worker": str(s), "reason": str(reason)}, n))
+        for code, n in sorted(workers[s].errors.items()):
+            errors.append(({"worker": str(s), "code": code}, n))
+        for reason, n in sorted(workers[s].upgrades_refused_by.items()):
+            refusals.append(({"worker": str(s), "reason": reason}, n))
     fams.append(
         Family(
             "fanout_upgrades_refused_total",
@@ -197,14 +192,14 @@ def worker_families(
     )
     fams.append(Family(
         "fanout_bus_connected", "gauge", "1 when the worker's bus link is up.",
-        tuple(({"worker": str(s)}, 1 if workers[s].get("bus_connected") is True else 0) for s in slots),
+        tuple(({"worker": str(s)}, 1 if workers[s].bus_connected else 0) for s in slots),
     ))  # fmt: skip
     fams.append(Family(
         "fanout_bus_lag_seconds", "gauge", "How far the worker is behind the bus head (worst shard).",
         tuple(
-            ({"worker": str(s)}, float(workers[s]["bus_lag_ms"]) / 1000.0)
+            ({"worker": str(s)}, lag / 1000.0)
             for s in slots
-            if isinstance(workers[s].get("bus_lag_ms"), int | float)
+            if (lag := workers[s].bus_lag_ms) is not None
         ),
     ))  # fmt: skip
     fams.append(Family(
@@ -221,13 +216,13 @@ def worker_families(
         "fanout_bus_last_entry_age_seconds", "gauge",
         "Seconds since the worker last read an entry from the bus (any shard).",
         tuple(
-            ({"worker": str(s)}, float(workers[s]["bus_last_entry_age_ms"]) / 1000.0)
+            ({"worker": str(s)}, age / 1000.0)
             for s in slots
-            if _is_number(workers[s].get("bus_last_entry_age_ms"))
+            if (age := workers[s].bus_last_entry_age_ms) is not None
         ),
     ))  # fmt: skip
     fams.append(bus_events_family(
-        ({"worker": str(s)}, workers[s].get("bus_events")) for s in slots
+        ({"worker": str(s)}, workers[s].bus_events) for s in slots
     ))  # fmt: skip
     fams.append(Family(
         "fanout_worker_heartbeat_age_seconds", "gauge", "Seconds since the worker last wrote its status (its heartbeat).",
@@ -235,26 +230,22 @@ def worker_families(
     ))  # fmt: skip
     fams.append(Family(
         "fanout_flush_duration_seconds", "histogram", "Time one flush tick took (plan and write every frame).",
-        tuple(({"worker": str(s)}, workers[s]["flush_hist"]) for s in slots if isinstance(workers[s].get("flush_hist"), dict)),
+        tuple(({"worker": str(s)}, h) for s in slots if (h := workers[s].flush_hist) is not None),
     ))  # fmt: skip
     fams.append(Family(
         "fanout_ws_publish_duration_seconds", "histogram", "WebSocket `pub`: time from the request to the bus's acceptance.",
-        tuple(({"worker": str(s)}, workers[s]["publish_hist"]) for s in slots if isinstance(workers[s].get("publish_hist"), dict)),
+        tuple(({"worker": str(s)}, h) for s in slots if (h := workers[s].publish_hist) is not None),
     ))  # fmt: skip
     return fams
 
 
-def _close_labels(closes: object) -> dict[str, int]:
+def _close_labels(closes: Mapping[str, int]) -> dict[str, int]:
     """A worker's close counts by label (engine.protocol.closecodes rule 4): a
     status keyed by raw codes (an older worker) is bucketed here too."""
     out: dict[str, int] = {}
-    if not isinstance(closes, Mapping):
-        return out
     for code, n in closes.items():
-        if not _is_number(n):
-            continue
-        label = close_label(int(code)) if str(code).isdigit() else str(code)
-        out[label] = out.get(label, 0) + int(n)
+        label = close_label(int(code)) if code.isdigit() else code
+        out[label] = out.get(label, 0) + n
     return out
 
 
@@ -293,15 +284,13 @@ def bus_events_family(
     )  # fmt: skip
 
 
-def _shard_lags(status: Mapping[str, Any]) -> list[float]:
+def _shard_lags(status: WorkerStatus) -> tuple[float, ...]:
     """A worker's per-shard lags in ms (index = shard): none while it is
     disconnected, on a bus without shards to report, or past SHARD_SERIES_MAX."""
-    lags = status.get("bus_shard_lag_ms")
-    if not isinstance(lags, list) or len(lags) > SHARD_SERIES_MAX:
-        return []
-    if not all(_is_number(x) for x in lags):
-        return []
-    return [float(x) for x in lags]
+    lags = status.bus_shard_lag_ms
+    if lags is None or len(lags) > SHARD_SERIES_MAX:
+        return ()
+    return lags
 
 
 def process_families(processes: Mapping[str, Mapping[str, float]]) -> list[Family]:

@@ -25,11 +25,11 @@ import signal
 import uvloop
 
 from engine import codes
+from engine.board import REBALANCE, Board
 from engine.bus import create_bus
 from engine.config import Config
 from engine.logs import setup_logging
 from engine.protocol import codec
-from engine.supervisor.board import REBALANCE, Board, worker_name
 from workers.server import WorkerServer
 
 log = logging.getLogger("fanout.worker")
@@ -132,9 +132,8 @@ async def _main(cfg: Config, slot: int, run_dir: str, capacity: int) -> int:
         log.error("%s", exc)
         return codes.EXIT_FAILURE
     board = Board(run_dir)
-    name = worker_name(slot)
-    server.on_tick.append(lambda: board.write(name, server.status()))
-    board.write(name, server.status())
+    server.on_tick.append(lambda: board.write_worker(slot, server.status()))
+    board.write_worker(slot, server.status())
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -169,7 +168,7 @@ async def _main(cfg: Config, slot: int, run_dir: str, capacity: int) -> int:
             "restart" if retire else "shutdown",
         )
         server.accepting = False
-        board.write(name, server.status())
+        board.write_worker(slot, server.status())
         await server.drain(
             codes.CLOSE_SERVICE_RESTART if retire else codes.CLOSE_GOING_AWAY,
             "restart" if retire else "shutdown",
@@ -181,7 +180,7 @@ async def _main(cfg: Config, slot: int, run_dir: str, capacity: int) -> int:
         task.cancel()
     await server.close()
     await server.bus.close()
-    board.write(name, server.status())
+    board.write_worker(slot, server.status())
     return codes.EXIT_OK
 
 

@@ -66,6 +66,7 @@ from engine.fanout.core import Fanout, Session, period_ticks, quantize_period
 from engine.metrics import Histogram
 from engine.protocol import codec
 from engine.protocol.closecodes import CLOSE_ABNORMAL, CLOSE_NO_STATUS, close_label
+from engine.status import WorkerStatus
 from engine.topics import TopicRules
 from workers.listener import Connection
 
@@ -635,53 +636,52 @@ class WorkerServer:
                 self.ping_timeouts += 1
                 conn.transport.disconnect(graceful=False)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> WorkerStatus:
+        """This worker's figures for the board (written once a second: the heartbeat)."""
         s = self.fanout.stats
         # Per-shard figures only some buses have (the redis bus; the local hub: None).
         lags = self.bus.shard_lags_ms()
         age = self.bus.last_entry_age_ms()
-        return {
-            "pid": os.getpid(),
-            "slot": self.slot,
-            "accepting": self.accepting,
-            "bus_connected": self.bus.connected,
-            "bus_lag_ms": self.bus.lag_ms(),
-            # index = shard; None while disconnected (or on the local bus)
-            "bus_shard_lag_ms": None if lags is None else [round(x, 1) for x in lags],
-            "bus_last_entry_age_ms": None if age is None else round(age, 1),
-            # task restarts, publish timeouts, maxmemory refusals... (engine/bus/tasks.py)
-            "bus_events": self.bus.bus_stats(),
-            "bus_tasks_down": self.bus.tasks_down(),
-            "connections": len(self.connections),
-            "subscriptions": self.fanout.subscription_count(),
-            "topics": len(self.fanout.topics),  # held: subscribed, loading or in their grace
-            "topics_idle": len(self.fanout.idle),
-            "topics_loading": len(self.fanout.loading),
-            "topics_loaded": s.topics_loaded,
-            "topics_dropped": s.topics_dropped,
-            "topic_load_failures": self.topic_load_failures,
-            "updates_unheld": s.updates_unheld,
-            "frames_sent": s.frames_sent + self.stats_control_frames,
-            "bytes_sent": s.bytes_sent,
-            "updates_applied": s.updates_applied,
-            "updates_delivered": s.updates_delivered,
-            "updates_coalesced": s.updates_coalesced,
-            "published": self.published,
-            "slow_events": self.slow_events,
-            "flush_hist": self.flush_hist.to_dict(),
-            "publish_hist": self.publish_hist.to_dict(),
-            "frames_refused": s.frames_refused,
-            "slow_clients": len(self.paused),
-            "slow_closes": self.closes.get(str(codes.CLOSE_SLOW_CONSUMER), 0),
-            "connects": self.connects,
-            "closes": dict(self.closes),
-            "errors": dict(self.errors),
-            "ping_timeouts": self.ping_timeouts,
-            "upgrades_refused": {str(k): v for k, v in self.refused.items()},
-            "upgrades_refused_by": dict(self.refused_by),
-            "loop_lag_max_ms": round(self.loop_lag_max_s * 1000, 1),
-            "started": self.started,
-        }
+        return WorkerStatus(
+            pid=os.getpid(),
+            slot=self.slot,
+            accepting=self.accepting,
+            bus_connected=self.bus.connected,
+            bus_lag_ms=self.bus.lag_ms(),
+            bus_shard_lag_ms=None if lags is None else tuple(round(x, 1) for x in lags),
+            bus_last_entry_age_ms=None if age is None else round(age, 1),
+            bus_events=self.bus.bus_stats(),
+            bus_tasks_down=tuple(self.bus.tasks_down()),
+            connections=len(self.connections),
+            subscriptions=self.fanout.subscription_count(),
+            topics=len(self.fanout.topics),
+            topics_idle=len(self.fanout.idle),
+            topics_loading=len(self.fanout.loading),
+            topics_loaded=s.topics_loaded,
+            topics_dropped=s.topics_dropped,
+            topic_load_failures=self.topic_load_failures,
+            updates_unheld=s.updates_unheld,
+            frames_sent=s.frames_sent + self.stats_control_frames,
+            bytes_sent=s.bytes_sent,
+            updates_applied=s.updates_applied,
+            updates_delivered=s.updates_delivered,
+            updates_coalesced=s.updates_coalesced,
+            published=self.published,
+            slow_events=self.slow_events,
+            flush_hist=self.flush_hist.snapshot(),
+            publish_hist=self.publish_hist.snapshot(),
+            frames_refused=s.frames_refused,
+            slow_clients=len(self.paused),
+            slow_closes=self.closes.get(str(codes.CLOSE_SLOW_CONSUMER), 0),
+            connects=self.connects,
+            closes=dict(self.closes),
+            errors=dict(self.errors),
+            ping_timeouts=self.ping_timeouts,
+            upgrades_refused={str(k): v for k, v in self.refused.items()},
+            upgrades_refused_by=dict(self.refused_by),
+            loop_lag_max_ms=round(self.loop_lag_max_s * 1000, 1),
+            started=self.started,
+        )
 
 
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)

@@ -18,8 +18,9 @@ Rules this module owns:
    re-encoded (`engine.protocol.codec` rule 1).
 4. A publish is all or nothing: one bad item refuses the whole body, and the
    error names the item (`items[3].key`).
-5. Readiness and statistics are computed from the status board's dicts and a
-   clock reading passed in; nothing here reads a file or the time.
+5. Readiness and statistics are computed from the status board's statuses
+   (engine.status, read by attribute) and a clock reading passed in; nothing
+   here reads a file or the time.
 6. Static files (the dashboard at `/`, the browser client under `/static/`)
    are named by `static_file`: a flat file name of safe characters with a
    known extension, or 404; it never names a path outside the static folder.
@@ -67,6 +68,7 @@ from engine.protocol.codec import (
     utf8_problem,
     valid_topic,
 )
+from engine.status import SupervisorStatus, WorkerStatus
 
 JSON_TYPE: Final = "application/json"
 # Media types accepted as msgpack: the registered one and the two in common use.
@@ -107,18 +109,20 @@ STATIC_TYPES: Final[Mapping[str, str]] = {
 }
 _STATIC_NAME: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
 
-# Worker counters summed in /stats totals (each worker's status carries them).
-COUNTERS: Final = (
-    "connections",
-    "subscriptions",
-    "topics",
-    "topics_dropped",
-    "updates_unheld",
-    "frames_sent",
-    "bytes_sent",
-    "updates_delivered",
-    "slow_closes",
+# Worker counters summed in /stats totals, by their /stats name (each worker's
+# status carries them).
+COUNTERS: Final[tuple[tuple[str, Callable[[WorkerStatus], int]], ...]] = (
+    ("connections", lambda st: st.connections),
+    ("subscriptions", lambda st: st.subscriptions),
+    ("topics", lambda st: st.topics),
+    ("topics_dropped", lambda st: st.topics_dropped),
+    ("updates_unheld", lambda st: st.updates_unheld),
+    ("frames_sent", lambda st: st.frames_sent),
+    ("bytes_sent", lambda st: st.bytes_sent),
+    ("updates_delivered", lambda st: st.updates_delivered),
+    ("slow_closes", lambda st: st.slow_closes),
 )
+_NO_STATUS: Final = WorkerStatus()  # what /stats shows of a worker with no status
 
 _PUBLISH_FIELDS: Final = frozenset({"topic", "key", "data"})
 MIN_BODY_LIMIT_BYTES: Final = 1 << 20
@@ -647,26 +651,15 @@ def unavailable(message: str) -> Response:
     return json_response(503, {"error": ErrorCode.UNAVAILABLE, "message": message})
 
 
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _age(status: Mapping[str, Any] | None, now: float) -> float:
-    ts = None if status is None else _number(status.get("ts"))
-    return math.inf if ts is None else now - ts
-
-
 def supervisor_alive(
-    supervisor: Mapping[str, Any] | None, now: float, timeout_s: float, parent_alive: bool
+    supervisor: SupervisorStatus | None, now: float, timeout_s: float, parent_alive: bool
 ) -> bool:
     """The supervisor runs: its status is fresh, or our parent (it) is alive."""
-    return parent_alive or _age(supervisor, now) < timeout_s
+    return parent_alive or (supervisor is not None and supervisor.age_s(now) < timeout_s)
 
 
 def health(
-    supervisor: Mapping[str, Any] | None, now: float, timeout_s: float, parent_alive: bool
+    supervisor: SupervisorStatus | None, now: float, timeout_s: float, parent_alive: bool
 ) -> Response:
     """/healthz: 200 while the supervisor runs, else 503."""
     if supervisor_alive(supervisor, now, timeout_s, parent_alive):
@@ -675,26 +668,14 @@ def health(
     return json_response(503, {"status": "down", "reasons": [reason]})
 
 
-def expected_workers(supervisor: Mapping[str, Any] | None) -> dict[int, int | None]:
+def expected_workers(supervisor: SupervisorStatus | None) -> Mapping[int, int | None]:
     """Slot -> pid of the workers the supervisor runs (its status' `workers` map)."""
-    out: dict[int, int | None] = {}
-    if supervisor is None:
-        return out
-    workers = supervisor.get("workers")
-    if not isinstance(workers, Mapping):
-        return out
-    for slot, pid in workers.items():
-        try:
-            n = int(slot)
-        except (TypeError, ValueError):
-            continue
-        out[n] = pid if isinstance(pid, int) and not isinstance(pid, bool) else None
-    return out
+    return {} if supervisor is None else supervisor.workers
 
 
 def readiness(
-    supervisor: Mapping[str, Any] | None,
-    workers: Mapping[int, Mapping[str, Any]],
+    supervisor: SupervisorStatus | None,
+    workers: Mapping[int, WorkerStatus],
     *,
     now: float,
     heartbeat_timeout_s: float,
@@ -716,12 +697,12 @@ def readiness(
     elif not supervisor_alive(supervisor, now, heartbeat_timeout_s, parent_alive):
         reasons.append("supervisor: status stale")
     else:
-        state = supervisor.get("state")
+        state = supervisor.state
         if state != "running":
-            reasons.append(f"supervisor: {str(state)[:40] if state is not None else 'no state'}")
+            reasons.append(f"supervisor: {state[:40] if state is not None else 'no state'}")
     slots = expected_workers(supervisor)
-    want = supervisor.get("workers_expected") if supervisor is not None else None
-    if isinstance(want, int) and not isinstance(want, bool) and len(slots) < want:
+    want = supervisor.workers_expected if supervisor is not None else None
+    if want is not None and len(slots) < want:
         reasons.append(f"workers: {len(slots)} of {want} running")
     elif supervisor is not None and not slots:
         reasons.append("workers: none running")
@@ -735,7 +716,7 @@ def readiness(
 
 
 def _worker_fault(
-    status: Mapping[str, Any] | None,
+    status: WorkerStatus | None,
     pid: int | None,
     now: float,
     timeout_s: float,
@@ -743,19 +724,19 @@ def _worker_fault(
 ) -> str | None:
     if status is None:
         return "no status"
-    age = _age(status, now)
+    age = status.age_s(now)
     if not age < timeout_s:
         return f"heartbeat stale ({age:.1f} s)" if math.isfinite(age) else "no heartbeat"
-    if pid is not None and status.get("pid") != pid:
-        return f"status from pid {status.get('pid')}, expected {pid}"
-    if status.get("accepting") is not True:
+    if pid is not None and status.pid != pid:
+        return f"status from pid {status.pid}, expected {pid}"
+    if not status.accepting:
         return "not accepting"
-    if status.get("bus_connected") is not True:
-        down = status.get("bus_tasks_down")
-        if isinstance(down, list) and down:  # engine/bus/tasks.py: failed, restarting
-            return f"bus task {', '.join(str(d)[:20] for d in down[:4])} restarting"
+    if not status.bus_connected:
+        down = status.bus_tasks_down
+        if down:  # engine/bus/tasks.py: failed, restarting
+            return f"bus task {', '.join(d[:20] for d in down[:4])} restarting"
         return "bus disconnected"
-    lag = _number(status.get("bus_lag_ms"))
+    lag = status.bus_lag_ms
     if max_lag_ms is not None and lag is not None and lag > max_lag_ms:
         return f"bus lagging ({lag:.0f} ms > {max_lag_ms:.0f} ms)"
     return None
@@ -771,8 +752,8 @@ def stats(
     *,
     node: str,
     started: float,
-    supervisor: Mapping[str, Any] | None,
-    workers: Mapping[int, Mapping[str, Any]],
+    supervisor: SupervisorStatus | None,
+    workers: Mapping[int, WorkerStatus],
     now: float,
     bus: Mapping[str, Any],
 ) -> dict[str, Any]:
@@ -787,29 +768,27 @@ def stats(
     if not slots:
         slots = {slot: None for slot in workers}
     rows: list[dict[str, Any]] = []
-    totals: dict[str, Any] = {name: 0 for name in COUNTERS}
+    totals: dict[str, Any] = {name: 0 for name, _ in COUNTERS}
     for slot in sorted(slots):
-        status = workers.get(slot) or {}
-        row: dict[str, Any] = {"slot": slot, "pid": status.get("pid", slots[slot])}
-        for name in COUNTERS:
-            value = status.get(name, 0)
-            value = value if isinstance(value, int) and not isinstance(value, bool) else 0
+        status = workers.get(slot, _NO_STATUS)
+        pid = status.pid if status.pid is not None else slots[slot]
+        row: dict[str, Any] = {"slot": slot, "pid": pid}
+        for name, figure in COUNTERS:
+            value = figure(status)
             row[name] = value
             totals[name] += value
-        age = _age(status or None, now)
+        age = status.age_s(now)
         row["heartbeat_age_s"] = round(age, 3) if math.isfinite(age) else None
-        row["accepting"] = status.get("accepting") is True
-        row["bus_connected"] = status.get("bus_connected") is True
-        row["bus_lag_ms"] = _number(status.get("bus_lag_ms"))
+        row["accepting"] = status.accepting
+        row["bus_connected"] = status.bus_connected
+        row["bus_lag_ms"] = status.bus_lag_ms
         # index = shard; None on a bus without shards to report, or while disconnected
-        shard_lags = status.get("bus_shard_lag_ms")
-        row["bus_shard_lag_ms"] = (
-            [_number(x) for x in shard_lags] if isinstance(shard_lags, list) else None
-        )
-        row["bus_last_entry_age_ms"] = _number(status.get("bus_last_entry_age_ms"))
+        shard_lags = status.bus_shard_lag_ms
+        row["bus_shard_lag_ms"] = None if shard_lags is None else list(shard_lags)
+        row["bus_last_entry_age_ms"] = status.bus_last_entry_age_ms
         rows.append(row)
     totals["workers"] = len(rows)
-    sup_started = None if supervisor is None else _number(supervisor.get("started"))
+    sup_started = None if supervisor is None else supervisor.started
     begin = started if sup_started is None else sup_started
     return {
         "node": node,

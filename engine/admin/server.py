@@ -46,9 +46,10 @@ import psutil
 
 from engine import metrics
 from engine.admin import http
+from engine.board import REBALANCE, Board
 from engine.codes import EXIT_PORT_IN_USE, ErrorCode
 from engine.errors import BusError, BusRefused, BusUnavailable
-from engine.board import REBALANCE, SUPERVISOR, Board
+from engine.status import SupervisorStatus
 from engine.topics import TopicRules
 
 if TYPE_CHECKING:
@@ -438,14 +439,14 @@ class AdminServer:
 
     def health(self) -> http.Response:
         return http.health(
-            self.board.read(SUPERVISOR),
+            self.board.read_supervisor(),
             time.time(),
             self.cfg.workers.heartbeat_timeout_s,
             self._parent_alive(),
         )
 
     def readiness(self) -> http.Response:
-        supervisor = self.board.read(SUPERVISOR)
+        supervisor = self.board.read_supervisor()
         workers = self.board.read_workers()
         ready, reasons = http.readiness(
             supervisor,
@@ -462,14 +463,14 @@ class AdminServer:
         """Ask workers to shed connections (paced over workers.drain_s, `bye` +
         1012) so that clients reconnect, through the Service, to other nodes."""
         req = http.parse_rebalance(body)
-        supervisor = self.board.read(SUPERVISOR) or {}
-        expected = {int(k): v for k, v in (supervisor.get("workers") or {}).items()}
+        expected = http.expected_workers(self.board.read_supervisor())
         statuses = self.board.read_workers()
-        open_conns = {
-            slot: int(st.get("connections", 0))
+        pids = {  # the workers the supervisor runs, by a status of their own
+            slot: st.pid
             for slot, st in statuses.items()
-            if slot in expected and st.get("pid") == expected[slot]
+            if st.pid is not None and st.pid == expected.get(slot)
         }
+        open_conns = {slot: statuses[slot].connections for slot in pids}
         plan = http.plan_shedding(open_conns, req)
         pace_s = self.cfg.workers.drain_s
         request_id = f"{time.time():.6f}"
@@ -479,7 +480,7 @@ class AdminServer:
         )
         for slot in plan:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(expected[slot], signal.SIGUSR2)
+                os.kill(pids[slot], signal.SIGUSR2)
         log.info(
             "rebalance: shedding %d of %d connections over %gs",
             sum(plan.values()),
@@ -500,25 +501,19 @@ class AdminServer:
         """Prometheus text: every worker's figures from the board, psutil figures
         of every fanout process, and this process' /publish figures."""
         now = time.time()
-        supervisor = self.board.read(SUPERVISOR) or {}
+        supervisor = self.board.read_supervisor() or SupervisorStatus()
         workers = self.board.read_workers()
-        expected = {int(k) for k in (supervisor.get("workers") or {})}
+        expected = supervisor.workers
         if expected:
             workers = {s: st for s, st in workers.items() if s in expected}
-        ages = {
-            s: now - float(st["ts"])
-            for s, st in workers.items()
-            if isinstance(st.get("ts"), int | float)
-        }
+        ages = {s: st.age_s(now) for s, st in workers.items() if st.ts is not None}
         pids: dict[str, int] = {}
-        if isinstance(supervisor.get("pid"), int):
-            pids["supervisor"] = supervisor["pid"]
-        for name, pid in (supervisor.get("aux") or {}).items():
-            if isinstance(pid, int):
-                pids[str(name)] = pid
+        if supervisor.pid is not None:
+            pids["supervisor"] = supervisor.pid
+        pids.update(supervisor.aux)
         for slot, st in workers.items():
-            if isinstance(st.get("pid"), int):
-                pids[f"worker {slot}"] = st["pid"]
+            if st.pid is not None:
+                pids[f"worker {slot}"] = st.pid
         pids["admin"] = os.getpid()
         families = [
             *metrics.worker_families(workers, ages),
@@ -526,7 +521,7 @@ class AdminServer:
             metrics.Family(
                 "fanout_publish_duration_seconds", "histogram",
                 "POST /publish: time for the bus to accept a batch.",
-                (({}, self.publish_hist.to_dict()),),
+                (({}, self.publish_hist.snapshot()),),
             ),
             metrics.Family(
                 "fanout_http_published_total", "counter",
@@ -562,7 +557,7 @@ class AdminServer:
         return http.stats(
             node=self.cfg.node_name(socket.gethostname()),
             started=self.started,
-            supervisor=self.board.read(SUPERVISOR),
+            supervisor=self.board.read_supervisor(),
             workers=self.board.read_workers(),
             now=time.time(),
             bus={

@@ -47,11 +47,11 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import uvloop
 
+from engine.board import Board
 from engine.bus import expiry_of, history_of, hub_socket_path, limits_of, wire
 from engine.bus.hubcore import HubCore
 from engine.codes import ErrorCode
 from engine.errors import BusRefused
-from engine.supervisor.board import Board
 
 if TYPE_CHECKING:
     from engine.bus.base import Entry, ExpiryOf, HistoryOf

@@ -41,11 +41,11 @@ from typing import Any, Final, cast
 
 import engine.bus.limits as bounds
 import engine.bus.wire as wire
+from engine.backoff import Backoff, FailureStreak
 from engine.bus.backend import BusBackend, CallbackGuard
 from engine.bus.base import BusSink, History, PublishDone, Snapshot, Update
 from engine.bus.tasks import TaskHealth, supervise
 from engine.errors import BusError, BusUnavailable
-from engine.backoff import Backoff, FailureStreak
 
 log = logging.getLogger(__name__)
 _call = CallbackGuard(log, "bus: a reply callback failed")

@@ -130,6 +130,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
 import engine.bus.limits as bounds
+from engine.backoff import Backoff, FailureStreak
 from engine.bus.backend import BusBackend, CallbackGuard
 from engine.bus.base import (
     BusSink,
@@ -148,7 +149,6 @@ from engine.codes import ErrorCode
 from engine.config import redact_url
 from engine.errors import BusError, BusUnavailable
 from engine.protocol.codec import format_pos, make_pos
-from engine.backoff import Backoff, FailureStreak
 
 log = logging.getLogger(__name__)
 _call = CallbackGuard(log, "bus: a publish callback failed")

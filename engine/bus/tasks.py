@@ -4,7 +4,7 @@ Rules:
 
 1. A supervised task that raises (anything but cancellation) is logged with
    its traceback, counted in `TaskHealth.restarts` under its name, marked
-   down, and started again after a backoff (`engine.supervisor.backoff`:
+   down, and started again after a backoff (`engine.backoff`:
    100 ms, growing to 5 s while it keeps failing within `stable_s` of its
    start). It is never left dead: the failure of one publish batch, or a bug
    in a reader, costs a restart, not the bus.
@@ -23,7 +23,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from engine.supervisor.backoff import Backoff, FailureStreak
+from engine.backoff import Backoff, FailureStreak
 
 log = logging.getLogger(__name__)
 

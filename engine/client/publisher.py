@@ -35,9 +35,9 @@ from urllib.parse import urlsplit
 import h11
 import msgpack
 
+from engine.backoff import Backoff
 from engine.bus.base import Update
 from engine.protocol.codec import data_problem, format_pos, utf8_problem, valid_topic
-from engine.supervisor.backoff import Backoff
 
 if TYPE_CHECKING:
     from engine.bus.base import Bus

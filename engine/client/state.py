@@ -40,9 +40,9 @@ from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from engine.backoff import Backoff, FailureStreak
 from engine.codes import CLOSE_NOT_AUTHENTICATED, CLOSE_TOKEN_EXPIRED
 from engine.protocol.codec import Undecodable
-from engine.supervisor.backoff import Backoff, FailureStreak
 
 # Close codes after which reconnecting with the same token is pointless.
 AUTH_CLOSE_CODES: Final = frozenset({CLOSE_NOT_AUTHENTICATED, CLOSE_TOKEN_EXPIRED})

@@ -43,10 +43,11 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from engine.backoff import Backoff, FailureStreak
+from engine.board import Board, worker_name
 from engine.codes import EXIT_BOOT_FAILURE, EXIT_FAILURE, EXIT_OK
 from engine.logs import setup_logging
-from engine.supervisor.backoff import Backoff, FailureStreak
-from engine.supervisor.board import SUPERVISOR, Board, worker_name
+from engine.status import SupervisorStatus, WorkerStatus
 from engine.supervisor.preflight import available_cpus, format_address
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ class Child:
     spawned: float  # monotonic
     booted: bool = False
     kill_reason: str | None = None  # set when the arbiter killed it, and why
-    beat_ts: object = None  # the last `ts` seen in its board status
+    beat_ts: float | None = None  # the last `ts` seen in its board status
     beat_at: float = 0.0  # monotonic time `beat_ts` was first seen
     retiring_since: float | None = None  # monotonic time it was told to drain for good
 
@@ -571,7 +572,7 @@ class Arbiter:
         self.stop_all()
         self.exit_code = EXIT_BOOT_FAILURE
 
-    def check_boots(self, statuses: dict[int, dict[str, Any]]) -> None:
+    def check_boots(self, statuses: dict[int, WorkerStatus]) -> None:
         """Mark booted children; SIGKILL those past `workers.boot_timeout_s`."""
         now = time.monotonic()
         timeout_s = self.cfg.workers.boot_timeout_s
@@ -580,11 +581,7 @@ class Arbiter:
                 continue
             if child.slot:
                 status = statuses.get(child.slot)
-                ok = (
-                    status is not None
-                    and status.get("pid") == child.pid
-                    and status.get("accepting") is True
-                )
+                ok = status is not None and status.pid == child.pid and status.accepting
             else:
                 ok = self.aux_ready(self.aux_specs[child.key])
             if ok:
@@ -628,7 +625,7 @@ class Arbiter:
                 server.path,
             )
 
-    def check_heartbeats(self, statuses: dict[int, dict[str, Any]]) -> None:
+    def check_heartbeats(self, statuses: dict[int, WorkerStatus]) -> None:
         """SIGKILL a booted worker whose status `ts` has not changed for `heartbeat_timeout_s`.
 
         Staleness is measured on the arbiter's monotonic clock from the moment
@@ -641,10 +638,8 @@ class Arbiter:
             if not child.booted or child.kill_reason:
                 continue
             status = statuses.get(child.slot)
-            if status is not None and status.get("pid") == child.pid:
-                ts = status.get("ts")
-                if ts != child.beat_ts:
-                    child.beat_ts, child.beat_at = ts, now
+            if status is not None and status.pid == child.pid and status.ts != child.beat_ts:
+                child.beat_ts, child.beat_at = status.ts, now
             silent_s = now - child.beat_at
             if silent_s <= timeout_s:
                 continue
@@ -725,22 +720,21 @@ class Arbiter:
     def write_status(self) -> None:
         """Write the supervisor's board status (on every change, and every second)."""
         server = self.cfg.server
-        self.board.write(
-            SUPERVISOR,
-            {
-                "pid": os.getpid(),
-                "state": self.state,
-                "workers_expected": len(self.slots - self.pending),
-                "workers": {
-                    str(c.slot): c.pid
+        self.board.write_supervisor(
+            SupervisorStatus(
+                pid=os.getpid(),
+                state=self.state,
+                workers_expected=len(self.slots - self.pending),
+                workers={
+                    c.slot: c.pid
                     for c in self.workers()
                     if c.slot in self.slots and c.slot not in self.pending
                 },
-                "aux": {c.name: c.pid for c in self.aux()},
-                "port": server.port,
-                "admin_port": server.admin_port,
-                "started": self.started,
-            },
+                aux={c.name: c.pid for c in self.aux()},
+                port=server.port,
+                admin_port=server.admin_port,
+                started=self.started,
+            )
         )
         self.status_due = time.monotonic() + STATUS_EVERY_S
 

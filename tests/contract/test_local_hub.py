@@ -17,12 +17,12 @@ from collections.abc import AsyncIterator
 import msgpack
 import pytest
 
+from engine.board import Board
 from engine.bus import hub_socket_path, wire
 from engine.bus.base import Update
 from engine.bus.hub import Hub
 from engine.bus.local import LocalBus
 from engine.errors import BusUnavailable
-from engine.supervisor.board import Board
 from tests.contract.conftest import WAIT_S, Recorder, until
 
 SMALL_BUFFER = 65_536

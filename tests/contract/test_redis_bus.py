@@ -13,11 +13,11 @@ from typing import Any
 import msgpack
 import pytest
 
+from engine.backoff import Backoff
 from engine.bus import Update
 from engine.bus.redis_streams import RedisBus, parse_state, pos_of
 from engine.errors import BusUnavailable
 from engine.protocol.codec import make_pos
-from engine.supervisor.backoff import Backoff
 from tests.contract.conftest import Recorder, until
 from tests.support.redis_server import RedisServer, redis_available
 from tests.support.tcpproxy import StallProxy

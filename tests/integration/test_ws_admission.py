@@ -85,7 +85,7 @@ async def test_upgrade_attempts_over_the_worker_rate_get_503_busy(
     await still_served(engine, honest)
     # counted, and exported by reason
     worker_status = engine.worker.status()
-    assert worker_status["upgrades_refused_by"]["busy"] >= 1
+    assert worker_status.upgrades_refused_by["busy"] >= 1
     text = render(worker_families({1: worker_status}, {}))
     assert 'fanout_upgrades_refused_total{worker="1",reason="busy"}' in text
 

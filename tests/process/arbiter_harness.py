@@ -24,9 +24,9 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from engine.board import Board, worker_name
 from engine.config import default_config
 from engine.supervisor.arbiter import Arbiter, AuxSpec
-from engine.supervisor.board import Board, worker_name
 
 
 def mark(ctl: str, name: str, data: dict[str, Any] | None = None) -> None:

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from engine.board import SUPERVISOR, Board, worker_name
 from engine.codes import EXIT_BOOT_FAILURE, EXIT_OK
-from engine.supervisor.board import SUPERVISOR, Board, worker_name
 
 pytestmark = pytest.mark.slow
 

@@ -12,6 +12,7 @@ from engine.admin import http
 from engine.admin.http import HttpError, parse_publish, plan_request
 from engine.bus.base import Update
 from engine.protocol.codec import NIL, Pub, decode_request, make_pos
+from engine.status import SupervisorStatus, WorkerStatus
 
 MAX_ITEMS = 5
 
@@ -530,23 +531,29 @@ NOW = 1_000_000.0
 
 def sup(
     state: str = "running", workers: dict[str, int] | None = None, **extra: Any
-) -> dict[str, Any]:
+) -> SupervisorStatus:
+    """A supervisor status as the admin reads it from the board's JSON."""
     workers = {"1": 101, "2": 102} if workers is None else workers
-    return {
-        "ts": NOW - 1,
-        "state": state,
-        "workers_expected": len(workers),
-        "workers": workers,
-        **extra,
-    }
+    return SupervisorStatus.from_json(
+        {
+            "ts": NOW - 1,
+            "state": state,
+            "workers_expected": len(workers),
+            "workers": workers,
+            **extra,
+        }
+    )
 
 
-def worker(pid: int, *, age: float = 0.5, **extra: Any) -> dict[str, Any]:
-    return {"ts": NOW - age, "pid": pid, "accepting": True, "bus_connected": True, **extra}
+def worker(pid: int, *, age: float = 0.5, **extra: Any) -> WorkerStatus:
+    """A worker status as the admin reads it from the board's JSON."""
+    return WorkerStatus.from_json(
+        {"ts": NOW - age, "pid": pid, "accepting": True, "bus_connected": True, **extra}
+    )
 
 
 def ready(
-    supervisor: dict[str, Any] | None, workers: dict[int, dict[str, Any]], **kw: Any
+    supervisor: SupervisorStatus | None, workers: dict[int, WorkerStatus], **kw: Any
 ) -> tuple[bool, list[str]]:
     args: dict[str, Any] = {
         "now": NOW,
@@ -601,7 +608,7 @@ def test_not_ready_when_a_worker_lags() -> None:
 
 
 def test_stale_supervisor_is_alive_while_it_is_our_parent() -> None:
-    stale = {**sup(), "ts": NOW - 60}
+    stale = sup(ts=NOW - 60)
     workers = {1: worker(101), 2: worker(102)}
     assert ready(stale, workers) == (False, ["supervisor: status stale"])
     assert ready(stale, workers, parent_alive=True) == (True, [])
@@ -612,7 +619,7 @@ def test_health() -> None:
     assert body_of(http.health(sup(), NOW, 10, False)) == {"status": "ok"}
     assert http.health(None, NOW, 10, True).status == 200
     assert http.health(None, NOW, 10, False).status == 503
-    assert http.health({**sup(), "ts": NOW - 11}, NOW, 10, False).status == 503
+    assert http.health(sup(ts=NOW - 11), NOW, 10, False).status == 503
 
 
 def test_ready_response_shapes() -> None:

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.supervisor.backoff import Backoff, FailureStreak
+from engine.backoff import Backoff, FailureStreak
 
 
 def test_first_retry_waits_the_floor() -> None:

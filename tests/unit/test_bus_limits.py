@@ -7,13 +7,13 @@ import asyncio
 
 import pytest
 
+from engine.backoff import Backoff
 from engine.bus.base import Update
 from engine.bus.hubcore import HubCore
 from engine.bus.limits import Limits, check_updates, topics_per_shard
 from engine.bus.tasks import TaskHealth, supervise
 from engine.codes import ErrorCode
 from engine.errors import BusError, BusRefused
-from engine.supervisor.backoff import Backoff
 
 
 def test_check_updates_refuses_what_is_not_utf8_and_names_it() -> None:
@@ -113,14 +113,16 @@ def test_readyz_names_a_bus_task_that_is_restarting() -> None:
     """A worker whose bus task failed reports bus_connected false and the task:
     /readyz says which (engine/admin/http.py `_worker_fault`)."""
     from engine.admin import http
+    from engine.status import SupervisorStatus, WorkerStatus
 
     now = 1000.0
     supervisor = {"ts": now, "state": "running", "workers_expected": 1, "workers": {"1": 7}}
     worker = {"ts": now, "pid": 7, "accepting": True, "bus_connected": False}
     args: dict[str, object] = {"now": now, "heartbeat_timeout_s": 10.0, "parent_alive": False}
-    ok, reasons = http.readiness(
-        supervisor, {1: {**worker, "bus_tasks_down": ["publisher"]}}, bus_connected=True, **args
-    )  # type: ignore[arg-type]
+    sup = SupervisorStatus.from_json(supervisor)
+    down = WorkerStatus.from_json({**worker, "bus_tasks_down": ["publisher"]})
+    ok, reasons = http.readiness(sup, {1: down}, bus_connected=True, **args)  # type: ignore[arg-type]
     assert not ok and reasons == ["worker 1: bus task publisher restarting"]
-    ok, reasons = http.readiness(supervisor, {1: worker}, bus_connected=True, **args)  # type: ignore[arg-type]
+    up = WorkerStatus.from_json(worker)
+    ok, reasons = http.readiness(sup, {1: up}, bus_connected=True, **args)  # type: ignore[arg-type]
     assert reasons == ["worker 1: bus disconnected"]

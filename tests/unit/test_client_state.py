@@ -205,7 +205,7 @@ def test_state_module_is_pure() -> None:
         *PURE_STDLIB,
         *THIRD_PARTY,
         *_BASE,
-        "engine.supervisor.backoff",
+        "engine.backoff",
         "engine.protocol.codec",
     )
     path = REPO / "engine" / "client" / "state.py"

@@ -15,13 +15,19 @@ from engine.metrics import (
     worker_families,
 )
 from engine.protocol.codec import make_pos
+from engine.status import WorkerStatus
+
+
+def board(statuses: dict[int, dict[str, object]]) -> dict[int, WorkerStatus]:
+    """Worker statuses as the admin reads them from the board's JSON."""
+    return {slot: WorkerStatus.from_json(doc) for slot, doc in statuses.items()}
 
 
 def test_histogram_buckets_are_cumulative_in_the_text() -> None:
     h = Histogram((0.01, 0.1, 1.0))
     for v in (0.005, 0.01, 0.05, 0.5, 5.0):
         h.observe(v)
-    text = render([Family("x_seconds", "histogram", "help", (({"worker": "1"}, h.to_dict()),))])
+    text = render([Family("x_seconds", "histogram", "help", (({"worker": "1"}, h.snapshot()),))])
     assert 'x_seconds_bucket{worker="1",le="0.01"} 2' in text
     assert 'x_seconds_bucket{worker="1",le="0.1"} 3' in text
     assert 'x_seconds_bucket{worker="1",le="1"} 4' in text
@@ -34,10 +40,10 @@ def test_histogram_buckets_are_cumulative_in_the_text() -> None:
 def test_worker_families_from_board_statuses() -> None:
     workers = {
         1: {"connections": 3, "frames_sent": 10, "closes": {"1000": 2, "4008": 1}, "errors": {"bad_topic": 4},
-            "bus_connected": True, "bus_lag_ms": 12.0, "flush_hist": Histogram().to_dict()},
+            "bus_connected": True, "bus_lag_ms": 12.0, "flush_hist": Histogram().snapshot().to_json()},
         2: {"connections": 5, "frames_sent": 7, "closes": {}, "bus_connected": False},
     }  # fmt: skip
-    text = render(worker_families(workers, {1: 0.5, 2: 0.25}))
+    text = render(worker_families(board(workers), {1: 0.5, 2: 0.25}))
     assert 'fanout_connections{worker="1"} 3' in text
     assert 'fanout_connections{worker="2"} 5' in text
     assert 'fanout_frames_sent_total{worker="2"} 7' in text
@@ -65,7 +71,7 @@ def test_each_shards_lag_is_a_gauge_per_worker_and_shard() -> None:
         3: {"bus_shard_lag_ms": None, "bus_last_entry_age_ms": None},  # disconnected
         4: {"connections": 1},  # the local bus reports neither
     }  # fmt: skip
-    text = render(worker_families(workers, {}))
+    text = render(worker_families(board(workers), {}))
     lines = [ln for ln in text.splitlines() if ln.startswith("fanout_bus_shard_lag_seconds{")]
     assert lines == [
         'fanout_bus_shard_lag_seconds{worker="1",shard="0"} 0',
@@ -88,15 +94,17 @@ def test_each_shards_lag_is_a_gauge_per_worker_and_shard() -> None:
 
 def test_per_shard_series_are_bounded_and_bad_values_dropped() -> None:
     many = {1: {"bus_lag_ms": 7.0, "bus_shard_lag_ms": [7.0] * (SHARD_SERIES_MAX + 1)}}
-    text = render(worker_families(many, {}))
+    text = render(worker_families(board(many), {}))
     assert "fanout_bus_shard_lag_seconds" not in text
     assert 'fanout_bus_lag_seconds{worker="1"} 0.007' in text
-    at_cap = render(worker_families({1: {"bus_shard_lag_ms": [1.0] * SHARD_SERIES_MAX}}, {}))
+    at_cap = render(worker_families(board({1: {"bus_shard_lag_ms": [1.0] * SHARD_SERIES_MAX}}), {}))
     assert at_cap.count("fanout_bus_shard_lag_seconds{") == SHARD_SERIES_MAX
     # a malformed status (not a list of numbers) is not rendered at all
     for bad in ("12", [1.0, "x"], [True], {"0": 1.0}):
         text = render(
-            worker_families({1: {"bus_shard_lag_ms": bad, "bus_last_entry_age_ms": True}}, {})
+            worker_families(
+                board({1: {"bus_shard_lag_ms": bad, "bus_last_entry_age_ms": True}}), {}
+            )
         )
         assert "fanout_bus_shard_lag_seconds" not in text
         assert "fanout_bus_last_entry_age_seconds" not in text

@@ -18,6 +18,7 @@ from engine.auth.ratelimit import (
 )
 from engine.metrics import worker_families
 from engine.protocol.closecodes import KNOWN_CODES, close_label, close_reply, sendable
+from engine.status import WorkerStatus
 
 # -- close codes (closecodes rules 1-3) ----------------------------------------------------
 
@@ -65,7 +66,8 @@ def test_client_chosen_codes_make_a_bounded_set_of_labels() -> None:
 
 def test_metrics_relabel_codes_from_a_status() -> None:
     status = {"closes": {"1000": 2, "3001": 1, "3002": 4, "4029": 1, "4444": 3}}
-    (fam,) = [f for f in worker_families({1: status}, {}) if f.name == "fanout_disconnects_total"]
+    families = worker_families({1: WorkerStatus.from_json(status)}, {})
+    (fam,) = [f for f in families if f.name == "fanout_disconnects_total"]
     got = {labels["code"]: n for labels, n in fam.samples}
     assert got == {"1000": 2, "3xxx": 5, "4029": 1, "4xxx": 3}
 
