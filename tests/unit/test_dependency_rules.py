@@ -13,6 +13,11 @@ Two checks, because each misses what the other sees:
 And the supervisor (synchronous, forks its children) never imports asyncio,
 uvloop, redis or picows: not directly, and not through what it imports.
 
+And no import cycle in engine/, workers/ or loadtest/ (Tarjan's algorithm
+over every import the ast sees, `TYPE_CHECKING` and function-level ones
+included): a cycle means two modules that are one, or a third that is missing.
+Known cycles are in `CYCLE_WAIVERS`, with their way out.
+
 The allowlists (keep them short; say why when adding to them):
 
 - `PURE_STDLIB`: standard library modules with no I/O, clock, randomness or
@@ -25,11 +30,14 @@ The allowlists (keep them short; say why when adding to them):
   of them is itself checked here.
 - `WAIVERS`: known violations, each with its reason and its way out. A waiver
   that is no longer needed fails `test_every_waiver_is_still_needed`.
+- `CYCLE_WAIVERS`: known import cycles, the same way
+  (`test_every_cycle_waiver_is_still_needed`).
 """
 
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import subprocess
 import sys
@@ -159,27 +167,40 @@ def imports_in(source: str, package: str) -> list[tuple[int, str]]:
     `X.y` when that is an engine module, else `X`. `__import__(...)` calls count
     as importing "__import__".
     """
-    tree = ast.parse(source)
     found: list[tuple[int, str]] = []
-    for node in ast.walk(tree):
+    for line, base, names in raw_imports(source, package):
+        if names is None:
+            found.append((line, base))
+        else:
+            for name in names:
+                sub = f"{base}.{name}"
+                found.append((line, sub if is_engine_module(sub) else base))
+    return sorted(found)
+
+
+def raw_imports(source: str, package: str) -> list[tuple[int, str, tuple[str, ...] | None]]:
+    """(line, absolute module, names) of every import in `source`, at any depth,
+    in line order: names None for `import X` (and `__import__(...)`, as
+    "__import__"), the imported names for `from X import a, b`. `package`
+    anchors relative imports."""
+    found: list[tuple[int, str, tuple[str, ...] | None]] = []
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found.extend((node.lineno, alias.name) for alias in node.names)
+            found.extend((node.lineno, alias.name, None) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join([*anchor, *([node.module] if node.module else [])])
             else:
                 base = node.module or ""
-            for alias in node.names:
-                sub = f"{base}.{alias.name}"
-                found.append((node.lineno, sub if is_engine_module(sub) else base))
+            found.append((node.lineno, base, tuple(alias.name for alias in node.names)))
         elif (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Name)
             and node.func.id == "__import__"
         ):
-            found.append((node.lineno, "__import__"))
-    return sorted(found)  # ast.walk is breadth first: report in line order
+            found.append((node.lineno, "__import__", None))
+    return sorted(found, key=lambda f: f[0])  # ast.walk is breadth first: line order
 
 
 def covered(name: str, allowed: frozenset[str] | tuple[str, ...]) -> bool:
@@ -351,3 +372,176 @@ def loaded_after_import(module: str, watch: frozenset[str]) -> list[str]:
     assert done.returncode == 0, done.stderr
     loaded: list[str] = json.loads(done.stdout)
     return loaded
+
+
+# -- import cycles --------------------------------------------------------------------------------
+
+CYCLE_ROOTS = ("engine", "workers", "loadtest")
+
+# Known cycles: the modules of one strongly connected component -> the reason
+# and the way out. A waiver whose cycle is gone fails
+# `test_every_cycle_waiver_is_still_needed`.
+CYCLE_WAIVERS: dict[frozenset[str], str] = {
+    frozenset({"workers.listener", "workers.server"}): (
+        "listener.Connection writes into the server's counters and the server imports "
+        "Connection back. Way out: issue 12 item 1 (the connection's rules in a pure "
+        "module, a narrow host interface for the listener)."
+    ),
+}
+
+
+def repo_sources(roots: tuple[str, ...]) -> dict[str, tuple[str, str, str]]:
+    """module -> (source, package anchoring its relative imports, file) of every
+    module under `roots`."""
+    out: dict[str, tuple[str, str, str]] = {}
+    for root in roots:
+        for path in sorted((REPO / root).rglob("*.py")):
+            out[module_name(path)] = (path.read_text(encoding="utf-8"), package_of(path), rel(path))
+    return out
+
+
+def import_graph(sources: dict[str, tuple[str, str, str]]) -> dict[str, dict[str, str]]:
+    """module -> {module it imports: "file:line" of the first such import}, for
+    the modules of `sources` only.
+
+    Every import counts: module level, inside functions, under `TYPE_CHECKING`
+    (a cycle there still means two modules that are one, or a missing third).
+    `import a.b.c` imports the longest of a.b.c, a.b, a that is a module here;
+    `from X import y` imports X.y when that is a module here, else X. Importing
+    a.b.c also runs the package a.b's `__init__`, which is not counted: a
+    package that imports its own submodules would be a cycle with each of them.
+    """
+    graph: dict[str, dict[str, str]] = {}
+    for module, (source, package, file) in sources.items():
+        edges: dict[str, str] = {}
+        for line, base, names in raw_imports(source, package):
+            wanted = [base] if names is None else [f"{base}.{n}" for n in names]
+            for name in wanted:
+                parts = name.split(".")
+                while parts and ".".join(parts) not in sources:
+                    parts.pop()
+                target = ".".join(parts)
+                if target and target != module:
+                    edges.setdefault(target, f"{file}:{line}")
+        graph[module] = edges
+    return graph
+
+
+def import_cycles(graph: dict[str, dict[str, str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's
+    algorithm, iterative), each sorted, in sorted order."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for start in graph:
+        if start in index:
+            continue
+        work = [(start, iter(graph[start]))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(graph[child])))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                component: list[str] = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return sorted(found)
+
+
+def cycle_path(graph: dict[str, dict[str, str]], component: list[str]) -> str:
+    """One cycle through the component's first module, each step with the
+    import that makes it: "a -> b (a.py:3) -> a (b.py:7)"."""
+    members = set(component)
+    start = component[0]
+    came_from: dict[str, str] = {}
+    queue = [start]
+    while queue:  # breadth first: the shortest way back to `start`
+        node = queue.pop(0)
+        for child in graph[node]:
+            if child not in members or child in came_from:
+                continue
+            came_from[child] = node
+            if child == start:
+                queue = []
+                break
+            queue.append(child)
+    steps = [start]
+    node = start
+    while True:
+        node = came_from[node]
+        steps.append(node)
+        if node == start:
+            break
+    steps.reverse()
+    out = steps[0]
+    for here, there in itertools.pairwise(steps):
+        out += f" -> {there} ({graph[here][there]})"
+    return out
+
+
+def test_no_import_cycles() -> None:
+    graph = import_graph(repo_sources(CYCLE_ROOTS))
+    found = [
+        cycle_path(graph, c) for c in import_cycles(graph) if frozenset(c) not in CYCLE_WAIVERS
+    ]
+    assert found == [], "import cycles (two modules that are one, or a missing third):\n" + (
+        "\n".join(found)
+    )
+
+
+def test_every_cycle_waiver_is_still_needed() -> None:
+    found = {frozenset(c) for c in import_cycles(import_graph(repo_sources(CYCLE_ROOTS)))}
+    for waived in CYCLE_WAIVERS:
+        assert waived in found, f"the cycle {sorted(waived)} is gone: remove its waiver"
+
+
+def test_the_cycle_finder_sees_every_kind_of_import() -> None:
+    sources = {
+        "p": ("", "p", "p/__init__.py"),
+        "p.a": ("from p import b\n", "p", "p/a.py"),
+        "p.b": (
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from p.c import Thing\n",
+            "p",
+            "p/b.py",
+        ),
+        "p.c": ("import os\ndef f() -> None:\n    from . import a\n", "p", "p/c.py"),
+        "p.d": ("import p.a\nfrom .b import x\n", "p", "p/d.py"),
+        "p.e": ("from p.e import y\n", "p", "p/e.py"),  # itself: not a cycle
+    }
+    graph = import_graph(sources)
+    assert graph["p.d"] == {"p.a": "p/d.py:1", "p.b": "p/d.py:2"}
+    assert import_cycles(graph) == [["p.a", "p.b", "p.c"]]
+    assert cycle_path(graph, ["p.a", "p.b", "p.c"]) == (
+        "p.a -> p.b (p/a.py:1) -> p.c (p/b.py:3) -> p.a (p/c.py:3)"
+    )
+    # two cycles sharing a module are one component
+    sources["p.d"] = ("import p.a\n", "p", "p/d.py")
+    sources["p.a"] = ("from p import b\nfrom p import d\n", "p", "p/a.py")
+    assert import_cycles(import_graph(sources)) == [["p.a", "p.b", "p.c", "p.d"]]
+    # without the import under TYPE_CHECKING there is none left
+    sources["p.b"] = ("", "p", "p/b.py")
+    sources["p.d"] = ("", "p", "p/d.py")
+    assert import_cycles(import_graph(sources)) == []
