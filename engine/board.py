@@ -6,8 +6,8 @@ supervisor reads the workers' files to detect stale heartbeats; the admin
 process reads them all for /readyz, /stats and /metrics. What a worker's and
 the supervisor's files hold is engine.status (`WorkerStatus`,
 `SupervisorStatus`), converted to and from JSON there; this module only moves
-that JSON. The hub's status and the admin's rebalance request are plain
-objects (`write` / `read`).
+that JSON, as it does the admin's rebalance request (`RebalanceOrder`). The
+hub's status is a plain object (`write` / `read`).
 
 Rules:
 1. Writes are atomic (write to a temporary name, then rename): a reader sees
@@ -26,11 +26,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from engine.status import SupervisorStatus, WorkerStatus
+from engine.status import RebalanceOrder, SupervisorStatus, WorkerStatus
 
 SUPERVISOR = "supervisor"
-# A shedding request from POST /rebalance: {"id", "shed": {slot: n}, "pace_s"};
-# workers read it on SIGUSR2.
+# A shedding request from POST /rebalance (RebalanceOrder); workers read it on SIGUSR2.
 REBALANCE = "rebalance"
 
 
@@ -77,6 +76,13 @@ class Board:
     def read_supervisor(self) -> SupervisorStatus | None:
         doc = self.read(SUPERVISOR)
         return None if doc is None else SupervisorStatus.from_json(doc)
+
+    def write_rebalance(self, order: RebalanceOrder) -> None:
+        self.write(REBALANCE, order.to_json())
+
+    def read_rebalance(self) -> RebalanceOrder | None:
+        doc = self.read(REBALANCE)
+        return None if doc is None else RebalanceOrder.from_json(doc)
 
     def read_workers(self) -> dict[int, WorkerStatus]:
         """Every worker's status by slot."""

@@ -147,12 +147,34 @@ WORKER_SERIES: Final[tuple[tuple[Callable[[WorkerStatus], int], str, str, str], 
 def worker_families(
     workers: Mapping[int, WorkerStatus], heartbeat_age_s: Mapping[int, float]
 ) -> list[Family]:
-    """Families built from worker statuses (slot -> status)."""
-    fams: list[Family] = []
+    """Families built from worker statuses (slot -> status): the figures of
+    WORKER_SERIES, the counts by label, the bus link's, then the heartbeat and
+    the histograms."""
     slots = sorted(workers)
-    for figure, name, kind, help_ in WORKER_SERIES:
-        samples = tuple(({"worker": str(s)}, figure(workers[s])) for s in slots)
-        fams.append(Family(name, kind, help_, samples))
+    fams = [
+        Family(name, kind, help_, tuple(({"worker": str(s)}, figure(workers[s])) for s in slots))
+        for figure, name, kind, help_ in WORKER_SERIES
+    ]
+    fams += _labelled_families(workers, slots)
+    fams += _bus_families(workers, slots)
+    fams.append(Family(
+        "fanout_worker_heartbeat_age_seconds", "gauge", "Seconds since the worker last wrote its status (its heartbeat).",
+        tuple(({"worker": str(s)}, round(heartbeat_age_s[s], 3)) for s in slots if s in heartbeat_age_s),
+    ))  # fmt: skip
+    fams.append(Family(
+        "fanout_flush_duration_seconds", "histogram", "Time one flush tick took (plan and write every frame).",
+        tuple(({"worker": str(s)}, h) for s in slots if (h := workers[s].flush_hist) is not None),
+    ))  # fmt: skip
+    fams.append(Family(
+        "fanout_ws_publish_duration_seconds", "histogram", "WebSocket `pub`: time from the request to the bus's acceptance.",
+        tuple(({"worker": str(s)}, h) for s in slots if (h := workers[s].publish_hist) is not None),
+    ))  # fmt: skip
+    return fams
+
+
+def _labelled_families(workers: Mapping[int, WorkerStatus], slots: list[int]) -> list[Family]:
+    """Counts by a second label: upgrade refusals by reason, closes by code, `err` by code."""
+    fams: list[Family] = []
     closes = []
     errors = []
     refusals = []
@@ -190,6 +212,12 @@ def worker_families(
             tuple(errors),
         )
     )
+    return fams
+
+
+def _bus_families(workers: Mapping[int, WorkerStatus], slots: list[int]) -> list[Family]:
+    """Each worker's bus link: connected, lag (worst shard, each shard), last entry, events."""
+    fams: list[Family] = []
     fams.append(Family(
         "fanout_bus_connected", "gauge", "1 when the worker's bus link is up.",
         tuple(({"worker": str(s)}, 1 if workers[s].bus_connected else 0) for s in slots),
@@ -223,18 +251,6 @@ def worker_families(
     ))  # fmt: skip
     fams.append(bus_events_family(
         ({"worker": str(s)}, workers[s].bus_events) for s in slots
-    ))  # fmt: skip
-    fams.append(Family(
-        "fanout_worker_heartbeat_age_seconds", "gauge", "Seconds since the worker last wrote its status (its heartbeat).",
-        tuple(({"worker": str(s)}, round(heartbeat_age_s[s], 3)) for s in slots if s in heartbeat_age_s),
-    ))  # fmt: skip
-    fams.append(Family(
-        "fanout_flush_duration_seconds", "histogram", "Time one flush tick took (plan and write every frame).",
-        tuple(({"worker": str(s)}, h) for s in slots if (h := workers[s].flush_hist) is not None),
-    ))  # fmt: skip
-    fams.append(Family(
-        "fanout_ws_publish_duration_seconds", "histogram", "WebSocket `pub`: time from the request to the bus's acceptance.",
-        tuple(({"worker": str(s)}, h) for s in slots if (h := workers[s].publish_hist) is not None),
     ))  # fmt: skip
     return fams
 

@@ -3,7 +3,8 @@
 Every worker writes a `WorkerStatus` once a second (the write is also its
 heartbeat), the supervisor a `SupervisorStatus` on every change; the
 supervisor (boots, heartbeats) and the admin (/readyz, /stats, /metrics) read
-them. Writer and readers import these classes, so a field renamed here is
+them. The admin writes a `RebalanceOrder` for POST /rebalance; the workers it
+signals read it. Writer and readers import these classes, so a field renamed here is
 renamed for every reader, and mypy names each reader still using the old name.
 
 PURE: no I/O, no clock. engine.board moves the JSON form to and from files.
@@ -300,6 +301,39 @@ class SupervisorStatus:
             port=_opt_int(doc.get("port")),
             admin_port=_opt_int(doc.get("admin_port")),
             started=_number(doc.get("started")),
+            ts=_number(doc.get("ts")),
+        )
+
+
+# -- POST /rebalance -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RebalanceOrder:
+    """A shedding request of POST /rebalance (engine/admin/server.py): how many
+    connections each worker slot closes, spread over `pace_s`. Workers read it
+    when the admin sends them SIGUSR2 (workers/main.py)."""
+
+    id: str = ""  # the admin's wall clock when it was made, for the logs
+    shed: Mapping[int, int] = field(default_factory=dict)  # slot -> connections to close
+    pace_s: float = 0.0
+    ts: float | None = None  # rule 5
+
+    def to_json(self) -> Json:
+        return {
+            "id": self.id,
+            "shed": {str(slot): n for slot, n in self.shed.items()},
+            "pace_s": self.pace_s,
+            "ts": self.ts,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> RebalanceOrder:
+        order = doc.get("id")
+        return cls(
+            id=order if isinstance(order, str) else "",
+            shed={slot: n for slot, n in _slots(doc.get("shed")).items() if n is not None},
+            pace_s=_number(doc.get("pace_s")) or 0.0,
             ts=_number(doc.get("ts")),
         )
 

@@ -25,7 +25,7 @@ import signal
 import uvloop
 
 from engine import codes
-from engine.board import REBALANCE, Board
+from engine.board import Board
 from engine.bus import create_bus
 from engine.config import Config
 from engine.logs import setup_logging
@@ -149,11 +149,10 @@ async def _main(cfg: Config, slot: int, run_dir: str, capacity: int) -> int:
     shedding: list[asyncio.Task[None]] = []
 
     def on_rebalance() -> None:
-        request = board.read(REBALANCE) or {}
-        count = (request.get("shed") or {}).get(str(slot), 0)
-        if isinstance(count, int) and count > 0:
-            pace_s = float(request.get("pace_s") or 0.0)
-            shedding.append(loop.create_task(shed(server, count, pace_s)))
+        order = board.read_rebalance()
+        count = 0 if order is None else order.shed.get(slot, 0)
+        if order is not None and count > 0:
+            shedding.append(loop.create_task(shed(server, count, order.pace_s)))
 
     loop.add_signal_handler(signal.SIGUSR2, on_rebalance)
     loop.add_signal_handler(signal.SIGINT, on_signal, "quick")

@@ -46,10 +46,10 @@ import psutil
 
 from engine import metrics
 from engine.admin import http
-from engine.board import REBALANCE, Board
+from engine.board import Board
 from engine.codes import EXIT_PORT_IN_USE, ErrorCode
 from engine.errors import BusError, BusRefused, BusUnavailable
-from engine.status import SupervisorStatus
+from engine.status import RebalanceOrder, SupervisorStatus
 from engine.topics import TopicRules
 
 if TYPE_CHECKING:
@@ -474,10 +474,7 @@ class AdminServer:
         plan = http.plan_shedding(open_conns, req)
         pace_s = self.cfg.workers.drain_s
         request_id = f"{time.time():.6f}"
-        self.board.write(
-            REBALANCE,
-            {"id": request_id, "shed": {str(s): n for s, n in plan.items()}, "pace_s": pace_s},
-        )
+        self.board.write_rebalance(RebalanceOrder(id=request_id, shed=plan, pace_s=pace_s))
         for slot in plan:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pids[slot], signal.SIGUSR2)

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.board import SUPERVISOR, Board, worker_name
+from engine.board import REBALANCE, SUPERVISOR, Board, worker_name
 from engine.metrics import Histogram
-from engine.status import HistogramCounts, SupervisorStatus, WorkerStatus
+from engine.status import HistogramCounts, RebalanceOrder, SupervisorStatus, WorkerStatus
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,6 +66,13 @@ supervisors = st.builds(
     started=maybe_finite,
     ts=maybe_finite,
 )
+orders = st.builds(
+    RebalanceOrder,
+    id=name,
+    shed=st.dictionaries(count, count, max_size=4),
+    pace_s=finite,
+    ts=maybe_finite,
+)
 
 
 # -- rule 2: a round trip is exact ---------------------------------------------------------
@@ -83,6 +90,12 @@ def test_a_supervisor_status_round_trips_exactly_through_json_text(
 ) -> None:
     text = json.dumps(status.to_json(), separators=(",", ":"))
     assert SupervisorStatus.from_json(json.loads(text)) == status
+
+
+@given(orders)
+def test_a_rebalance_order_round_trips_exactly_through_json_text(order: RebalanceOrder) -> None:
+    text = json.dumps(order.to_json(), separators=(",", ":"))
+    assert RebalanceOrder.from_json(json.loads(text)) == order
 
 
 def test_the_board_carries_a_status_exactly_and_stamps_its_ts(tmp_path: Path) -> None:
@@ -108,12 +121,15 @@ def test_the_board_carries_a_status_exactly_and_stamps_its_ts(tmp_path: Path) ->
     read = board.read_supervisor()
     assert read is not None and read.ts is not None
     assert read == dataclasses.replace(sup, ts=read.ts)
+    board.write_rebalance(RebalanceOrder(id="1.5", shed={2: 10}, pace_s=3.0))
+    order = board.read_rebalance()
+    assert order is not None and order.shed == {2: 10} and order.pace_s == 3.0
 
 
 # -- rule 4: the file keeps its shape --------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls", [WorkerStatus, SupervisorStatus])
+@pytest.mark.parametrize("cls", [WorkerStatus, SupervisorStatus, RebalanceOrder])
 def test_json_keys_are_the_fields_in_order_with_ts_last(cls: Any) -> None:
     keys = list(cls().to_json())
     assert keys == [f.name for f in dataclasses.fields(cls)]
@@ -129,6 +145,9 @@ def test_a_file_is_written_as_before(tmp_path: Path) -> None:
     board.write_supervisor(SupervisorStatus(pid=1, workers={1: 9}))
     doc = json.loads((tmp_path / f"{SUPERVISOR}.json").read_text())
     assert doc["workers"] == {"1": 9} and isinstance(doc["ts"], float)
+    board.write_rebalance(RebalanceOrder(id="1.5", shed={2: 10}, pace_s=3.0))
+    text = (tmp_path / f"{REBALANCE}.json").read_text()
+    assert text.startswith('{"id":"1.5","shed":{"2":10},"pace_s":3.0,"ts":')
 
 
 # -- rule 3: reading never raises, and defaults mean "not ready" -------------------------------
