@@ -193,265 +193,349 @@ def _per_connection(before: dict[str, int], after: dict[str, int], n: int) -> di
 def _measure(
     target: str, s: BenchSettings, server: Any, procs: Children, log: Callable[[str], None]
 ) -> dict[str, Any]:
-    w = s.workload
-    names = server.board_pids()
-    where = server.describe()
-    log(
-        f"[{target}] server ready: publisher -> {server.admin}, subscribers -> "
-        + ", ".join(server.sub_urls)
-        + (f" ({len(where['nodes'])} nodes on the {where['bus']} bus)" if where["bus"] else "")
-    )
-    n_addrs = s.source_addr_count()
-    mem_start = _tree_memory(server)
-    budget = s.duration_s + s.settle_s + 180.0 + s.subscribers / 20.0
-    if s.warmup:
-        # One-time costs land with the first connections (code pages a worker
-        # touches for the first time, heap holes left by startup): connect a few
-        # first, so that the per-connection figures are the cost of one more.
-        # They stay connected (idle) until the end of the run.
-        warm = [
-            (s.subscribers + i, topics, f"127.0.0.{1 + i % n_addrs}", False)
-            for i, topics in enumerate(w.subscriptions(s.warmup, s.seed + 1))
-        ]
-        warmers = []
-        for k, url in enumerate(server.sub_urls):  # every subscriber node
-            spec = {
-                "url": url,
-                "clients": warm[k :: len(server.sub_urls)],
-                "concurrency": s.concurrency,
-                "budget_s": budget,
-                "max_hz": s.max_hz,
-            }
-            warmers.append(procs.spawn(f"warmup-{k + 1}", subscriber_process, 0, spec))
-        warmed = sum(procs.expect(c, "ready", 60.0)["ready"] for c in warmers)
-        if warmed < s.warmup:
-            raise SetupError(f"only {warmed} of {s.warmup} warm-up subscribers are subscribed")
-        time.sleep(1.0)
-    mem_before = _tree_memory(server)
-    rss_before = mem_before["rss"]
+    m = Measurement(target, s, server, procs, log)
+    m.warm_up()
+    m.open_subscribers()
+    m.run_window()
+    m.converge()
+    return m.figures()
 
-    # -- subscribers ----------------------------------------------------------------------
-    topics_of = w.subscriptions(s.subscribers, s.seed)
-    n_slow = round(s.slow_fraction * s.subscribers) if s.scenario == "slow" else 0
-    slow_every = s.subscribers / n_slow if n_slow else 0.0
-    slow_set = {int(i * slow_every) for i in range(n_slow)}
-    plans: list[list[tuple[int, tuple[str, ...], str, bool]]] = [[] for _ in range(s.sub_procs)]
-    for i in range(s.subscribers):
-        addr = f"127.0.0.{1 + i % n_addrs}"
-        plans[i % s.sub_procs].append((i, topics_of[i], addr, i in slow_set))
-    subs = []
-    sub_urls = server.sub_urls  # nodes 2..N: every delivery crossed the bus between nodes
-    used_urls = []
-    for p, plan in enumerate(plans):
-        if not plan:
-            continue
-        used_urls.append(sub_urls[p % len(sub_urls)])
-        spec = {
-            "url": used_urls[-1],
+
+class Measurement:
+    """One measured run of a target whose server is ready, phase by phase:
+    `warm_up` (--idle), `open_subscribers`, `run_window` (the measured window),
+    `converge` (final values), then `figures` (the result). Each phase reads
+    what the ones before it left on the object."""
+
+    def __init__(
+        self,
+        target: str,
+        s: BenchSettings,
+        server: Any,
+        procs: Children,
+        log: Callable[[str], None],
+    ) -> None:
+        self.target, self.s, self.server, self.procs, self.log = target, s, server, procs, log
+        self.names = server.board_pids()
+        self.where = server.describe()
+        self.n_addrs = s.source_addr_count()
+        self.budget = s.duration_s + s.settle_s + 180.0 + s.subscribers / 20.0
+        log(
+            f"[{target}] server ready: publisher -> {server.admin}, subscribers -> "
+            + ", ".join(server.sub_urls)
+            + (
+                f" ({len(self.where['nodes'])} nodes on the {self.where['bus']} bus)"
+                if self.where["bus"]
+                else ""
+            )
+        )
+        self.mem_start = self.mem_before = self.mem_connected = _tree_memory(server)
+
+    def _spec(self, url: str, plan: list[tuple[int, tuple[str, ...], str, bool]]) -> dict[str, Any]:
+        s = self.s
+        return {
+            "url": url,
             "clients": plan,
             "concurrency": s.concurrency,
-            "budget_s": budget,
+            "budget_s": self.budget,
             "max_hz": s.max_hz,
         }
-        subs.append(procs.spawn(f"subscriber-{p + 1}", subscriber_process, p + 1, spec))
-    publisher = procs.spawn(
-        "publisher",
-        publisher_process,
-        server.admin,
-        w,
-        s.seed,
-        s.rate,
-        s.duration_s,
-        s.batch_ms,
-        s.max_items,
-        s.body,
-        budget,
-    )
-    setup = {c.name: procs.expect(c, "ready", 60.0 + s.subscribers / 20.0) for c in subs}
-    ready = sum(v["ready"] for v in setup.values())
-    log(
-        f"[{target}] {ready} of {s.subscribers} subscribers ready ("
-        + ", ".join(f"{k} {v['ready']} in {v['setup_s']} s" for k, v in setup.items())
-        + ")"
-    )
-    if ready < s.subscribers:
-        raise SetupError(f"only {ready} of {s.subscribers} subscribers are subscribed: {setup}")
-    time.sleep(1.0)  # let the server settle before taking its memory
-    mem_connected = _tree_memory(server)
-    rss_connected = mem_connected["rss"]
 
-    if n_slow:
-        slowed = sum(procs.expect(c, "slowed", 10.0) for c in _send_all(subs, "slow"))
-        log(f"[{target}] {slowed} slow clients stopped reading")
+    # -- warm-up (--idle) ---------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """One-time costs land with the first connections (code pages a worker
+        touches for the first time, heap holes left by startup): connect a few
+        first, so that the per-connection figures are the cost of one more.
+        They stay connected (idle) until the end of the run."""
+        s, w, server, n_addrs = self.s, self.s.workload, self.server, self.n_addrs
+        if s.warmup:
+            warm = [
+                (s.subscribers + i, topics, f"127.0.0.{1 + i % n_addrs}", False)
+                for i, topics in enumerate(w.subscriptions(s.warmup, s.seed + 1))
+            ]
+            warmers = []
+            for k, url in enumerate(server.sub_urls):  # every subscriber node
+                spec = self._spec(url, warm[k :: len(server.sub_urls)])
+                warmers.append(self.procs.spawn(f"warmup-{k + 1}", subscriber_process, 0, spec))
+            warmed = sum(self.procs.expect(c, "ready", 60.0)["ready"] for c in warmers)
+            if warmed < s.warmup:
+                raise SetupError(f"only {warmed} of {s.warmup} warm-up subscribers are subscribed")
+            time.sleep(1.0)
+        self.mem_before = _tree_memory(server)
+        self.rss_before = self.mem_before["rss"]
+
+    # -- subscribers ----------------------------------------------------------------------
+
+    def open_subscribers(self) -> None:
+        """Spawn the subscriber processes (and the publisher), wait until every
+        subscriber has its snap; the slow scenario's clients then stop reading."""
+        s, server, procs = self.s, self.server, self.procs
+        topics_of = s.workload.subscriptions(s.subscribers, s.seed)
+        n_slow = round(s.slow_fraction * s.subscribers) if s.scenario == "slow" else 0
+        slow_every = s.subscribers / n_slow if n_slow else 0.0
+        slow_set = {int(i * slow_every) for i in range(n_slow)}
+        plans: list[list[tuple[int, tuple[str, ...], str, bool]]] = [[] for _ in range(s.sub_procs)]
+        for i in range(s.subscribers):
+            addr = f"127.0.0.{1 + i % self.n_addrs}"
+            plans[i % s.sub_procs].append((i, topics_of[i], addr, i in slow_set))
+        self.subs: list[Any] = []
+        sub_urls = server.sub_urls  # nodes 2..N: every delivery crossed the bus between nodes
+        self.used_urls: list[str] = []
+        for p, plan in enumerate(plans):
+            if not plan:
+                continue
+            self.used_urls.append(sub_urls[p % len(sub_urls)])
+            spec = self._spec(self.used_urls[-1], plan)
+            self.subs.append(procs.spawn(f"subscriber-{p + 1}", subscriber_process, p + 1, spec))
+        self.publisher = procs.spawn(
+            "publisher",
+            publisher_process,
+            server.admin,
+            s.workload,
+            s.seed,
+            s.rate,
+            s.duration_s,
+            s.batch_ms,
+            s.max_items,
+            s.body,
+            self.budget,
+        )
+        timeout_s = 60.0 + s.subscribers / 20.0
+        self.setup = {c.name: procs.expect(c, "ready", timeout_s) for c in self.subs}
+        ready = self.ready = sum(v["ready"] for v in self.setup.values())
+        self.log(
+            f"[{self.target}] {ready} of {s.subscribers} subscribers ready ("
+            + ", ".join(f"{k} {v['ready']} in {v['setup_s']} s" for k, v in self.setup.items())
+            + ")"
+        )
+        if ready < s.subscribers:
+            raise SetupError(
+                f"only {ready} of {s.subscribers} subscribers are subscribed: {self.setup}"
+            )
+        time.sleep(1.0)  # let the server settle before taking its memory
+        self.mem_connected = _tree_memory(server)
+        self.rss_connected = self.mem_connected["rss"]
+        if n_slow:
+            slowed = sum(procs.expect(c, "slowed", 10.0) for c in _send_all(self.subs, "slow"))
+            self.log(f"[{self.target}] {slowed} slow clients stopped reading")
 
     # -- the measured window ----------------------------------------------------------------
-    for c in subs:
-        c.send("mark_start")
-    start_counts = {c.name: procs.expect(c, "marked_start", 10.0) for c in subs}
-    pids = server.pids()
-    trees = server.trees()
-    bus_pid = server.bus_pid()
-    bus0 = cpu_seconds([bus_pid] if bus_pid else [])
-    gen_pids = {c.name: int(c.proc.pid or 0) for c in procs.children}
-    gen_pids["orchestrator"] = os.getpid()
-    cpu0, gen0, busy0 = cpu_seconds(pids), cpu_seconds(gen_pids.values()), machine_busy_seconds()
-    t0 = time.monotonic()
-    if s.scenario == "churn":
+
+    def run_window(self) -> None:
+        """Mark the window's start, publish for the duration (or hold, --idle), run the
+        scenario's storm or churn, mark its end; CPU and memory sampled at both ends."""
+        s, server, procs, subs = self.s, self.server, self.procs, self.subs
         for c in subs:
-            c.send("churn", s.churn_rate / len(subs))
-    done: dict[str, Any] = {}
-    storm_at = t0 + s.duration_s / 2 if s.scenario == "storm" else None
-    if s.scenario != "idle":
-        publisher.send("go")
-    rss_peak = rss_connected
-    rss_guard = False
-    rss_timeline: list[float] = []  # MiB, once a second (a soak: is it flat?)
-    last = (t0, 0, sum(int(v["updates"]) for v in start_counts.values()), 0)
-    next_line = t0 + 1.1
-    hard_stop = t0 + s.duration_s + 60.0
-    while True:
-        if s.scenario == "idle":
-            if time.monotonic() >= t0 + s.duration_s:
-                break
-        else:
-            found, payload = procs.take(publisher, "done")
-            if found:
-                done = dict(payload)
-                break
-            if time.monotonic() > hard_stop:
-                publisher.send("abort")
-                done = dict(procs.expect(publisher, "done", 30.0))
-                break
-            if publisher.gone or not publisher.proc.is_alive():
-                raise RuntimeError("the publisher exited during the run")
-        if storm_at is not None and time.monotonic() >= storm_at:
-            log(f"[{target}] storm: every reading client drops and reconnects with `since`")
-            _send_all(subs, "storm")
-            storm_at = None
-        procs.pump(max(0.0, min(0.2, next_line - time.monotonic())))
-        now = time.monotonic()
-        if now >= next_line:
-            rss_now = _tree_rss(server)
-            rss_peak = max(rss_peak, rss_now)
-            if len(rss_timeline) < 100_000:  # one sample a second: bounded
-                rss_timeline.append(round(rss_now / 2**20, 1))
-            if not rss_guard and rss_peak > s.max_server_rss_mib * 2**20:
-                rss_guard = True  # an unbounded server (the baseline): stop feeding it
-                log(f"[{target}] server RSS over {s.max_server_rss_mib} MiB: publishing stops")
-                publisher.send("abort")
-            sent = int(publisher.progress.get("sent", 0))
-            upd = sum(int(c.progress.get("updates", 0)) for c in subs)
-            frames = sum(int(c.progress.get("frames", 0)) for c in subs)
-            p99s = [float(c.progress["p99_ms"]) for c in subs if c.progress.get("p99_ms")]
-            dt = max(now - last[0], 1e-6)
-            log(
-                f"[{target} {now - t0:5.1f}s] published {(sent - last[1]) / dt:>8,.0f}/s  "
-                f"delivered {(upd - last[2]) / dt:>10,.0f}/s  "
-                f"frames {(frames - last[3]) / dt:>9,.0f}/s  "
-                f"p99 so far {max(p99s) if p99s else float('nan'):.1f} ms  "
-                f"server RSS {rss_peak / 2**20:,.0f} MiB"
+            c.send("mark_start")
+        self.start_counts = {c.name: procs.expect(c, "marked_start", 10.0) for c in subs}
+        self.pids = server.pids()
+        self.trees = server.trees()
+        bus_pid = self.bus_pid = server.bus_pid()
+        self.bus0 = cpu_seconds([bus_pid] if bus_pid else [])
+        gen_pids = {c.name: int(c.proc.pid or 0) for c in procs.children}
+        gen_pids["orchestrator"] = os.getpid()
+        self.gen_pids = gen_pids
+        self.cpu0 = cpu_seconds(self.pids)
+        self.gen0, self.busy0 = cpu_seconds(gen_pids.values()), machine_busy_seconds()
+        self.t0 = time.monotonic()
+        if s.scenario == "churn":
+            for c in subs:
+                c.send("churn", s.churn_rate / len(subs))
+        if s.scenario != "idle":
+            self.publisher.send("go")
+        self.rss_peak = self.rss_connected
+        self.rss_guard = False
+        self.rss_timeline: list[float] = []  # MiB, once a second (a soak: is it flat?)
+        self.done = self._publish_and_watch()
+        self.churned: dict[str, Any] = {}
+        if s.scenario == "churn":
+            per = [procs.expect(c, "churned", 30.0) for c in _send_all(subs, "churn_stop")]
+            self.churned = {
+                "requested_per_s": s.churn_rate,
+                "churned": sum(p["churned"] for p in per),
+                "failed": sum(p["failed"] for p in per),
+            }
+        t1 = time.monotonic()
+        for c in subs:
+            c.send("mark_end")
+        self.cpu1 = cpu_seconds(self.pids)
+        self.gen1, self.busy1 = cpu_seconds(gen_pids.values()), machine_busy_seconds()
+        self.bus1 = cpu_seconds([bus_pid] if bus_pid else [])
+        self.bus_rss = sum(rss_bytes([bus_pid] if bus_pid else []).values())
+        self.rss_end = _tree_rss(server)
+        self.rss_peak = max(self.rss_peak, self.rss_end)
+        self.gen_rss = sum(rss_bytes(gen_pids.values()).values())
+        self.end_counts = {c.name: procs.expect(c, "marked_end", 20.0) for c in subs}
+        self.window = t1 - self.t0
+        self.storm: dict[str, Any] = {}
+        if s.scenario == "storm":
+            per_proc = [procs.expect(c, "stormed", 90.0) for c in subs]
+            self.storm = {
+                "dropped": sum(p["dropped"] for p in per_proc),
+                "reconnected": sum(p["reconnected"] for p in per_proc),
+                "resubscribed": sum(p["resubscribed"] for p in per_proc),
+                "connected_s": max(p["connected_s"] for p in per_proc),
+                "recover_s": max(p["recover_s"] for p in per_proc),
+            }
+            self.log(f"[{self.target}] storm: {self.storm}")
+
+    def _publish_and_watch(self) -> dict[str, Any]:
+        """Until the publisher is done (or the duration passed, --idle): start the storm
+        half-way, a progress line and an RSS sample once a second; the RSS guard."""
+        s, procs, publisher, t0 = self.s, self.procs, self.publisher, self.t0
+        storm_at = t0 + s.duration_s / 2 if s.scenario == "storm" else None
+        upd0 = sum(int(v["updates"]) for v in self.start_counts.values())
+        last = (t0, 0, upd0, 0)
+        next_line = t0 + 1.1
+        hard_stop = t0 + s.duration_s + 60.0
+        while True:
+            if s.scenario == "idle":
+                if time.monotonic() >= t0 + s.duration_s:
+                    return {}
+            else:
+                found, payload = procs.take(publisher, "done")
+                if found:
+                    return dict(payload)
+                if time.monotonic() > hard_stop:
+                    publisher.send("abort")
+                    return dict(procs.expect(publisher, "done", 30.0))
+                if publisher.gone or not publisher.proc.is_alive():
+                    raise RuntimeError("the publisher exited during the run")
+            if storm_at is not None and time.monotonic() >= storm_at:
+                self.log(
+                    f"[{self.target}] storm: every reading client drops and reconnects with `since`"
+                )
+                _send_all(self.subs, "storm")
+                storm_at = None
+            procs.pump(max(0.0, min(0.2, next_line - time.monotonic())))
+            if time.monotonic() >= next_line:
+                last = self._second(last)
+                next_line += 1.0
+
+    def _second(self, last: tuple[float, int, int, int]) -> tuple[float, int, int, int]:
+        """Once a second of the window: an RSS sample (and the guard) and a progress line."""
+        s, now = self.s, time.monotonic()
+        rss_now = _tree_rss(self.server)
+        self.rss_peak = max(self.rss_peak, rss_now)
+        if len(self.rss_timeline) < 100_000:  # one sample a second: bounded
+            self.rss_timeline.append(round(rss_now / 2**20, 1))
+        if not self.rss_guard and self.rss_peak > s.max_server_rss_mib * 2**20:
+            self.rss_guard = True  # an unbounded server (the baseline): stop feeding it
+            self.log(
+                f"[{self.target}] server RSS over {s.max_server_rss_mib} MiB: publishing stops"
             )
-            last = (now, sent, upd, frames)
-            next_line += 1.0
-    churned: dict[str, Any] = {}
-    if s.scenario == "churn":
-        per = [procs.expect(c, "churned", 30.0) for c in _send_all(subs, "churn_stop")]
-        churned = {
-            "requested_per_s": s.churn_rate,
-            "churned": sum(p["churned"] for p in per),
-            "failed": sum(p["failed"] for p in per),
-        }
-    t1 = time.monotonic()
-    for c in subs:
-        c.send("mark_end")
-    cpu1, gen1, busy1 = cpu_seconds(pids), cpu_seconds(gen_pids.values()), machine_busy_seconds()
-    bus1 = cpu_seconds([bus_pid] if bus_pid else [])
-    bus_rss = sum(rss_bytes([bus_pid] if bus_pid else []).values())
-    rss_end = _tree_rss(server)
-    rss_peak = max(rss_peak, rss_end)
-    gen_rss = sum(rss_bytes(gen_pids.values()).values())
-    end_counts = {c.name: procs.expect(c, "marked_end", 20.0) for c in subs}
-    window = t1 - t0
-    storm: dict[str, Any] = {}
-    if s.scenario == "storm":
-        per_proc = [procs.expect(c, "stormed", 90.0) for c in subs]
-        storm = {
-            "dropped": sum(p["dropped"] for p in per_proc),
-            "reconnected": sum(p["reconnected"] for p in per_proc),
-            "resubscribed": sum(p["resubscribed"] for p in per_proc),
-            "connected_s": max(p["connected_s"] for p in per_proc),
-            "recover_s": max(p["recover_s"] for p in per_proc),
-        }
-        log(f"[{target}] storm: {storm}")
+            self.publisher.send("abort")
+        subs = self.subs
+        sent = int(self.publisher.progress.get("sent", 0))
+        upd = sum(int(c.progress.get("updates", 0)) for c in subs)
+        frames = sum(int(c.progress.get("frames", 0)) for c in subs)
+        p99s = [float(c.progress["p99_ms"]) for c in subs if c.progress.get("p99_ms")]
+        dt = max(now - last[0], 1e-6)
+        self.log(
+            f"[{self.target} {now - self.t0:5.1f}s] published {(sent - last[1]) / dt:>8,.0f}/s  "
+            f"delivered {(upd - last[2]) / dt:>10,.0f}/s  "
+            f"frames {(frames - last[3]) / dt:>9,.0f}/s  "
+            f"p99 so far {max(p99s) if p99s else float('nan'):.1f} ms  "
+            f"server RSS {self.rss_peak / 2**20:,.0f} MiB"
+        )
+        return (now, sent, upd, frames)
 
     # -- final values and convergence -------------------------------------------------------
-    publisher.send("final")
-    finals = procs.expect(publisher, "finals", 60.0)
-    for c in subs:
-        c.send("converge", finals, s.settle_s)
-    conv = {c.name: procs.expect(c, "converged", s.settle_s + 60.0) for c in subs}
-    for c in procs.children:
-        c.send("exit")
+
+    def converge(self) -> None:
+        """Publish one final value of every key; every subscriber process checks its
+        reading clients end at those values (within --settle)."""
+        s, procs = self.s, self.procs
+        self.publisher.send("final")
+        finals = procs.expect(self.publisher, "finals", 60.0)
+        for c in self.subs:
+            c.send("converge", finals, s.settle_s)
+        self.conv = {c.name: procs.expect(c, "converged", s.settle_s + 60.0) for c in self.subs}
+        for c in procs.children:
+            c.send("exit")
 
     # -- figures ------------------------------------------------------------------------------
-    updates = sum(end_counts[n]["updates"] - start_counts[n]["updates"] for n in end_counts)
-    frames = sum(end_counts[n]["frames"] - start_counts[n]["frames"] for n in end_counts)
-    hist: dict[int, int] = {}
-    for v in end_counts.values():
-        merge_hist(hist, v["hist"])
-    latency: dict[str, Any] = dict(percentiles_ms(hist, (0.5, 0.9, 0.99, 0.999)))
-    latency["max"] = round(max(v["max_ns"] for v in end_counts.values()) / 1e6, 3)
-    latency["samples"] = sum(v["samples"] for v in end_counts.values())
-    by_name = {pid: name for name, pid in names.items()}
-    both = [p for p in cpu0 if p in cpu1]
-    per_process = {by_name.get(p, f"pid {p}"): round(used(cpu0, cpu1, p), 3) for p in both}
-    server_cpu = sum(used(cpu0, cpu1, p) for p in both)
-    per_node = {
-        node: round(sum(used(cpu0, cpu1, p) for p in tree if p in cpu0 and p in cpu1), 3)
-        for node, tree in trees.items()
-    }
-    bus_cpu = used(bus0, bus1, bus_pid) if bus_pid in bus0 and bus_pid in bus1 else None
-    gen_by_name = {
-        n: round(used(gen0, gen1, p), 3) for n, p in gen_pids.items() if p in gen0 and p in gen1
-    }
-    loadgen_cpu = sum(gen_by_name.values())
-    clients = sum(v["clients"] for v in conv.values())
-    converged = sum(v["converged"] for v in conv.values())
-    errors: collections.Counter[str] = collections.Counter()
-    close_codes: collections.Counter[str] = collections.Counter()
-    slow_codes: collections.Counter[str] = collections.Counter()
-    connect_errors: collections.Counter[str] = collections.Counter()
-    for v in conv.values():
-        errors.update(v["errors"])
-        close_codes.update(v["close_codes"])
-        slow_codes.update(v["slow_close_codes"])
-        connect_errors.update(v["connect_errors"])
-    addrs = sorted({a for v in conv.values() for a in v["local_addrs"]})
-    connections = s.subscribers
-    return {
-        "target": target,
-        "bus": where["bus"],
-        "nodes": where["nodes"],
-        "bus_server": where.get("redis"),  # the redis-server of the run: url, pid, command
-        "server_command": server.command(),
-        "server_processes": {by_name.get(p, f"pid {p}"): p for p in sorted(set(pids))},
-        "window_s": round(window, 3),
-        "setup": {
-            "ready": ready,
-            "per_process": setup,
-            "source_addrs": addrs,
-            "subscriber_urls": {c.name: url for c, url in zip(subs, used_urls, strict=True)},
-        },
-        "publish": done,
-        "delivery": {
-            "updates": updates,
-            "updates_per_s": round(updates / window, 1),
-            "frames": frames,
-            "frames_per_s": round(frames / window, 1),
-            "updates_per_frame": round(updates / frames, 2) if frames else None,
-        },
-        "latency_ms": latency,
-        "cpu": {
+
+    def figures(self) -> dict[str, Any]:
+        """The run's result (the report's `results[target]`)."""
+        start, end, conv = self.start_counts, self.end_counts, self.conv
+        updates = sum(end[n]["updates"] - start[n]["updates"] for n in end)
+        frames = sum(end[n]["frames"] - start[n]["frames"] for n in end)
+        window = self.window
+        errors: collections.Counter[str] = collections.Counter()
+        close_codes: collections.Counter[str] = collections.Counter()
+        connect_errors: collections.Counter[str] = collections.Counter()
+        for v in conv.values():
+            errors.update(v["errors"])
+            close_codes.update(v["close_codes"])
+            connect_errors.update(v["connect_errors"])
+        addrs = sorted({a for v in conv.values() for a in v["local_addrs"]})
+        by_name = {pid: name for name, pid in self.names.items()}
+        return {
+            "target": self.target,
+            "bus": self.where["bus"],
+            "nodes": self.where["nodes"],
+            "bus_server": self.where.get("redis"),  # the redis-server of the run: url, pid, command
+            "server_command": self.server.command(),
+            "server_processes": {by_name.get(p, f"pid {p}"): p for p in sorted(set(self.pids))},
+            "window_s": round(window, 3),
+            "setup": {
+                "ready": self.ready,
+                "per_process": self.setup,
+                "source_addrs": addrs,
+                "subscriber_urls": {
+                    c.name: url for c, url in zip(self.subs, self.used_urls, strict=True)
+                },
+            },
+            "publish": self.done,
+            "delivery": {
+                "updates": updates,
+                "updates_per_s": round(updates / window, 1),
+                "frames": frames,
+                "frames_per_s": round(frames / window, 1),
+                "updates_per_frame": round(updates / frames, 2) if frames else None,
+            },
+            "latency_ms": self._latency(),
+            "cpu": self._cpu(updates, frames, by_name),
+            "memory": self._memory(),
+            "convergence": self._convergence(),
+            "storm": self.storm or None,
+            "churn": self.churned or None,
+            "errors": dict(errors),
+            "close_codes": dict(close_codes),
+            "connect_errors": dict(connect_errors),
+        }
+
+    def _latency(self) -> dict[str, Any]:
+        end = self.end_counts
+        hist: dict[int, int] = {}
+        for v in end.values():
+            merge_hist(hist, v["hist"])
+        latency: dict[str, Any] = dict(percentiles_ms(hist, (0.5, 0.9, 0.99, 0.999)))
+        latency["max"] = round(max(v["max_ns"] for v in end.values()) / 1e6, 3)
+        latency["samples"] = sum(v["samples"] for v in end.values())
+        return latency
+
+    def _cpu(self, updates: int, frames: int, by_name: Mapping[int, str]) -> dict[str, Any]:
+        cpu0, cpu1, window = self.cpu0, self.cpu1, self.window
+        both = [p for p in cpu0 if p in cpu1]
+        per_process = {by_name.get(p, f"pid {p}"): round(used(cpu0, cpu1, p), 3) for p in both}
+        server_cpu = sum(used(cpu0, cpu1, p) for p in both)
+        per_node = {
+            node: round(sum(used(cpu0, cpu1, p) for p in tree if p in cpu0 and p in cpu1), 3)
+            for node, tree in self.trees.items()
+        }
+        bus_pid, bus0, bus1 = self.bus_pid, self.bus0, self.bus1
+        bus_cpu = used(bus0, bus1, bus_pid) if bus_pid in bus0 and bus_pid in bus1 else None
+        gen0, gen1 = self.gen0, self.gen1
+        gen_by_name = {
+            n: round(used(gen0, gen1, p), 3)
+            for n, p in self.gen_pids.items()
+            if p in gen0 and p in gen1
+        }
+        loadgen_cpu = sum(gen_by_name.values())
+        return {
             "server_s": round(server_cpu, 3),
             "server_core_share": round(server_cpu / window, 3),
             "server_s_per_million_updates": (
@@ -472,37 +556,51 @@ def _measure(
             "loadgen_s": round(loadgen_cpu, 3),
             "loadgen_core_share": round(loadgen_cpu / window, 3),
             "loadgen_per_process_s": gen_by_name,
-            "machine_busy_core_share": round((busy1 - busy0) / window, 3),
+            "machine_busy_core_share": round((self.busy1 - self.busy0) / window, 3),
             "load_average": [round(x, 2) for x in os.getloadavg()],
-        },
-        "memory": {
-            "server_rss_before_bytes": rss_before,
+        }
+
+    def _memory(self) -> dict[str, Any]:
+        s, connections = self.s, self.s.subscribers
+        rss_connected, rss_end = self.rss_connected, self.rss_end
+        return {
+            "server_rss_before_bytes": self.rss_before,
             "server_rss_connected_bytes": rss_connected,
             "server_rss_end_bytes": rss_end,
-            "server_rss_peak_bytes": rss_peak,
-            "rss_per_connection_bytes": round((rss_connected - rss_before) / connections),
+            "server_rss_peak_bytes": self.rss_peak,
+            "rss_per_connection_bytes": round((rss_connected - self.rss_before) / connections),
             # the same, split (accounting.memory_bytes): pss counts each page of the tree
             # once, copy-on-write copies included; anon is the heap; file, shared
             # libraries' pages a process touched for the first time (no new memory)
-            "per_connection_bytes": _per_connection(mem_before, mem_connected, connections),
+            "per_connection_bytes": _per_connection(
+                self.mem_before, self.mem_connected, connections
+            ),
             "warmup_connections": s.warmup,
             # before the warm-up, over warm-up + measured connections (= the figure
             # without a warm-up): one-time costs included
             "per_connection_from_start_bytes": _per_connection(
-                mem_start, mem_connected, connections + s.warmup
+                self.mem_start, self.mem_connected, connections + s.warmup
             ),
-            "server_memory_start_bytes": mem_start,
-            "server_memory_before_bytes": mem_before,
-            "server_memory_connected_bytes": mem_connected,
-            "bus_server_rss_end_bytes": bus_rss or None,
-            "loadgen_rss_bytes": gen_rss,
-            "rss_guard_tripped": rss_guard,
-            "rss_timeline_mib": rss_timeline,
+            "server_memory_start_bytes": self.mem_start,
+            "server_memory_before_bytes": self.mem_before,
+            "server_memory_connected_bytes": self.mem_connected,
+            "bus_server_rss_end_bytes": self.bus_rss or None,
+            "loadgen_rss_bytes": self.gen_rss,
+            "rss_guard_tripped": self.rss_guard,
+            "rss_timeline_mib": self.rss_timeline,
             "rss_end_over_connected": round(rss_end / rss_connected, 4) if rss_connected else None,
             "note": "sums over the server's process tree; RSS counts a page shared by forked "
             "processes once per process (in both terms of a difference), PSS once in all",
-        },
-        "convergence": {
+        }
+
+    def _convergence(self) -> dict[str, Any]:
+        conv = self.conv
+        clients = sum(v["clients"] for v in conv.values())
+        converged = sum(v["converged"] for v in conv.values())
+        slow_codes: collections.Counter[str] = collections.Counter()
+        for v in conv.values():
+            slow_codes.update(v["slow_close_codes"])
+        return {
             "clients": clients,
             "converged": converged,
             "fraction": round(converged / clients, 4) if clients else None,
@@ -512,13 +610,7 @@ def _measure(
             "slow_clients": sum(v["slow_clients"] for v in conv.values()),
             "slow_closed": sum(v["slow_closed"] for v in conv.values()),
             "slow_close_codes": dict(slow_codes),
-        },
-        "storm": storm or None,
-        "churn": churned or None,
-        "errors": dict(errors),
-        "close_codes": dict(close_codes),
-        "connect_errors": dict(connect_errors),
-    }
+        }
 
 
 def _send_all(children: list[Any], *msg: Any) -> list[Any]:
