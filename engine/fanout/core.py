@@ -3,7 +3,10 @@
 The worker's shell feeds it bus entries (`apply`), asks it for snapshots on
 `sub` (`subscribe`), and once per flush tick asks it what to send (`collect`),
 then hands each planned frame back to `deliver`, which writes through the
-session's `Writer` (the only I/O, owned by the shell).
+session's `Writer` (the only I/O, owned by the shell). The objects these rules
+govern (`Session`, `Sub`, `Group`, and the `Topic` protocol that
+engine/fanout/state.py and engine/fanout/stream.py implement) are declared in
+engine/fanout/session.py.
 
 Rules this module owns:
 
