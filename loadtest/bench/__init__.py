@@ -37,7 +37,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -253,18 +253,12 @@ def settings_from(a: argparse.Namespace) -> BenchSettings:
 
 
 def parse_args(p: argparse.ArgumentParser, args: Sequence[str]) -> argparse.Namespace:
-    """The flags, with a --preset's values as the defaults of the flags not given."""
+    """The flags, with a --preset's values as the defaults of the flags not given;
+    flags that do not fit together end the command (exit 2) naming them."""
     a = p.parse_args(args)
     if a.preset:
         p.set_defaults(**PRESETS[a.preset])
         a = p.parse_args(args)
-    return a
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    p = build_parser()
-    a = parse_args(p, args)
     if a.sweep and not a.steps:
         p.error("--sweep needs --steps")
     if a.subscribers < 1 or a.rate <= 0 or a.duration <= 0:
@@ -277,6 +271,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--nodes: the local bus is one node; more nodes need --bus redis")
     if a.sub_procs and a.sub_procs < a.nodes - 1:
         p.error("--sub-procs: at least one subscriber process per subscriber node (N - 1)")
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    a = parse_args(build_parser(), args)
     s = settings_from(a)
     raise_nofile()  # inherited by every process forked from here
     if a.loadgen_cpus:
@@ -304,7 +304,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     base = f"{a.report_dir.rstrip('/')}/{name}"
     targets = ["fanout", *(["baseline"] if a.baseline else [])]
-    values: list[int | None] = list(a.steps) if a.sweep else [None]
     report: dict[str, Any] = {
         "tool": "fanout bench",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -320,42 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "steps": [],
         "sustained": {},
     }
-    from loadtest import report as rep
-
-    live = set(targets)
     try:
-        for value in values:
-            step_s = s
-            if value is None:
-                pass
-            elif a.sweep == "rate":
-                step_s = replace(s, rate=float(value))
-            elif a.sweep == "subscribers":
-                step_s = replace(s, subscribers=value, sub_procs=sub_procs_for(a, value))
-            if value is not None:
-                log(f"== {a.sweep} = {value:,}")
-            results: dict[str, Any] = {}
-            broken: dict[str, str | None] = {}
-            for t in targets:
-                if t not in live:
-                    continue
-                results[t] = run_target(t, step_s, log)
-                broken[t] = broke(results[t], step_s, a.max_p99_ms)
-                if a.sweep:
-                    if broken[t]:
-                        live.discard(t)
-                        log(f"== {t} broke at {a.sweep} = {value:,}: {broken[t]}")
-                    else:
-                        report["sustained"][t] = value
-            step = {
-                "value": value,
-                "results": results,
-                "broken": broken,
-                "ratios": rep.ratios(results),
-            }
-            report["steps"].append(step)
-            if a.sweep and "fanout" not in live:
-                break
+        run_steps(a, s, targets, report, log)
     except KeyboardInterrupt:
         print("fanout bench: interrupted; everything it started is stopped", file=sys.stderr)
         return 130
@@ -363,14 +328,69 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fanout bench: {exc}", file=sys.stderr)
         if not report["steps"]:
             return 3
+    return write_report(a, targets, report, base, log)
+
+
+def run_steps(
+    a: argparse.Namespace,
+    s: BenchSettings,
+    targets: Sequence[str],
+    report: dict[str, Any],
+    log: Callable[[str], None],
+) -> None:
+    """Run every target at every step (one step without --sweep), adding each step
+    to `report` as it ends; a sweep stops a target at its first broken step."""
+    from loadtest import report as rep
+
+    live = set(targets)
+    values: list[int | None] = list(a.steps) if a.sweep else [None]
+    for value in values:
+        step_s = s
+        if value is None:
+            pass
+        elif a.sweep == "rate":
+            step_s = replace(s, rate=float(value))
+        elif a.sweep == "subscribers":
+            step_s = replace(s, subscribers=value, sub_procs=sub_procs_for(a, value))
+        if value is not None:
+            log(f"== {a.sweep} = {value:,}")
+        results: dict[str, Any] = {}
+        broken: dict[str, str | None] = {}
+        for t in targets:
+            if t not in live:
+                continue
+            results[t] = run_target(t, step_s, log)
+            broken[t] = broke(results[t], step_s, a.max_p99_ms)
+            if a.sweep:
+                if broken[t]:
+                    live.discard(t)
+                    log(f"== {t} broke at {a.sweep} = {value:,}: {broken[t]}")
+                else:
+                    report["sustained"][t] = value
+        step = {"value": value, "results": results, "broken": broken, "ratios": rep.ratios(results)}
+        report["steps"].append(step)
+        if a.sweep and "fanout" not in live:
+            break
+
+
+def write_report(
+    a: argparse.Namespace,
+    targets: Sequence[str],
+    report: dict[str, Any],
+    base: str,
+    log: Callable[[str], None],
+) -> int:
+    """Write the JSON and Markdown reports (and a sweep's plots), print the Markdown;
+    the exit code: 0 when every reading client converged at every step, else 1."""
+    from loadtest import report as rep
+    from loadtest.plots import plot_sweep
+
     if a.sweep:
         for t in targets:
             report["sustained"].setdefault(t, None)  # broke at the first step
     report["all_converged"] = bool(report["steps"]) and all(
         r["convergence"]["all_converged"] for st in report["steps"] for r in st["results"].values()
     )
-    from loadtest.plots import plot_sweep
-
     json_path, md_path = rep.write(report, base, plot_sweep)
     print(rep.markdown(report))
     log(f"reports: {json_path}, {md_path}")
