@@ -8,6 +8,8 @@ the frames, i.e. on what a client would see.
 
 from __future__ import annotations
 
+import textwrap
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -21,7 +23,10 @@ from engine.fanout.core import (
     phase_in,
     quantize_period,
 )
+from engine.fanout.stream import StreamState
 from engine.protocol.codec import NIL, decode_frame, format_pos, make_pos
+
+REPO = Path(__file__).resolve().parents[2]
 
 MS = 1_700_000_000_000
 EPOCH = "e1"
@@ -954,6 +959,54 @@ def test_stats_count_the_updates_coalesced_before_a_flush() -> None:
     fo.apply("prices", "b", pos(10), val(10))  # a new key
     assert fo.stats.updates_coalesced == 3
     assert fo.stats.updates_stale == 1
+
+
+# -- both kinds of topic answer the same calls (rule 8, session.py rule 1) ----------------------
+
+
+def test_a_stream_topic_has_no_per_key_entries() -> None:
+    assert not hasattr(StreamState("log", 10), "entries")
+
+
+def test_mypy_checks_a_topic_against_the_protocol(tmp_path: Path) -> None:
+    mypy_api = pytest.importorskip("mypy.api")
+    module = tmp_path / "topics_here.py"
+    module.write_text(
+        textwrap.dedent(
+            """\
+            from engine.fanout.session import Group, Slot, Topic
+            from engine.fanout.state import TopicState
+            from engine.fanout.stream import StreamState
+
+            class Half:
+                name = "half"
+                pos = 0
+                sent_mark = 0
+                groups: dict[Slot, Group] = {}
+
+                def apply(self, key: str, pos: int, data: bytes) -> int:
+                    return 0
+
+            both: list[Topic] = [TopicState("prices"), StreamState("log", 10)]
+            half: Topic = Half()
+            """
+        )
+    )
+    out, _, code = mypy_api.run(
+        [
+            "--strict",
+            "--no-incremental",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--config-file",
+            str(REPO / "pyproject.toml"),
+            str(module),
+        ]
+    )
+    assert code == 1, out
+    errors = [line for line in out.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and "topics_here.py:15:" in errors[0], out
+    assert '"Half"' in errors[0] and '"Topic"' in errors[0], out
 
 
 # -- topic lifetime (rule 9) ------------------------------------------------------------
