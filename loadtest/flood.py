@@ -59,6 +59,7 @@ import msgpack
 import psutil
 
 from loadtest.accounting import tree_memory_bytes
+from loadtest.client import connect, listener_class
 
 TOPIC = "feed"
 KEYS = 50
@@ -276,59 +277,68 @@ def _honest_process(
     pipe.send(result)
 
 
+class _HonestSink:
+    """The honest subscribers' sink (loadtest/client.py): the latency of every value.
+
+    Every honest subscriber gets the same bytes from a flush (one encoded `upd`
+    shared by all): each distinct message is decoded once and the result reused,
+    so the measuring process spends its CPU on timestamps, not on decoding
+    (each client still takes its latency at its own receive time)."""
+
+    def __init__(self, marks: tuple[float, float]) -> None:
+        self.flood_start, self.flood_end = marks
+        self.lat_all: list[float] = []
+        self.lat_flood: list[float] = []
+        self.by_second: dict[int, list[float]] = {}  # second of the run (publish time) -> ms
+        self.counters = {"values": 0, "frames": 0, "closed": 0}
+        self.cache: dict[bytes, list[int]] = {}
+
+    def feed(self, client: Any, payload: bytes) -> None:
+        now = time.time_ns()
+        self.counters["frames"] += 1
+        stamps = self.cache.get(payload)
+        if stamps is None:
+            stamps = []
+            unpacker = msgpack.Unpacker(raw=False)
+            unpacker.feed(payload)
+            for msg in unpacker:
+                if msg.get("op") == "upd":
+                    for value in msg["items"].values():
+                        if isinstance(value, list) and len(value) == 2:
+                            stamps.append(value[1])
+            if len(self.cache) > 1000:
+                self.cache.clear()
+            self.cache[payload] = stamps
+        flood_start, flood_end = self.flood_start, self.flood_end
+        for stamp in stamps:
+            ms = (now - stamp) / 1e6
+            self.lat_all.append(ms)
+            ts = stamp / 1e9
+            self.by_second.setdefault(int(ts - flood_start), []).append(ms)
+            if flood_start <= ts <= flood_end:
+                self.lat_flood.append(ms)
+        self.counters["values"] += len(stamps)
+
+    def disconnected(self, client: Any) -> None:
+        self.counters["closed"] += 1
+
+    def unexpected(self, client: Any, what: str) -> None:
+        pass  # text frames and the like: not counted (as before the shared client)
+
+
 async def _honest(url: str, n: int, marks: tuple[float, float], stop_at: float) -> dict[str, Any]:
-    from picows import WSListener, WSMsgType, ws_connect
-
+    sink = _HonestSink(marks)
     flood_start, flood_end = marks
-    lat_all: list[float] = []
-    lat_flood: list[float] = []
-    by_second: dict[int, list[float]] = {}  # second of the run (publish time) -> latencies
-    counters = {"values": 0, "frames": 0, "closed": 0}
+    lat_all, lat_flood, by_second, counters = (
+        sink.lat_all,
+        sink.lat_flood,
+        sink.by_second,
+        sink.counters,
+    )
     cpu_marks: dict[str, float] = {}
-
-    # Every honest subscriber gets the same bytes from a flush (one encoded `upd`
-    # shared by all): decode each distinct frame once and reuse the result, so
-    # the measuring process spends its CPU on timestamps, not on decoding
-    # (each client still takes its latency at its own receive time).
-    cache: dict[bytes, list[int]] = {}
-
-    class Sub(WSListener):  # type: ignore[misc]
-        def on_ws_frame(self, transport: Any, frame: Any) -> None:
-            if frame.msg_type != WSMsgType.BINARY:
-                return
-            now = time.time_ns()
-            counters["frames"] += 1
-            payload = frame.get_payload_as_bytes()
-            stamps = cache.get(payload)
-            if stamps is None:
-                stamps = []
-                unpacker = msgpack.Unpacker(raw=False)
-                unpacker.feed(payload)
-                for msg in unpacker:
-                    if msg.get("op") == "upd":
-                        for value in msg["items"].values():
-                            if isinstance(value, list) and len(value) == 2:
-                                stamps.append(value[1])
-                if len(cache) > 1000:
-                    cache.clear()
-                cache[payload] = stamps
-            for stamp in stamps:
-                ms = (now - stamp) / 1e6
-                lat_all.append(ms)
-                ts = stamp / 1e9
-                by_second.setdefault(int(ts - flood_start), []).append(ms)
-                if flood_start <= ts <= flood_end:
-                    lat_flood.append(ms)
-            counters["values"] += len(stamps)
-
-        def on_ws_disconnected(self, transport: Any) -> None:
-            counters["closed"] += 1
-
     transports = []
     for _ in range(n):
-        t, _ = await ws_connect(Sub, url, extra_headers={"Sec-WebSocket-Protocol": "fanout.v1"})
-        t.send(WSMsgType.BINARY, msgpack.packb({"op": "sub", "topics": [TOPIC], "id": 1}))
-        transports.append(t)
+        transports.append(await connect(listener_class()(sink, [TOPIC]), url))
     while time.time() < stop_at:
         if not cpu_marks.get("flood_start") and time.time() >= flood_start:
             cpu_marks["flood_start"] = sum(os.times()[:2])
