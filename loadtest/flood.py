@@ -52,12 +52,15 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterable, Mapping
 from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
 import msgpack
 import psutil
 
+from engine.board import Board
+from engine.status import WorkerStatus
 from loadtest.accounting import tree_memory_bytes
 from loadtest.client import connect, listener_class
 
@@ -456,15 +459,15 @@ def worker_rss_mb(admin_port: int) -> float:
     return round(total, 1)
 
 
-def worker_statuses(run_dir: str) -> list[dict[str, Any]]:
+def worker_statuses(run_dir: str) -> list[WorkerStatus]:
     """Each worker's full status from the supervisor's board (closes and errors
-    by code, which /stats does not break down)."""
-    import glob
-
-    out = []
-    for path in glob.glob(os.path.join(run_dir, "*", "worker-*.json")):
-        with contextlib.suppress(OSError, ValueError), open(path, encoding="utf-8") as fh:
-            out.append(json.load(fh))
+    by code, which /stats does not break down): the board is a directory of
+    `run_dir`, the one `fanout serve` made."""
+    out: list[WorkerStatus] = []
+    for entry in sorted(os.listdir(run_dir)):
+        path = os.path.join(run_dir, entry)
+        if os.path.isdir(path):
+            out.extend(Board(path).read_workers().values())
     return out
 
 
@@ -569,7 +572,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for a in abusers:
             for k, v in a["close_codes"].items():
                 codes[k] = codes.get(k, 0) + v
-        connections_left = sum(w["connections"] for w in statuses)
+        connections_left = sum(w.connections for w in statuses)
         return {
             "command": " ".join(
                 [os.path.basename(sys.executable), "-m", "loadtest.flood", *sys.argv[1:]]
@@ -603,10 +606,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "cpu_s_flood": round(cpu1 - cpu0, 2),
                 "cpu_cores_flood": round((cpu1 - cpu0) / (t1 - t0), 2),
                 "connections_after": connections_left,
-                "closes": _sum_maps(w.get("closes", {}) for w in statuses),
-                "errors": _sum_maps(w.get("errors", {}) for w in statuses),
-                "upgrades_refused": _sum_maps(w.get("upgrades_refused", {}) for w in statuses),
-                "loop_lag_max_ms": [w.get("loop_lag_max_ms") for w in statuses],
+                "closes": _sum_maps(w.closes for w in statuses),
+                "errors": _sum_maps(w.errors for w in statuses),
+                "upgrades_refused": _sum_maps(w.upgrades_refused for w in statuses),
+                "loop_lag_max_ms": [w.loop_lag_max_ms for w in statuses],
             },
         }
     finally:
@@ -625,7 +628,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _sum_maps(maps: Any) -> dict[str, int]:
+def _sum_maps(maps: Iterable[Mapping[str, int]]) -> dict[str, int]:
     out: dict[str, int] = {}
     for m in maps:
         for k, v in m.items():

@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
+from engine.board import Board
 from loadtest.children import tied_preexec
 from loadtest.ports import free_port
 
@@ -121,17 +122,15 @@ class Server:
         names: dict[str, int] = {}
         with contextlib.suppress(OSError):
             for entry in os.listdir(self.base):
-                path = os.path.join(self.base, entry, "supervisor.json")
-                try:
-                    with open(path, encoding="utf-8") as fh:
-                        sup = json.load(fh)
-                except (OSError, ValueError):
+                path = os.path.join(self.base, entry)
+                sup = Board(path).read_supervisor() if os.path.isdir(path) else None
+                if sup is None:
                     continue
-                names["supervisor"] = int(sup.get("pid", self.proc.pid))
-                for slot, pid in (sup.get("workers") or {}).items():
-                    names[f"worker-{slot}"] = int(pid)
-                for name, pid in (sup.get("aux") or {}).items():
-                    names[str(name)] = int(pid)
+                names["supervisor"] = self.proc.pid if sup.pid is None else sup.pid
+                for slot, pid in sup.workers.items():
+                    if pid is not None:
+                        names[f"worker-{slot}"] = pid
+                names.update(sup.aux)
         return names
 
     def log_tail(self, n: int = 3000) -> str:

@@ -106,7 +106,7 @@ def test_displayed_prices_equal_the_server_state_at_a_quiet_moment(page: Any, de
     page.wait_for_function(
         "() => document.querySelectorAll('tr[data-key]').length === 300", timeout=5 * MS
     )
-    feed = int(demo.supervisor_status()["aux"]["demo"])
+    feed = demo.supervisor_status().aux["demo"]
     os.kill(feed, signal.SIGSTOP)  # a quiet moment: nothing is published until SIGCONT
     try:
         last: list[Any] = []

@@ -124,4 +124,4 @@ async def test_hub_crash_gives_clients_a_full_snapshot_in_a_new_epoch(served: Se
 
 
 def _hub_pid(served: Served) -> int:
-    return int(served.supervisor_status()["aux"]["hub"])
+    return served.supervisor_status().aux["hub"]

@@ -15,6 +15,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from engine.board import Board
+from engine.status import SupervisorStatus
 from loadtest.ports import free_port
 
 TIMEOUT_FACTOR = float(os.environ.get("FANOUT_TEST_TIMEOUT_FACTOR", "1"))
@@ -101,12 +103,12 @@ class Served:
         _, stats = self.get("/stats")
         return {w["slot"]: w["pid"] for w in stats["workers"]}
 
-    def supervisor_status(self) -> dict[str, Any]:
+    def supervisor_status(self) -> SupervisorStatus:
         """The supervisor's status on the board (names its aux processes' pids)."""
         for path in glob.glob(os.path.join(self.run_base, "fanout-*", "supervisor.json")):
-            with open(path, encoding="utf-8") as fh:
-                status: dict[str, Any] = json.load(fh)
-            return status
+            status = Board(os.path.dirname(path)).read_supervisor()
+            if status is not None:
+                return status
         raise AssertionError("no supervisor status on the board")
 
     def output(self) -> str:
