@@ -120,7 +120,8 @@ async def test_publish_wait_returns_one_position_per_update(bus_env: BusEnv) -> 
 async def test_a_batch_is_published_whole(bus_env: BusEnv) -> None:
     """Every update of an accepted batch is in the log and the state. (A link
     lost in the middle of a batch: the local hub applies a batch whole or not
-    at all; the redis bus is atomic per shard only, see redis_streams rule 1.)"""
+    at all; the redis bus is atomic per shard only: engine/bus/redis/publisher.py
+    rule 1.)"""
     sink = Recorder()
     await bus_env.client(sink)
     pub = await bus_env.client(want_entries=False)

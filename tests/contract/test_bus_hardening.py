@@ -201,11 +201,12 @@ async def test_a_failed_background_task_is_restarted_and_counted(
     crashed = asyncio.Event()
     if bus_env.backend == "redis":
         # the publish loop: its wait for work raises once
-        wake = pub._wake  # type: ignore[attr-defined]
+        publisher = pub._publisher  # type: ignore[attr-defined]
+        wake = publisher.wake
 
         class Boom:
             async def wait(self) -> None:
-                pub._wake = wake  # type: ignore[attr-defined]
+                publisher.wake = wake
                 crashed.set()
                 raise RuntimeError("injected: the publish loop fails")
 
@@ -215,8 +216,8 @@ async def test_a_failed_background_task_is_restarted_and_counted(
             def clear(self) -> None:
                 wake.clear()
 
-        pub._wake = Boom()  # type: ignore[attr-defined]
-        pub._wake.set()  # type: ignore[attr-defined]
+        publisher.wake = Boom()
+        publisher.wake.set()
         name = "publisher"
     else:
         # the link task: making its next link raises once

@@ -15,9 +15,8 @@ import pytest
 
 from engine.backoff import Backoff
 from engine.bus import Update
-from engine.bus.redis_streams import RedisBus, parse_state, pos_of
+from engine.bus.redis_streams import RedisBus
 from engine.errors import BusUnavailable
-from engine.protocol.codec import make_pos
 from tests.contract.conftest import Recorder, until
 from tests.support.redis_server import RedisServer, redis_available
 from tests.support.tcpproxy import StallProxy
@@ -58,17 +57,6 @@ def redis() -> Iterator[RedisServer]:
     server = RedisServer(persistent=True).start()
     yield server
     server.close()
-
-
-def test_stream_ids_are_positions() -> None:
-    assert pos_of(b"1700000000123-7") == make_pos(1700000000123, 7)
-    assert pos_of("0-0") == 0
-    raw = {b"b": b"5-1 \x02", b"a": b"5-0 \xc0", b"c": b"4-9 two words"}
-    assert parse_state(raw) == [
-        ("c", make_pos(4, 9), b"two words"),
-        ("a", make_pos(5, 0), b"\xc0"),
-        ("b", make_pos(5, 1), b"\x02"),
-    ]
 
 
 async def test_resume_after_a_restart_with_data_skips_nothing(redis: RedisServer) -> None:

@@ -1,0 +1,125 @@
+"""Where the redis bus keeps what, and how its replies read. PURE: no I/O.
+
+Layout in Redis (`P` is `bus.redis.prefix`, `N` a shard, `engine.bus.base.shard_of`):
+
+    P:{sN}:log            the shard's stream; entry fields t (topic), k (key), d (data)
+    P:{sN}:state:<topic>  a state topic's latest state: field key -> "<stream id> <data>"
+    P:{sN}:topics         the set of the shard's state topics (what a reader loads)
+    P:{sN}:hist:<topic>   a stream topic's retained history: its newest `history`
+                          events, with the log's IDs; fields k (key), d (data)
+    P:{sN}:streams        hash: the shard's stream topics -> their floor (the ID of
+                          the newest event no longer retained; "0-0": none)
+    P:{sN}:meta           hash: added (data bytes since the last byte check),
+                          trimmed (the newest entry ID a byte trim removed)
+    P:{sN}:expiry         zset: topics with an idle expiry -> their deadline (ms)
+    P:epoch               the epoch (random hex), created by the first client
+
+Rules:
+
+1. Every key of a shard shares the hash tag `{sN}`, so a shard lives on one
+   Redis Cluster node and a script touching one shard touches one slot.
+2. Positions are the stream IDs (`pos_of`: "MS-SEQ" -> `make_pos(ms, seq)`).
+3. A topic or key read from Redis never fails to decode (`text_of`): bytes
+   that are not UTF-8 (written by something else than this client, which
+   checks) become U+FFFD, so one bad value cannot stop a reader, which would
+   load it again forever.
+4. The topic -> shard answers are cached, at most `SHARD_CACHE_MAX` of them
+   (cleared when full: topic names come from clients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+from engine.bus.base import shard_of
+from engine.protocol.codec import make_pos
+
+SHARD_CACHE_MAX: Final = 65_536  # topic -> shard answers kept (cleared when full)
+
+
+def pos_of(stream_id: bytes | str) -> int:
+    """A stream ID ("MS-SEQ") as a position."""
+    text = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
+    ms, _, seq = text.partition("-")
+    return make_pos(int(ms), int(seq))
+
+
+def text_of(raw: bytes) -> str:
+    """A topic or key read from Redis (rule 3). Never raises."""
+    return raw.decode("utf-8", "replace")
+
+
+def parse_events(rows: Sequence[Any]) -> list[tuple[int, str, bytes]]:
+    """History stream rows `[id, [field, value, ...]]` as (pos, key, data)."""
+    out = []
+    for sid, fields in rows:
+        values = dict(zip(fields[0::2], fields[1::2], strict=True))
+        out.append((pos_of(sid), text_of(values[b"k"]), values[b"d"]))
+    return out
+
+
+def parse_state(raw: dict[bytes, bytes]) -> list[tuple[str, int, bytes]]:
+    """A topic state hash as (key, pos, data), oldest first."""
+    items = []
+    for field, value in raw.items():
+        sid, _, data = value.partition(b" ")
+        items.append((text_of(field), pos_of(sid), data))
+    items.sort(key=lambda item: item[1])
+    return items
+
+
+class Layout:
+    """The key names of one bus (`prefix`, `shards`), per shard (rule 1)."""
+
+    __slots__ = (
+        "_shard_cache",
+        "epoch_key",
+        "expiries",
+        "floors",
+        "idle_key",
+        "logs",
+        "metas",
+        "prefix",
+        "shard_keys",
+        "shard_of_log",
+        "shards",
+        "topic_sets",
+    )
+
+    def __init__(self, prefix: str, shards: int) -> None:
+        self.prefix = prefix
+        self.shards = shards
+        self.epoch_key = f"{prefix}:epoch"
+        self.idle_key = f"{prefix}:idle"  # a stream nobody writes (a publish-only link watch)
+        self.logs = [f"{prefix}:{{s{s}}}:log" for s in range(shards)]
+        self.shard_of_log = {name.encode(): s for s, name in enumerate(self.logs)}
+        self.topic_sets = [f"{prefix}:{{s{s}}}:topics" for s in range(shards)]
+        self.floors = [f"{prefix}:{{s{s}}}:streams" for s in range(shards)]
+        self.metas = [f"{prefix}:{{s{s}}}:meta" for s in range(shards)]
+        self.expiries = [f"{prefix}:{{s{s}}}:expiry" for s in range(shards)]
+        # KEYS[1..5] of publish.lua, per shard
+        self.shard_keys = [
+            [self.logs[s], self.topic_sets[s], self.floors[s], self.metas[s], self.expiries[s]]
+            for s in range(shards)
+        ]
+        self._shard_cache: dict[str, int] = {}
+
+    def shard(self, topic: str) -> int:
+        """`shard_of(topic)`, cached (rule 4)."""
+        s = self._shard_cache.get(topic)
+        if s is None:
+            if len(self._shard_cache) >= SHARD_CACHE_MAX:  # names come from clients
+                self._shard_cache.clear()
+            s = self._shard_cache[topic] = shard_of(topic, self.shards)
+        return s
+
+    def shard_prefix(self, shard: int) -> str:
+        """The start of every key name of `shard`."""
+        return f"{self.prefix}:{{s{shard}}}:"
+
+    def state_key(self, topic: str, shard: int) -> str:
+        return f"{self.prefix}:{{s{shard}}}:state:{topic}"
+
+    def hist_key(self, topic: str, shard: int) -> str:
+        return f"{self.prefix}:{{s{shard}}}:hist:{topic}"

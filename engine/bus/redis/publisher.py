@@ -1,0 +1,470 @@
+"""Publishing on the redis bus: the publish queue, its loop, and the trims.
+
+Rules:
+
+1. A publish is `engine/bus/lua/publish.lua`, one script call per shard: it
+   XADDs each entry (`MAXLEN ~ bus.redis.stream_maxlen`) and records the
+   key's `(pos, data)` in the state hash, atomically. Positions are the stream
+   IDs (`make_pos(ms, seq)`). **Atomicity is per shard**: a batch whose topics
+   span shards is one script call per shard; if the link breaks between two of
+   them, part of the batch may be published (the local hub is atomic per batch).
+   Publishes are sent in call order on one connection (pipelined in batches;
+   consecutive requests to one shard share a script call, up to
+   `MERGE_UPDATES` updates), so two publishes of one topic get positions in
+   call order. A stream topic's update (the `[[topics]]` rules this client is
+   given decide; all publishers must share them) is appended to the topic's
+   history stream, trimmed to `history` exactly, instead of a state hash;
+   its key may be "".
+2. `publish` fails fast with `BusUnavailable` while the client is not
+   connected, and when `MAX_QUEUED` requests already wait (the overflow policy
+   of the publish queue). A request that was sent and whose reply was lost with
+   the connection is reported `BusUnavailable` too, though Redis may have
+   applied it (no client can know; a retry publishes the same value again,
+   which is harmless for state topics).
+3. Bounds (`engine/bus/limits.py`): a publish is checked before it is queued
+   (strings encodable as UTF-8, `data` within `max_data_bytes`: a bad value
+   fails its own request, never the publish loop); the key and topic counts
+   are checked by the script, per request (one request refused, the others
+   of the same script call applied). An error in one batch fails that
+   batch's requests only; the loop goes on.
+4. A stream's memory is bounded by `stream_max_bytes` as well as
+   `stream_maxlen`: every `BYTES_CHECKS`-th of the budget published,
+   `trim.lua` measures it (MEMORY USAGE) and removes its oldest entries,
+   recording the newest ID removed (`trimmed`; the reader checks it,
+   engine/bus/redis/reader.py rule 5).
+5. Redis out of memory (`maxmemory`, the script is refused up front): the
+   request fails `BusUnavailable` saying so (counted: `oom_refusals`) and the
+   stream taking the most memory is trimmed to half its size at once
+   (`trim.lua` runs even when Redis is full), at most once per
+   `OOM_TRIM_INTERVAL_S`; so a Redis filled by the streams recovers by
+   itself. Filled by state (keys x `data`), it refuses publishes until
+   topics expire or an operator acts: size `maxmemory` by
+   docs/kubernetes.md ("Sizing the Redis bus"). A script Redis lost
+   (NOSCRIPT) fails its requests `BusUnavailable` and resyncs the link.
+6. Nothing waits on Redis without a bound: every publish gets a reply or
+   `BusUnavailable` within `publish_timeout_s`, from one timer for them all
+   (`expire_requests`). The loop is supervised by the bus (a restarted loop
+   first sends what was queued while it was down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Sequence
+from typing import Any, Final
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
+
+import engine.bus.limits as bounds
+from engine.bus.backend import CallbackGuard
+from engine.bus.base import ExpiryOf, HistoryOf, PublishDone, Update
+from engine.bus.limits import Limits
+from engine.bus.redis.layout import pos_of
+from engine.bus.redis.link import REDIS_DOWN, Link, log
+from engine.bus.tasks import TaskHealth
+from engine.codes import ErrorCode
+from engine.errors import BusError, BusUnavailable
+
+_call = CallbackGuard(log, "bus: a publish callback failed")
+
+MAX_QUEUED: Final = 10_000  # publish requests waiting to be sent; more: BusUnavailable
+PIPELINE_REQUESTS: Final = 512  # publish requests per pipeline round trip
+MERGE_UPDATES: Final = 1000  # updates per script call at most (a script blocks Redis while it runs)
+BYTES_CHECKS: Final = 16  # byte checks per `stream_max_bytes` published (rule 4)
+OOM_TRIM_INTERVAL_S: Final = 0.25  # emergency trims at most this often (rule 5)
+OOM_TRIM_FRACTION: Final = 0.5  # ... down to this share of the stream's memory
+TRIM_KEEP: Final = 1  # a byte trim leaves the newest entry: the head stays known
+
+# shard, per-update keys (state hash or history stream), ARGV quadruples, indices
+# in the request, idle expiries in ms per update (None: no topic of the call has one)
+_Call = tuple[int, list[str], list[Any], list[int], list[int] | None]
+
+
+class _Merged:
+    """One script call of publish.lua being built (`Publisher._merge`)."""
+
+    __slots__ = ("argv", "counts", "expiries", "keys", "segments", "shard", "updates")
+
+    def __init__(self, shard: int, shard_keys: list[str]) -> None:
+        self.shard = shard
+        self.keys = list(shard_keys)  # KEYS[1..5], then one per update
+        self.argv: list[Any] = []  # 4 per update
+        self.counts: list[int] = []  # updates per request
+        self.expiries: list[str] = []  # "i:ms" for updates of expiring topics
+        self.updates = 0
+        self.segments: list[tuple[_Request, list[int]]] = []  # request, its indices
+
+
+class _Request:
+    """One publish waiting for Redis. Settled once: by its reply, a failure, or its deadline."""
+
+    __slots__ = ("calls", "deadline", "done", "results", "settled")
+
+    def __init__(self, calls: list[_Call], done: PublishDone, deadline: float):
+        self.calls = calls  # per shard: its updates' state keys, ARGV and indices in the request
+        self.done = done
+        self.deadline = deadline  # loop time: BusUnavailable past it (rule 6)
+        self.results: list[int] = [0] * sum(len(c[3]) for c in calls)
+        self.settled = False
+
+    def settle(self, result: Sequence[int] | BusError) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        _call(self.done, result)
+
+
+def _no_expiry(topic: str) -> float:
+    return 0.0
+
+
+class Publisher:
+    """The publish queue of one bus client and the loop that sends it (rules 1-6)."""
+
+    def __init__(
+        self,
+        link: Link,
+        health: TaskHealth,
+        *,
+        history_of: HistoryOf,
+        limits: Limits,
+        stream_maxlen: int,
+        stream_max_bytes: int,
+        publish_timeout_s: float,
+        expiry_of: ExpiryOf | None,
+    ) -> None:
+        self.link = link
+        self.layout = link.layout
+        self.health = health
+        self.limits = limits
+        self.stream_max_bytes = stream_max_bytes
+        self.publish_timeout_s = publish_timeout_s
+        self._history_of = history_of
+        self._expiry_of = expiry_of or _no_expiry
+        self._expires = expiry_of is not None
+        self._topics_per_shard = limits.topics_per_shard(link.layout.shards)
+        self._script_head = [
+            stream_maxlen,
+            limits.max_keys_per_topic,
+            self._topics_per_shard,
+            stream_max_bytes,
+            max(1, stream_max_bytes // BYTES_CHECKS),
+        ]
+        self.oom_refusals = 0  # publishes Redis refused for maxmemory (rule 5)
+        self.publish_timeouts = 0  # requests that got no reply within publish_timeout_s
+        self.byte_trims = 0  # entries removed by byte trims (rule 4)
+        self._oom_trimmed = -OOM_TRIM_INTERVAL_S  # loop time of the last emergency trim
+        self._trim_due: set[int] = set()  # shards whose byte check is due
+        self._sending: list[_Request] = []  # the batch the publish loop sent last
+        self._deadlines: asyncio.TimerHandle | None = None  # rule 6: the next deadline
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.queue: collections.deque[_Request] = collections.deque()
+        self.wake = asyncio.Event()  # read anew by every wait: tests replace it
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.wake = asyncio.Event()
+
+    # -- the caller's side ------------------------------------------------------------
+
+    def publish(self, updates: Sequence[Update], done: PublishDone) -> None:
+        """Queue a publish; `done` gets its positions or a `BusError` later
+        (rules 1-3, 5-6), within `publish_timeout_s`."""
+        link = self.link
+        loop = self._loop or asyncio.get_running_loop()
+        if not (link.connected and not self.health.down) or link.closed:
+            loop.call_soon(_call, done, BusUnavailable("not connected to Redis"))
+            return
+        if len(self.queue) >= MAX_QUEUED:
+            loop.call_soon(
+                _call, done, BusUnavailable("Redis is not keeping up (publish queue full)")
+            )
+            return
+        try:
+            calls = self._calls(updates)
+        except BusError as exc:
+            loop.call_soon(_call, done, exc)
+            return
+        if not calls:
+            loop.call_soon(_call, done, [])
+            return
+        self.queue.append(_Request(calls, done, loop.time() + self.publish_timeout_s))
+        if self._deadlines is None:
+            self._deadlines = loop.call_later(self.publish_timeout_s, self._expire_requests)
+        self.wake.set()
+
+    def _calls(self, updates: Sequence[Update]) -> list[_Call]:
+        """Group a request's updates by shard (order kept); refuse what breaks
+        rule 1 of engine/bus/limits.py, and an empty key for a state topic."""
+        bounds.check_updates(updates, self.limits.max_data_bytes)
+        by_shard: dict[int, _Call] = {}
+        history_of = self._history_of
+        expiry_of = self._expiry_of if self._expires else None
+        layout = self.layout
+        for i, u in enumerate(updates):
+            history = history_of(u.topic)
+            if history is None and not u.key:
+                raise BusError(f"update {i}: a state topic's key must not be empty")
+            s = layout.shard(u.topic)
+            call = by_shard.get(s)
+            if call is None:
+                call = by_shard[s] = (s, [], [], [], None if expiry_of is None else [])
+            if history is None:
+                call[1].append(layout.state_key(u.topic, s))
+                call[2].extend((u.topic, u.key, bytes(u.data), -1))
+            else:
+                call[1].append(layout.hist_key(u.topic, s))
+                call[2].extend((u.topic, u.key, bytes(u.data), history))
+            call[3].append(i)
+            if expiry_of is not None:
+                expiries = call[4]
+                assert expiries is not None
+                expiries.append(round(expiry_of(u.topic) * 1000))
+        return list(by_shard.values())
+
+    def _expire_requests(self) -> None:
+        """One timer for every request (rule 6): requests are sent in queue
+        order and share one timeout, so deadlines grow along the batch being
+        sent, then the queue. Settles those past theirs with BusUnavailable
+        (one that was sent may still be applied, like a reply lost with the
+        link) and sets the timer for the next one."""
+        loop = self._loop or asyncio.get_running_loop()
+        self._deadlines = None
+        now = loop.time()
+        why = f"no reply from Redis within bus.publish_timeout_s ({self.publish_timeout_s:g} s)"
+        queue = self.queue
+        for req in self._sending:
+            if not req.settled and req.deadline <= now:
+                self.publish_timeouts += 1
+                req.settle(BusUnavailable(why))
+        while queue and (queue[0].settled or queue[0].deadline <= now):
+            req = queue.popleft()
+            if not req.settled:
+                self.publish_timeouts += 1
+                req.settle(BusUnavailable(why))
+        waiting = [r.deadline for r in self._sending if not r.settled]
+        if queue:
+            waiting.append(queue[0].deadline)
+        if waiting:
+            self._deadlines = loop.call_at(min(waiting), self._expire_requests)
+
+    async def drain(self, deadline: float) -> None:
+        """Wait (until loop time `deadline` at most) for the queue to be sent."""
+        loop = asyncio.get_running_loop()
+        while self.queue and self.link.connected and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+
+    def close(self) -> None:
+        """Settle everything still waiting (the loop is stopped): BusUnavailable."""
+        if self._deadlines is not None:
+            self._deadlines.cancel()
+            self._deadlines = None
+        for req in self._sending:
+            req.settle(BusUnavailable("the bus client was closed"))
+        self.fail_queued("the bus client was closed")
+
+    def fail_queued(self, why: str) -> None:
+        while self.queue:
+            self.queue.popleft().settle(BusUnavailable(why))
+
+    # -- the loop ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Send queued requests, batch by batch (rule 1). An error in one batch
+        fails that batch's requests only (rule 3); the loop goes on."""
+        queue = self.queue
+        link = self.link
+        if queue:  # restarted (rule 6): what was queued meanwhile is sent
+            self.wake.set()
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while queue:
+                if not link.connected:
+                    self.fail_queued("not connected to Redis")
+                    break
+                batch = [queue.popleft() for _ in range(min(PIPELINE_REQUESTS, len(queue)))]
+                batch = [req for req in batch if not req.settled]  # timed out while queued
+                if not batch:
+                    continue
+                self._sending = batch  # settled by close() if cancelled meanwhile
+                try:
+                    await self._send(batch)
+                except REDIS_DOWN as exc:
+                    for req in batch:
+                        req.settle(BusUnavailable(f"Redis: {exc}"))
+                    self.fail_queued(f"Redis: {exc}")
+                    link.fail(exc)
+                    break
+                except Exception as exc:  # a bug or a value Redis' client cannot send
+                    log.exception("bus: a publish batch failed; its requests are refused")
+                    for req in batch:
+                        req.settle(BusError(f"the publish failed: {type(exc).__name__}: {exc}"))
+                if self._trim_due:
+                    await self._trim_shards()
+
+    def _merge(self, batch: list[_Request]) -> list[_Merged]:
+        """Script calls for `batch`: per shard, consecutive requests share a
+        call (up to MERGE_UPDATES updates), each request its own segment
+        (checked and applied whole by the script). Order kept per shard."""
+        merged: list[_Merged] = []
+        current: dict[int, int] = {}  # shard -> its call being filled in `merged`
+        shard_keys = self.layout.shard_keys
+        for req in batch:
+            for shard, state_keys, argv, indices, expiries in req.calls:
+                m = current.get(shard)
+                if m is None or merged[m].updates + len(indices) > MERGE_UPDATES:
+                    m = current[shard] = len(merged)
+                    merged.append(_Merged(shard, shard_keys[shard]))
+                call = merged[m]
+                if expiries is not None:
+                    call.expiries.extend(
+                        f"{call.updates + j + 1}:{ms}" for j, ms in enumerate(expiries) if ms > 0
+                    )
+                call.keys.extend(state_keys)
+                call.argv.extend(argv)
+                call.counts.append(len(indices))
+                call.updates += len(indices)
+                call.segments.append((req, indices))
+        return merged
+
+    async def _send(self, batch: list[_Request]) -> None:
+        """Send the batch: the script calls of `_merge`, in one pipeline round
+        trip, or one call at a time on a cluster; then settle every request."""
+        merged = self._merge(batch)
+        head = self._script_head
+        calls = [
+            (
+                call.keys,
+                [*head, ",".join(map(str, call.counts)), ",".join(call.expiries), *call.argv],
+            )
+            for call in merged
+        ]
+        replies = await self._run_calls(calls)
+        failed: dict[int, BusError] = {}
+        for call, reply in zip(merged, replies, strict=True):
+            if isinstance(reply, Exception):
+                err = self._call_error(reply)
+                for req, _ in call.segments:
+                    failed.setdefault(id(req), err)
+                continue
+            if reply[-1] == 1:
+                self._trim_due.add(call.shard)
+            for (req, indices), ids in zip(call.segments, reply, strict=False):
+                if ids and ids[0] == b"!":
+                    _, code, topic, key = (x.decode(errors="replace") for x in ids)
+                    failed.setdefault(id(req), self._refusal(code, topic, key))
+                    continue
+                for i, sid in zip(indices, ids, strict=True):
+                    req.results[i] = pos_of(sid)
+        for req in batch:
+            err_ = failed.get(id(req))
+            req.settle(err_ if err_ is not None else req.results)
+
+    async def _run_calls(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """One reply per script call (an exception for a call that failed):
+        pipelined, or one call at a time on a cluster."""
+        cmd = self.link.cmd
+        sha = self.link.scripts.sha["publish"]
+        if not self.link.cluster:
+            pipe = cmd.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies
+        replies = []
+        for keys, args in calls:
+            try:
+                replies.append(await cmd.evalsha(sha, len(keys), *keys, *args))
+            except ResponseError as exc:  # NOSCRIPT and OOM included: that call did not run
+                replies.append(exc)
+            except REDIS_DOWN as exc:  # the calls before it were published: say so
+                down = RedisConnectionError(f"Redis: {exc}")
+                replies.extend([down] * (len(calls) - len(replies)))
+                self.link.fail(down)
+                break
+        return replies
+
+    def _call_error(self, reply: Exception) -> BusError:
+        """What a script call's error means for its requests (rules 1, 5)."""
+        if isinstance(reply, RedisConnectionError):  # BusyLoadingError: Redis is starting
+            return BusUnavailable(f"Redis: {reply}")
+        if isinstance(reply, OutOfMemoryError) or str(reply).startswith("OOM"):
+            self.oom_refusals += 1
+            self._trim_due.add(-1)  # an emergency trim (rule 5)
+            return BusUnavailable(
+                "Redis is out of memory (maxmemory): nothing was published; trimming the"
+                " largest stream (size maxmemory by docs/kubernetes.md, Sizing the Redis bus)"
+            )
+        if isinstance(reply, NoScriptError | ResponseError) and "NOSCRIPT" in str(reply):
+            self.link.fail(RedisError("NOSCRIPT"))
+            return BusUnavailable("Redis lost the publish script; reconnecting")
+        return BusError(f"Redis refused the publish: {reply}")
+
+    def _refusal(self, code: str, topic: str, key: str) -> BusError:
+        if code == ErrorCode.TOO_MANY_KEYS:
+            return bounds.too_many_keys(topic, key, self.limits.max_keys_per_topic)
+        if code == ErrorCode.TOO_MANY_TOPICS:
+            return bounds.too_many_topics(topic, self._topics_per_shard)
+        return BusError(f"Redis refused the publish of {topic!r}: {code}")
+
+    # -- trims ------------------------------------------------------------------------
+
+    async def _trim_shards(self) -> None:
+        """Run trim.lua for the shards whose byte check is due (rule 4); after a
+        maxmemory refusal (rule 5), at most once per OOM_TRIM_INTERVAL_S, for
+        the shard whose stream takes the most memory, down to OOM_TRIM_FRACTION
+        of it."""
+        due, self._trim_due = self._trim_due, set()
+        targets: dict[int, int] = {}  # shard -> budget
+        if self.stream_max_bytes > 0:
+            targets.update((s, self.stream_max_bytes) for s in due if s >= 0)
+        if -1 in due:
+            await self._emergency_target(targets)
+        layout = self.layout
+        for shard, target in sorted(targets.items()):
+            try:
+                removed, before = await self.link.cmd.evalsha(
+                    self.link.scripts.sha["trim"],
+                    2,
+                    layout.logs[shard],
+                    layout.metas[shard],
+                    target,
+                    TRIM_KEEP,
+                )
+            except Exception as exc:  # the next check or refusal tries again
+                log.warning("bus: trimming shard %d's stream failed: %s", shard, exc)
+                continue
+            if removed:
+                self.byte_trims += int(removed)
+                log.info(
+                    "bus: trimmed %d entries of shard %d's stream (%d bytes, budget %d)",
+                    removed,
+                    shard,
+                    before,
+                    target,
+                )
+
+    async def _emergency_target(self, targets: dict[int, int]) -> None:
+        """Add the emergency trim of rule 5 to `targets` (shard -> budget),
+        unless one ran within OOM_TRIM_INTERVAL_S."""
+        now = asyncio.get_running_loop().time()
+        if now - self._oom_trimmed < OOM_TRIM_INTERVAL_S:
+            return
+        self._oom_trimmed = now
+        try:
+            usages = await self.link.many(
+                [("MEMORY", "USAGE", name, "SAMPLES", 0) for name in self.layout.logs]
+            )
+        except Exception as exc:
+            log.warning("bus: measuring the streams failed: %s", exc)
+            usages = []
+        sizes = [int(u or 0) for u in usages]
+        if sizes and max(sizes) > 0:
+            shard = sizes.index(max(sizes))
+            targets[shard] = min(
+                int(sizes[shard] * OOM_TRIM_FRACTION),
+                targets.get(shard, sizes[shard]),
+            )
