@@ -31,7 +31,6 @@ import os
 import random
 import socket
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import Any
@@ -58,12 +57,13 @@ from engine.auth.ratelimit import (
     UpgradeLimiter,
 )
 from engine.auth.tokens import Identity, TokenError, TokenVerifier, load_verifier, parse_jwks
-from engine.bus.base import Bus, Entry
+from engine.bus.base import Bus, Entry, Update
 from engine.config import Config
+from engine.connection import ConnectionPolicy, LoadFailure
+from engine.counters import WorkerCounters
 from engine.errors import BusError
 from engine.fanout.budget import slow_expired, watermarks
 from engine.fanout.core import Fanout, Session, period_ticks, quantize_period
-from engine.metrics import Histogram
 from engine.protocol import codec
 from engine.protocol.closecodes import CLOSE_ABNORMAL, CLOSE_NO_STATUS, close_label
 from engine.status import WorkerStatus
@@ -103,7 +103,6 @@ class WorkerServer:
         # topic -> the `sub`s waiting for its load; the load tasks under way
         self._waiting: dict[str, list[_Waiter]] = {}
         self._loads: set[asyncio.Task[None]] = set()
-        self.topic_load_failures = 0
         self._load_failure_logged_at = -math.inf
         self._load_slots = asyncio.Semaphore(cfg.fanout.max_topic_loads)
         self._dropped_at_trim = 0  # topics_dropped at the last malloc_trim
@@ -118,14 +117,8 @@ class WorkerServer:
         self.ws_path = cfg.server.path.encode("latin-1")  # shared by upgraded requests
         self.max_buffer_bytes = cfg.fanout.max_buffer_bytes
         self.hard_cap_bytes = 4 * cfg.fanout.max_buffer_bytes + 4 * cfg.limits.max_message_bytes
-        self.max_message_bytes = cfg.limits.max_message_bytes
-        self.max_message_fragments = cfg.limits.max_message_fragments
-        self.fragment_timeout_s = cfg.limits.fragment_timeout_s
-        self.max_topics_per_conn = cfg.limits.max_topics_per_conn
-        self.allow_publish = cfg.auth.allow_anonymous_publish
         # security (engine/auth): who may connect, and how much they may send
         self.origins = OriginPolicy(cfg.server.allowed_origins)
-        self.rate_policy = RatePolicy(cfg.limits.messages_per_s, cfg.limits.abuse_window_s)
         # per worker: a client may hold workers x this many on one node
         self.per_ip = IpCounter(cfg.limits.max_connections_per_ip)
         self.upgrades = UpgradeLimiter(
@@ -143,26 +136,25 @@ class WorkerServer:
             if cfg.auth.jwks_file:
                 self._jwks_mtime = _mtime(cfg.auth.jwks_file)
         self.auth_timeout_s = cfg.auth.timeout_s
+        # the rules every connection applies (engine/connection.py)
+        self.connection_policy = ConnectionPolicy(
+            max_message_bytes=cfg.limits.max_message_bytes,
+            max_message_fragments=cfg.limits.max_message_fragments,
+            fragment_timeout_s=cfg.limits.fragment_timeout_s,
+            max_topics_per_conn=cfg.limits.max_topics_per_conn,
+            rate=RatePolicy(cfg.limits.messages_per_s, cfg.limits.abuse_window_s),
+            history_of=self.rules.history_of,
+            tokens=self.verifier is not None,
+        )
         self.high, self.low = watermarks(cfg.fanout.max_buffer_bytes)
         self.notsent_lowat = cfg.fanout.socket_notsent_lowat_bytes
-        # counters (exported on the board and, later, as metrics)
-        # by label (engine/protocol/closecodes.py rule 4): a bounded set of keys
-        self.closes: Counter[str] = Counter()
-        self.errors: Counter[str] = Counter()
-        self.connects = 0
-        self.ping_timeouts = 0
-        self.published = 0  # updates the bus accepted from WebSocket `pub`
-        self.slow_events = 0  # times a connection went over its send budget
-        self.flush_hist = Histogram()
-        self.publish_hist = Histogram()
+        # this worker's counters, its connections' included (the board reads them)
+        self.counters = WorkerCounters()
         self.draining = False
-        self.refused: Counter[int] = Counter()  # HTTP status -> upgrades refused
-        self.refused_by: Counter[str] = Counter()  # `error` of the JSON body -> refused
         self._trim_peak = 0  # most connections held since the last malloc_trim
         self._trim_at = 0.0
         self._timer_due = 0.0
         self.loop_lag_max_s = 0.0  # the latest the one-second timer ever fired
-        self.stats_control_frames = 0
         self._ids = itertools.count(1)
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -325,12 +317,19 @@ class WorkerServer:
             reply["Sec-WebSocket-Protocol"] = SUBPROTOCOL
         n = next(self._ids)
         conn = Connection(self, f"{os.getpid():x}.{n:x}", peer, phase=n)
+        rules = conn.rules
         if self.verifier is None:
-            conn.grant(self.anonymous, None, None)
+            rules.grant(self.anonymous, None, None, conn.opened_at, time.time())
         elif identity is not None:
-            conn.grant(identity.permissions, identity.user, identity.expires_at)
+            rules.grant(
+                identity.permissions,
+                identity.user,
+                identity.expires_at,
+                conn.opened_at,
+                time.time(),
+            )
         else:
-            conn.deadline = time.monotonic() + self.auth_timeout_s
+            rules.require_auth(conn.opened_at + self.auth_timeout_s)
         return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(reply), conn)
 
     def refuse_upgrade(
@@ -340,20 +339,20 @@ class WorkerServer:
         message: str,
         extra: tuple[tuple[str, str], ...] = (),
     ) -> WSUpgradeResponseWithListener:
-        self.refused[int(status)] += 1
-        self.refused_by[code] += 1
+        self.counters.refused[int(status)] += 1
+        self.counters.refused_by[code] += 1
         return _http_error(status, code, message, extra)
 
     def connection_opened(self, conn: Connection) -> None:
         _release_upgrade(conn.transport, self.ws_path)
         self.connections[conn] = None
-        self.connects += 1
+        self.counters.connects += 1
         if self.per_ip.limit:
             self.per_ip.add(conn.peer)
         ut = conn.underlying
-        ut.set_write_buffer_limits(self.high, self.low)  # type: ignore[attr-defined]
+        ut.set_write_buffer_limits(self.high, self.low)
         if self.notsent_lowat:
-            sock = ut.get_extra_info("socket")  # type: ignore[attr-defined]
+            sock = ut.get_extra_info("socket")
             if sock is not None:
                 try:
                     sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, self.notsent_lowat)
@@ -366,7 +365,7 @@ class WorkerServer:
             self.paused.discard(conn)
             self.fanout.close_session(conn.session)
             code = _close_code(conn)
-            self.closes[close_label(code)] += 1
+            self.counters.closes[close_label(code)] += 1
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "connection %s closed: code %d after %.1f s",
@@ -380,12 +379,18 @@ class WorkerServer:
     def hello(self, conn_id: str, auth_required: bool = False) -> bytes:
         return codec.hello(conn_id, self.node, auth_required=auth_required)
 
-    def count_error(self, code: str) -> None:
-        self.errors[code] += 1
+    def connection_slow(self, conn: Connection) -> None:
+        self.counters.slow_events += 1
+        self.paused.add(conn)
+
+    def connection_drained(self, conn: Connection) -> None:
+        self.paused.discard(conn)
+        self.fanout.resume(conn.session)
 
     def subscribe(
         self, session: Session, topic: str, since: tuple[str, int] | None, max_hz: float | None
-    ) -> tuple[bytes, int]:
+    ) -> bytes:
+        """Subscribe `session` to `topic` (held here): its `snap`."""
         rule = self.rules.rule_for(topic)
         if max_hz is not None:
             # bounded and quantized: a client may not hold a topic's frames back
@@ -394,7 +399,16 @@ class WorkerServer:
         period = period_ticks(max_hz, rule.max_hz, self.cfg.fanout.flush_interval_ms)
         if max_hz is not None:
             period = quantize_period(period)  # few distinct periods per topic
-        return self.fanout.subscribe(session, topic, since, period)
+        snap, n = self.fanout.subscribe(session, topic, since, period)
+        self.fanout.stats.updates_delivered += n
+        return snap
+
+    def unsubscribe(self, session: Session, topic: str) -> None:
+        self.fanout.unsubscribe(session, topic)
+
+    def publish(self, update: Update, done: Callable[[Sequence[int] | BusError], None]) -> None:
+        """A WebSocket `pub`: `done` gets the bus' answer."""
+        self.bus.publish([update], done)
 
     # -- topics held (engine/fanout/core.py rule 9) -----------------------------------
 
@@ -441,7 +455,7 @@ class WorkerServer:
         finally:
             if failure is not None:
                 self.fanout.abandon_load(topic)
-                self.topic_load_failures += 1
+                self.counters.topic_load_failures += 1
                 self._log_load_failure(topic, failure)
             for waiter in self._waiting.pop(topic, ()):
                 waiter.one_done(None if failure is None else (topic, failure))
@@ -474,7 +488,7 @@ class WorkerServer:
                 "topic %r not loaded: %s (%d load failures so far)",
                 topic,
                 failure,
-                self.topic_load_failures,
+                self.counters.topic_load_failures,
             )
             self._load_failure_logged_at = now
 
@@ -536,7 +550,7 @@ class WorkerServer:
                     if n >= _YIELD_EVERY:
                         n = 0
                         await asyncio.sleep(0)
-                self.flush_hist.observe(loop.time() - t0)
+                self.counters.flush_hist.observe(loop.time() - t0)
             delay = deadline - loop.time()
             if delay < 0:
                 deadline = loop.time()  # overloaded: don't try to catch up on missed ticks
@@ -556,7 +570,7 @@ class WorkerServer:
         for conn in list(self.paused):
             if conn.closing:
                 self.paused.discard(conn)
-            elif conn.underlying.get_write_buffer_size() <= self.low:  # type: ignore[attr-defined]
+            elif conn.underlying.get_write_buffer_size() <= self.low:
                 conn.mark_drained()  # refused a frame but drained without a transport resume
             elif slow_expired(conn.paused_since, now, timeout):
                 conn.close(codes.CLOSE_SLOW_CONSUMER, "slow consumer")
@@ -616,14 +630,7 @@ class WorkerServer:
         for conn in list(self.connections):
             if conn.closing or conn.transport is None:
                 continue
-            if now >= conn.deadline:
-                if conn.authed:
-                    conn.close(codes.CLOSE_TOKEN_EXPIRED, "token expired")
-                else:
-                    conn.close(codes.CLOSE_NOT_AUTHENTICATED, "no auth message in time")
-                continue
-            if now >= conn.fragments_deadline:
-                conn.close_unfinished()  # a fragmented message left unfinished (1008)
+            if conn.check_deadlines(now):  # auth, token expiry, an unfinished message
                 continue
             sent = conn.ping_sent_at
             if sent is None:
@@ -633,12 +640,13 @@ class WorkerServer:
             elif now - sent >= timeout:
                 # the peer is gone or stuck: no close frame could reach it
                 conn.closing = True
-                self.ping_timeouts += 1
+                self.counters.ping_timeouts += 1
                 conn.transport.disconnect(graceful=False)
 
     def status(self) -> WorkerStatus:
         """This worker's figures for the board (written once a second: the heartbeat)."""
         s = self.fanout.stats
+        c = self.counters
         # Per-shard figures only some buses have (the redis bus; the local hub: None).
         lags = self.bus.shard_lags_ms()
         age = self.bus.last_entry_age_ms()
@@ -659,26 +667,26 @@ class WorkerServer:
             topics_loading=len(self.fanout.loading),
             topics_loaded=s.topics_loaded,
             topics_dropped=s.topics_dropped,
-            topic_load_failures=self.topic_load_failures,
+            topic_load_failures=c.topic_load_failures,
             updates_unheld=s.updates_unheld,
-            frames_sent=s.frames_sent + self.stats_control_frames,
+            frames_sent=s.frames_sent + c.control_frames,
             bytes_sent=s.bytes_sent,
             updates_applied=s.updates_applied,
             updates_delivered=s.updates_delivered,
             updates_coalesced=s.updates_coalesced,
-            published=self.published,
-            slow_events=self.slow_events,
-            flush_hist=self.flush_hist.snapshot(),
-            publish_hist=self.publish_hist.snapshot(),
+            published=c.published,
+            slow_events=c.slow_events,
+            flush_hist=c.flush_hist.snapshot(),
+            publish_hist=c.publish_hist.snapshot(),
             frames_refused=s.frames_refused,
             slow_clients=len(self.paused),
-            slow_closes=self.closes.get(str(codes.CLOSE_SLOW_CONSUMER), 0),
-            connects=self.connects,
-            closes=dict(self.closes),
-            errors=dict(self.errors),
-            ping_timeouts=self.ping_timeouts,
-            upgrades_refused={str(k): v for k, v in self.refused.items()},
-            upgrades_refused_by=dict(self.refused_by),
+            slow_closes=c.closes.get(str(codes.CLOSE_SLOW_CONSUMER), 0),
+            connects=c.connects,
+            closes=dict(c.closes),
+            errors=dict(c.errors),
+            ping_timeouts=c.ping_timeouts,
+            upgrades_refused={str(k): v for k, v in c.refused.items()},
+            upgrades_refused_by=dict(c.refused_by),
             loop_lag_max_ms=round(self.loop_lag_max_s * 1000, 1),
             started=self.started,
         )
@@ -715,10 +723,6 @@ _TRIM_AFTER_CLOSES = 500
 _TRIM_AFTER_DROPS = 10_000
 _LOAD_ATTEMPTS = 5  # fetches of one topic whose epoch is not this worker's yet
 _LOAD_RETRY_S = 0.05
-
-
-# A topic that could not be loaded for a `sub`, and why.
-LoadFailure = tuple[str, str]
 
 
 class _Waiter:

@@ -548,14 +548,14 @@ async def test_an_error_in_the_clients_own_send_path_is_raised_not_retried(
     the engine saw exactly one connection. On the code before the fix the client
     reconnected ~1,500 times a second, forever, and `async with` never raised."""
     assert engine.worker is not None
-    before = engine.worker.connects
+    before = engine.worker.counters.connects
     client = connect(engine.url, token="\ud800", policy=ReconnectPolicy(base_ms=50, max_ms=400))
     with pytest.raises(UnicodeEncodeError):
         async with client:
             pass
     assert client.conn_state == CLOSED
     assert isinstance(client.last_error, UnicodeEncodeError)
-    assert engine.worker.connects - before == 1  # and "closed" makes no more attempts
+    assert engine.worker.counters.connects - before == 1  # and "closed" makes no more attempts
 
     # a caller that started the client in the background sees it too
     other = connect(engine.url, token="\ud800", policy=ReconnectPolicy(base_ms=50, max_ms=400))
@@ -568,7 +568,7 @@ async def test_an_error_in_the_clients_own_send_path_is_raised_not_retried(
     with pytest.raises(UnicodeEncodeError):
         await other.wait_connected(1.0)
     await other.close()
-    assert engine.worker.connects - before == 2
+    assert engine.worker.counters.connects - before == 2
 
 
 async def test_a_token_of_the_wrong_type_is_a_type_error_at_once() -> None:

@@ -40,4 +40,4 @@ async def test_silent_peer_is_dropped_answering_peer_stays(engine_factory: Any) 
     await engine.publish("hb.t", "k", 1)
     upd = await alive.recv_op("upd")
     assert upd["items"] == {"k": 1}
-    assert engine.worker.ping_timeouts == 1
+    assert engine.worker.counters.ping_timeouts == 1

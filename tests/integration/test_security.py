@@ -370,7 +370,7 @@ async def test_sustained_abuse_closes_4029(engine_factory: Factory) -> None:
             await still_served(engine, watcher)  # served while the abuse goes on
     assert await conn.wait_closed() == 4029
     assert any(m.get("code") == "rate_limited" for m in conn.take_nowait())  # throttled first
-    assert engine.worker is not None and engine.worker.closes["4029"] == 1
+    assert engine.worker is not None and engine.worker.counters.closes["4029"] == 1
     await still_served(engine, watcher)
 
 

@@ -83,7 +83,7 @@ async def test_a_sub_whose_topic_cannot_be_loaded_is_refused_and_the_rest_goes_o
         "cold.t",
     )
     assert (await conn.recv())["op"] == "pong"  # reading resumed after the refusal
-    assert engine.worker.topic_load_failures == 1
+    assert engine.worker.counters.topic_load_failures == 1
     assert "cold.t" not in engine.worker.fanout.topics
     assert conn_topics(engine) == ["held.t"]  # all or nothing: held.t only for `honest`
     # the honest subscriber's connection is untouched and still answered
@@ -121,7 +121,7 @@ async def test_a_load_the_bus_does_not_answer_in_time_is_refused_then_the_next_w
     err = await conn.recv()
     assert (err["op"], err["code"], err["id"]) == ("err", "unavailable", 1)
     assert "fanout.topic_load_timeout_s" in err["msg"]
-    assert engine.worker.topic_load_failures == 2  # one in flight, one waiting its turn
+    assert engine.worker.counters.topic_load_failures == 2  # one in flight, one waiting its turn
     link.transport.resume_reading()
     conn.send({"op": "sub", "topics": ["slow.t"], "id": 3})
     assert (await conn.recv())["op"] == "ack"
