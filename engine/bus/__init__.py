@@ -2,6 +2,12 @@
 
 `create_bus` builds the client of the configured backend; `hub_socket_path`
 names the embedded hub's socket in a run directory.
+
+    base.py           the interface (`Bus`, `BusSink`) and the guarantees every backend gives
+    backend.py        what the backends' clients share (`publish_wait`, default figures)
+    limits.py         what the bus refuses to store (pure); tasks.py: supervised tasks
+    local.py          the local backend's client; hub.py, hubcore.py (pure), wire.py (pure)
+    redis_streams.py  the redis backend's client, its parts in redis/ (one job per module)
 """
 
 from __future__ import annotations
