@@ -567,50 +567,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, pipe in pipes:
             if pipe.poll(max(1.0, stop_at - time.time() + 30)):
                 results.setdefault(name, []).append(pipe.recv())
-        abusers = results.get("abusers", [])
-        codes: dict[str, int] = {}
-        for a in abusers:
-            for k, v in a["close_codes"].items():
-                codes[k] = codes.get(k, 0) + v
-        connections_left = sum(w.connections for w in statuses)
+        samples = {
+            "rss_before": rss_before,
+            "peak": peak,
+            "rss_after": rss_after,
+            "memory_before": memory_before,
+            "memory_after": memory_after,
+            "workers_before": workers_before,
+            "workers_after": workers_after,
+            "cpu_s": cpu1 - cpu0,
+            "window_s": t1 - t0,
+        }
         return {
             "command": " ".join(
                 [os.path.basename(sys.executable), "-m", "loadtest.flood", *sys.argv[1:]]
             ),
             "settings": vars(args),
-            "abusers": {
-                "attempted": sum(a["attempted"] for a in abusers),
-                "connected": sum(a["connected"] for a in abusers),
-                "throttled": sum(a["throttled"] for a in abusers),
-                "closed_4029_after_throttle": sum(a["closed_4029_after_throttle"] for a in abusers),
-                "close_codes": codes,
-                "load_cpu_s_flood": round(sum(a["flood_cpu_s"] for a in abusers), 2),
-                "messages_per_s_sent": args.abusers * msgs_per_tick * 10,
-            },
+            "abusers": _abusers_summary(args, results.get("abusers", []), msgs_per_tick),
             "honest": results.get("honest", [{}])[0],
             "publisher": results.get("publisher", [{}])[0],
-            "server": {
-                "rss_mb_before": rss_before,
-                "rss_mb_peak": peak,
-                "rss_mb_after": rss_after,
-                "rss_change_pct": round(
-                    100.0 * (rss_after["total"] - rss_before["total"]) / rss_before["total"], 1
-                ),
-                "memory_mb_before": memory_before,
-                "memory_mb_after": memory_after,
-                "workers_rss_mb_before": workers_before,
-                "workers_rss_mb_after": workers_after,
-                "workers_rss_change_pct": round(
-                    100.0 * (workers_after - workers_before) / workers_before, 1
-                ),
-                "cpu_s_flood": round(cpu1 - cpu0, 2),
-                "cpu_cores_flood": round((cpu1 - cpu0) / (t1 - t0), 2),
-                "connections_after": connections_left,
-                "closes": _sum_maps(w.closes for w in statuses),
-                "errors": _sum_maps(w.errors for w in statuses),
-                "upgrades_refused": _sum_maps(w.upgrades_refused for w in statuses),
-                "loop_lag_max_ms": [w.loop_lag_max_ms for w in statuses],
-            },
+            "server": _server_summary(samples, statuses),
         }
     finally:
         for p in children:
@@ -626,6 +602,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         import shutil
 
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _abusers_summary(
+    args: argparse.Namespace, abusers: list[dict[str, Any]], msgs_per_tick: int
+) -> dict[str, Any]:
+    """The abuser processes' results, summed."""
+    codes: dict[str, int] = {}
+    for a in abusers:
+        for k, v in a["close_codes"].items():
+            codes[k] = codes.get(k, 0) + v
+    return {
+        "attempted": sum(a["attempted"] for a in abusers),
+        "connected": sum(a["connected"] for a in abusers),
+        "throttled": sum(a["throttled"] for a in abusers),
+        "closed_4029_after_throttle": sum(a["closed_4029_after_throttle"] for a in abusers),
+        "close_codes": codes,
+        "load_cpu_s_flood": round(sum(a["flood_cpu_s"] for a in abusers), 2),
+        "messages_per_s_sent": args.abusers * msgs_per_tick * 10,
+    }
+
+
+def _server_summary(m: Mapping[str, Any], statuses: list[WorkerStatus]) -> dict[str, Any]:
+    """The server's memory and CPU samples around the flood, and its workers' statuses."""
+    rss_before, rss_after = m["rss_before"], m["rss_after"]
+    workers_before, workers_after = m["workers_before"], m["workers_after"]
+    return {
+        "rss_mb_before": rss_before,
+        "rss_mb_peak": m["peak"],
+        "rss_mb_after": rss_after,
+        "rss_change_pct": round(
+            100.0 * (rss_after["total"] - rss_before["total"]) / rss_before["total"], 1
+        ),
+        "memory_mb_before": m["memory_before"],
+        "memory_mb_after": m["memory_after"],
+        "workers_rss_mb_before": workers_before,
+        "workers_rss_mb_after": workers_after,
+        "workers_rss_change_pct": round(
+            100.0 * (workers_after - workers_before) / workers_before, 1
+        ),
+        "cpu_s_flood": round(m["cpu_s"], 2),
+        "cpu_cores_flood": round(m["cpu_s"] / m["window_s"], 2),
+        "connections_after": sum(w.connections for w in statuses),
+        "closes": _sum_maps(w.closes for w in statuses),
+        "errors": _sum_maps(w.errors for w in statuses),
+        "upgrades_refused": _sum_maps(w.upgrades_refused for w in statuses),
+        "loop_lag_max_ms": [w.loop_lag_max_ms for w in statuses],
+    }
 
 
 def _sum_maps(maps: Iterable[Mapping[str, int]]) -> dict[str, int]:
