@@ -42,10 +42,19 @@ Rules this module owns (the policies it applies live in engine/auth):
    topic and why.
 6. `pub` needs the token's `pub_topics` (or anonymous publishing); a state
    topic's `pub` needs a string `key` (a stream topic's events need none).
+   A `pub` batch (`items`, engine/protocol/codec.py rule 6) is all or
+   nothing: every item must pass these rules, else `err forbidden` naming the
+   first refused topic, or `err bad_request` naming the first item without a
+   key; it is acked once, with one position per item, in order. It costs one
+   rate-limit token, like any message, when a token granted the publisher its
+   `pub_topics`; an anonymous publisher's batch costs one token per
+   `ANONYMOUS_ITEMS_PER_TOKEN` items or part of them (the first one taken by
+   `frame()`), refused `err rate_limited` whole when the bucket runs dry.
 7. An undecodable request is answered `err` with the request's id when it had
    one; `MAX_CONSECUTIVE_BAD_FRAMES` bad requests in a row close 1008.
 8. Every `err` sent is counted in the worker's `WorkerCounters.errors` (by
-   code), every accepted `pub` in `published` and `publish_hist`.
+   code), every accepted `pub` in `published` (a batch: its items) and
+   `publish_hist` (a batch: once).
 """
 
 from __future__ import annotations
@@ -66,7 +75,7 @@ from engine.counters import WorkerCounters
 from engine.errors import BusError, BusRefused, BusUnavailable, RemoteProtocolError
 from engine.protocol import codec
 from engine.protocol.closecodes import CLOSE_PROTOCOL_ERROR, close_reply
-from engine.protocol.codec import Auth, Ping, Pub, Sub, Unsub
+from engine.protocol.codec import Auth, Ping, Pub, PubBatch, Sub, Unsub
 
 # WebSocket opcodes (RFC 6455 5.2); picows' WSMsgType is an IntEnum of them
 OP_CONTINUATION: Final = 0
@@ -86,6 +95,10 @@ CLOSE_FRAME: Final = 5  # the peer's close: answer it (`close_received`) and end
 REFUSE: Final = 6  # rate limited: send `refusal(None)`
 REFUSE_MESSAGE: Final = 7  # rate limited, a whole message: send `refusal(its payload)`
 PAUSE: Final = 8  # stop reading until `resume_at`, then call `resume`
+
+# An anonymous publisher's batch costs one rate-limit token per this many
+# items (rule 6); an authenticated one's costs one token per message.
+ANONYMOUS_ITEMS_PER_TOKEN: Final = 100
 
 # loads of a `sub`'s topics, when one loaded first went (its grace) while another loaded
 SUB_LOAD_ATTEMPTS: Final = 3
@@ -111,11 +124,20 @@ class Publish:
     update: Update
 
 
+@dataclass(frozen=True, slots=True)
+class PublishBatch:
+    """Publish `updates` on the bus, all or nothing, then give the result to
+    `published_batch` (rule 6)."""
+
+    request_id: int | None
+    updates: tuple[Update, ...]
+
+
 # What `receive` asks of the shell: nothing (None: held, or nothing to say),
 # send `bytes`, `Close`, or carry out an admitted request (`Sub`: subscribe,
 # or load its topics first; `Unsub`; `Ping`; `Auth`: check the token;
-# `Publish`).
-Action = bytes | Close | Sub | Unsub | Ping | Auth | Publish | None
+# `Publish`, `PublishBatch`).
+Action = bytes | Close | Sub | Unsub | Ping | Auth | Publish | PublishBatch | None
 
 AUTH_FIRST: Final = Close(codes.CLOSE_NOT_AUTHENTICATED, "send 'auth' first")
 UNFINISHED: Final = Close(
@@ -151,6 +173,7 @@ class ConnectionPolicy:
     history_of: Callable[[str], int | None]
     # auth.mode = "jwt": tokens are checked (else `auth` is acked politely)
     tokens: bool
+    max_publish_items: int = codec.DEFAULT_MAX_PUBLISH_ITEMS  # limits.max_publish_items
 
 
 class ConnectionRules:
@@ -169,6 +192,7 @@ class ConnectionRules:
         "fragments_left",
         "fragments_size",
         "held",
+        "last_frame_at",
         "limiter",
         "perms",
         "policy",
@@ -189,6 +213,7 @@ class ConnectionRules:
         self.counters = counters
         self.subs = subs
         self.limiter = RateLimiter(policy.rate, now)
+        self.last_frame_at = now  # when `frame()` last ran: the time of `receive`
         # the message being reassembled (None: none; _SKIPPING: a refused one)
         self.fragments: list[bytes] | None = None
         self.fragments_size = 0
@@ -260,6 +285,7 @@ class ConnectionRules:
 
     def frame(self, opcode: int, fin: bool, size: int, rsv: bool, now: float) -> int | Close:
         """Account one inbound frame (before its payload is read): what to do with it."""
+        self.last_frame_at = now
         if rsv:
             return _RSV
         if opcode == OP_CLOSE:
@@ -406,7 +432,9 @@ class ConnectionRules:
             self.held.append(payload)  # type: ignore[union-attr]
             return None
         try:
-            request = codec.decode_request(payload, self.policy.max_topics_per_conn)
+            request = codec.decode_request(
+                payload, self.policy.max_topics_per_conn, self.policy.max_publish_items
+            )
         except RemoteProtocolError as exc:
             if not self.authed:
                 return AUTH_FIRST
@@ -424,6 +452,8 @@ class ConnectionRules:
             return self.check_sub(request)
         if type(request) is Pub:
             return self.check_pub(request)
+        if type(request) is PubBatch:
+            return self.check_pub_batch(request)
         if kind is Auth and not self.policy.tokens:
             # auth.mode = "none": there is nothing to authenticate; accept politely
             return codec.ack(request.id, user=None)
@@ -488,23 +518,94 @@ class ConnectionRules:
             key = ""  # a stream topic's events need no key
         return Publish(req.id, Update(req.topic, key, req.data))
 
+    def check_pub_batch(self, req: PubBatch) -> bytes | PublishBatch:
+        """What to publish for a `pub` batch, else its `err` (rule 6): all or nothing."""
+        topics = dict.fromkeys(item.topic for item in req.items)
+        can_pub = self.perms.can_pub  # type: ignore[union-attr]
+        for topic in topics:
+            if not can_pub(topic):
+                return self.refuse(
+                    RemoteProtocolError(
+                        ErrorCode.FORBIDDEN,
+                        f"not allowed to publish to {topic!r} (the token's pub_topics);"
+                        " nothing of the batch was published"
+                        if self.policy.tokens
+                        else "publishing over WebSocket is disabled"
+                        " (auth.allow_anonymous_publish = false)",
+                        topic=topic,
+                        request_id=req.id,
+                    )
+                )
+        streams = {t for t in topics if self.policy.history_of(t) is not None}
+        updates: list[Update] = []
+        for i, item in enumerate(req.items):
+            key = item.key
+            if key is None:
+                if item.topic not in streams:
+                    return self.refuse(
+                        RemoteProtocolError(
+                            ErrorCode.BAD_REQUEST,
+                            f"'items[{i}]': a 'pub' to a state topic needs a string 'key';"
+                            " nothing of the batch was published",
+                            topic=item.topic,
+                            request_id=req.id,
+                        )
+                    )
+                key = ""
+            updates.append(Update(item.topic, key, item.data))
+        if not self.policy.tokens and not self.charge(len(updates)):
+            return self.refuse(
+                RemoteProtocolError(
+                    ErrorCode.RATE_LIMITED,
+                    f"a batch of {len(updates)} items costs one token per"
+                    f" {ANONYMOUS_ITEMS_PER_TOKEN} items from an anonymous publisher, over"
+                    f" limits.messages_per_s ({self.policy.rate.rate:g}/s); nothing was published",
+                    request_id=req.id,
+                )
+            )
+        return PublishBatch(req.id, tuple(updates))
+
+    def charge(self, items: int) -> bool:
+        """Take the tokens an anonymous batch costs beyond the one its frame
+        took (rule 6): False when the bucket ran dry."""
+        admit = self.limiter.admit
+        now = self.last_frame_at
+        for _ in range(-(-items // ANONYMOUS_ITEMS_PER_TOKEN) - 1):
+            if admit(now) != ADMITTED:
+                return False
+        return True
+
     def published(self, req: Publish, result: Sequence[int] | BusError, elapsed_s: float) -> bytes:
         """The bus answered `req`: its ack (with the position), or its `err`."""
         if isinstance(result, BusError):
-            code = (
-                ErrorCode.UNAVAILABLE
-                if isinstance(result, BusUnavailable)
-                else result.code
-                if isinstance(result, BusRefused)  # too_large, too_many_keys, ...
-                else ErrorCode.INTERNAL
-            )
-            self.counters.errors[code] += 1
-            return codec.err(
-                code, str(result) or "bus unavailable", req.request_id, req.update.topic
-            )
+            return self.publish_failed(result, req.request_id, req.update.topic)
         self.counters.published += 1
         self.counters.publish_hist.observe(elapsed_s)
         return codec.ack(req.request_id, pos=codec.format_pos(result[0]))
+
+    def publish_failed(self, result: BusError, request_id: int | None, topic: str) -> bytes:
+        """The `err` for a publish the bus refused or could not take (counted)."""
+        code = (
+            ErrorCode.UNAVAILABLE
+            if isinstance(result, BusUnavailable)
+            else result.code
+            if isinstance(result, BusRefused)  # too_large, too_many_keys, ...
+            else ErrorCode.INTERNAL
+        )
+        self.counters.errors[code] += 1
+        return codec.err(code, str(result) or "bus unavailable", request_id, topic)
+
+    def published_batch(
+        self, req: PublishBatch, result: Sequence[int] | BusError, elapsed_s: float
+    ) -> bytes:
+        """The bus answered a batch: one ack with a position per item, in
+        order, or one `err` (nothing of it was published)."""
+        if isinstance(result, BusError):
+            named = result.topic if isinstance(result, BusRefused) else None
+            return self.publish_failed(result, req.request_id, named or req.updates[0].topic)
+        self.counters.published += len(req.updates)
+        self.counters.publish_hist.observe(elapsed_s)
+        return codec.ack(req.request_id, pos=[codec.format_pos(p) for p in result])
 
     # -- a `sub` waiting for its topics (rule 5) ----------------------------------------
 

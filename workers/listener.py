@@ -47,6 +47,7 @@ from engine.connection import (
     ConnectionRules,
     LoadFailure,
     Publish,
+    PublishBatch,
 )
 from engine.counters import WorkerCounters
 from engine.errors import BusError
@@ -94,7 +95,10 @@ class ConnectionHost(Protocol):
     def load_topics(
         self, topics: Sequence[str], done: Callable[[LoadFailure | None], None]
     ) -> None: ...
-    def publish(self, update: Update, done: Callable[[Sequence[int] | BusError], None]) -> None: ...
+    def publish(
+        self, updates: Sequence[Update], done: Callable[[Sequence[int] | BusError], None]
+    ) -> None:
+        """Publish `updates` all or nothing: `done` gets one position per update."""
 
 
 class Connection(WSListener):
@@ -357,7 +361,14 @@ class Connection(WSListener):
             self.send_control(self.rules.published(req, result, time.monotonic() - t0))
 
         t0 = time.monotonic()
-        self.host.publish(req.update, done)
+        self.host.publish((req.update,), done)
+
+    def publish_batch(self, req: PublishBatch) -> None:
+        def done(result: Sequence[int] | BusError) -> None:
+            self.send_control(self.rules.published_batch(req, result, time.monotonic() - t0))
+
+        t0 = time.monotonic()
+        self.host.publish(req.updates, done)
 
 
 # What a connection does with each kind of action the rules return (by type:
@@ -371,4 +382,5 @@ _ACTS: dict[type, Callable[[Connection, Any], None]] = {
     Ping: Connection.pong,
     Auth: Connection.check_token,
     Publish: Connection.publish,
+    PublishBatch: Connection.publish_batch,
 }

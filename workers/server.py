@@ -145,6 +145,7 @@ class WorkerServer:
             rate=RatePolicy(cfg.limits.messages_per_s, cfg.limits.abuse_window_s),
             history_of=self.rules.history_of,
             tokens=self.verifier is not None,
+            max_publish_items=cfg.limits.max_publish_items,
         )
         self.high, self.low = watermarks(cfg.fanout.max_buffer_bytes)
         self.notsent_lowat = cfg.fanout.socket_notsent_lowat_bytes
@@ -406,9 +407,11 @@ class WorkerServer:
     def unsubscribe(self, session: Session, topic: str) -> None:
         self.fanout.unsubscribe(session, topic)
 
-    def publish(self, update: Update, done: Callable[[Sequence[int] | BusError], None]) -> None:
-        """A WebSocket `pub`: `done` gets the bus' answer."""
-        self.bus.publish([update], done)
+    def publish(
+        self, updates: Sequence[Update], done: Callable[[Sequence[int] | BusError], None]
+    ) -> None:
+        """A WebSocket `pub` (one update, or a batch): `done` gets the bus' answer."""
+        self.bus.publish(updates, done)
 
     # -- topics held (engine/fanout/core.py rule 9) -----------------------------------
 

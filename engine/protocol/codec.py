@@ -30,6 +30,13 @@ Rules this module owns:
    a value); a value they cannot decode anyway (stored before this check) is
    handed over as an `Undecodable` and reported, never a reason to drop the
    connection (`decode_server_frame`).
+6. A `pub` carries one update (`topic`, `key`, `data`) or a batch (`items`:
+   1 to `max_items` = `limits.max_publish_items` maps of `topic`, `key`,
+   `data`; never both). Each item is read and validated exactly like a single
+   `pub` (rules 1, 3, 5: its `data` kept as raw bytes), and the first bad one
+   refuses the whole batch, its error naming it (`items[3].key`). The item
+   count is read from the array's header: a batch over the limit is skipped
+   undecoded.
 """
 
 from __future__ import annotations
@@ -64,8 +71,13 @@ MAX_DATA_DEPTH: Final = 32
 ENVELOPE_DEPTH: Final = 3
 # The nesting a client decodes in a server message (fanout.js `maxDepth`).
 CLIENT_MAX_DEPTH: Final = MAX_DATA_DEPTH + ENVELOPE_DEPTH
-_FIELDS: Final = frozenset({"op", "id", "topics", "topic", "key", "since", "max_hz", "token"})
+_FIELDS: Final = frozenset(
+    {"op", "id", "topics", "topic", "key", "since", "max_hz", "token", "items"}
+)
+_ITEM_FIELDS: Final = frozenset({"topic", "key"})
 _MAX_ID: Final = 2**53
+# `limits.max_publish_items`' default: the most items one `pub` batch may hold (rule 6)
+DEFAULT_MAX_PUBLISH_ITEMS: Final = 1000
 
 
 # -- positions ----------------------------------------------------------------------
@@ -275,6 +287,23 @@ class Pub:
 
 
 @dataclass(frozen=True, slots=True)
+class PubItem:
+    """One update of a `pub` batch (rule 6)."""
+
+    topic: str
+    key: str | None
+    data: bytes  # the publisher's msgpack bytes, exactly
+
+
+@dataclass(frozen=True, slots=True)
+class PubBatch:
+    """`{op: pub, id, items: [{topic, key, data}, ...]}`: published all or nothing."""
+
+    id: int | None
+    items: tuple[PubItem, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Ping:
     id: int | None
 
@@ -285,7 +314,7 @@ class Auth:
     token: str
 
 
-Request = Sub | Unsub | Pub | Ping | Auth
+Request = Sub | Unsub | Pub | PubBatch | Ping | Auth
 
 KNOWN_OPS: Final = frozenset({"sub", "unsub", "pub", "ping", "auth"})
 
@@ -294,12 +323,15 @@ def _bad(msg: str, rid: int | None = None, topic: str | None = None) -> RemotePr
     return RemoteProtocolError(ErrorCode.BAD_REQUEST, msg, request_id=rid, topic=topic)
 
 
-def decode_request(payload: bytes, max_topics: int) -> Request:
+def decode_request(
+    payload: bytes, max_topics: int, max_items: int = DEFAULT_MAX_PUBLISH_ITEMS
+) -> Request:
     """Decode one client message (one complete binary WebSocket message).
 
     Returns a typed request, or raises `RemoteProtocolError` with the protocol
     code to answer (`bad_request`, `unknown_op`, `bad_topic`, `too_many_topics`)
     and the request's `id` when it could be read. Never raises anything else.
+    A `pub` batch holds at most `max_items` items (rule 6).
     """
     fields: dict[str, Any] = {}
     data: bytes | None = None
@@ -322,6 +354,8 @@ def decode_request(payload: bytes, max_topics: int) -> Request:
                 unpacker.skip()  # not ours: never decoded (rule 3)
             elif k in ("topics", "since"):
                 fields[k] = _read_shallow(unpacker, payload, k, max_topics)
+            elif k == "items":
+                fields[k] = _read_items(unpacker, payload, max_items, _id_of(fields))
             elif container_at(payload, unpacker.tell()) is not None:
                 fields[k] = _ILL_TYPED  # refused by _validate, with the request's id
                 unpacker.skip()
@@ -338,7 +372,7 @@ def decode_request(payload: bytes, max_topics: int) -> Request:
         raise _bad("truncated msgpack message") from None
     except Exception as exc:  # msgpack raises ValueError/TypeError subclasses of many kinds
         raise _bad(f"undecodable msgpack: {type(exc).__name__}") from None
-    return _validate(fields, data, max_topics)
+    return _validate(fields, data, max_topics, max_items)
 
 
 _ILL_TYPED: Final = object()  # a container where a scalar field belongs (never decoded)
@@ -411,7 +445,107 @@ def _read_shallow(unpacker: msgpack.Unpacker, payload: bytes, name: str, max_top
     return since
 
 
-def _validate(fields: dict[str, Any], data: bytes | None, max_topics: int) -> Request:
+# One item of a batch as read: its scalar fields and its raw `data` (None: absent).
+_RawItem = tuple[dict[str, Any], bytes | None]
+
+
+def _read_items(unpacker: msgpack.Unpacker, payload: bytes, max_items: int, rid: int | None) -> Any:
+    """`items` of a `pub` batch: at most `max_items` maps, each read like a
+    single `pub` (scalar `topic` and `key`, `data` kept as raw bytes, unknown
+    fields skipped undecoded). Anything else is skipped and left for
+    `_validate` to refuse (`_ILL_TYPED`, `_TooMany`, or an item `_ILL_TYPED`);
+    a `topic` or `key` that is not UTF-8 is refused here (`rid`: the id read so far)."""
+    shape = container_at(payload, unpacker.tell())
+    if shape is None or shape[0] != "array":
+        unpacker.skip()
+        return _ILL_TYPED
+    if shape[1] > max_items:
+        unpacker.skip()
+        return _TooMany(shape[1])
+    items: list[_RawItem | object] = []
+    for _ in range(unpacker.read_array_header()):
+        mark = container_at(payload, unpacker.tell())
+        if mark is None or mark[0] != "map":
+            unpacker.skip()
+            items.append(_ILL_TYPED)
+            continue
+        fields: dict[str, Any] = {}
+        data: bytes | None = None
+        for _ in range(unpacker.read_map_header()):
+            if container_at(payload, unpacker.tell()) is not None:
+                unpacker.skip()
+                unpacker.skip()
+                fields["topic"] = _ILL_TYPED  # a container as a field name
+                continue
+            k = unpacker.unpack()
+            if k == "data":
+                data = read_raw(unpacker, payload)
+            elif k not in _ITEM_FIELDS:
+                unpacker.skip()
+            elif container_at(payload, unpacker.tell()) is not None:
+                unpacker.skip()
+                fields[k] = _ILL_TYPED
+            else:
+                try:
+                    fields[k] = unpacker.unpack()
+                except UnicodeDecodeError:
+                    raise _bad(f"'items[{len(items)}].{k}' is not valid UTF-8", rid) from None
+        items.append((fields, data))
+    return items
+
+
+def _pub_item(
+    fields: Mapping[str, Any], data: bytes | None, rid: int | None, where: str
+) -> PubItem:
+    """One update of a `pub` (`where`: "" for a single one, "items[3]." in a
+    batch), validated: topic name, key, `data` every client can decode (rule 5)."""
+    topic = fields.get("topic")
+    if not isinstance(topic, str):
+        raise _bad(f"'pub' needs a string '{where}topic'", rid)
+    if not valid_topic(topic):
+        raise RemoteProtocolError(
+            ErrorCode.BAD_TOPIC,
+            f"bad topic name {topic[:60]!r}" + (f" ({where[:-1]})" if where else ""),
+            topic=topic[:200],
+            request_id=rid,
+        )
+    key = fields.get("key")
+    if key is not None and (not isinstance(key, str) or not key):
+        raise _bad(f"'{where}key' must be a non-empty string", rid, topic)
+    if data is None:
+        raise _bad(f"'pub' needs a '{where}data' field", rid, topic)
+    problem = data_problem(data)
+    if problem is not None:
+        raise _bad(f"'{where}data' {problem}", rid, topic)
+    return PubItem(topic, key, data)
+
+
+def _pub_batch(
+    fields: Mapping[str, Any], data: bytes | None, rid: int | None, max_items: int
+) -> PubBatch:
+    """A `pub` with `items` (rule 6): 1 to `max_items` items, each a valid
+    single `pub`; `topic`, `key` and `data` beside `items` are refused."""
+    if data is not None or "topic" in fields or "key" in fields:
+        raise _bad("'pub' holds either 'items' or one 'topic'/'key'/'data', not both", rid)
+    items = fields["items"]
+    if isinstance(items, _TooMany):
+        raise _bad(
+            f"'items' holds {items.n} items; the limit is {max_items} (limits.max_publish_items)",
+            rid,
+        )
+    if not isinstance(items, list) or not items:
+        raise _bad("'items' must be a non-empty array of {topic, key, data} maps", rid)
+    out: list[PubItem] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, tuple):
+            raise _bad(f"'items[{i}]' must be a map of topic, key, data", rid)
+        out.append(_pub_item(item[0], item[1], rid, f"items[{i}]."))
+    return PubBatch(rid, tuple(out))
+
+
+def _validate(
+    fields: dict[str, Any], data: bytes | None, max_topics: int, max_items: int
+) -> Request:
     rid = fields.get("id")
     if rid is not None and (
         not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < _MAX_ID
@@ -434,25 +568,10 @@ def _validate(fields: dict[str, Any], data: bytes | None, max_topics: int) -> Re
     if op == "unsub":
         return Unsub(rid, _topics(fields, rid, max_topics))
     if op == "pub":
-        topic = fields.get("topic")
-        if not isinstance(topic, str):
-            raise _bad("'pub' needs a string 'topic'", rid)
-        if not valid_topic(topic):
-            raise RemoteProtocolError(
-                ErrorCode.BAD_TOPIC,
-                f"bad topic name {topic[:60]!r}",
-                topic=topic[:200],
-                request_id=rid,
-            )
-        key = fields.get("key")
-        if key is not None and (not isinstance(key, str) or not key):
-            raise _bad("'key' must be a non-empty string", rid, topic)
-        if data is None:
-            raise _bad("'pub' needs a 'data' field", rid, topic)
-        problem = data_problem(data)
-        if problem is not None:
-            raise _bad(f"'data' {problem}", rid, topic)
-        return Pub(rid, topic, key, data)
+        if "items" in fields:
+            return _pub_batch(fields, data, rid, max_items)
+        item = _pub_item(fields, data, rid, "")
+        return Pub(rid, item.topic, item.key, item.data)
     if op == "ping":
         return Ping(rid)
     if op == "auth":

@@ -1,0 +1,139 @@
+"""A `pub` with a batch of items (engine/protocol/codec.py rule 6): decoded
+item by item exactly like a single `pub`, refused whole at the first bad item."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+
+from engine.codes import ErrorCode
+from engine.errors import RemoteProtocolError
+from engine.protocol.codec import (
+    MAX_DATA_DEPTH,
+    Pub,
+    PubBatch,
+    PubItem,
+    decode_request,
+)
+
+
+def encoded(**fields: Any) -> bytes:
+    out: bytes = msgpack.packb(fields)
+    return out
+
+
+def refused(payload: bytes, max_items: int = 10) -> RemoteProtocolError:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_request(payload, 10, max_items)
+    return info.value
+
+
+def test_a_batch_keeps_each_items_data_bytes_exactly_and_its_order() -> None:
+    payload = encoded(
+        op="pub",
+        id=7,
+        items=[
+            {"topic": "a", "key": "k", "data": {"px": 1.5}},
+            {"topic": "events.log", "data": [1, 2]},
+            {"topic": "a", "key": "gone", "data": None, "extra": {"ignored": [1]}},
+        ],
+    )
+    assert decode_request(payload, 10) == PubBatch(
+        7,
+        (
+            PubItem("a", "k", msgpack.packb({"px": 1.5})),
+            PubItem("events.log", None, msgpack.packb([1, 2])),
+            PubItem("a", "gone", b"\xc0"),
+        ),
+    )
+
+
+def test_a_single_pub_is_unchanged() -> None:
+    assert decode_request(encoded(op="pub", id=1, topic="t", key="k", data=1), 10) == Pub(
+        1, "t", "k", b"\x01"
+    )
+
+
+def test_the_whole_message_byte_by_byte_prefixes_are_refused_not_crashed() -> None:
+    payload = encoded(op="pub", id=2, items=[{"topic": "a", "key": "k", "data": "x" * 20}])
+    for n in range(len(payload)):
+        assert refused(payload[:n]).code == ErrorCode.BAD_REQUEST
+    assert refused(payload + b"\x01").code == ErrorCode.BAD_REQUEST  # trailing bytes
+
+
+def test_more_items_than_the_limit_are_refused_from_the_header_with_the_id() -> None:
+    exc = refused(encoded(op="pub", id=3, items=[{"topic": "a", "key": "k", "data": 1}] * 11))
+    assert (exc.code, exc.request_id) == (ErrorCode.BAD_REQUEST, 3)
+    assert "holds 11 items; the limit is 10 (limits.max_publish_items)" in exc.message
+    assert isinstance(
+        decode_request(
+            encoded(op="pub", items=[{"topic": "a", "key": "k", "data": 1}] * 10), 10, 10
+        ),
+        PubBatch,
+    )
+
+
+@pytest.mark.parametrize(
+    ("items", "code", "says", "topic"),
+    [
+        ([], ErrorCode.BAD_REQUEST, "non-empty array", None),
+        ("x", ErrorCode.BAD_REQUEST, "non-empty array", None),
+        ([1], ErrorCode.BAD_REQUEST, "'items[0]' must be a map", None),
+        (
+            [{"topic": "a", "key": "k", "data": 1}, {"key": "k", "data": 1}],
+            ErrorCode.BAD_REQUEST,
+            "needs a string 'items[1].topic'",
+            None,
+        ),
+        ([{"topic": ["a"], "key": "k", "data": 1}], ErrorCode.BAD_REQUEST, "items[0].topic", None),
+        ([{"topic": "a b", "key": "k", "data": 1}], ErrorCode.BAD_TOPIC, "(items[0])", "a b"),
+        ([{"topic": "a", "key": "", "data": 1}], ErrorCode.BAD_REQUEST, "'items[0].key'", "a"),
+        (
+            [{"topic": "a", "key": {"k": 1}, "data": 1}],
+            ErrorCode.BAD_REQUEST,
+            "'items[0].key'",
+            "a",
+        ),
+        ([{"topic": "a", "key": "k"}], ErrorCode.BAD_REQUEST, "'items[0].data'", "a"),
+    ],
+)
+def test_a_bad_item_refuses_the_batch_naming_it(
+    items: Any, code: str, says: str, topic: str | None
+) -> None:
+    exc = refused(encoded(op="pub", id=4, items=items))
+    assert (exc.code, exc.request_id, exc.topic) == (code, 4, topic)
+    assert says in exc.message
+
+
+def test_an_items_data_is_checked_like_a_single_pubs() -> None:
+    deep: Any = 1
+    for _ in range(MAX_DATA_DEPTH + 1):
+        deep = [deep]
+    ok = {"topic": "a", "key": "k", "data": 1}
+    exc = refused(encoded(op="pub", id=5, items=[ok, {"topic": "b", "key": "k", "data": deep}]))
+    assert (exc.code, exc.topic) == (ErrorCode.BAD_REQUEST, "b")
+    assert "'items[1].data' is nested deeper than 32" in exc.message
+    # a string that is not UTF-8, inside the data and as a key
+    bad_str = b"\xa2\xff\xfe"
+    payload = (
+        b"\x83\xa2op\xa3pub\xa2id\x06\xa5items\x91\x83\xa5topic\xa1a\xa3key\xa1k\xa4data" + bad_str
+    )
+    exc = refused(payload)
+    assert "'items[0].data' holds a string that is not valid UTF-8" in exc.message
+    payload = (
+        b"\x83\xa2op\xa3pub\xa2id\x06\xa5items\x91\x83\xa5topic\xa1a\xa3key"
+        + bad_str
+        + b"\xa4data\x01"
+    )
+    exc = refused(payload)
+    assert (exc.request_id, exc.message) == (6, "'items[0].key' is not valid UTF-8")
+
+
+def test_items_beside_a_single_update_is_refused() -> None:
+    exc = refused(
+        encoded(op="pub", id=8, topic="a", key="k", items=[{"topic": "a", "key": "k", "data": 1}])
+    )
+    assert (exc.code, exc.request_id) == (ErrorCode.BAD_REQUEST, 8)
+    assert "either 'items' or one" in exc.message
