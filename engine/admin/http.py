@@ -49,6 +49,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Final
 
 import msgpack
@@ -124,6 +125,7 @@ COUNTERS: Final[tuple[tuple[str, Callable[[WorkerStatus], int]], ...]] = (
 )
 _NO_STATUS: Final = WorkerStatus()  # what /stats shows of a worker with no status
 
+_REASONS: Final = {s.value: s.phrase for s in HTTPStatus}
 _PUBLISH_FIELDS: Final = frozenset({"topic", "key", "data"})
 MIN_BODY_LIMIT_BYTES: Final = 1 << 20
 
@@ -139,6 +141,23 @@ class Response:
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
     content_type: str = JSON_TYPE
+
+
+def response_bytes(response: Response, *, close: bool) -> bytes:
+    """The whole HTTP/1.1 answer on the wire: status line, headers
+    (Content-Type, Content-Length, `Cache-Control: no-store`, the response's
+    own, `Connection: close` when `close`) and body."""
+    lines = [
+        f"HTTP/1.1 {response.status} {_REASONS.get(response.status, '')}",
+        f"content-type: {response.content_type}",
+        f"content-length: {len(response.body)}",
+        "cache-control: no-store",
+        *(f"{name}: {value}" for name, value in response.headers),
+    ]
+    if close:
+        lines.append("connection: close")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1") + response.body
 
 
 def json_response(

@@ -1,8 +1,8 @@
 """The admin HTTP process: /healthz /readyz /stats /publish on the admin port,
 and the live dashboard (`/`, `/config.json`, `/static/<file>` from engine/static).
 
-A thin shell: it moves bytes between asyncio streams and h11, reads the status
-board, and awaits the bus; every decision is made in `engine.admin.http`.
+A thin shell: it moves bytes between asyncio streams and `engine.admin.parser`
+(httptools), reads the status board, and awaits the bus; every decision is made in `engine.admin.http`.
 
 Limits (each with its overflow policy):
 - request head: `MAX_HEAD_BYTES` (431, then close);
@@ -37,15 +37,14 @@ import signal
 import socket
 import time
 from collections.abc import Mapping
-from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-import h11
 import psutil
 
 from engine import metrics
 from engine.admin import http
+from engine.admin.parser import Request, RequestReader
 from engine.board import Board
 from engine.codes import EXIT_PORT_IN_USE, ErrorCode
 from engine.errors import BusError, BusRefused, BusUnavailable
@@ -82,6 +81,14 @@ _PROBES_ONLY: Final = http.HttpError(
 
 class _Closing(Exception):
     """The connection cannot carry another request (peer gone, error, or timeout)."""
+
+
+class _Refused(Exception):
+    """The request's framing is bad: answer `error` and close."""
+
+    def __init__(self, error: http.HttpError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 class AdminServer:
@@ -164,9 +171,9 @@ class AdminServer:
             return
         pool.add(task)
         try:
-            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-            while await self._exchange(conn, reader, writer, probe_only=probe_only):
-                conn.start_next_cycle()
+            requests = RequestReader(MAX_HEAD_BYTES, self.body_limit)
+            while await self._exchange(requests, reader, writer, probe_only=probe_only):
+                requests.pop()
         except (_Closing, OSError, TimeoutError):
             pass
         except asyncio.CancelledError:
@@ -217,20 +224,28 @@ class AdminServer:
     def _count(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
-    async def _next_event(
+    async def _next(
         self,
-        conn: h11.Connection,
+        requests: RequestReader,
         reader: asyncio.StreamReader,
         deadline: float,
         idle_until: float | None = None,
-    ) -> Any:
-        """The next h11 event, reading as needed; TimeoutError past `deadline`
-        (loop time); `_Closing` when no byte at all arrived by `idle_until`."""
+        *,
+        whole: bool = False,
+    ) -> Request:
+        """The request being served, once its head (`whole`: and its body, or a
+        body over the limit) has arrived, reading as needed. Raises `_Refused`
+        on a framing error, TimeoutError past `deadline` (loop time),
+        `_Closing` when the peer closed, or when no byte at all arrived by
+        `idle_until`."""
         while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            idle = idle_until is not None and not conn.trailing_data[0]
+            if requests.requests:
+                request = requests.requests[0]
+                if request.complete or request.over or (request.head_done and not whole):
+                    return request
+            if requests.error is not None:
+                raise _Refused(requests.error)
+            idle = idle_until is not None and not requests.requests
             try:
                 async with asyncio.timeout_at(idle_until if idle else deadline):
                     data = await reader.read(READ_CHUNK_BYTES)
@@ -239,13 +254,14 @@ class AdminServer:
                     raise
                 self._count("idle")
                 raise _Closing from None
-            if data:
-                idle_until = None  # the request has begun: `deadline` applies
-            conn.receive_data(data)  # b"" tells h11 the peer closed
+            if not data:
+                raise _Closing  # the peer closed (between requests, or mid-request)
+            idle_until = None  # the request has begun: `deadline` applies
+            requests.feed(data)
 
     async def _exchange(
         self,
-        conn: h11.Connection,
+        requests: RequestReader,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         *,
@@ -262,33 +278,15 @@ class AdminServer:
         idle_until = now + self.idle_timeout_s
         deadline = idle_until if probe_only else now + REQUEST_TIMEOUT_S
         try:
-            event = await self._next_event(conn, reader, deadline, idle_until)
-        except h11.RemoteProtocolError as exc:
-            error = http.HttpError(
-                exc.error_status_hint, "bad_request", f"malformed HTTP request: {exc}"
-            )
-            await self._refuse(conn, reader, writer, error)
+            request = await self._next(requests, reader, deadline, idle_until)
+        except _Refused as exc:
+            await self._refuse(reader, writer, exc.error)
             return False
-        if not isinstance(event, h11.Request):
-            return False  # ConnectionClosed (or a peer that only closed)
-        # h11 bounds only an incomplete head; one that arrived whole in a read
-        # is measured here.
-        head_bytes = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
-        if head_bytes > MAX_HEAD_BYTES:
-            error = http.HttpError(
-                431, "bad_request", f"request head over the limit of {MAX_HEAD_BYTES} bytes"
-            )
-            await self._refuse(conn, reader, writer, error)
-            return False
-        headers = {
-            name.decode("latin-1").lower(): value.decode("latin-1") for name, value in event.headers
-        }
-        method = event.method.decode("ascii", "replace")
-        target = event.target.decode("latin-1")
+        headers = request.headers
         try:
             plan: http.Plan | None = http.plan_request(
-                method,
-                target,
+                request.method,
+                request.target,
                 headers,
                 api_key=self.api_key,
                 body_limit=self.body_limit,
@@ -305,12 +303,12 @@ class AdminServer:
             plan, refusal = None, _PROBES_ONLY
         declared = http.declared_length(headers)
         if refusal is not None and (declared or 0) > self.body_limit:
-            await self._refuse(conn, reader, writer, refusal)
+            await self._refuse(reader, writer, refusal)
             return False
         # A refused request's body (under the cap) is read and dropped all the
         # same: closing on unread bytes would reset the connection, and the
         # client could lose our answer.
-        body = await self._read_body(conn, reader, writer, deadline)
+        body = await self._read_body(requests, request, reader, writer, deadline)
         if body is None:
             return False
         if refusal is not None:
@@ -318,79 +316,51 @@ class AdminServer:
         else:
             assert plan is not None
             response = await self._dispatch(plan, body)
-        await self._send(conn, writer, response, close=probe_only)
-        return not probe_only and conn.our_state is h11.DONE and conn.their_state is h11.DONE
+        keep = request.keep_alive and not probe_only
+        await self._send(writer, response, close=not keep)
+        return keep
 
     async def _refuse(
         self,
-        conn: h11.Connection,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         error: http.HttpError,
     ) -> None:
         """Answer `error` and close, lingering: the client may still be sending
         a body we won't read."""
-        await self._send(conn, writer, error.response(), close=True)
+        await self._send(writer, error.response(), close=True)
         await self._linger(reader, writer)
 
     async def _read_body(
         self,
-        conn: h11.Connection,
+        requests: RequestReader,
+        request: Request,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         deadline: float,
     ) -> bytes | None:
         """The whole body, or None after answering 413 or 400 (bad framing) and closing."""
-        if conn.they_are_waiting_for_100_continue:
-            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            try:
-                event = await self._next_event(conn, reader, deadline)
-            except h11.RemoteProtocolError as exc:
-                error = http.HttpError(400, "bad_request", f"malformed HTTP body: {exc}")
-                await self._refuse(conn, reader, writer, error)
-                return None
-            if isinstance(event, h11.EndOfMessage):
-                return b"".join(chunks)
-            if not isinstance(event, h11.Data):
-                raise _Closing  # the peer closed mid-body
-            size += len(event.data)
-            if size > self.body_limit:
-                await self._refuse(conn, reader, writer, http.too_large(self.body_limit))
-                return None
-            chunks.append(bytes(event.data))
+        if request.expect_continue and not request.complete and not request.size:
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        try:
+            request = await self._next(requests, reader, deadline, whole=True)
+        except _Refused as exc:
+            error = http.HttpError(400, "bad_request", f"malformed HTTP body: {exc.error.message}")
+            await self._refuse(reader, writer, error)
+            return None
+        if request.over:
+            await self._refuse(reader, writer, http.too_large(self.body_limit))
+            return None
+        return request.body()
 
     async def _send(
         self,
-        conn: h11.Connection,
         writer: asyncio.StreamWriter,
         response: http.Response,
         *,
         close: bool,
     ) -> None:
-        headers = [
-            ("content-type", response.content_type),
-            ("content-length", str(len(response.body))),
-            ("cache-control", "no-store"),
-            *response.headers,
-        ]
-        if close:
-            headers.append(("connection", "close"))
-        try:
-            out = conn.send(
-                h11.Response(
-                    status_code=response.status,
-                    headers=headers,
-                    reason=HTTPStatus(response.status).phrase.encode(),
-                )
-            )
-            out += conn.send(h11.Data(data=response.body))
-            out += conn.send(h11.EndOfMessage())
-        except h11.LocalProtocolError:
-            raise _Closing from None
-        writer.write(out)
+        writer.write(http.response_bytes(response, close=close))
         async with asyncio.timeout(REQUEST_TIMEOUT_S):
             await writer.drain()
 
