@@ -1,7 +1,13 @@
-"""Publishing from back-end code: through the admin HTTP API, or straight into the bus.
+"""Publishing from back-end code: through the admin HTTP API, a worker's
+WebSocket endpoint, or straight into the bus.
 
 `Publisher` posts to `POST /publish` on the admin port over one keep-alive
-HTTP/1.1 connection (h11 over asyncio streams), reopened when it breaks.
+HTTP/1.1 connection (h11 over asyncio streams), reopened when it breaks. Given
+`ws_url` instead, it sends each batch as one `pub` with `items` over one
+WebSocket connection (docs/protocol.md section 3), up to `max_in_flight`
+batches at once, each matched to its `ack` (a position per item) or `err` by
+its `id`; a broken connection fails the batches in flight, which are sent
+again on a new connection (opened with backoff) under the retry rule below.
 
 Retries and why they are safe: a request that failed on a connection error
 (refused, reset, a keep-alive connection the server closed, a timeout) or was
@@ -12,7 +18,8 @@ by design**: a key's latest value is what it was (the second publish gets a
 newer position, and subscribers may receive the same value once more, which
 is what latest-state delivery allows). It would duplicate events of stream
 topics (not served yet): set `retries=0` for them. Requests the server
-refused (400, 401, 413, 415) are never retried: they raise `PublishError`.
+refused (400, 401, 413, 415; over WebSocket every `err` but `unavailable` and
+`rate_limited`, which publish nothing) are never retried: they raise `PublishError`.
 
 `BusPublisher` publishes through the configured bus backend
 (`engine.bus.create_bus`), without HTTP: for back-end code running next to
@@ -25,19 +32,27 @@ retry it under the same rule as above.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 import h11
 import msgpack
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from engine.backoff import Backoff
 from engine.bus.base import Update
-from engine.protocol.codec import data_problem, format_pos, utf8_problem, valid_topic
+from engine.protocol.codec import (
+    data_problem,
+    decode_frame,
+    format_pos,
+    utf8_problem,
+    valid_topic,
+)
 
 if TYPE_CHECKING:
     from engine.bus.base import Bus
@@ -53,6 +68,9 @@ _RETRYABLE: Final = (
     h11.ProtocolError,
     asyncio.IncompleteReadError,
 )
+# `err` codes of a WebSocket `pub` that published nothing and may be sent again
+_WS_RETRYABLE_CODES: Final = frozenset({"unavailable", "rate_limited"})
+_MAX_ID: Final = 2**53
 
 
 class PublishError(Exception):
@@ -69,10 +87,17 @@ class PublishError(Exception):
 
 class Publisher:
     """Publishes updates through the admin HTTP API (`admin_url`, e.g.
-    `http://127.0.0.1:8001`), sending `Authorization: Bearer <api_key>` when given.
+    `http://127.0.0.1:8001`), sending `Authorization: Bearer <api_key>` when given;
+    or, given `ws_url` (`ws://host:port/ws`), over a worker's WebSocket endpoint,
+    sending `Authorization: Bearer <token>` when given (a token whose
+    `pub_topics` cover the topics, or none with `auth.allow_anonymous_publish`).
 
-    One request at a time over one connection (concurrent calls queue on a
-    lock); open several Publishers for parallel requests.
+    HTTP: one request at a time over one connection (concurrent calls queue on
+    a lock); open several Publishers for parallel requests. WebSocket: up to
+    `max_in_flight` concurrent `publish_many` calls are in flight on the one
+    connection (more wait for a slot); a batch's encoded message must fit the
+    server's `limits.max_message_bytes` (`max_message_bytes`, checked before
+    sending: ValueError) and hold at most `limits.max_publish_items` items.
     """
 
     def __init__(
@@ -84,10 +109,18 @@ class Publisher:
         retries: int = 3,
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
+        ws_url: str | None = None,
+        token: str | None = None,
+        max_in_flight: int = 8,
+        max_message_bytes: int = 65_536,
     ) -> None:
         parts = urlsplit(admin_url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"admin_url must be http://host:port, got {admin_url!r}")
+        if ws_url is not None and urlsplit(ws_url).scheme not in ("ws", "wss"):
+            raise ValueError(f"ws_url must be ws://host:port/path, got {ws_url!r}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self.host = parts.hostname
         self.port = parts.port or 80
         self.path = parts.path.rstrip("/") + "/publish"
@@ -102,6 +135,13 @@ class Publisher:
         self._h11: h11.Connection | None = None
         self.connections_opened = 0
         self.retried = 0
+        self.ws_url = ws_url
+        self.token = token
+        self.max_message_bytes = max_message_bytes
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._ws: _WsChannel | None = None
+        self._connecting = asyncio.Lock()
+        self._ids = itertools.count(1)
 
     async def __aenter__(self) -> Publisher:
         return self
@@ -116,6 +156,8 @@ class Publisher:
 
     async def publish(self, topic: str, key: str, data: Any) -> str:
         """Publish one update (data None deletes the key); returns its position."""
+        if self.ws_url is not None:
+            return (await self.publish_many([(topic, key, data)]))[0]
         body = msgpack.packb({"topic": topic, "key": key, "data": data}, use_bin_type=True)
         answer = await self._post(body)
         return str(answer["pos"])
@@ -128,10 +170,15 @@ class Publisher:
         batch = [{"topic": t, "key": k, "data": d} for t, k, d in items]
         if not batch:
             return []
+        if self.ws_url is not None:
+            return await self._pub_ws(batch)
         answer = await self._post(msgpack.packb({"items": batch}, use_bin_type=True))
         return [str(p) for p in answer["pos"]]
 
     async def close(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            ws.close()
         writer, self._writer, self._reader, self._h11 = self._writer, None, None, None
         if writer is not None:
             writer.close()
@@ -212,6 +259,138 @@ class Publisher:
         else:
             await self.close()
         return status, b"".join(chunks)
+
+    # -- the WebSocket channel -----------------------------------------------------------
+
+    async def _pub_ws(self, batch: list[dict[str, Any]]) -> list[str]:
+        """Send one `pub` batch, retried under the module's rule; its positions."""
+        attempt = 0
+        while True:
+            rid = next(self._ids) % _MAX_ID
+            message = msgpack.packb({"op": "pub", "id": rid, "items": batch}, use_bin_type=True)
+            if len(message) > self.max_message_bytes:
+                raise ValueError(
+                    f"a batch of {len(batch)} items is {len(message)} bytes encoded, over"
+                    f" max_message_bytes ({self.max_message_bytes}, the server's"
+                    " limits.max_message_bytes): send smaller batches"
+                )
+            try:
+                async with self._slots:
+                    answer = await asyncio.wait_for(self._exchange_ws(rid, message), self.timeout_s)
+            except (*_RETRYABLE, ConnectionError) as exc:
+                self._drop_ws()
+                failure = PublishError(0, "unreachable", f"{type(exc).__name__}: {exc}")
+            else:
+                if answer.get("op") == "ack":
+                    return [str(p) for p in answer["pos"]]
+                failure = PublishError(0, str(answer.get("code")), str(answer.get("msg")))
+                if failure.error not in _WS_RETRYABLE_CODES:
+                    raise failure
+            if attempt >= self.retries:
+                raise failure
+            self.retried += 1
+            await asyncio.sleep(self.backoff.delay_ms(attempt, self._rng.random()) / 1000.0)
+            attempt += 1
+
+    async def _exchange_ws(self, rid: int, message: bytes) -> Mapping[str, Any]:
+        async with self._connecting:  # one connection, opened by one caller
+            channel = self._ws
+            if channel is None or channel.lost.done():
+                assert self.ws_url is not None
+                channel = self._ws = await _WsChannel.open(self.ws_url, self.token, self.timeout_s)
+                self.connections_opened += 1
+        return await channel.request(rid, message)
+
+    def _drop_ws(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            ws.close()
+
+
+class _WsChannel(WSListener):
+    """One WebSocket connection of a `Publisher`: requests out, their `ack` or
+    `err` matched back by `id` inside `on_ws_frame` (no queue, no reader task).
+    A lost connection fails every request in flight with ConnectionError."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.transport: WSTransport | None = None
+        self.pending: dict[int, asyncio.Future[Mapping[str, Any]]] = {}
+        self.hello: asyncio.Future[Mapping[str, Any]] = loop.create_future()
+        self.lost: asyncio.Future[str] = loop.create_future()
+
+    @classmethod
+    async def open(cls, url: str, token: str | None, timeout_s: float) -> _WsChannel:
+        channel = cls()
+        headers = {"Sec-WebSocket-Protocol": "fanout.v1"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        await ws_connect(
+            lambda: channel,
+            url,
+            extra_headers=headers,
+            websocket_handshake_timeout=timeout_s,
+            logger_name="publisher",
+        )
+        hello = await asyncio.wait_for(asyncio.shield(channel.hello), timeout_s)
+        if hello.get("auth"):
+            channel.close()
+            raise PublishError(0, "not_authenticated", "the server wants a token (token=...)")
+        return channel
+
+    async def request(self, rid: int, message: bytes) -> Mapping[str, Any]:
+        if self.lost.done() or self.transport is None:
+            raise ConnectionError(
+                f"connection lost: {self.lost.result() if self.lost.done() else ''}"
+            )
+        future: asyncio.Future[Mapping[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending[rid] = future
+        self.transport.send(WSMsgType.BINARY, message)
+        try:
+            return await future
+        finally:
+            self.pending.pop(rid, None)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.lost.done():
+            self.transport.send_close()
+            self.transport.disconnect()
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        # valid only inside on_ws_frame: decoded here
+        if frame.msg_type == WSMsgType.CLOSE:
+            code = frame.get_close_code().value
+            self.fail(f"closed {code} {frame.get_close_reason() or ''}".strip())
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+            return
+        if frame.msg_type != WSMsgType.BINARY:
+            return
+        for msg in decode_frame(frame.get_payload_as_bytes()):
+            if not isinstance(msg, dict):
+                continue
+            future = self.pending.get(msg.get("id"))  # type: ignore[arg-type]
+            if future is not None and msg.get("op") in ("ack", "err"):
+                if not future.done():
+                    future.set_result(msg)
+            elif msg.get("op") == "hello" and not self.hello.done():
+                self.hello.set_result(msg)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.fail("the connection was lost")
+
+    def fail(self, why: str) -> None:
+        """The connection ended: every request in flight fails (it may be retried)."""
+        if not self.lost.done():
+            self.lost.set_result(why)
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError(why))
+        if not self.hello.done():
+            self.hello.set_exception(ConnectionError(why))
 
 
 def _json(payload: bytes) -> dict[str, Any]:
