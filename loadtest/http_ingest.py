@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import os
 import socket
+import subprocess
 import sys
 import time
 from typing import Any
@@ -122,6 +123,18 @@ def client(
     out.put({"requests": sent, "failed": failed, "statuses": statuses, "cpu_s": cpu})
 
 
+def _py_spy(
+    prefix: str | None, batch: int, admin: list[int], duration_s: float
+) -> subprocess.Popen[bytes] | None:
+    """py-spy recording the admin process during the window (raw folded stacks)."""
+    if not prefix or not admin:
+        return None
+    out = f"{prefix}.batch{batch}.txt"
+    seconds = str(max(1, int(duration_s) - 1))
+    cmd = ["py-spy", "record", "-p", str(admin[0]), "-d", seconds, "-r", "200", "-f", "raw"]
+    return subprocess.Popen([*cmd, "-o", out], stdout=subprocess.DEVNULL)
+
+
 def server_roles(srv: Server) -> dict[str, list[int]]:
     """The server's processes by role: admin, hub, workers, supervisor."""
     roles: dict[str, list[int]] = {"admin": [], "hub": [], "workers": [], "supervisor": []}
@@ -146,7 +159,10 @@ def run_batch(args: argparse.Namespace, batch: int, roles: dict[str, list[int]])
     ]
     for p in procs:
         p.start()
+    spy = _py_spy(args.py_spy, batch, roles.get("admin", []), args.duration)
     results = [out.get(timeout=args.duration + 60) for _ in procs]
+    if spy is not None:
+        spy.wait(30)
     for p in procs:
         p.join(10)
     elapsed = time.monotonic() - t0
@@ -206,6 +222,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--admin", help="load this admin URL (http://host:port) instead of starting one")
     p.add_argument("--api-key-env", default="FANOUT_API_KEY", help="env var holding the API key")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--py-spy", metavar="PREFIX", help="record the admin with py-spy: PREFIX.batchN.txt"
+    )
     args = p.parse_args(argv)
     if not 0 < args.duration <= 600:
         p.error("--duration must be in (0, 600]")
