@@ -132,6 +132,8 @@ def _py_spy(
     out = f"{prefix}.batch{batch}.txt"
     seconds = str(max(1, int(duration_s) - 1))
     cmd = ["py-spy", "record", "-p", str(admin[0]), "-d", seconds, "-r", "200", "-f", "raw"]
+    if os.environ.get("HTTP_INGEST_NATIVE"):
+        cmd.append("--native")  # C frames too (uvloop, msgpack, httptools)
     return subprocess.Popen([*cmd, "-o", out], stdout=subprocess.DEVNULL)
 
 
@@ -175,6 +177,11 @@ def run_batch(args: argparse.Namespace, batch: int, roles: dict[str, list[int]])
         for role, ps in roles.items()
         if ps
     }
+    system = {
+        role: sum(used(before, after, p, 1) for p in ps if p in before and p in after)
+        for role, ps in roles.items()
+        if ps
+    }
     statuses: dict[str, int] = {}
     for r in results:
         for s, n in r["statuses"].items():
@@ -196,6 +203,7 @@ def run_batch(args: argparse.Namespace, batch: int, roles: dict[str, list[int]])
         "admin_us_per_request": round(admin / reqs * 1e6, 1) if admin is not None and reqs else None,
         "admin_us_per_update": round(admin / updates * 1e6, 2) if admin is not None and updates else None,
         "cpu_s": {k: round(v, 3) for k, v in cpu.items()},
+        "system_cpu_s": {k: round(v, 3) for k, v in system.items()},  # kernel: syscalls
         "cpu_s_per_million_updates": per_million,
         "generator_cpu_s": round(gen_cpu, 3),
         "generator_cpu_s_per_million_updates": round(gen_cpu / updates * 1e6, 2) if updates else None,

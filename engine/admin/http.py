@@ -42,6 +42,7 @@ Rules this module owns:
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import json
@@ -268,6 +269,11 @@ def host_allowed(host_header: str | None, allowed: Sequence[str]) -> bool:
     """Rule 7: an absent `Host`, an IP address, "localhost" (and its
     subdomains, which resolve to loopback), or a name of `allowed` ("*" = any,
     "*.example.com" = its subdomains)."""
+    return _host_allowed(host_header, tuple(allowed))
+
+
+@functools.lru_cache(maxsize=256)  # a publisher sends the same Host on every request
+def _host_allowed(host_header: str | None, allowed: tuple[str, ...]) -> bool:
     if host_header is None or "*" in allowed:
         return True
     name = host_name(host_header)

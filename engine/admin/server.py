@@ -361,8 +361,11 @@ class AdminServer:
         close: bool,
     ) -> None:
         writer.write(http.response_bytes(response, close=close))
-        async with asyncio.timeout(REQUEST_TIMEOUT_S):
-            await writer.drain()
+        transport = writer.transport
+        if transport.get_write_buffer_size() or transport.is_closing():
+            # the answer did not all go out at once: wait for a slow reader, bounded
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                await writer.drain()
 
     # -- what each path answers ------------------------------------------------------
 
