@@ -485,12 +485,16 @@ def _cut_data(
     walker: msgpack.Unpacker, region: bytes, decoded: list[Any]
 ) -> list[_RawItem | object]:
     """The items of an array that decoded whole (`decoded`, from `region`, which
-    `walker` reads): scalar fields from it, each `data`'s exact bytes cut out
-    of `region` (rule 1)."""
+    `walker` reads): each item's decoded map as its fields (`_pub_item` reads
+    only `topic` and `key`, and refuses a container there), its `data`'s exact
+    bytes cut out of `region` (rule 1). One depth check covers every `data`
+    unless some item nests deeper than its data may (then each is checked)."""
     items: list[_RawItem | object] = []
     walker.read_array_header()
     at = walker.tell
     skip = walker.skip
+    # the array, an item's map, then its data: 2 levels around each data
+    shallow = not nested_deeper_than(decoded, MAX_DATA_DEPTH + 2)
     for value in decoded:
         if type(value) is not dict:
             skip()
@@ -504,17 +508,10 @@ def _cut_data(
                 data = region[begin : at()]
             else:
                 skip()
-        fields = {k: value[k] for k in _ITEM_FIELDS if k in value}
-        for k, v in fields.items():
-            if type(v) is list or type(v) is dict:
-                fields[k] = _ILL_TYPED
-        items.append(
-            (
-                fields,
-                data,
-                data is not None and not nested_deeper_than(value["data"], MAX_DATA_DEPTH),
-            )
+        checked = data is not None and (
+            shallow or not nested_deeper_than(value["data"], MAX_DATA_DEPTH)
         )
+        items.append((value, data, checked))
     return items
 
 
