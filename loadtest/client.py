@@ -12,8 +12,8 @@ means by the *sink* it gives the listener:
 2. The listener owns the connection's view of its topics: `views` {topic:
    {key: data}}, `epochs`, `positions`, `snapped`, `ready` (every topic has
    had its snap) and `since()`, what a reconnect asks for.
-3. `CountingSink` (counting mode, the load generator's hot path): each
-   distinct message is decoded once per process (a cache keyed by its bytes,
+3. `CountingSink` (the probes' sink, and every client's with `fanout bench
+   --decode-all`): each distinct message is decoded once per process (a cache keyed by its bytes,
    at most 4,096 entries), applied to the client's views, its key values
    counted and their `[seq, time_ns]` stamps put in a latency histogram.
    Its cost per frame is what `python -m loadtest.microbench generator`
@@ -23,6 +23,20 @@ means by the *sink* it gives the listener:
    what to do with it. Slower, and it sees everything.
 5. A connection the tool closes on purpose sets `dropping` first: its close is
    not counted as the server's.
+6. A *counting client* (`client.count()`, called once it is `ready`)
+   decodes nothing: each whole binary frame adds one to `client.frames` and
+   its size to `client.bytes`, read from the frame without copying the
+   payload; a close frame is still answered and counted by the sink. With
+   `read_lowat_bytes` its socket wakes the loop only once that many bytes
+   wait (SO_RCVLOWAT; a peer's FIN still wakes it): one read for several
+   frames, what the server sends is unchanged (the kernel queues and acks
+   them as before), and its counts lag by at most that many bytes.
+   `resubscribe(sink)` ends counting: the client sends its `sub` again (no
+   `since`: the server re-sends every topic's snap) and hands what follows to
+   `sink` (`SnapshotSink`: the snaps are compared with the final values).
+7. A probe's order check (`CountingSink`): a topic's position never goes
+   backwards on a connection; an `upd`/`evt` whose position is before the
+   one the client holds counts as `errors["order"]`.
 
 picows is imported when the first listener class is built (`listener_class`),
 so that importing this module costs no picows in processes that never connect.
@@ -93,13 +107,18 @@ def _build_listener_class() -> type:
         """One subscriber connection: its topics' views and positions (rule 2)."""
 
         __slots__ = (
+            "bytes",
             "close_code",
             "closed",
+            "counting",
             "dropping",
             "epochs",
             "feed",
             "fragments",
+            "frames",
             "index",
+            "lowat",
+            "max_hz",
             "positions",
             "ready",
             "sink",
@@ -138,7 +157,12 @@ def _build_listener_class() -> type:
             self.slow = slow
             self.close_code: int | None = None
             self.fragments: bytearray | None = None
+            self.max_hz = max_hz
             self.sub_message = sub_message(topics, max_hz, since)
+            self.counting = False  # rule 6
+            self.frames = 0  # counted while `counting` (a sink counts the others)
+            self.bytes = 0
+            self.lowat = 0
 
         def since(self) -> dict[str, list[Any]]:
             """{topic: [epoch, pos]} of every topic it had a snap of: a reconnect's `since`."""
@@ -154,6 +178,26 @@ def _build_listener_class() -> type:
             if self.transport is not None and not self.closed:
                 self.transport.disconnect(graceful=False)
 
+        def count(self, read_lowat_bytes: int = 0) -> None:
+            """From now on count frames and bytes, decode nothing (rule 6)."""
+            self.counting = True
+            if read_lowat_bytes and set_read_lowat(self.transport, read_lowat_bytes):
+                self.lowat = read_lowat_bytes
+
+        def resubscribe(self, sink: Sink) -> None:
+            """Stop counting, send the `sub` again without `since` (every topic's snap is
+            re-sent) and hand what follows to `sink` (rule 6)."""
+            if self.lowat and not self.closed:
+                set_read_lowat(self.transport, 1)  # wakes the loop for what waits
+                self.lowat = 0
+            self.counting = False
+            self.sink = sink
+            self.feed = sink.feed
+            self.snapped = set()
+            self.ready = False
+            if self.transport is not None and not self.closed:
+                self.transport.send(binary, sub_message(list(self.views), self.max_hz))
+
         def on_ws_connected(self, transport: Any) -> None:
             self.transport = transport
             transport.send(binary, self.sub_message)
@@ -162,7 +206,11 @@ def _build_listener_class() -> type:
             # the frame is valid only inside this call: payloads are copied here
             mtype = frame.msg_type
             if mtype == binary and frame.fin and self.fragments is None:
-                self.feed(self, frame.get_payload_as_bytes())
+                if self.counting:  # rule 6: no copy, no decoding
+                    self.frames += 1
+                    self.bytes += frame.payload_size
+                else:
+                    self.feed(self, frame.get_payload_as_bytes())
             elif mtype in (binary, continuation):
                 if self.fragments is None:
                     self.fragments = bytearray()
@@ -203,6 +251,18 @@ async def connect(client: Any, url: str, **picows_args: Any) -> Any:
     return transport
 
 
+def set_read_lowat(transport: Any, nbytes: int) -> bool:
+    """Set SO_RCVLOWAT of a picows transport's socket; False when it cannot."""
+    import socket
+
+    try:
+        sock = transport.underlying_transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
 def local_host(transport: Any) -> str | None:
     """The local address a transport's socket is bound to, or None."""
     try:
@@ -215,7 +275,8 @@ def local_host(transport: Any) -> str | None:
 
 # One decoded message: (topic or None, clear the view, items for the view, epoch
 # (snap only), pos, is_snap, key values in it, ((stamp, count), ...), control
-# item or None). Messages with a topic update that topic's view.
+# item or None, pos as a comparable (ms, seq) or None). Messages with a topic
+# update that topic's view.
 _Msg = tuple[
     str | None,
     bool,
@@ -226,6 +287,7 @@ _Msg = tuple[
     int,
     tuple[tuple[int, int], ...],
     tuple[str, Any] | None,
+    tuple[int, int] | None,
 ]
 
 
@@ -233,7 +295,7 @@ class CountingSink(LatencyRecorder):
     """Counting mode (rule 3): what one process's clients received, and its decode cache.
 
     `feed` is the hot path: one call per received message. Counts: `frames`,
-    `updates` (key values in `upd`/`evt`; a snap's values are not delivered
+    `bytes`, `updates` (key values in `upd`/`evt`; a snap's values are not delivered
     updates), latency while `measuring`, `errors` by kind, close codes (of
     the clients flagged slow apart), `byes`, `closed`."""
 
@@ -245,8 +307,11 @@ class CountingSink(LatencyRecorder):
         # part of frames that differ per client on the market workload), so each
         # distinct message is decoded once per process.
         self.mcache: dict[bytes, _Msg] = {}
+        # wire position -> (ms, seq) of the positions decoded (rule 7), bounded with mcache
+        self.pkeys: dict[Any, tuple[int, int]] = {}
         self.unpacker = msgpack.Unpacker(raw=False)
         self.frames = 0
+        self.bytes = 0
         self.updates = 0
         self.measuring = False
         LatencyRecorder.__init__(self)
@@ -259,11 +324,13 @@ class CountingSink(LatencyRecorder):
     def feed(self, client: Any, payload: bytes) -> None:
         now = time.time_ns()
         self.frames += 1
+        self.bytes += len(payload)
         m = self.mcache.get(payload)
         # a frame of one message seen before (the common case), or split it
         msgs = (m,) if m is not None else self._split(payload)
         views = client.views
-        for topic, clear, items, epoch, pos, is_snap, n, stamps, control in msgs:
+        positions = client.positions
+        for topic, clear, items, epoch, pos, is_snap, n, stamps, control, key in msgs:
             if topic is not None:
                 view = views.get(topic)
                 if view is not None:
@@ -275,7 +342,11 @@ class CountingSink(LatencyRecorder):
                         client.snapped.add(topic)
                         if len(client.snapped) == len(views):
                             client.ready = True
-                    client.positions[topic] = pos
+                    elif key is not None:  # rule 7
+                        held = self.pkeys.get(positions.get(topic))
+                        if held is not None and key < held:
+                            self.errors["order"] += 1
+                    positions[topic] = pos
             self.updates += n
             if control is not None:
                 self._control((control,))
@@ -318,12 +389,16 @@ class CountingSink(LatencyRecorder):
                 m = mcache.get(raw)
                 msgs.append(self._decode(raw) if m is None else m)
         except (ValueError, msgpack.UnpackException) as exc:
-            msgs.append((None, False, {}, None, None, False, 0, (), ("bad", str(exc)[:80])))
+            msgs.append((None, False, {}, None, None, False, 0, (), ("bad", str(exc)[:80]), None))
             self.unpacker = msgpack.Unpacker(raw=False)  # its buffer is not trusted now
         return msgs
 
     def _decode(self, raw: bytes) -> _Msg:
         m = _decode_msg(msgpack.unpackb(raw, raw=False))
+        if m[9] is not None:
+            if len(self.pkeys) >= 2 * self._CACHE_MAX:
+                self.pkeys.clear()
+            self.pkeys[m[4]] = m[9]
         if m[8] is None and not m[5]:  # snaps and control messages are rare: not kept
             mcache = self.mcache
             if len(mcache) >= self._CACHE_MAX:
@@ -353,23 +428,36 @@ def stamps_of(values: Any) -> tuple[tuple[int, int], ...]:
     return tuple(counts.items())
 
 
+def pos_key(pos: Any) -> tuple[int, int] | None:
+    """A wire position "MS-SEQ" as a comparable (ms, seq), or None (not a position)."""
+    if type(pos) is not str:
+        return None
+    ms, _, seq = pos.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return None
+
+
 def _decode_msg(msg: Any) -> _Msg:
     if not isinstance(msg, dict):
-        return None, False, {}, None, None, False, 0, (), ("bad", repr(msg)[:80])
+        return None, False, {}, None, None, False, 0, (), ("bad", repr(msg)[:80]), None
     op = msg.get("op")
     if op == "upd":
         its = msg.get("items") or {}
         topic = str(msg.get("topic"))
+        pos = msg.get("pos")
         return (
             topic,
             False,
             its,
             None,
-            msg.get("pos"),
+            pos,
             False,
             len(its),
             stamps_of(its.values()),
             None,
+            pos_key(pos),
         )
     if op == "evt":
         events = msg.get("items") or []
@@ -377,15 +465,27 @@ def _decode_msg(msg: Any) -> _Msg:
         last = {STREAM_KEY: events[-1][1]} if events else {}
         pos = events[-1][0] if events else None
         topic = str(msg.get("topic"))
-        return topic, False, last, None, pos, False, len(events), stamps_of(values), None
+        return (
+            topic,
+            False,
+            last,
+            None,
+            pos,
+            False,
+            len(events),
+            stamps_of(values),
+            None,
+            pos_key(pos),
+        )
     if op == "snap":
         its = msg.get("items") or {}
         if isinstance(its, list):  # a stream topic: [[pos, data], ...]
             its = {STREAM_KEY: its[-1][1]} if its else {}
         topic = str(msg.get("topic"))
         full = bool(msg.get("full"))
-        return topic, full, its, msg.get("epoch"), msg.get("pos"), True, 0, (), None
-    return None, False, {}, None, None, False, 0, (), (str(op), msg)
+        pos = msg.get("pos")
+        return topic, full, its, msg.get("epoch"), pos, True, 0, (), None, pos_key(pos)
+    return None, False, {}, None, None, False, 0, (), (str(op), msg), None
 
 
 # -- decoding mode ------------------------------------------------------------------------
@@ -429,13 +529,73 @@ class DecodingSink:
         """A frame the protocol does not send."""
 
 
+# -- the snapshot check (rule 6) ----------------------------------------------------------
+
+
+def snapshot_matches(
+    snaps: Mapping[str, Mapping[str, Any]],
+    topics: Sequence[str],
+    finals: Mapping[str, Mapping[str, int]],
+) -> bool:
+    """True when there is a snap of every topic in `topics` and it holds the final seq
+    (`finals` {topic: {key: seq}}) of every key: values are `[seq, stamp]`."""
+    for topic in topics:
+        snap = snaps.get(topic)
+        if snap is None:
+            return False
+        for key, seq in finals.get(topic, {}).items():
+            v = snap.get(key)
+            if type(v) is not list or not v or v[0] != seq:
+                return False
+    return True
+
+
+class SnapshotSink(DecodingSink):
+    """What a counting client receives after `resubscribe` (rule 6): the items of each
+    topic's re-sent snap, kept to compare with the final values (`matched`); the
+    updates that follow are ignored. Closes and odd frames go on to `parent` (the
+    sink that counts them)."""
+
+    def __init__(self, parent: Sink) -> None:
+        self.parent = parent
+        self.snaps: dict[int, dict[str, dict[str, Any]]] = {}  # id(client) -> topic -> items
+        self.undecodable = 0
+
+    def message(self, client: Any, msg: Any, now_ns: int, size: int) -> None:
+        if type(msg) is not dict or msg.get("op") != "snap":
+            return
+        items = msg.get("items") or {}
+        if isinstance(items, list):  # a stream topic: [[pos, data], ...]
+            items = {STREAM_KEY: items[-1][1]} if items else {}
+        if isinstance(items, dict):
+            self.snaps.setdefault(id(client), {})[str(msg.get("topic"))] = items
+
+    def bad(self, client: Any, error: str, size: int) -> None:
+        self.undecodable += 1
+
+    def matched(self, client: Any, finals: Mapping[str, Mapping[str, int]]) -> bool:
+        """The client is open, had every topic's snap, and each holds the final values."""
+        snaps = self.snaps.get(id(client), {})
+        return not client.closed and snapshot_matches(snaps, list(client.views), finals)
+
+    def disconnected(self, client: Any) -> None:
+        self.parent.disconnected(client)
+
+    def unexpected(self, client: Any, what: str) -> None:
+        self.parent.unexpected(client, what)
+
+
 __all__ = [
     "CountingSink",
     "DecodingSink",
     "Sink",
+    "SnapshotSink",
     "connect",
     "listener_class",
     "local_host",
+    "pos_key",
+    "set_read_lowat",
+    "snapshot_matches",
     "stamps_of",
     "sub_message",
 ]

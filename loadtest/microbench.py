@@ -1,7 +1,12 @@
 """Micro-benchmarks of the Python hot paths, with no sockets: the fan-out core's
 cost per frame (apply + plan + deliver to a no-op writer) on the hot and market
-workloads, and the load generator's cost per frame (`CountingSink.feed`, loadtest/client.py) on market
-frames built by the real core.
+workloads, and the load generator's cost per frame on market frames built by the
+real core: `us_per_frame`, every client decoding (`CountingSink.feed`,
+loadtest/client.py, `fanout bench --decode-all`); `probe_us_per_frame`, the
+same for the probes alone (5% of the clients: fewer of their messages are
+shared, so fewer are decoded once for several); `counting_us_per_frame`, a
+counting client (the listener's counting branch: no copy, no decoding);
+`mixed_us_per_frame`, the default run's mix (5% probes, at least 50).
 
     .venv/bin/python -m loadtest.microbench            # all three, best of 5 rounds
     .venv/bin/python -m loadtest.microbench core-hot --rate 10000
@@ -15,6 +20,7 @@ fixed number of ticks per round, 5 rounds.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +29,7 @@ import msgpack
 
 from engine.fanout.core import Fanout, Session
 from engine.protocol.codec import make_pos
-from loadtest.client import CountingSink
+from loadtest.client import CountingSink, listener_class
 from loadtest.workload import HOT, MARKET, Workload, key_sampler
 
 TICKS_PER_S = 50  # a 20 ms flush interval
@@ -108,11 +114,25 @@ class _View:
         self.ready = False
 
 
-def bench_generator(subscribers: int, rate: float) -> dict[str, Any]:
-    frames: list[tuple[int, bytes]] = []
-    one_second, _, subs = _core(MARKET, subscribers, rate, keep=frames)
-    one_second()
-    clients = [_View(t) for t in subs]
+class _Frame:
+    """What the listener reads of a picows frame (a counting client reads its size)."""
+
+    __slots__ = ("fin", "msg_type", "payload")
+
+    def __init__(self, msg_type: Any, payload: bytes) -> None:
+        self.msg_type, self.fin, self.payload = msg_type, True, payload
+
+    @property
+    def payload_size(self) -> int:
+        return len(self.payload)
+
+    def get_payload_as_bytes(self) -> bytes:
+        return self.payload
+
+
+def _decoding_us(frames: list[tuple[int, bytes]], subs: list[tuple[str, ...]]) -> float:
+    """Best µs per frame of `CountingSink.feed` over `frames` (each to its client)."""
+    clients = {i: _View(subs[i]) for i, _ in frames}
     best = float("inf")
     for _ in range(ROUNDS):
         st = CountingSink()
@@ -120,12 +140,47 @@ def bench_generator(subscribers: int, rate: float) -> dict[str, Any]:
         t0 = time.perf_counter()
         for i, frame in frames:
             st.feed(clients[i], frame)
-        best = min(best, (time.perf_counter() - t0) / len(frames) * 1e6)
+        best = min(best, (time.perf_counter() - t0) / max(1, len(frames)) * 1e6)
+    return best
+
+
+def _counting_us(frames: list[tuple[int, bytes]], subs: list[tuple[str, ...]]) -> float:
+    """Best µs per frame of a counting client's `on_ws_frame` (client.py rule 6)."""
+    from picows import WSMsgType
+
+    cls = listener_class()
+    clients = {i: cls(CountingSink(), subs[i]) for i, _ in frames}
+    for c in clients.values():
+        c.count()
+    wrapped = [(clients[i], _Frame(WSMsgType.BINARY, f)) for i, f in frames]
+    best = float("inf")
+    for _ in range(ROUNDS):
+        t0 = time.perf_counter()
+        for c, frame in wrapped:
+            c.on_ws_frame(None, frame)
+        best = min(best, (time.perf_counter() - t0) / max(1, len(frames)) * 1e6)
+    return best
+
+
+def bench_generator(subscribers: int, rate: float) -> dict[str, Any]:
+    frames: list[tuple[int, bytes]] = []
+    one_second, _, subs = _core(MARKET, subscribers, rate, keep=frames)
+    one_second()
+    n_probes = min(subscribers, max(50, math.ceil(0.05 * subscribers)))
+    probes = {j * subscribers // n_probes for j in range(n_probes)}
+    probe_frames = [(i, f) for i, f in frames if i in probes]
+    every = _decoding_us(frames, subs)
+    probe = _decoding_us(probe_frames, subs)
+    counting = _counting_us(frames, subs)
+    share = len(probe_frames) / len(frames)
     size = sum(len(f) for _, f in frames) / len(frames)
     return {
         "frames_per_round": len(frames),
         "bytes_per_frame": round(size),
-        "us_per_frame": round(best, 2),
+        "us_per_frame": round(every, 2),
+        "probe_us_per_frame": round(probe, 2),
+        "counting_us_per_frame": round(counting, 2),
+        "mixed_us_per_frame": round(share * probe + (1 - share) * counting, 2),
     }
 
 

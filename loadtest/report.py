@@ -24,6 +24,8 @@ _ROWS: list[tuple[str, tuple[str, ...], str]] = [
     ("latency p99.9 (ms)", ("latency_ms", "p999"), ",.1f"),
     ("latency max (ms)", ("latency_ms", "max"), ",.1f"),
     ("server CPU (share of a core)", ("cpu", "server_core_share"), ".2f"),
+    ("load generator CPU (share of a core)", ("cpu", "loadgen_core_share"), ".2f"),
+    ("load generator CPU ÷ server CPU", ("cpu", "loadgen_over_server"), ".2f"),
     ("server CPU-s per million updates", ("cpu", "server_s_per_million_updates"), ",.3f"),
     ("server CPU-s per million frames", ("cpu", "server_s_per_million_frames"), ",.3f"),
     ("redis-server CPU (share of a core)", ("cpu", "bus_server_core_share"), ".2f"),
@@ -35,7 +37,9 @@ _ROWS: list[tuple[str, tuple[str, ...], str]] = [
     ("anonymous memory per connection (KiB)", ("memory", "per_connection_bytes", "anon"), "kib"),
     ("server RSS end ÷ connected", ("memory", "rss_end_over_connected"), ".3f"),
     ("clients converged (fraction)", ("convergence", "fraction"), ".4f"),
-    ("load generator CPU (share of a core)", ("cpu", "loadgen_core_share"), ".2f"),
+    ("probes converged", ("convergence", "probes_converged"), ",.0f"),
+    ("snapshots matched (counting clients)", ("convergence", "snapshots_matched"), ",.0f"),
+    ("snapshots checked (counting clients)", ("convergence", "snapshots"), ",.0f"),
     ("machine busy (cores)", ("cpu", "machine_busy_core_share"), ".2f"),
     ("storm: recovered in (s)", ("storm", "recover_s"), ".2f"),
     ("churn: connections replaced", ("churn", "churned"), ",.0f"),
@@ -44,6 +48,34 @@ _ROWS: list[tuple[str, tuple[str, ...], str]] = [
 ]
 
 _OPTIONAL = {label for label, _, _ in _ROWS[-5:]}  # scenario rows: shown when not all zero
+
+
+# A run is generator-bound when the load generator used more than this share of the
+# server's CPU, or when the machine's busy cores reached this share of its cores.
+GENERATOR_OVER_SERVER_MAX = 0.5
+SATURATED_BUSY_SHARE = 0.95
+
+
+def generator_bound(
+    loadgen_cpu_s: float, server_cpu_s: float, busy_cores: float, cores: int
+) -> str | None:
+    """Why a run's figures may measure the load generator rather than the server, or
+    None: the generator used more than half the server's CPU (both over the same
+    window; the server's includes its bus server), or the machine was saturated
+    (busy cores >= 95% of its cores: the server waited for a CPU)."""
+    reasons = []
+    if loadgen_cpu_s > GENERATOR_OVER_SERVER_MAX * server_cpu_s:
+        over = loadgen_cpu_s / server_cpu_s if server_cpu_s > 0 else float("inf")
+        reasons.append(
+            f"load generator CPU {loadgen_cpu_s:.2f} s = {over:.2f}x the server's "
+            f"{server_cpu_s:.2f} s (> {GENERATOR_OVER_SERVER_MAX:g})"
+        )
+    if busy_cores >= SATURATED_BUSY_SHARE * cores:
+        reasons.append(
+            f"machine saturated: {busy_cores:.2f} of {cores} cores busy "
+            f"(>= {SATURATED_BUSY_SHARE:.0%})"
+        )
+    return "; ".join(reasons) or None
 
 
 def dig(d: Any, path: Sequence[str]) -> Any:
@@ -96,6 +128,30 @@ def step_table(step: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _generator_lines(step: Mapping[str, Any]) -> list[str]:
+    """Each target's generator-bound flag, and how the clients were split."""
+    lines = []
+    for t, r in step["results"].items():
+        cpu, conv = r.get("cpu") or {}, r.get("convergence") or {}
+        if cpu.get("generator_bound"):
+            lines.append(f"- **{t}: generator-bound**: {cpu.get('generator_bound_reason')}")
+        elif "generator_bound" in cpu:
+            lines.append(f"- {t}: not generator-bound (load generator ÷ server CPU "
+                         f"{fmt(cpu.get('loadgen_over_server'), '.2f')})")  # fmt: skip
+        if "probes" in conv:
+            lines.append(
+                f"- {t}: {conv['probes_converged']:,} of {conv['probes']:,} probes converged "
+                f"(every frame decoded), {conv['snapshots_matched']:,} of "
+                f"{conv['snapshots']:,} counting clients' snapshots matched"
+                + (
+                    f"; {conv['order_errors']:,} out-of-order updates"
+                    if conv.get("order_errors")
+                    else ""
+                )
+            )
+    return lines
+
+
 def _bus_line(s: Mapping[str, Any], with_baseline: bool) -> str:
     nodes = int(s.get("nodes") or 1)
     if s.get("bus", "local") == "local":
@@ -137,6 +193,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         for t, why in (step.get("broken") or {}).items():
             if why:
                 lines.append(f"\n- {t} broke: {why}")
+        lines += _generator_lines(step)
         for t, r in step["results"].items():
             extra = []
             mem = r.get("memory") or {}
@@ -199,4 +256,4 @@ def write(
     return json_path, md_path
 
 
-__all__ = ["markdown", "ratios", "step_table", "write"]
+__all__ = ["generator_bound", "markdown", "ratios", "step_table", "write"]

@@ -9,6 +9,17 @@
     fanout bench --sweep rate --steps 1000,5000,10000,20000 --baseline
     fanout bench --bus redis --nodes 2             # end to end across nodes over Redis
     fanout bench --preset first                    # the first measurement (make bench-first)
+    fanout bench -S 20 --decode-all                # every client decodes every frame
+
+Probes and counting clients: a share of the subscribers (`--probes`, 5% and
+at least 50) decode every frame, check order and convergence and record
+latency; the others count frames and bytes without decoding, and at the end
+resubscribe and compare the re-sent snaps with the final values, so that the
+generator costs a fraction of the server it measures. `--decode-all` makes
+every client a probe (small runs; storm and churn always do: every client
+comes back with `since`). Every report gives the generator's CPU next to the
+server's and flags a run as generator-bound when the generator used more
+than half of the server's CPU or the machine was saturated.
 
 Each run starts its own server(s) on free ports (fanout: `fanout serve` with
 `--workers` and `flush_interval_ms`; with `--baseline`, then the naive picows
@@ -24,8 +35,8 @@ receives crossed Redis from one node to another (with `--nodes 1`, publisher
 and subscribers share node 1, still through Redis). Server CPU and RSS are
 summed over every node's processes; redis-server's CPU is reported apart.
 
-Exit codes: 0 measured and every reading client converged on every target;
-1 measured but some client did not converge; 3 could not set up or failed
+Exit codes: 0 measured, every reading probe converged and every counting
+client's snapshot matched on every target; 1 measured but some did not; 3 could not set up or failed
 midway; 130 interrupted.
 """
 
@@ -158,6 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body", choices=("msgpack", "json"), default="msgpack")
     p.add_argument("--max-hz", type=float, help="subscribers ask for at most this many frames/s")
     p.add_argument(
+        "--probes",
+        type=float,
+        default=0.05,
+        metavar="SHARE",
+        help="share of the reading subscribers that decode every frame (order, convergence, "
+        "latency); at least 50 (default 0.05); the others only count frames and bytes, "
+        "and check their snapshot at the end",
+    )
+    p.add_argument(
+        "--decode-all",
+        action="store_true",
+        help="every subscriber decodes every frame (the old mode, for small runs that check "
+        "every client's frames; storm and churn always do)",
+    )
+    p.add_argument(
         "--source-addrs",
         type=int,
         default=0,
@@ -249,6 +275,8 @@ def settings_from(a: argparse.Namespace) -> BenchSettings:
         quiet=a.quiet,
         max_server_rss_mib=a.max_server_rss_mib,
         warmup=(a.subscribers // 10 if a.warmup < 0 else a.warmup) if scenario == "idle" else 0,
+        probes=a.probes,
+        decode_all=a.decode_all,
     )
 
 
@@ -263,6 +291,8 @@ def parse_args(p: argparse.ArgumentParser, args: Sequence[str]) -> argparse.Name
         p.error("--sweep needs --steps")
     if a.subscribers < 1 or a.rate <= 0 or a.duration <= 0:
         p.error("--subscribers, --rate and --duration must be positive")
+    if not 0 < a.probes <= 1:
+        p.error("--probes is a share between 0 (excluded) and 1")
     if a.slow is not None and not 0 < a.slow < 1:
         p.error("--slow is a fraction between 0 and 1")
     if a.nodes < 1:
@@ -381,7 +411,8 @@ def write_report(
     log: Callable[[str], None],
 ) -> int:
     """Write the JSON and Markdown reports (and a sweep's plots), print the Markdown;
-    the exit code: 0 when every reading client converged at every step, else 1."""
+    the exit code: 0 when every reading probe converged and every counting client's
+    snapshot matched at every step, else 1."""
     from loadtest import report as rep
     from loadtest.plots import plot_sweep
 
@@ -389,7 +420,9 @@ def write_report(
         for t in targets:
             report["sustained"].setdefault(t, None)  # broke at the first step
     report["all_converged"] = bool(report["steps"]) and all(
-        r["convergence"]["all_converged"] for st in report["steps"] for r in st["results"].values()
+        r["convergence"]["all_converged"] and r["convergence"].get("all_snapshots_matched", True)
+        for st in report["steps"]
+        for r in st["results"].values()
     )
     json_path, md_path = rep.write(report, base, plot_sweep)
     print(rep.markdown(report))

@@ -6,7 +6,9 @@ subscribers over P processes (spreading their source addresses over
 127.0.0.x; each process on one of the subscriber nodes), wait until every one
 has its snap, run the scenario for D
 seconds while a publisher sends U updates/s, publish one final value of every
-key, and check every reading client ends at those values. Both targets get the
+key, and check every reading probe ends at those values and every other
+reading client's re-sent snaps hold them (loadtest/bench/subscriber.py: probes
+decode every frame, the other clients count frames and bytes). Both targets get the
 same workload from the same seed. Everything started is stopped, whatever
 happens (children: exit, terminate, kill; servers: their whole process group).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import math
 import os
 import platform
 import resource
@@ -44,10 +47,14 @@ from loadtest.bench.subscriber import subscriber_process
 from loadtest.children import Children, tied_preexec
 from loadtest.latency import merge_hist, percentiles_ms
 from loadtest.ports import free_port
+from loadtest.report import generator_bound
 from loadtest.server import Server, SetupError
 from loadtest.workload import Workload
 
 SCENARIOS = ("fanout", "idle", "slow", "storm", "churn")
+# every client comes back with `since` in these: each must know its positions (decode all)
+RESUMING_SCENARIOS = ("storm", "churn")
+MIN_PROBES = 50
 PORTS_PER_SOURCE_ADDR = 20_000  # of the ~28,000 ephemeral ports per (src, dst) pair
 
 
@@ -78,6 +85,11 @@ class BenchSettings:
     quiet: bool
     max_server_rss_mib: int = 8192
     warmup: int = 0  # --idle: subscribers connected before the memory baseline
+    probes: float = 0.05  # --probes: the share of reading clients that decode every frame
+    decode_all: bool = False  # --decode-all: every client decodes every frame
+
+    def every_client_decodes(self) -> bool:
+        return self.decode_all or self.scenario in RESUMING_SCENARIOS
 
     def source_addr_count(self) -> int:
         if self.source_addrs > 0:
@@ -231,7 +243,13 @@ class Measurement:
         )
         self.mem_start = self.mem_before = self.mem_connected = _tree_memory(server)
 
-    def _spec(self, url: str, plan: list[tuple[int, tuple[str, ...], str, bool]]) -> dict[str, Any]:
+    def _spec(
+        self,
+        url: str,
+        plan: list[tuple[int, tuple[str, ...], str, bool]],
+        probes: set[int] | None = None,
+    ) -> dict[str, Any]:
+        """A subscriber process's orders; `probes` None: every client is a probe."""
         s = self.s
         return {
             "url": url,
@@ -239,6 +257,7 @@ class Measurement:
             "concurrency": s.concurrency,
             "budget_s": self.budget,
             "max_hz": s.max_hz,
+            "probes": None if probes is None else [p[0] for p in plan if p[0] in probes],
         }
 
     # -- warm-up (--idle) ---------------------------------------------------------------
@@ -275,6 +294,12 @@ class Measurement:
         n_slow = round(s.slow_fraction * s.subscribers) if s.scenario == "slow" else 0
         slow_every = s.subscribers / n_slow if n_slow else 0.0
         slow_set = {int(i * slow_every) for i in range(n_slow)}
+        probes = (
+            None
+            if s.every_client_decodes()
+            else probe_indices(s.subscribers, slow_set, s.probes, s.sub_procs)
+        )
+        self.n_probes = s.subscribers - len(slow_set) if probes is None else len(probes)
         plans: list[list[tuple[int, tuple[str, ...], str, bool]]] = [[] for _ in range(s.sub_procs)]
         for i in range(s.subscribers):
             addr = f"127.0.0.{1 + i % self.n_addrs}"
@@ -286,7 +311,7 @@ class Measurement:
             if not plan:
                 continue
             self.used_urls.append(sub_urls[p % len(sub_urls)])
-            spec = self._spec(self.used_urls[-1], plan)
+            spec = self._spec(self.used_urls[-1], plan, probes)
             self.subs.append(procs.spawn(f"subscriber-{p + 1}", subscriber_process, p + 1, spec))
         self.publisher = procs.spawn(
             "publisher",
@@ -460,8 +485,9 @@ class Measurement:
     def figures(self) -> dict[str, Any]:
         """The run's result (the report's `results[target]`)."""
         start, end, conv = self.start_counts, self.end_counts, self.conv
-        updates = sum(end[n]["updates"] - start[n]["updates"] for n in end)
         frames = sum(end[n]["frames"] - start[n]["frames"] for n in end)
+        delivery = _delivery(start, end, self.window, self.n_probes)
+        updates = delivery["updates"]
         window = self.window
         errors: collections.Counter[str] = collections.Counter()
         close_codes: collections.Counter[str] = collections.Counter()
@@ -489,13 +515,7 @@ class Measurement:
                 },
             },
             "publish": self.done,
-            "delivery": {
-                "updates": updates,
-                "updates_per_s": round(updates / window, 1),
-                "frames": frames,
-                "frames_per_s": round(frames / window, 1),
-                "updates_per_frame": round(updates / frames, 2) if frames else None,
-            },
+            "delivery": delivery,
             "latency_ms": self._latency(),
             "cpu": self._cpu(updates, frames, by_name),
             "memory": self._memory(),
@@ -535,6 +555,10 @@ class Measurement:
             if p in gen0 and p in gen1
         }
         loadgen_cpu = sum(gen_by_name.values())
+        busy_cores = (self.busy1 - self.busy0) / window
+        bound = generator_bound(
+            loadgen_cpu, server_cpu + (bus_cpu or 0.0), busy_cores, os.cpu_count() or 1
+        )
         return {
             "server_s": round(server_cpu, 3),
             "server_core_share": round(server_cpu / window, 3),
@@ -556,8 +580,16 @@ class Measurement:
             "loadgen_s": round(loadgen_cpu, 3),
             "loadgen_core_share": round(loadgen_cpu / window, 3),
             "loadgen_per_process_s": gen_by_name,
-            "machine_busy_core_share": round((self.busy1 - self.busy0) / window, 3),
+            "machine_busy_core_share": round(busy_cores, 3),
             "load_average": [round(x, 2) for x in os.getloadavg()],
+            # the generator's CPU over the system under test's (nodes + redis-server)
+            "loadgen_over_server": (
+                round(loadgen_cpu / (server_cpu + (bus_cpu or 0.0)), 3)
+                if server_cpu + (bus_cpu or 0.0) > 0
+                else None
+            ),
+            "generator_bound": bound is not None,
+            "generator_bound_reason": bound,
         }
 
     def _memory(self) -> dict[str, Any]:
@@ -600,7 +632,10 @@ class Measurement:
         slow_codes: collections.Counter[str] = collections.Counter()
         for v in conv.values():
             slow_codes.update(v["slow_close_codes"])
+        snap_clients = sum(v["snapshots"]["clients"] for v in conv.values())
+        snap_matched = sum(v["snapshots"]["matched"] for v in conv.values())
         return {
+            # the reading probes (every reading client with --decode-all, storm, churn)
             "clients": clients,
             "converged": converged,
             "fraction": round(converged / clients, 4) if clients else None,
@@ -610,7 +645,53 @@ class Measurement:
             "slow_clients": sum(v["slow_clients"] for v in conv.values()),
             "slow_closed": sum(v["slow_closed"] for v in conv.values()),
             "slow_close_codes": dict(slow_codes),
+            "probes": clients,
+            "probes_converged": converged,
+            "order_errors": sum(int(v["errors"].get("order", 0)) for v in conv.values()),
+            # the reading counting clients: resubscribed at the end, snaps vs final values
+            "snapshots": snap_clients,
+            "snapshots_matched": snap_matched,
+            "all_snapshots_matched": snap_matched == snap_clients,
         }
+
+
+def probe_indices(subscribers: int, slow: set[int], share: float, procs: int = 1) -> set[int]:
+    """The probes: `share` of the clients (at least MIN_PROBES, at most every reading
+    one), spread evenly over the reading (not slow) clients of each of the `procs`
+    subscriber processes (client i is in process i % procs)."""
+    readers = sorted((i for i in range(subscribers) if i not in slow), key=lambda i: i % procs)
+    n = min(len(readers), max(MIN_PROBES, math.ceil(round(share * subscribers, 6))))
+    return {readers[j * len(readers) // n] for j in range(n)} if n else set()
+
+
+def _delivery(
+    start: Mapping[str, Mapping[str, Any]],
+    end: Mapping[str, Mapping[str, Any]],
+    window: float,
+    probes: int,
+) -> dict[str, Any]:
+    """The window's deliveries: frames and bytes of every client; updates as counted by
+    the probes, scaled by every client's frames over theirs (exact when all decode)."""
+
+    def delta(k: str) -> int:
+        return sum(int(end[n].get(k, 0)) - int(start[n].get(k, 0)) for n in end)
+
+    frames, counted = delta("frames"), delta("counted_frames")
+    probe_frames, probe_updates = delta("probe_frames"), delta("probe_updates")
+    updates = probe_updates + (round(counted * probe_updates / probe_frames) if probe_frames else 0)
+    nbytes = delta("bytes")
+    return {
+        "updates": updates,
+        "updates_per_s": round(updates / window, 1),
+        "frames": frames,
+        "frames_per_s": round(frames / window, 1),
+        "updates_per_frame": round(updates / frames, 2) if frames else None,
+        "bytes": nbytes,
+        "bytes_per_s": round(nbytes / window, 1),
+        "updates_counted_by_probes": probe_updates,
+        "updates_estimated": counted > 0,
+        "probes": probes,
+    }
 
 
 def _send_all(children: list[Any], *msg: Any) -> list[Any]:
@@ -626,9 +707,11 @@ def broke(result: Mapping[str, Any], s: BenchSettings, max_p99_ms: float) -> str
     p99 = result["latency_ms"].get("p99")
     if s.scenario != "idle" and (p99 is None or p99 > max_p99_ms):
         return f"p99 {p99} ms > {max_p99_ms:g} ms"
-    if not result["convergence"]["all_converged"]:
-        c = result["convergence"]
-        return f"only {c['converged']} of {c['clients']} clients converged"
+    c = result["convergence"]
+    if not c["all_converged"]:
+        return f"only {c['converged']} of {c['clients']} probes converged"
+    if not c.get("all_snapshots_matched", True):
+        return f"only {c['snapshots_matched']} of {c['snapshots']} snapshots matched"
     pub = result["publish"]
     if s.scenario != "idle" and pub and pub.get("achieved_rate", 0) < 0.9 * s.rate:
         return f"publisher reached {pub.get('achieved_rate')}/s of {s.rate:g}/s"

@@ -1,17 +1,24 @@
 """A subscriber process of `fanout bench`: one uvloop loop of picows clients.
 
-Each client (loadtest/client.py, counting mode) keeps, per subscribed topic, a
-view {key: data} and its position (epoch, pos) so that it can come back with
-`since`. The process reports its counters once a second and obeys commands
-from the orchestrator:
+Its clients (loadtest/client.py) are of two kinds. *Probes* (`spec["probes"]`,
+their indices; every client with --decode-all) decode every frame: each keeps,
+per subscribed topic, a view {key: data} and its position (epoch, pos) so that
+it can come back with `since`; they check order and convergence and record
+latency. Every other client *counts*: once it has its snaps it counts frames
+and bytes without decoding (client.py rule 6), and at the end resubscribes
+and compares the re-sent snaps with the final values (the snapshot check).
+Delivered updates are the probes' count scaled to every client's frames
+(`updates`; exact when every client is a probe). The process reports its
+counters once a second and obeys commands from the orchestrator:
 
 - `mark_start` / `mark_end`: the measured window (latency histogram, counts);
 - `slow`: the clients flagged slow stop reading (their socket fills up);
 - `storm`: every other client drops its connection at once and reconnects
   with `since`; the answer `stormed` says how long until all had their snap;
 - `churn R`: close and reopen (with `since`) R connections per second;
-- `converge finals settle_s`: wait until every reading client holds the final
-  value of every key of its topics, then answer.
+- `converge finals settle_s`: wait until every reading probe holds the final
+  value of every key of its topics; then every reading counting client
+  resubscribes and its snaps are compared with `finals`; answer both.
 
 Bounds: a decode cache of at most 4,096 messages (each distinct message is
 decoded once), one histogram, one view per client; every wait is bounded in time.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -32,8 +40,19 @@ from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
 from loadtest.children import raise_nofile
-from loadtest.client import CountingSink, connect, listener_class, local_host
+from loadtest.client import (
+    CountingSink,
+    SnapshotSink,
+    connect,
+    listener_class,
+    local_host,
+    set_read_lowat,
+)
 from loadtest.latency import percentiles_ms
+
+# A counting client's socket wakes its loop once this many bytes wait (client.py rule
+# 6): one read for several frames. Its counts lag by at most this much per client.
+READ_LOWAT_BYTES = 8192
 
 
 def subscriber_process(pipe: Pipe, index: int, spec: dict[str, Any]) -> None:
@@ -81,6 +100,9 @@ class SubscriberProcess:
         self.url: str = spec["url"]
         self.max_hz: float | None = spec.get("max_hz")
         self.plan: list[tuple[int, tuple[str, ...], str, bool]] = spec["clients"]
+        # None: every client is a probe (--decode-all, storm, churn, warm-up)
+        probes = spec.get("probes")
+        self.probes: set[int] | None = None if probes is None else set(probes)
         self.addr_of = {p[0]: p[2] for p in self.plan}
         self.slot_of: dict[int, int] = {}
         self.sem = asyncio.Semaphore(int(spec["concurrency"]))
@@ -112,13 +134,25 @@ class SubscriberProcess:
         self.wake.set()
 
     def counters(self) -> dict[str, Any]:
+        """Frames and bytes of every client; updates counted by the probes (`probe_*`)
+        and scaled to every client's frames (`updates`)."""
         st = self.sink
+        count_frames = sum(c.frames for c in self.clients)
+        count_bytes = sum(c.bytes for c in self.clients)
         return {
-            "frames": st.frames,
-            "updates": st.updates,
+            "frames": st.frames + count_frames,
+            "bytes": st.bytes + count_bytes,
+            "updates": st.updates
+            + round(count_frames * st.updates / st.frames if st.frames else 0),
+            "probe_frames": st.frames,
+            "probe_updates": st.updates,
+            "counted_frames": count_frames,
             "closed": st.closed,
             "clients": len(self.clients),
         }
+
+    def is_probe(self, client: Any) -> bool:
+        return self.probes is None or client.index in self.probes
 
     # -- connect and subscribe every client ---------------------------------------------
 
@@ -164,6 +198,13 @@ class SubscriberProcess:
         self.clients = [c for c in made if c is not None]
         self.slot_of = {c.index: i for i, c in enumerate(self.clients)}
         await self.wait_ready(self.clients, 20.0)
+        for c in self.clients:
+            if not self.is_probe(c):
+                c.count(READ_LOWAT_BYTES)  # it has its snaps: from here it only counts
+        # the clients and their views live until the end and hold no cycles: a collection
+        # of the oldest generation would walk them all, as often as probes allocate
+        gc.collect()
+        gc.freeze()
         self.pipe.send(
             (
                 "ready",
@@ -246,13 +287,27 @@ class SubscriberProcess:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), 0.5)
 
+    async def read_waiting(self) -> None:
+        """Read what the counting clients' sockets hold below their SO_RCVLOWAT (lifted
+        for 50 ms), so that a mark counts the frames received by then (a short run's
+        counts would otherwise lag by up to READ_LOWAT_BYTES per client)."""
+        lowered = [c for c in self.clients if c.lowat and not c.closed]
+        for c in lowered:
+            set_read_lowat(c.transport, 1)
+        await asyncio.sleep(0.05)
+        for c in lowered:
+            if not c.closed:
+                set_read_lowat(c.transport, c.lowat)
+
     async def run_command(self, cmd: tuple[Any, ...]) -> None:
         kind = cmd[0]
         st = self.sink
         if kind == "mark_start":
+            await self.read_waiting()
             st.reset_window()
             self.pipe.send(("marked_start", self.counters()))
         elif kind == "mark_end":
+            await self.read_waiting()
             st.measuring = False
             window = {"hist": st.hist, "samples": st.samples, "negative": st.negative}
             self.pipe.send(("marked_end", {**self.counters(), **window, "max_ns": st.max_ns}))
@@ -310,7 +365,7 @@ async def _converge(
     """Wait (at most `settle_s`) until every reading client holds `finals`; check all."""
     st, done = proc.sink, proc.done
     t0 = time.monotonic()
-    readers = [c for c in proc.clients if not c.slow]
+    readers = [c for c in proc.clients if not c.slow and proc.is_probe(c)]
     pending = [c for c in readers if not c.closed]
     while pending and not done.done() and time.monotonic() - t0 < settle_s:
         pending = [c for c in pending if not c.closed and not converged(c, finals)]
@@ -350,4 +405,25 @@ async def _converge(
         "close_codes": {str(k): v for k, v in st.close_codes.items()},
         "byes": st.byes,
         "local_addrs": sorted(proc.local_addrs),
+        "snapshots": await _check_snapshots(proc, finals, max(0.0, settle_s - settle)),
+    }
+
+
+async def _check_snapshots(
+    proc: SubscriberProcess, finals: Mapping[str, Mapping[str, int]], timeout_s: float
+) -> dict[str, Any]:
+    """Every reading counting client resubscribes (its topics' snaps are re-sent) and
+    its snaps are compared with `finals`; a closed client, or one whose snaps did not
+    all come within `timeout_s` (at least 5 s), counts as not matched."""
+    counted = [c for c in proc.clients if not c.slow and not proc.is_probe(c)]
+    check = SnapshotSink(proc.sink)
+    for c in counted:
+        c.resubscribe(check)
+    await proc.wait_ready([c for c in counted if not c.closed], max(5.0, timeout_s))
+    matched = [c for c in counted if check.matched(c, finals)]
+    return {
+        "clients": len(counted),
+        "matched": len(matched),
+        "closed": sum(1 for c in counted if c.closed),
+        "undecodable": check.undecodable,
     }

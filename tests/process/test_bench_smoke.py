@@ -177,3 +177,36 @@ def test_scenarios_report_their_figures_and_the_reading_clients_converge(
     r = report["steps"][0]["results"]["fanout"]
     assert r["convergence"]["all_converged"] is True
     assert check(r)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_probes_decode_the_other_clients_count_and_check_their_snapshot_at_the_end(
+    tmp_path: Path,
+) -> None:
+    result, report = bench(tmp_path, "--workload", "market", "-S", "80", "-U", "300", "-D", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = report["steps"][0]["results"]["fanout"]
+    conv, delivery, cpu = r["convergence"], r["delivery"], r["cpu"]
+    assert (conv["probes"], conv["probes_converged"]) == (50, 50)  # at least 50
+    assert (conv["snapshots"], conv["snapshots_matched"]) == (30, 30)  # every other one
+    assert conv["all_converged"] is True and conv["all_snapshots_matched"] is True
+    assert conv["order_errors"] == 0
+    assert delivery["updates_estimated"] is True and delivery["bytes"] > 0
+    assert delivery["updates"] > delivery["updates_counted_by_probes"] > 0
+    assert cpu["loadgen_over_server"] is not None and isinstance(cpu["generator_bound"], bool)
+    assert ("generator-bound" in result.stdout) is True
+    assert "50 of 50 probes converged" in result.stdout
+    assert "30 of 30 counting clients' snapshots matched" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_decode_all_makes_every_client_a_probe(tmp_path: Path) -> None:
+    result, report = bench(tmp_path, "--decode-all", "-S", "60", "-U", "300", "-D", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = report["steps"][0]["results"]["fanout"]
+    assert report["settings"]["decode_all"] is True
+    assert (r["convergence"]["probes"], r["convergence"]["snapshots"]) == (60, 0)
+    assert r["delivery"]["updates_estimated"] is False
+    assert r["latency_ms"]["samples"] == r["delivery"]["updates"]

@@ -1,5 +1,6 @@
-"""The load tools' client (loadtest/client.py): counting mode (`CountingSink`),
-what a bench client holds after the frames the engine sends it."""
+"""The load tools' client (loadtest/client.py): what a bench client holds after the
+frames the engine sends it (the probes' sink, `CountingSink`), counting clients that
+decode nothing, and the snapshot check that ends their run."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from typing import Any
 
 import msgpack
 
-from loadtest.client import CountingSink, DecodingSink, listener_class
+from loadtest.client import (
+    CountingSink,
+    DecodingSink,
+    SnapshotSink,
+    listener_class,
+    snapshot_matches,
+)
 
 
 class View:
@@ -178,3 +185,94 @@ def test_decoding_mode_hands_every_message_and_marks_snaps_first() -> None:
     assert len(sink.seen) == 3  # a message cut short is not handed over
     sink.feed(c, b"\xc1")  # never valid msgpack
     assert len(sink.bad_payloads) == 1
+
+
+# -- probes and counting clients (issue 13, item 1) -----------------------------------------
+
+
+class SizeOnly(Frame):
+    """A frame whose payload must not be copied: a counting client reads its size only."""
+
+    @property
+    def payload_size(self) -> int:
+        return len(self.payload)
+
+    def get_payload_as_bytes(self) -> bytes:
+        raise AssertionError("a counting client copied a payload")
+
+
+def snap(topic: str, **items: Any) -> bytes:
+    return pack(op="snap", topic=topic, epoch="e", pos="1-0", full=True, items=items)
+
+
+def test_a_counting_client_counts_frames_and_bytes_without_decoding_and_a_probe_decodes() -> None:
+    from picows import WSMsgType
+
+    st = CountingSink()
+    cls = listener_class()
+    probe, counter = cls(st, ["a"]), cls(st, ["a"])
+    for c in (probe, counter):
+        c.on_ws_connected(Transport())
+        c.on_ws_frame(c.transport, Frame(WSMsgType.BINARY, snap("a", x=[1, 5])))
+    assert probe.ready and counter.ready  # both decoded their snap
+    counter.count()
+    frame = upd("a", "2-0", x=[2, 7])
+    counter.on_ws_frame(counter.transport, SizeOnly(WSMsgType.BINARY, frame))
+    counter.on_ws_frame(counter.transport, SizeOnly(WSMsgType.BINARY, frame + frame))
+    probe.on_ws_frame(probe.transport, Frame(WSMsgType.BINARY, frame))
+    assert (counter.frames, counter.bytes) == (2, 3 * len(frame))
+    assert counter.views == {"a": {"x": [1, 5]}}  # not decoded
+    assert probe.views == {"a": {"x": [2, 7]}} and probe.frames == 0
+    assert st.frames == 3  # the two snaps and the probe's frame
+    counter.on_ws_frame(counter.transport, SizeOnly(WSMsgType.CLOSE, code=1001))
+    counter.on_ws_disconnected(counter.transport)
+    assert st.close_codes == {1001: 1}  # a counting client's close is still counted
+
+
+def test_a_probe_counts_an_update_whose_position_goes_backwards() -> None:
+    st, c = CountingSink(), View("a")
+    st.feed(c, snap("a"))
+    st.feed(c, upd("a", "1700000000001-0", x=[1, 7]))
+    st.feed(c, upd("a", "1700000000001-10", x=[2, 7]))
+    assert st.errors["order"] == 0  # 10 after 0: numbers, not text
+    st.feed(c, upd("a", "1700000000000-99", x=[3, 7]))
+    assert st.errors["order"] == 1
+
+
+def test_resubscribing_sends_the_sub_again_and_the_snapshot_is_compared_with_the_finals() -> None:
+    from picows import WSMsgType
+
+    st = CountingSink()
+    cls = listener_class()
+    finals = {"a": {"x": 9, "y": 4}, "b": {"z": 3}}
+    good, stale, partial = (cls(st, ["a", "b"], since={"a": ["e", "1-0"]}) for _ in range(3))
+    check = SnapshotSink(st)
+    for c in (good, stale, partial):
+        c.on_ws_connected(Transport())
+        c.count(4096)  # no socket here: no SO_RCVLOWAT, still counting
+        assert c.counting
+        c.resubscribe(check)
+        assert not c.counting and not c.ready
+        (_, again) = c.transport.sent[-1]
+        assert msgpack.unpackb(again) == {"op": "sub", "topics": ["a", "b"], "id": 1}
+    for c, x in ((good, 9), (stale, 8)):  # stale: a snap that differs from the finals
+        c.on_ws_frame(c.transport, Frame(WSMsgType.BINARY, snap("a", x=[x, 1], y=[4, 1])))
+        c.on_ws_frame(c.transport, Frame(WSMsgType.BINARY, upd("a", "2-0", x=[9, 2])))
+        c.on_ws_frame(c.transport, Frame(WSMsgType.BINARY, snap("b", z=[3, 1])))
+    partial.on_ws_frame(partial.transport, Frame(WSMsgType.BINARY, snap("a", x=[9, 1], y=[4, 1])))
+    assert good.ready and stale.ready and not partial.ready
+    assert check.matched(good, finals)
+    assert not check.matched(stale, finals)  # a later upd does not make its snap right
+    assert not check.matched(partial, finals)  # no snap of b
+    good.on_ws_disconnected(good.transport)
+    assert not check.matched(good, finals)  # closed
+    assert st.closed == 1
+
+
+def test_snapshot_matches_wants_every_topic_and_the_final_seq_of_every_key() -> None:
+    finals = {"a": {"x": 2}, "b": {}}
+    assert snapshot_matches({"a": {"x": [2, 0], "w": [1, 0]}, "b": {}}, ["a", "b"], finals)
+    assert not snapshot_matches({"a": {"x": [2, 0]}}, ["a", "b"], finals)
+    assert not snapshot_matches({"a": {"x": [1, 0]}, "b": {}}, ["a", "b"], finals)
+    assert not snapshot_matches({"a": {"x": "2"}, "b": {}}, ["a", "b"], finals)
+    assert not snapshot_matches({"a": {}, "b": {}}, ["a", "b"], finals)

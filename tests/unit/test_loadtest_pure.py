@@ -88,3 +88,51 @@ def test_latency_buckets_are_monotonic_and_percentiles_fall_in_the_right_bucket(
     assert p["p99"] == pytest.approx(50.0, abs=0.07)
     assert p["p100"] == pytest.approx(5000.0, abs=70.0)
     assert percentiles_ms({}, (0.5,)) == {"p50": None}
+
+
+# -- fanout bench: probes, counting clients, the generator-bound flag (issue 13, item 1) ----
+
+
+def test_a_run_is_generator_bound_past_half_the_servers_cpu_or_on_a_saturated_machine() -> None:
+    from loadtest.report import generator_bound
+
+    assert generator_bound(2.0, 10.0, 1.0, 2) is None  # a fifth, 1 of 2 cores busy
+    assert generator_bound(5.0, 10.0, 1.8, 2) is None  # exactly half, 90% busy
+    half = generator_bound(5.1, 10.0, 1.0, 2)
+    assert half is not None and "0.51x the server's" in half
+    busy = generator_bound(1.0, 10.0, 1.9, 2)
+    assert busy is not None and "machine saturated: 1.90 of 2 cores busy" in busy
+    both = generator_bound(8.0, 0.0, 8.0, 8)
+    assert both is not None and "saturated" in both and "inf" in both
+
+
+def test_probes_are_a_share_of_the_reading_clients_at_least_fifty_spread_over_them() -> None:
+    from loadtest.bench.run import probe_indices
+
+    assert probe_indices(20, set(), 0.05) == set(range(20))  # fewer than 50: all probes
+    probes = probe_indices(10_000, set(), 0.05)
+    assert len(probes) == 500 and min(probes) == 0 and max(probes) >= 9_900
+    assert len(probe_indices(1000, set(), 0.05)) == 50  # 5% is 50
+    assert len(probe_indices(400, set(), 0.05)) == 50  # at least 50
+    slow = set(range(0, 1000, 10))
+    probes = probe_indices(1000, slow, 0.2)
+    assert len(probes) == 200 and not probes & slow  # a slow client is never a probe
+    assert probe_indices(1000, set(), 1.0) == set(range(1000))
+    in_first = [i for i in probe_indices(1000, set(), 0.05, procs=2) if i % 2 == 0]
+    assert len(in_first) == 25  # as many in each subscriber process
+
+
+def test_delivered_updates_are_the_probes_count_scaled_to_every_clients_frames() -> None:
+    from loadtest.bench.run import _delivery
+
+    start = {"p1": {"frames": 10, "probe_frames": 10, "probe_updates": 20, "counted_frames": 0,
+                    "bytes": 100}}  # fmt: skip
+    end = {"p1": {"frames": 110, "probe_frames": 30, "probe_updates": 80, "counted_frames": 80,
+                  "bytes": 1100}}  # fmt: skip
+    d = _delivery(start, end, 2.0, 5)
+    assert d["frames"] == 100 and d["bytes"] == 1000 and d["bytes_per_s"] == 500
+    assert d["updates_counted_by_probes"] == 60
+    assert d["updates"] == 60 + 80 * 3 and d["updates_estimated"] is True  # 3 per frame
+    end["p1"]["counted_frames"] = 0  # --decode-all: every frame counted by a probe
+    assert _delivery(start, end, 2.0, 5)["updates"] == 60
+    assert _delivery(start, end, 2.0, 5)["updates_estimated"] is False
