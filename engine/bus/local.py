@@ -28,6 +28,10 @@ Rules:
    is checked before it is sent (`engine/bus/limits.py` rule 1: strings, data
    size), so a bad value fails alone; the hub refuses one over a count with
    `BusRefused`. The connecting task is supervised (`engine/bus/tasks.py`).
+5. Batched: the frames of every publish and request made during one loop
+   iteration go to the hub in one write, in the order they were made (many
+   publishers on one admin or worker cost the hub one read, not one each).
+   What waits for that write counts against `max_unsent_bytes`.
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ class _Link(asyncio.Protocol):
         "hello_timer",
         "idle",
         "lost",
+        "outbox",
+        "outbox_bytes",
         "pending",
         "reader",
         "transport",
@@ -89,6 +95,26 @@ class _Link(asyncio.Protocol):
         self.lost: asyncio.Future[None] = loop.create_future()
         self.idle: asyncio.Future[None] | None = None  # set by close(): no pending left
         self.hello_timer: asyncio.TimerHandle | None = None
+        self.outbox: list[bytes] = []  # frames for the hub's next write (rule 5)
+        self.outbox_bytes = 0
+
+    def send(self, frame: bytes) -> None:
+        """Queue `frame` for the hub: written with the others of this loop iteration."""
+        if not self.outbox:
+            self.lost.get_loop().call_soon(self.flush)
+        self.outbox.append(frame)
+        self.outbox_bytes += len(frame)
+
+    def flush(self) -> None:
+        frames, self.outbox, self.outbox_bytes = self.outbox, [], 0
+        transport = self.transport
+        # a link lost meanwhile failed its pending requests: the frames are dropped
+        if frames and transport is not None and not transport.is_closing():
+            transport.writelines(frames)  # one write (writev) for them all
+
+    def unsent_bytes(self) -> int:
+        assert self.transport is not None
+        return self.transport.get_write_buffer_size() + self.outbox_bytes
 
     def itself(self) -> _Link:
         """The protocol factory of this one link (a new link per connection attempt)."""
@@ -225,7 +251,7 @@ class LocalBus(BusBackend):
             loop.call_soon(_call, done, BusUnavailable("not connected to the hub"))
             return
         assert link.transport is not None
-        if link.transport.get_write_buffer_size() > self.max_unsent_bytes:
+        if link.unsent_bytes() > self.max_unsent_bytes:
             loop.call_soon(
                 _call, done, BusUnavailable("the hub is not keeping up (send buffer full)")
             )
@@ -248,7 +274,7 @@ class LocalBus(BusBackend):
             )
             return
         self._expect(link, req_id, done)
-        link.transport.write(frame)
+        link.send(frame)
 
     def _expect(self, link: _Link, req_id: int, reply: _Reply) -> None:
         """Wait for the reply to `req_id`, for request_timeout_s at most (rule 4)."""
@@ -312,7 +338,7 @@ class LocalBus(BusBackend):
         except (TypeError, ValueError, OverflowError) as exc:  # e.g. a lone surrogate
             raise BusError(f"cannot encode the request: {exc}") from None
         self._expect(link, req_id, reply)
-        link.transport.write(frame)
+        link.send(frame)
         return await fut
 
     async def close(self) -> None:

@@ -304,3 +304,42 @@ def test_run_hub_serves_until_sigterm(run_dir: str) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+class _CountingTransport:
+    """The link's transport, counting the writes that reach it."""
+
+    def __init__(self, inner: asyncio.WriteTransport) -> None:
+        self.inner = inner
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.inner.write(data)
+
+    def writelines(self, frames: list[bytes]) -> None:
+        self.writes += 1
+        self.inner.writelines(frames)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+async def test_requests_of_one_loop_iteration_go_in_one_write_in_order(
+    hub: Hub, publisher: LocalBus
+) -> None:
+    """LocalBus rule 5: 50 publishes and a snapshot made in one loop iteration
+    reach the hub in one write, in the order they were made: the snapshot sees
+    all 50 and their positions follow the calls."""
+    link = publisher._link
+    assert link is not None and link.transport is not None
+    counting = _CountingTransport(link.transport)
+    link.transport = counting  # type: ignore[assignment]
+    answers: list[object] = []
+    for i in range(50):
+        publisher.publish([Update("batch.t", f"k{i}", val(i))], answers.append)
+    snap = await publisher.snapshot("batch.t")  # sent before this task yields
+    assert counting.writes == 1
+    assert len(snap.items) == 50 and len(answers) == 50  # replies come in order
+    positions = [a[0] for a in answers if isinstance(a, list)]
+    assert positions == sorted(positions) and len(set(positions)) == 50
