@@ -14,8 +14,9 @@ Rules this module owns:
    body byte is looked at; a refused body is only drained (within the cap),
    never parsed.
 3. A publisher's `data` is encoded once: JSON `data` is packed to msgpack once;
-   msgpack `data` is sliced out of the body, byte for byte, never decoded and
-   re-encoded (`engine.protocol.codec` rule 1).
+   msgpack `data` goes to the bus as the publisher's bytes, byte for byte
+   (`engine.protocol.codec` rule 1): sliced out of the body, or re-encoded
+   only when the whole body re-encodes to exactly its own bytes.
 4. A publish is all or nothing: one bad item refuses the whole body, and the
    error names the item (`items[3].key`).
 5. Readiness and statistics are computed from the status board's statuses
@@ -128,6 +129,8 @@ _NO_STATUS: Final = WorkerStatus()  # what /stats shows of a worker with no stat
 
 _REASONS: Final = {s.value: s.phrase for s in HTTPStatus}
 _PUBLISH_FIELDS: Final = frozenset({"topic", "key", "data"})
+_packer: Final = msgpack.Packer(use_bin_type=True)
+_CONTAINERS: Final = frozenset({dict, list})
 MIN_BODY_LIMIT_BYTES: Final = 1 << 20
 
 
@@ -611,12 +614,14 @@ def _parse_msgpack_fields(body: bytes, max_items: int) -> PublishRequest:
 
 
 def _parse_msgpack_whole(body: bytes, max_items: int) -> PublishRequest | None:
-    """The common case in one pass of C: the body decoded whole, as a client
-    decodes a value (so every `data` passes `data_problem` but for its depth,
-    checked here), then walked once to slice each `data` out, byte for byte
-    (rule 3). None for anything the field-by-field reader must judge and name
-    (a fault, a duplicate field, a field name that is not a string): it gives
-    the same answer to every body this one accepts."""
+    """The common case in C: the body decoded whole, as a client decodes a
+    value (so every `data` passes `data_problem` but for its depth, checked
+    here); each `data` is then the publisher's bytes (rule 3), re-encoded when
+    the whole body re-encodes to exactly itself (so does each part: the
+    encoding is made of its parts'), else sliced out by a walk of the body.
+    None for anything the field-by-field reader must judge and name (a fault,
+    a duplicate field, a field name that is not a string): it gives the same
+    answer to every body this one accepts."""
     try:
         doc = msgpack.unpackb(body, **_decode_kw(len(body)))
     except Exception:  # the field-by-field reader names the fault
@@ -627,32 +632,21 @@ def _parse_msgpack_whole(body: bytes, max_items: int) -> PublishRequest | None:
     items = doc["items"] if batch else [doc]
     if batch and (len(doc) != 1 or type(items) is not list or not 0 < len(items) <= max_items):
         return None
-    unpacker = bounded_unpacker(len(body), strict_map_key=False)
-    unpacker.feed(body)
-    if batch:
-        unpacker.read_map_header()
-        unpacker.skip()  # "items"
-        unpacker.read_array_header()
-    # bound methods, and a topic judged once per body: this loop runs per item
-    read_map_header, unpack = unpacker.read_map_header, unpacker.unpack
-    skip, tell = unpacker.skip, unpacker.tell
-    fields, topics_ok = _PUBLISH_FIELDS, set()
+    if any(type(item) is not dict or "data" not in item for item in items):
+        return None
+    if _packer.pack(doc) == body:  # what nearly every msgpack library writes
+        datas = [_packer.pack(item["data"]) for item in items]
+    else:
+        walked = _walk_data(body, items, batch)
+        if walked is None:
+            return None
+        datas = walked
+    fields, topics_ok = _PUBLISH_FIELDS, set()  # a topic is judged once per body
     updates = []
-    for item in items:
-        if type(item) is not dict or read_map_header() != len(item):
-            return None  # not a map, or a field given twice (the decode kept one)
-        data = None
-        for _ in range(len(item)):
-            if unpack() == "data":
-                start = tell()
-                skip()
-                data = body[start : tell()]  # a copy: the one `data` copy of this reader
-            else:
-                skip()
-        topic, key, value = item.get("topic"), item.get("key", ""), item.get("data")
+    for item, data in zip(items, datas, strict=True):
+        topic, key = item.get("topic"), item.get("key", "")
         if (  # what _check_item accepts, in C where it can be: else it names the fault
-            data is None
-            or not item.keys() <= fields
+            not item.keys() <= fields
             or type(topic) is not str
             or type(key) is not str
             or not (topic in topics_ok or valid_topic(topic))
@@ -660,13 +654,52 @@ def _parse_msgpack_whole(body: bytes, max_items: int) -> PublishRequest | None:
             or not (key.isascii() or utf8_problem(key) is None)
         ):
             return None
-        topics_ok.add(topic)
-        if (type(value) is dict or type(value) is list) and nested_deeper_than(
-            value, MAX_DATA_DEPTH
-        ):
+        # nesting d levels deep takes d header bytes at least: a short value
+        # cannot be too deep; nor can a flat one (told in C); the rest is walked
+        if len(data) > MAX_DATA_DEPTH and _nested(item["data"]):
             return None
+        topics_ok.add(topic)
         updates.append(Update(topic, key, data))
     return PublishRequest(tuple(updates), batch=batch)
+
+
+def _nested(value: Any) -> bool:
+    """`nested_deeper_than(value, MAX_DATA_DEPTH)`, told at once for a scalar
+    and for an array or map of scalars (the common value)."""
+    if type(value) is dict:
+        children: Any = value.values()
+    elif type(value) is list:
+        children = value
+    else:
+        return False
+    if _CONTAINERS.isdisjoint(map(type, children)):
+        return False
+    return nested_deeper_than(value, MAX_DATA_DEPTH)
+
+
+def _walk_data(body: bytes, items: list[dict[Any, Any]], batch: bool) -> list[bytes] | None:
+    """Each item's `data` sliced out of `body` (a copy each); None when a map
+    holds a field twice (the decode kept one of them)."""
+    unpacker = bounded_unpacker(len(body), strict_map_key=False)
+    unpacker.feed(body)
+    if batch:
+        unpacker.read_map_header()
+        unpacker.skip()  # "items"
+        unpacker.read_array_header()
+    read_map_header, unpack = unpacker.read_map_header, unpacker.unpack
+    skip, tell = unpacker.skip, unpacker.tell
+    datas = []
+    for item in items:
+        if read_map_header() != len(item):
+            return None
+        for _ in range(len(item)):
+            if unpack() == "data":
+                start = tell()
+                skip()
+                datas.append(body[start : tell()])
+            else:
+                skip()
+    return datas
 
 
 def _decode_kw(size: int) -> dict[str, Any]:
