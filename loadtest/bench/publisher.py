@@ -4,7 +4,10 @@ One keep-alive HTTP connection to the admin port (`WorkloadPublisher`) and a
 clock-paced loop (`publish_for`: every batch interval it sends what is due by
 then, so a slow request is made up for by a larger next batch); the
 workload's sampler picks the (topic, key) pairs. `data` is `[seq,
-time.time_ns()]`, stamped per batch just before it is sent.
+time.time_ns()]`, stamped per batch just before it is sent. A msgpack body
+is assembled from each pair's encoded `{"topic": t, "key": k, "data": `
+prefix, made once per pair (`msgpack_body`: the same bytes as packing the
+items, at a fraction of the publisher's CPU, which counts as the generator's).
 """
 
 from __future__ import annotations
@@ -53,16 +56,20 @@ class WorkloadPublisher:
         self.failed = 0
         self.errors: collections.Counter[str] = collections.Counter()
         self.rtt_hist: dict[int, int] = {}
+        self.prefixes: dict[tuple[str, str], bytes] = {}  # at most one per key of the workload
 
     def post(self, n: int) -> bool:
         """Publish `n` updates (one request), stamped now; True when the bus accepted them."""
         t = time.time_ns()
         seq = self.seq
+        pairs = self.sample(n)
+        self.seq = seq + n
+        if self.body != "json":
+            return self._send_body(msgpack_body(pairs, seq, t, self.prefixes), len(pairs))
         items = [
             {"topic": topic, "key": key, "data": [seq + i + 1, t]}
-            for i, (topic, key) in enumerate(self.sample(n))
+            for i, (topic, key) in enumerate(pairs)
         ]
-        self.seq = seq + n
         return self._send(items)
 
     def post_all_finals(self) -> dict[str, dict[str, int]]:
@@ -84,6 +91,9 @@ class WorkloadPublisher:
             body = json.dumps({"items": items}, separators=(",", ":")).encode()
         else:
             body = msgpack.packb({"items": items})
+        return self._send_body(body, len(items))
+
+    def _send_body(self, body: bytes, n_items: int) -> bool:
         t0 = time.perf_counter_ns()
         self.requests += 1
         try:
@@ -95,7 +105,7 @@ class WorkloadPublisher:
             status = resp.status
         except (OSError, http.client.HTTPException) as exc:
             self.errors[f"{type(exc).__name__}: {str(exc)[:100]}"] += 1
-            self.failed += len(items)
+            self.failed += n_items
             if self.conn is not None:
                 self.conn.close()
             self.conn = None
@@ -104,14 +114,33 @@ class WorkloadPublisher:
         self.rtt_hist[b] = self.rtt_hist.get(b, 0) + 1
         if status != 200:
             self.errors[f"HTTP {status}: {answer[:100]!r}"] += 1
-            self.failed += len(items)
+            self.failed += n_items
             return False
-        self.accepted += len(items)
+        self.accepted += n_items
         return True
 
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
+
+
+def msgpack_body(
+    pairs: list[tuple[str, str]], seq: int, t: int, prefixes: dict[tuple[str, str], bytes]
+) -> bytes:
+    """`msgpack.packb({"items": [{"topic", "key", "data": [seq + i + 1, t]}, ...]})` of
+    `pairs`, byte for byte, from each pair's encoded prefix (kept in `prefixes`)."""
+    packer = msgpack.Packer()
+    parts = [b"\x81\xa5items", packer.pack_array_header(len(pairs))]
+    for i, pair in enumerate(pairs):
+        prefix = prefixes.get(pair)
+        if prefix is None:
+            topic, key = pair
+            prefix = packer.pack_map_header(3) + packer.pack("topic") + packer.pack(topic)
+            prefix += packer.pack("key") + packer.pack(key) + packer.pack("data")
+            prefixes[pair] = prefix
+        parts.append(prefix)
+        parts.append(packer.pack([seq + i + 1, t]))
+    return b"".join(parts)
 
 
 def publish_for(
@@ -225,4 +254,4 @@ def publisher_process(
         pub.close()
 
 
-__all__ = ["WorkloadPublisher", "publish_for", "publisher_process"]
+__all__ = ["WorkloadPublisher", "msgpack_body", "publish_for", "publisher_process"]

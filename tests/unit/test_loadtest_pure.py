@@ -136,3 +136,19 @@ def test_delivered_updates_are_the_probes_count_scaled_to_every_clients_frames()
     end["p1"]["counted_frames"] = 0  # --decode-all: every frame counted by a probe
     assert _delivery(start, end, 2.0, 5)["updates"] == 60
     assert _delivery(start, end, 2.0, 5)["updates_estimated"] is False
+
+
+def test_the_publishers_msgpack_body_is_the_packed_items_byte_for_byte() -> None:
+    import time
+
+    import msgpack
+
+    from loadtest.bench.publisher import msgpack_body
+
+    pairs = [*key_sampler(MARKET, seed=1)(300), ("t", "k" * 40), ("é" * 20, "")]
+    t = time.time_ns()
+    prefixes: dict[tuple[str, str], bytes] = {}
+    items = [{"topic": tp, "key": k, "data": [7 + i + 1, t]} for i, (tp, k) in enumerate(pairs)]
+    for _ in range(2):  # building the prefixes, then reusing them
+        assert msgpack_body(pairs, 7, t, prefixes) == msgpack.packb({"items": items})
+    assert msgpack_body([], 7, t, prefixes) == msgpack.packb({"items": []})
