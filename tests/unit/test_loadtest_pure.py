@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from typing import Any
 
 import pytest
 
@@ -152,3 +153,21 @@ def test_the_publishers_msgpack_body_is_the_packed_items_byte_for_byte() -> None
     for _ in range(2):  # building the prefixes, then reusing them
         assert msgpack_body(pairs, 7, t, prefixes) == msgpack.packb({"items": items})
     assert msgpack_body([], 7, t, prefixes) == msgpack.packb({"items": []})
+
+
+def test_a_run_whose_snapshot_did_not_match_is_broken_though_every_probe_converged() -> None:
+    from loadtest.bench import build_parser, parse_args, settings_from
+    from loadtest.bench.run import broke
+
+    s = settings_from(parse_args(build_parser(), ["-S", "100"]))
+    result: dict[str, dict[str, Any]] = {
+        "memory": {"rss_guard_tripped": False},
+        "latency_ms": {"p99": 10.0},
+        "publish": {"achieved_rate": s.rate},
+        "convergence": {"all_converged": True, "converged": 50, "clients": 50,
+                        "snapshots": 50, "snapshots_matched": 50,
+                        "all_snapshots_matched": True},
+    }  # fmt: skip
+    assert broke(result, s, 250.0) is None
+    result["convergence"].update(snapshots_matched=49, all_snapshots_matched=False)
+    assert broke(result, s, 250.0) == "only 49 of 50 snapshots matched"
