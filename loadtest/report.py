@@ -204,6 +204,15 @@ def markdown(report: Mapping[str, Any]) -> str:
                     "warm-up connections (one-time costs left out; from the start, RSS "
                     f"{fmt(start.get('rss'), 'kib')} KiB, PSS {fmt(start.get('pss'), 'kib')} KiB)"
                 )
+            measured_by = str(r.get("server_measured_by") or "")
+            if "/metrics" in measured_by:  # --target: a running engine, not started here
+                extra.append(f"server CPU and memory from {measured_by}")
+            if r.get("merged_shards"):
+                extra.append(
+                    f"merged from the shards {', '.join(map(str, r['merged_shards']))}; "
+                    f"server figures: {r['cpu'].get('server_merge')}; latency: "
+                    f"{r['latency_ms'].get('method')}"
+                )
             if r.get("errors"):
                 extra.append(f"errors {r['errors']}")
             if r.get("close_codes"):

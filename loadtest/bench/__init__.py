@@ -10,6 +10,8 @@
     fanout bench --bus redis --nodes 2             # end to end across nodes over Redis
     fanout bench --preset first                    # the first measurement (make bench-first)
     fanout bench -S 20 --decode-all                # every client decodes every frame
+    fanout bench --target ws://h:8080/ws --admin http://h:8081 --shard 1/2   # a running engine
+    fanout bench merge a.json b.json --name merged # one report from the --shard reports
 
 Probes and counting clients: a share of the subscribers (`--probes`, 5% and
 at least 50) decode every frame, check order and convergence and record
@@ -35,6 +37,15 @@ receives crossed Redis from one node to another (with `--nodes 1`, publisher
 and subscribers share node 1, still through Redis). Server CPU and RSS are
 summed over every node's processes; redis-server's CPU is reported apart.
 
+A running deployment (`--target` and `--admin`, loadtest/bench/target.py):
+the bench starts no server; the publisher posts with the API key of the
+environment variable `--api-key-env` (default FANOUT_API_KEY, never printed);
+server CPU and memory come from the engine's /metrics, per process, at the
+start and end of the window. `--shard i/N` (loadtest/bench/shard.py) takes
+generator i's share of the clients, of the keys and of the rate, so that N
+generators run by hand make the whole workload; `fanout bench merge`
+(loadtest/bench/merge.py) makes one report of theirs.
+
 Exit codes: 0 measured, every reading probe converged and every counting
 client's snapshot matched on every target; 1 measured but some did not; 3 could not set up or failed
 midway; 130 interrupted.
@@ -54,6 +65,7 @@ from typing import Any
 
 from loadtest.bench.nodes import BUSES
 from loadtest.bench.run import SCENARIOS, BenchSettings, broke, machine, run_target
+from loadtest.bench.shard import WHOLE, Shard
 from loadtest.children import raise_nofile
 from loadtest.server import SetupError
 from loadtest.workload import WORKLOADS
@@ -87,6 +99,13 @@ def _cpu_list(text: str) -> tuple[int, ...]:
     if not cpus:
         raise argparse.ArgumentTypeError("empty CPU list")
     return tuple(cpus)
+
+
+def _shard(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _int_list(text: str) -> list[int]:
@@ -222,6 +241,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--loadgen-cpus", type=_cpu_list, metavar="LIST", help="pin the load generator to CPUs"
     )
     p.add_argument("--config", help="config file for the fanout server")
+    p.add_argument(
+        "--target",
+        metavar="WS_URL",
+        help="load an engine that is already running (e.g. ws://host:8080/ws): the bench "
+        "starts no server; needs --admin",
+    )
+    p.add_argument("--admin", metavar="URL", help="--target's admin API (e.g. http://host:8081)")
+    p.add_argument(
+        "--metrics",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="--target: also read server CPU and memory from this admin URL's /metrics "
+        "(repeat; --admin's always)",
+    )
+    p.add_argument(
+        "--api-key-env",
+        default="FANOUT_API_KEY",
+        metavar="NAME",
+        help="--target: the environment variable holding the admin API key (default "
+        "FANOUT_API_KEY; never printed)",
+    )
+    p.add_argument(
+        "--shard",
+        type=_shard,
+        default=WHOLE,
+        metavar="I/N",
+        help="--target: this generator's share of the clients, keys and rate (generator "
+        "I of N run by hand); merge the reports with `fanout bench merge`",
+    )
     p.add_argument("--report-dir", default="reports")
     p.add_argument("--name", help="report file name without extension")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -277,6 +326,10 @@ def settings_from(a: argparse.Namespace) -> BenchSettings:
         warmup=(a.subscribers // 10 if a.warmup < 0 else a.warmup) if scenario == "idle" else 0,
         probes=a.probes,
         decode_all=a.decode_all,
+        target_ws=a.target,
+        target_admin=a.admin,
+        metrics_from=tuple(a.metrics),
+        shard=a.shard,
     )
 
 
@@ -301,12 +354,27 @@ def parse_args(p: argparse.ArgumentParser, args: Sequence[str]) -> argparse.Name
         p.error("--nodes: the local bus is one node; more nodes need --bus redis")
     if a.sub_procs and a.sub_procs < a.nodes - 1:
         p.error("--sub-procs: at least one subscriber process per subscriber node (N - 1)")
+    if bool(a.target) != bool(a.admin):
+        p.error("--target and --admin go together (a running engine's WebSocket and admin URLs)")
+    if a.target and (a.baseline or a.bus != "local" or a.nodes != 1 or a.idle):
+        p.error("--target: the engine is already running (no --baseline, --bus, --nodes, --idle)")
+    if (a.shard != WHOLE or a.metrics) and not a.target:
+        p.error("--shard and --metrics need --target")
+    if a.shard.count > a.subscribers:
+        p.error("--shard: more generators than --subscribers")
     return a
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["merge"]:
+        from loadtest.bench.merge import main as merge_main
+
+        return merge_main(args[1:])
     a = parse_args(build_parser(), args)
+    if a.target and a.api_key_env != "FANOUT_API_KEY":
+        # the publisher and the scrapes read FANOUT_API_KEY (children inherit it)
+        os.environ["FANOUT_API_KEY"] = os.environ.get(a.api_key_env, "")
     s = settings_from(a)
     raise_nofile()  # inherited by every process forked from here
     if a.loadgen_cpus:
@@ -343,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {
             **{k: v for k, v in asdict(s).items() if k != "workload"},
             "workload": s.workload.name,
+            "shard": str(s.shard),
         },
         "workload": s.workload.describe(),
         "sweep": a.sweep,

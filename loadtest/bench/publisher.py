@@ -25,6 +25,7 @@ from typing import Any
 
 import msgpack
 
+from loadtest.bench.shard import WHOLE, Shard, shard_pairs, shard_sampler
 from loadtest.latency import bucket_mid_ns, bucket_of, percentiles_ms
 from loadtest.workload import Workload, key_sampler
 
@@ -36,13 +37,23 @@ class WorkloadPublisher:
     connection (msgpack or JSON bodies); finals are {topic: {key: seq}}."""
 
     def __init__(
-        self, admin: str, workload: Workload, seed: int, max_items: int, body: str
+        self,
+        admin: str,
+        workload: Workload,
+        seed: int,
+        max_items: int,
+        body: str,
+        shard: Shard = WHOLE,
     ) -> None:
         parsed = urllib.parse.urlsplit(admin)
         self.host = parsed.hostname or "127.0.0.1"
         self.port = parsed.port or 80
         self.workload = workload
-        self.sample = key_sampler(workload, seed)
+        # --shard i/N: only this generator's pairs (loadtest/bench/shard.py)
+        self.shard = shard
+        self.sample = (
+            key_sampler(workload, seed) if shard == WHOLE else shard_sampler(workload, seed, shard)
+        )
         self.max_items = max_items
         self.body = body
         self.headers = {"Content-Type": f"application/{body}"}
@@ -73,11 +84,11 @@ class WorkloadPublisher:
         return self._send(items)
 
     def post_all_finals(self) -> dict[str, dict[str, int]]:
-        """One last value for every key of every topic."""
+        """One last value for every key of every topic (of this generator's share)."""
         t = time.time_ns()
         finals: dict[str, dict[str, int]] = {}
         items = []
-        for topic, key in self.workload.all_pairs():
+        for topic, key in shard_pairs(self.workload, self.shard):
             self.seq += 1
             finals.setdefault(topic, {})[key] = self.seq
             items.append({"topic": topic, "key": key, "data": [self.seq, t]})
@@ -224,11 +235,12 @@ def publisher_process(
     max_items: int,
     body: str,
     budget_s: float,
+    shard: Shard = WHOLE,
 ) -> None:
     """Waits for `go` (publish for the duration), `final` (every key once), `exit`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    pub = WorkloadPublisher(admin, workload, seed, max_items, body)
+    pub = WorkloadPublisher(admin, workload, seed, max_items, body, shard)
     deadline = time.monotonic() + budget_s
     try:
         while time.monotonic() < deadline:

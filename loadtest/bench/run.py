@@ -43,7 +43,10 @@ from loadtest.accounting import (
 )
 from loadtest.bench.nodes import FanoutNodes
 from loadtest.bench.publisher import publisher_process
+from loadtest.bench.shard import WHOLE, Shard, shard_clients, shard_mass
 from loadtest.bench.subscriber import subscriber_process
+from loadtest.bench.target import TargetEngine
+from loadtest.bench.target import per_node as per_node_of_target
 from loadtest.children import Children, tied_preexec
 from loadtest.latency import merge_hist, percentiles_ms
 from loadtest.ports import free_port
@@ -87,6 +90,19 @@ class BenchSettings:
     warmup: int = 0  # --idle: subscribers connected before the memory baseline
     probes: float = 0.05  # --probes: the share of reading clients that decode every frame
     decode_all: bool = False  # --decode-all: every client decodes every frame
+    # --target: a running engine (loadtest/bench/target.py); --shard: this generator's share
+    target_ws: str | None = None
+    target_admin: str | None = None
+    metrics_from: tuple[str, ...] = ()
+    shard: Shard = WHOLE
+
+    def clients(self) -> list[int]:
+        """The global indices of this generator's subscribers (every one without --shard)."""
+        return shard_clients(self.subscribers, self.shard)
+
+    def publish_rate(self) -> float:
+        """This generator's publish rate: its share of --rate (all of it without --shard)."""
+        return self.rate * shard_mass(self.workload, self.seed, self.shard)
 
     def every_client_decodes(self) -> bool:
         return self.decode_all or self.scenario in RESUMING_SCENARIOS
@@ -171,7 +187,13 @@ def run_target(target: str, s: BenchSettings, log: Callable[[str], None]) -> dic
     procs = Children()
     keep_log = False
     try:
-        server = BaselineServer(s.server_cpus) if target == "baseline" else _fanout_nodes(s)
+        if s.target_ws and s.target_admin:  # started by the user: nothing to start or stop
+            key = os.environ.get("FANOUT_API_KEY", "")
+            server = TargetEngine(s.target_ws, s.target_admin, key, s.metrics_from)
+        elif target == "baseline":
+            server = BaselineServer(s.server_cpus)
+        else:
+            server = _fanout_nodes(s)
         server.wait_ready(30.0)
         result = _measure(target, s, server, procs, log)
         return result
@@ -191,11 +213,21 @@ def run_target(target: str, s: BenchSettings, log: Callable[[str], None]) -> dic
 
 def _tree_rss(server: Any) -> int:
     """RSS summed over every process of the target (every node's tree; not redis-server)."""
-    return sum(rss_bytes(server.pids()).values())
+    return _tree_memory(server)["rss"]
 
 
 def _tree_memory(server: Any) -> dict[str, int]:
+    """From /proc (psutil) for the servers a run starts; a running engine's /metrics."""
+    if isinstance(server, TargetEngine):
+        return server.memory()
     return tree_memory_bytes(server.pids())
+
+
+def _server_cpu(server: Any, pids: list[int]) -> dict[Any, tuple[float, float]]:
+    """CPU of the server's processes: psutil, or a running engine's /metrics."""
+    if isinstance(server, TargetEngine):
+        return server.cpu_seconds()
+    return cpu_seconds(pids)
 
 
 def _per_connection(before: dict[str, int], after: dict[str, int], n: int) -> dict[str, int]:
@@ -291,19 +323,29 @@ class Measurement:
         subscriber has its snap; the slow scenario's clients then stop reading."""
         s, server, procs = self.s, self.server, self.procs
         topics_of = s.workload.subscriptions(s.subscribers, s.seed)
+        mine = s.clients()
+        self.n_clients = len(mine)
         n_slow = round(s.slow_fraction * s.subscribers) if s.scenario == "slow" else 0
         slow_every = s.subscribers / n_slow if n_slow else 0.0
         slow_set = {int(i * slow_every) for i in range(n_slow)}
         probes = (
             None
             if s.every_client_decodes()
-            else probe_indices(s.subscribers, slow_set, s.probes, s.sub_procs)
+            else {  # over positions in `mine` (= the indices without --shard), then global
+                mine[j]
+                for j in probe_indices(
+                    len(mine),
+                    {j for j, i in enumerate(mine) if i in slow_set},
+                    s.probes,
+                    s.sub_procs,
+                )
+            }
         )
-        self.n_probes = s.subscribers - len(slow_set) if probes is None else len(probes)
+        self.n_probes = len(set(mine) - slow_set) if probes is None else len(probes)
         plans: list[list[tuple[int, tuple[str, ...], str, bool]]] = [[] for _ in range(s.sub_procs)]
-        for i in range(s.subscribers):
-            addr = f"127.0.0.{1 + i % self.n_addrs}"
-            plans[i % s.sub_procs].append((i, topics_of[i], addr, i in slow_set))
+        for j, i in enumerate(mine):
+            addr = f"127.0.0.{1 + j % self.n_addrs}"
+            plans[j % s.sub_procs].append((i, topics_of[i], addr, i in slow_set))
         self.subs: list[Any] = []
         sub_urls = server.sub_urls  # nodes 2..N: every delivery crossed the bus between nodes
         self.used_urls: list[str] = []
@@ -319,24 +361,25 @@ class Measurement:
             server.admin,
             s.workload,
             s.seed,
-            s.rate,
+            s.publish_rate(),
             s.duration_s,
             s.batch_ms,
             s.max_items,
             s.body,
             self.budget,
+            s.shard,
         )
         timeout_s = 60.0 + s.subscribers / 20.0
         self.setup = {c.name: procs.expect(c, "ready", timeout_s) for c in self.subs}
         ready = self.ready = sum(v["ready"] for v in self.setup.values())
         self.log(
-            f"[{self.target}] {ready} of {s.subscribers} subscribers ready ("
+            f"[{self.target}] {ready} of {len(mine)} subscribers ready ("
             + ", ".join(f"{k} {v['ready']} in {v['setup_s']} s" for k, v in self.setup.items())
             + ")"
         )
-        if ready < s.subscribers:
+        if ready < len(mine):
             raise SetupError(
-                f"only {ready} of {s.subscribers} subscribers are subscribed: {self.setup}"
+                f"only {ready} of {len(mine)} subscribers are subscribed: {self.setup}"
             )
         time.sleep(1.0)  # let the server settle before taking its memory
         self.mem_connected = _tree_memory(server)
@@ -361,7 +404,7 @@ class Measurement:
         gen_pids = {c.name: int(c.proc.pid or 0) for c in procs.children}
         gen_pids["orchestrator"] = os.getpid()
         self.gen_pids = gen_pids
-        self.cpu0 = cpu_seconds(self.pids)
+        self.cpu0 = _server_cpu(server, self.pids)
         self.gen0, self.busy0 = cpu_seconds(gen_pids.values()), machine_busy_seconds()
         self.t0 = time.monotonic()
         if s.scenario == "churn":
@@ -384,7 +427,7 @@ class Measurement:
         t1 = time.monotonic()
         for c in subs:
             c.send("mark_end")
-        self.cpu1 = cpu_seconds(self.pids)
+        self.cpu1 = _server_cpu(server, self.pids)
         self.gen1, self.busy1 = cpu_seconds(gen_pids.values()), machine_busy_seconds()
         self.bus1 = cpu_seconds([bus_pid] if bus_pid else [])
         self.bus_rss = sum(rss_bytes([bus_pid] if bus_pid else []).values())
@@ -504,6 +547,13 @@ class Measurement:
             "nodes": self.where["nodes"],
             "bus_server": self.where.get("redis"),  # the redis-server of the run: url, pid, command
             "server_command": self.server.command(),
+            "server_measured_by": (
+                self.server.measured_by()
+                if isinstance(self.server, TargetEngine)
+                else "psutil (/proc) of the process trees the bench started"
+            ),
+            "shard": str(self.s.shard),
+            "clients": self.n_clients,
             "server_processes": {by_name.get(p, f"pid {p}"): p for p in sorted(set(self.pids))},
             "window_s": round(window, 3),
             "setup": {
@@ -535,17 +585,21 @@ class Measurement:
         latency: dict[str, Any] = dict(percentiles_ms(hist, (0.5, 0.9, 0.99, 0.999)))
         latency["max"] = round(max(v["max_ns"] for v in end.values()) / 1e6, 3)
         latency["samples"] = sum(v["samples"] for v in end.values())
+        latency["histogram"] = {str(b): n for b, n in sorted(hist.items())}  # for `bench merge`
         return latency
 
     def _cpu(self, updates: int, frames: int, by_name: Mapping[int, str]) -> dict[str, Any]:
         cpu0, cpu1, window = self.cpu0, self.cpu1, self.window
         both = [p for p in cpu0 if p in cpu1]
-        per_process = {by_name.get(p, f"pid {p}"): round(used(cpu0, cpu1, p), 3) for p in both}
+        per_process = {
+            (p if isinstance(p, str) else by_name.get(p, f"pid {p}")): round(used(cpu0, cpu1, p), 3)
+            for p in both
+        }
         server_cpu = sum(used(cpu0, cpu1, p) for p in both)
         per_node = {
             node: round(sum(used(cpu0, cpu1, p) for p in tree if p in cpu0 and p in cpu1), 3)
             for node, tree in self.trees.items()
-        }
+        } or per_node_of_target(cpu0, cpu1)
         bus_pid, bus0, bus1 = self.bus_pid, self.bus0, self.bus1
         bus_cpu = used(bus0, bus1, bus_pid) if bus_pid in bus0 and bus_pid in bus1 else None
         gen0, gen1 = self.gen0, self.gen1
@@ -593,7 +647,7 @@ class Measurement:
         }
 
     def _memory(self) -> dict[str, Any]:
-        s, connections = self.s, self.s.subscribers
+        s, connections = self.s, self.n_clients
         rss_connected, rss_end = self.rss_connected, self.rss_end
         return {
             "server_rss_before_bytes": self.rss_before,
@@ -713,8 +767,9 @@ def broke(result: Mapping[str, Any], s: BenchSettings, max_p99_ms: float) -> str
     if not c.get("all_snapshots_matched", True):
         return f"only {c['snapshots_matched']} of {c['snapshots']} snapshots matched"
     pub = result["publish"]
-    if s.scenario != "idle" and pub and pub.get("achieved_rate", 0) < 0.9 * s.rate:
-        return f"publisher reached {pub.get('achieved_rate')}/s of {s.rate:g}/s"
+    rate = s.publish_rate()
+    if s.scenario != "idle" and pub and pub.get("achieved_rate", 0) < 0.9 * rate:
+        return f"publisher reached {pub.get('achieved_rate')}/s of {rate:g}/s"
     return None
 
 
