@@ -153,6 +153,11 @@ def _generator_lines(step: Mapping[str, Any]) -> list[str]:
 
 
 def _bus_line(s: Mapping[str, Any], with_baseline: bool) -> str:
+    if s.get("target_ws"):
+        return (
+            "a running engine the bench did not start (--target): subscribers -> "
+            f"{s['target_ws']}, publisher -> {s['target_admin']}; its own bus and workers"
+        )
     nodes = int(s.get("nodes") or 1)
     if s.get("bus", "local") == "local":
         return "local (one node, its embedded hub)"
@@ -177,8 +182,12 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"- workload: {report['workload']}",
         f"- {s['subscribers']:,} subscribers in {s['sub_procs']} processes, "
         f"{s['rate']:,.0f} updates/s for {s['duration_s']:g} s (batches every "
-        f"{s['batch_ms']:g} ms via POST /publish); fanout: {s['workers']} workers, "
-        f"flush_interval_ms = {s['flush_ms']}"
+        f"{s['batch_ms']:g} ms via POST /publish)"
+        + (
+            ""
+            if s.get("target_ws")
+            else f"; fanout: {s['workers']} workers, flush_interval_ms = {s['flush_ms']}"
+        )
         + (f"; max_hz {s['max_hz']:g}" if s.get("max_hz") else ""),
         f"- bus: {_bus_line(s, any('baseline' in st['results'] for st in report['steps']))}",
         f"- machine: {m['cpu_model'] or 'unknown CPU'}, {m['cpus']} cores, "

@@ -13,9 +13,10 @@ Rules (`merge_reports`, pure):
    the merged histogram; if a report carries none, every percentile is the
    maximum of the reports' and `latency_ms.method` says so.
 4. Server CPU and memory: generators that read the same engine's /metrics
-   (the same `server_measured_by`) saw the same processes over overlapping
-   windows: the maximum is taken, not the sum; different sources add up.
-   `server_merge` says which.
+   (the same `server_sources`) saw the same processes over overlapping
+   windows: the maximum is taken, not the sum; disjoint sources (or reports
+   of servers the bench started) add up; sources that overlap without being
+   the same: the maximum (a lower bound). `server_merge` says which.
 """
 
 from __future__ import annotations
@@ -94,25 +95,46 @@ def _per_million(cpu_s: float, n: int) -> float | None:
     return round(cpu_s / (n / 1e6), 3) if n else None
 
 
+def server_merge(rs: Sequence[Mapping[str, Any]]) -> str:
+    """Rule 4: "max" (one engine seen by every generator), "sum" or "overlap"."""
+    sources = [frozenset(r.get("server_sources") or ()) for r in rs]
+    if not all(sources):
+        return "sum"
+    if len(set(sources)) == 1:
+        return "max"
+    if sum(len(x) for x in sources) == len(frozenset().union(*sources)):
+        return "sum"
+    return "overlap"
+
+
+MERGE_NOTES = {
+    "max": "max over the reports (one engine's /metrics seen by every generator)",
+    "sum": "sum over the reports (different servers)",
+    "overlap": "max over the reports (their /metrics sources overlap: a lower bound)",
+}
+
+
 def merge_cpu(
     rs: Sequence[Mapping[str, Any]], updates: int, frames: int, window: float
 ) -> dict[str, Any]:
     """Rules 2 and 4 for CPU."""
-    same = len({r.get("server_measured_by") for r in rs}) == 1
-    pick = max if same else sum
+    how = server_merge(rs)
+    pick = sum if how == "sum" else max
     server = float(pick(_sum([r], "cpu", "server_s") for r in rs))
     loadgen = float(_sum(rs, "cpu", "loadgen_s"))
-    bound = [
-        str(r["cpu"].get("generator_bound_reason")) for r in rs if r["cpu"].get("generator_bound")
-    ]
+    bound = list(
+        dict.fromkeys(
+            str(r["cpu"].get("generator_bound_reason"))
+            for r in rs
+            if r["cpu"].get("generator_bound")
+        )
+    )
     return {
         "server_s": round(server, 3),
         "server_core_share": round(server / window, 3) if window else None,
         "server_s_per_million_updates": _per_million(server, updates),
         "server_s_per_million_frames": _per_million(server, frames),
-        "server_merge": "max over the reports (one engine's /metrics seen by every generator)"
-        if same
-        else "sum over the reports (different servers)",
+        "server_merge": MERGE_NOTES[how],
         "loadgen_s": round(loadgen, 3),
         "loadgen_core_share": round(float(_sum(rs, "cpu", "loadgen_core_share")), 3),
         "loadgen_over_server": round(loadgen / server, 3) if server > 0 else None,
@@ -123,8 +145,7 @@ def merge_cpu(
 
 def merge_memory(rs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Rule 4 for memory."""
-    same = len({r.get("server_measured_by") for r in rs}) == 1
-    pick = max if same else sum
+    pick = sum if server_merge(rs) == "sum" else max
     keys = ("server_rss_before_bytes", "server_rss_connected_bytes", "server_rss_end_bytes",
             "server_rss_peak_bytes")  # fmt: skip
     out: dict[str, Any] = {k: pick(_sum([r], "memory", k) for r in rs) for k in keys}
@@ -179,6 +200,7 @@ def merge_results(rs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "bus": rs[0].get("bus"),
         "nodes": [n for r in rs for n in r.get("nodes") or []],
         "server_command": "; ".join(dict.fromkeys(str(r.get("server_command")) for r in rs)),
+        "server_sources": sorted({u for r in rs for u in r.get("server_sources") or ()}),
         "server_measured_by": "; ".join(
             dict.fromkeys(str(r.get("server_measured_by")) for r in rs)
         ),

@@ -552,6 +552,9 @@ class Measurement:
                 if isinstance(self.server, TargetEngine)
                 else "psutil (/proc) of the process trees the bench started"
             ),
+            "server_sources": (
+                self.server.sources() if isinstance(self.server, TargetEngine) else None
+            ),
             "shard": str(self.s.shard),
             "clients": self.n_clients,
             "server_processes": {by_name.get(p, f"pid {p}"): p for p in sorted(set(self.pids))},

@@ -113,10 +113,14 @@ class TargetEngine:
     def memory(self) -> dict[str, int]:
         return {"rss": int(sum(self.scrape()[RSS_SERIES].values()))}
 
+    def sources(self) -> list[str]:
+        """The admin URLs whose /metrics are read (sorted: the same set, the same list)."""
+        return sorted(self.metrics_from)
+
     def measured_by(self) -> str:
         return (
             "the engine's /metrics (fanout_process_cpu_seconds_total, "
-            "fanout_process_resident_memory_bytes) of " + ", ".join(self.metrics_from)
+            "fanout_process_resident_memory_bytes) of " + ", ".join(self.sources())
         )
 
     # -- the interface of the servers a run starts (nothing to start or stop) ------------

@@ -121,6 +121,11 @@ def test_two_shards_against_two_running_nodes_merge_into_every_client_converged(
     assert conv["probes"] + conv["snapshots"] == SUBSCRIBERS
     assert r["delivery"]["updates"] > 0 and r["latency_ms"]["samples"] > 0
     assert "merged" in r["latency_ms"]["method"]
+    # both generators read both nodes' /metrics: the engine's CPU once, not twice
+    assert r["cpu"]["server_merge"].startswith("max")
+    assert r["cpu"]["server_s"] == max(
+        s["steps"][0]["results"]["fanout"]["cpu"]["server_s"] for s in shards
+    )
     assert "merged from the shards 1/2, 2/2" in (tmp_path / "merged.md").read_text()
     # the nodes were not the bench's to stop
     assert all(n.get("/readyz")[0] == 200 for n in nodes)

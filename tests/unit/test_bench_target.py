@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from loadtest.bench.merge import check_shards, merge_latency, merge_reports
+from loadtest.bench.merge import check_shards, merge_latency, merge_reports, server_merge
 from loadtest.bench.shard import (
     WHOLE,
     Shard,
@@ -101,6 +101,7 @@ def _report(shard: str, clients: int, lat_ms: list[float], server_s: float) -> d
         "shard": shard,
         "clients": clients,
         "server_measured_by": "the engine's /metrics of http://h:8081",
+        "server_sources": ["http://h:8081"],
         "window_s": 10.0,
         "setup": {"ready": clients},
         "publish": {"sent": 1000, "accepted": 1000, "failed": 0, "requests": 10,
@@ -165,3 +166,13 @@ def test_merge_reports_a_shard_that_did_not_converge_and_refuses_missing_shards(
         merge_reports([a, a], ["a", "a2"])
     with pytest.raises(ValueError, match="shards"):
         check_shards(["1/3", "2/3"])
+
+
+def test_server_figures_are_taken_once_per_engine_and_summed_over_different_ones() -> None:
+    def r(*urls: str) -> dict[str, Any]:
+        return {"server_sources": list(urls)}
+
+    assert server_merge([r("http://a", "http://b"), r("http://b", "http://a")]) == "max"
+    assert server_merge([r("http://a"), r("http://b")]) == "sum"
+    assert server_merge([r("http://a", "http://b"), r("http://a")]) == "overlap"
+    assert server_merge([{}, {}]) == "sum"  # servers each bench started itself
