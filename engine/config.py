@@ -429,6 +429,8 @@ class RedisConfig:
     cluster: bool = _bool(False)
     stream_maxlen: int = _int(100_000, 1)
     stream_max_bytes: int = _int(32 * _MiB, 0)
+    # Publish rounds sent and not answered yet, per bus client (publisher.py rule 7).
+    max_inflight_batches: int = _int(4, 1, 64)
     prefix: str = _str("fanout", _PREFIX_RE, "1..64 characters of A-Z a-z 0-9 _ . : -")
     # Redis AUTH: the environment variables holding the password and the ACL
     # user name (unset or empty: none). The secret never goes in a file or the URL.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -26,9 +27,11 @@ import uvloop
 
 from engine.bus.base import Entry, Update
 from engine.bus.redis_streams import RedisBus
+from loadtest.accounting import cpu_seconds, machine_busy_seconds, used
 from loadtest.redis_server import RedisServer
 
 IN_FLIGHT = 4000  # requests published and not answered yet (MAX_QUEUED is 10,000)
+IN_FLIGHT_UPDATES = 20_000  # ... and updates in them (more would wait past publish_timeout_s)
 
 
 class Sink:
@@ -76,13 +79,18 @@ async def main(n: int, batch: int, latency_n: int) -> None:
             if done == requests and not finished.done():
                 finished.set_result(None)
 
+        assert server.proc is not None
+        pids = [os.getpid(), server.proc.pid]
+        cpu0, busy0 = cpu_seconds(pids), machine_busy_seconds()
         t0 = time.perf_counter()
         for i in range(requests):
             topic = f"bench.t{i % 64}"
             pub.publish(
                 [Update(topic, f"k{(i * batch + j) % 500}", data) for j in range(batch)], on_done
             )
-            while i + 1 - done > IN_FLIGHT:  # stay under the client's publish queue bound
+            while (i + 1 - done) > min(
+                IN_FLIGHT, IN_FLIGHT_UPDATES // batch
+            ):  # bounded: no timeouts
                 await asyncio.sleep(0)
         await finished
         elapsed = time.perf_counter() - t0
@@ -90,10 +98,15 @@ async def main(n: int, batch: int, latency_n: int) -> None:
         while sink.count < total:
             await asyncio.sleep(0.01)
         delivered = time.perf_counter() - t0
+        cpu1, busy1 = cpu_seconds(pids), machine_busy_seconds()
+        per_m = 1e6 / total
+        client, redis = (used(cpu0, cpu1, pid) * per_m for pid in pids)
         print(
             f"publish: {total} updates in {requests} requests of {batch}: "
             f"{total / elapsed:,.0f} updates/s accepted, "
-            f"{total / delivered:,.0f} updates/s delivered to the reader"
+            f"{total / delivered:,.0f} updates/s delivered to the reader; "
+            f"CPU-s per million updates: client (publisher + reader) {client:.2f}, "
+            f"redis-server {redis:.2f}; machine busy {(busy1 - busy0) / delivered:.2f} cores"
         )
         for i in range(latency_n):
             key = f"lat{i}"

@@ -126,6 +126,7 @@ def create_bus(cfg: Config, run_dir: str, *, want_entries: bool = True) -> Bus:
             history_of=history_of(cfg),
             limits=limits_of(cfg),
             stream_max_bytes=r.stream_max_bytes,
+            max_inflight_batches=r.max_inflight_batches,
             publish_timeout_s=cfg.bus.publish_timeout_s,
             expiry_of=expiry_of(cfg),
         )

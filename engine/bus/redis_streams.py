@@ -107,6 +107,7 @@ class RedisBus(BusBackend):
         history_of: HistoryOf | None = None,
         limits: Limits | None = None,
         stream_max_bytes: int = 0,
+        max_inflight_batches: int = 4,
         publish_timeout_s: float = COMMAND_TIMEOUT_S,
         expiry_of: ExpiryOf | None = None,
     ) -> None:
@@ -146,6 +147,7 @@ class RedisBus(BusBackend):
             limits=self.limits,
             stream_maxlen=stream_maxlen,
             stream_max_bytes=stream_max_bytes,
+            max_inflight_batches=max_inflight_batches,
             publish_timeout_s=publish_timeout_s,
             expiry_of=expiry_of,
         )

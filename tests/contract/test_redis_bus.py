@@ -122,6 +122,63 @@ async def test_a_reader_behind_the_trimming_reloads_the_state(redis: RedisServer
         proxy.close()
 
 
+@pytest.mark.parametrize("inflight", [1, 4])
+async def test_rounds_in_flight_keep_call_order_and_ack_each_request(
+    redis: RedisServer, inflight: int
+) -> None:
+    """50,000 updates published without waiting go out in several rounds
+    (publisher.py rules 1, 7): every request is acked with its own positions,
+    and positions follow the call order across rounds, per topic."""
+    sink = OrderedRecorder()
+    reader = RedisBus(redis.url, shards=4)
+    pub = RedisBus(redis.url, shards=4, want_entries=False, max_inflight_batches=inflight)
+    await reader.start(sink)
+    await pub.start(None)
+    try:
+        acks: dict[int, Any] = {}
+        topics = [f"ord.t{t}" for t in range(3)]
+        for i in range(5000):
+            batch = [Update(topics[(i + j) % 3], f"k{j}", val(i)) for j in range(10)]
+            pub.publish(batch, lambda r, i=i: acks.__setitem__(i, r))
+        await until(lambda: len(acks) == 5000, "every request acked")
+        assert all(isinstance(a, list) and len(a) == 10 for a in acks.values())
+        for t, topic in enumerate(topics):
+            seen = [acks[i][j] for i in range(5000) for j in range(10) if (i + j) % 3 == t]
+            assert seen == sorted(seen) and len(set(seen)) == len(seen), topic
+        last = acks[4999]
+        await until(
+            lambda: sink.state.get((topics[(4999 + 9) % 3], "k9"), (0,))[0] == last[9], "read"
+        )
+        assert sink.below == []
+    finally:
+        await reader.close()
+        await pub.close()
+
+
+async def test_a_burst_on_a_shard_empty_at_the_sync_is_no_gap(redis: RedisServer) -> None:
+    """More than one XREAD's COUNT (1,000) appear at once on a shard that was
+    empty when the reader synced: a full reply, but nothing was trimmed, so
+    every entry is delivered and nothing is reloaded (reader.py rule 3)."""
+    sink = OrderedRecorder()
+    reader = RedisBus(redis.url, shards=2)
+    pub = RedisBus(redis.url, shards=2, want_entries=False)
+    await reader.start(sink)
+    await pub.start(None)
+    try:
+        # one request: one script call, so all 1,500 entries appear at once
+        positions = await pub.publish_wait(
+            [Update("burst.t", f"k{i}", val(i)) for i in range(1500)]
+        )
+        want = {("burst.t", p) for p in positions}
+        await until(lambda: want <= sink.marks(), "every entry of the burst")
+        assert len(sink.entries) == 1500, "delivered entry by entry, no state reload"
+        assert len(sink.epochs) == 1, "no resync"
+        assert sink.below == []
+    finally:
+        await reader.close()
+        await pub.close()
+
+
 async def test_a_reader_behind_a_byte_trim_reloads_the_state(redis: RedisServer) -> None:
     """Byte trims (bus.redis.stream_max_bytes) cut the stream far below
     stream_maxlen, so the reply after the gap is not full: the reader learns of

@@ -13,8 +13,9 @@ Rules:
    which knows whether a retry is safe.
 2. RESP2 always (`protocol=2`): the reply shapes the jobs parse (XREAD's
    above all) are pinned.
-3. `connected` is set by a complete sync only and cleared by the bus when
-   the link fails; `epoch` is the epoch of the last sync. A job that finds
+3. `connected` is set by a complete sync only (counted: `syncs`) and
+   cleared by the bus when the link fails; `epoch` is the epoch of the last
+   sync. A job that finds
    the link broken while another job is waiting on it reports it with
    `fail` (the link task restarts the link); it never reconnects by itself.
 4. `many` runs commands in one round trip: a pipeline, per node on a cluster.
@@ -66,6 +67,9 @@ class Link:
         self.connected = False
         self.closed = False
         self.epoch: str | None = None
+        # complete syncs so far: a connection a job made before the last one
+        # may be dead (Redis restarted): the publisher's pipe is made anew
+        self.syncs = 0
         # set by the link task while it serves; a job's `fail` ends the serving
         self.trouble: asyncio.Future[None] | None = None
 

@@ -8,10 +8,12 @@ Rules:
    IDs (`make_pos(ms, seq)`). **Atomicity is per shard**: a batch whose topics
    span shards is one script call per shard; if the link breaks between two of
    them, part of the batch may be published (the local hub is atomic per batch).
-   Publishes are sent in call order on one connection (pipelined in batches;
-   consecutive requests to one shard share a script call, up to
-   `MERGE_UPDATES` updates), so two publishes of one topic get positions in
-   call order. A stream topic's update (the `[[topics]]` rules this client is
+   Publishes are sent in rounds, in call order, on one connection of their
+   own (engine/bus/redis/pipe.py): a round is everything queued (up to
+   `ROUND_UPDATES` updates), one script call per shard (the requests of a
+   shard share it, up to `MERGE_UPDATES` updates), so two publishes of one
+   topic get positions in call order, across rounds in flight too (rule 7).
+   Each request is acked with its own positions. A stream topic's update (the `[[topics]]` rules this client is
    given decide; all publishers must share them) is appended to the topic's
    history stream, trimmed to `history` exactly, instead of a state hash;
    its key may be "".
@@ -44,7 +46,15 @@ Rules:
 6. Nothing waits on Redis without a bound: every publish gets a reply or
    `BusUnavailable` within `publish_timeout_s`, from one timer for them all
    (`expire_requests`). The loop is supervised by the bus (a restarted loop
-   first sends what was queued while it was down).
+   first sends what was queued while it was down; the rounds in flight when
+   it failed are answered `BusUnavailable`: they may have been applied).
+7. Rounds in flight: the loop sends the next round while Redis runs the
+   previous ones (the client builds round k+1 while Redis runs round k), at
+   most `bus.redis.max_inflight_batches` not yet answered. Overflow policy:
+   when that many are in flight the loop waits for the oldest one's replies
+   (bounded by the connection's `COMMAND_TIMEOUT_S`); requests keep queueing
+   meanwhile, and past `MAX_QUEUED` they fail fast (rule 2). On a Redis
+   Cluster, rounds go one script call at a time (no pipe).
 """
 
 from __future__ import annotations
@@ -63,6 +73,7 @@ from engine.bus.base import ExpiryOf, HistoryOf, PublishDone, Update
 from engine.bus.limits import Limits
 from engine.bus.redis.layout import pos_of
 from engine.bus.redis.link import REDIS_DOWN, Link, log
+from engine.bus.redis.pipe import Pipe
 from engine.bus.tasks import TaskHealth
 from engine.codes import ErrorCode
 from engine.errors import BusError, BusUnavailable
@@ -70,7 +81,7 @@ from engine.errors import BusError, BusUnavailable
 _call = CallbackGuard(log, "bus: a publish callback failed")
 
 MAX_QUEUED: Final = 10_000  # publish requests waiting to be sent; more: BusUnavailable
-PIPELINE_REQUESTS: Final = 512  # publish requests per pipeline round trip
+ROUND_UPDATES: Final = 16_000  # updates per round at most (rule 1; at least one request)
 MERGE_UPDATES: Final = 1000  # updates per script call at most (a script blocks Redis while it runs)
 BYTES_CHECKS: Final = 16  # byte checks per `stream_max_bytes` published (rule 4)
 OOM_TRIM_INTERVAL_S: Final = 0.25  # emergency trims at most this often (rule 5)
@@ -80,6 +91,8 @@ TRIM_KEEP: Final = 1  # a byte trim leaves the newest entry: the head stays know
 # shard, per-update keys (state hash or history stream), ARGV quadruples, indices
 # in the request, idle expiries in ms per update (None: no topic of the call has one)
 _Call = tuple[int, list[str], list[Any], list[int], list[int] | None]
+# a round sent and not answered yet: its requests and their script calls
+_Round = tuple[list["_Request"], list["_Merged"]]
 
 
 class _Merged:
@@ -134,6 +147,7 @@ class Publisher:
         stream_max_bytes: int,
         publish_timeout_s: float,
         expiry_of: ExpiryOf | None,
+        max_inflight_batches: int = 4,
     ) -> None:
         self.link = link
         self.layout = link.layout
@@ -141,6 +155,7 @@ class Publisher:
         self.limits = limits
         self.stream_max_bytes = stream_max_bytes
         self.publish_timeout_s = publish_timeout_s
+        self.max_inflight_batches = max(1, max_inflight_batches)
         self._history_of = history_of
         self._expiry_of = expiry_of or _no_expiry
         self._expires = expiry_of is not None
@@ -157,7 +172,9 @@ class Publisher:
         self.byte_trims = 0  # entries removed by byte trims (rule 4)
         self._oom_trimmed = -OOM_TRIM_INTERVAL_S  # loop time of the last emergency trim
         self._trim_due: set[int] = set()  # shards whose byte check is due
-        self._sending: list[_Request] = []  # the batch the publish loop sent last
+        self._inflight: collections.deque[_Round] = collections.deque()  # rule 7
+        self._pipe: Pipe | None = None  # rule 1: the publishes' own connection
+        self._answered = asyncio.Event()  # a round was answered: room for the next
         self._deadlines: asyncio.TimerHandle | None = None  # rule 6: the next deadline
         self._loop: asyncio.AbstractEventLoop | None = None
         self.queue: collections.deque[_Request] = collections.deque()
@@ -166,6 +183,7 @@ class Publisher:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.wake = asyncio.Event()
+        self._answered = asyncio.Event()
 
     # -- the caller's side ------------------------------------------------------------
 
@@ -227,7 +245,7 @@ class Publisher:
     def _expire_requests(self) -> None:
         """One timer for every request (rule 6): requests are sent in queue
         order and share one timeout, so deadlines grow along the batch being
-        sent, then the queue. Settles those past theirs with BusUnavailable
+        sent (oldest round first), then the queue. Settles those past theirs with BusUnavailable
         (one that was sent may still be applied, like a reply lost with the
         link) and sets the timer for the next one."""
         loop = self._loop or asyncio.get_running_loop()
@@ -235,7 +253,7 @@ class Publisher:
         now = loop.time()
         why = f"no reply from Redis within bus.publish_timeout_s ({self.publish_timeout_s:g} s)"
         queue = self.queue
-        for req in self._sending:
+        for req in self._sent():
             if not req.settled and req.deadline <= now:
                 self.publish_timeouts += 1
                 req.settle(BusUnavailable(why))
@@ -244,16 +262,20 @@ class Publisher:
             if not req.settled:
                 self.publish_timeouts += 1
                 req.settle(BusUnavailable(why))
-        waiting = [r.deadline for r in self._sending if not r.settled]
+        waiting = [r.deadline for r in self._sent() if not r.settled]
         if queue:
             waiting.append(queue[0].deadline)
         if waiting:
             self._deadlines = loop.call_at(min(waiting), self._expire_requests)
 
+    def _sent(self) -> list[_Request]:
+        """The requests of the rounds in flight, oldest first."""
+        return [req for batch, _ in self._inflight for req in batch]
+
     async def drain(self, deadline: float) -> None:
-        """Wait (until loop time `deadline` at most) for the queue to be sent."""
+        """Wait (until loop time `deadline` at most) for the queue to be sent and answered."""
         loop = asyncio.get_running_loop()
-        while self.queue and self.link.connected and loop.time() < deadline:
+        while (self.queue or self._inflight) and self.link.connected and loop.time() < deadline:
             await asyncio.sleep(0.005)
 
     def close(self) -> None:
@@ -261,8 +283,9 @@ class Publisher:
         if self._deadlines is not None:
             self._deadlines.cancel()
             self._deadlines = None
-        for req in self._sending:
+        for req in self._sent():
             req.settle(BusUnavailable("the bus client was closed"))
+        self._inflight.clear()
         self.fail_queued("the bus client was closed")
 
     def fail_queued(self, why: str) -> None:
@@ -272,38 +295,66 @@ class Publisher:
     # -- the loop ---------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Send queued requests, batch by batch (rule 1). An error in one batch
-        fails that batch's requests only (rule 3); the loop goes on."""
+        """Send queued requests round by round, several rounds in flight (rules
+        1, 7). An error in one round fails that round's requests only (rule 3);
+        the loop goes on."""
         queue = self.queue
         link = self.link
         if queue:  # restarted (rule 6): what was queued meanwhile is sent
             self.wake.set()
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            while queue:
-                if not link.connected:
-                    self.fail_queued("not connected to Redis")
-                    break
-                batch = [queue.popleft() for _ in range(min(PIPELINE_REQUESTS, len(queue)))]
-                batch = [req for req in batch if not req.settled]  # timed out while queued
-                if not batch:
-                    continue
-                self._sending = batch  # settled by close() if cancelled meanwhile
-                try:
-                    await self._send(batch)
-                except REDIS_DOWN as exc:
-                    for req in batch:
-                        req.settle(BusUnavailable(f"Redis: {exc}"))
-                    self.fail_queued(f"Redis: {exc}")
-                    link.fail(exc)
-                    break
-                except Exception as exc:  # a bug or a value Redis' client cannot send
-                    log.exception("bus: a publish batch failed; its requests are refused")
-                    for req in batch:
-                        req.settle(BusError(f"the publish failed: {type(exc).__name__}: {exc}"))
+        try:
+            while True:
+                await self.wake.wait()
+                self.wake.clear()
+                while queue:
+                    if not link.connected:
+                        self.fail_queued("not connected to Redis")
+                        break
+                    await self._room()
+                    batch = self._take()
+                    if batch and not await self._send_round(batch):
+                        break
                 if self._trim_due:
                     await self._trim_shards()
+        finally:
+            await self._drop_pipe()  # rule 6: what was in flight is answered BusUnavailable
+
+    async def _room(self) -> None:
+        """Rule 7's overflow policy: wait while `max_inflight_batches` rounds
+        are in flight (each is answered, or fails with the link, within the
+        connection's timeout)."""
+        while len(self._inflight) >= self.max_inflight_batches:
+            self._answered.clear()
+            await self._answered.wait()
+
+    def _take(self) -> list[_Request]:
+        """The next round: the queued requests not settled yet, oldest first,
+        up to ROUND_UPDATES updates (at least one request)."""
+        queue = self.queue
+        batch: list[_Request] = []
+        updates = 0
+        while queue and (not batch or updates + len(queue[0].results) <= ROUND_UPDATES):
+            req = queue.popleft()
+            if not req.settled:  # else it timed out while queued
+                batch.append(req)
+                updates += len(req.results)
+        return batch
+
+    async def _send_round(self, batch: list[_Request]) -> bool:
+        """Send `batch` as one round; False when the link broke (the queue failed)."""
+        try:
+            await self._send(batch)
+        except REDIS_DOWN as exc:
+            for req in batch:
+                req.settle(BusUnavailable(f"Redis: {exc}"))
+            self.fail_queued(f"Redis: {exc}")
+            self.link.fail(exc)
+            return False
+        except Exception as exc:  # a bug or a value Redis' client cannot send
+            log.exception("bus: a publish batch failed; its requests are refused")
+            for req in batch:
+                req.settle(BusError(f"the publish failed: {type(exc).__name__}: {exc}"))
+        return True
 
     def _merge(self, batch: list[_Request]) -> list[_Merged]:
         """Script calls for `batch`: per shard, consecutive requests share a
@@ -331,18 +382,84 @@ class Publisher:
         return merged
 
     async def _send(self, batch: list[_Request]) -> None:
-        """Send the batch: the script calls of `_merge`, in one pipeline round
-        trip, or one call at a time on a cluster; then settle every request."""
+        """Send the batch as one round: the script calls of `_merge`, written on
+        the pipe and answered later (`_round_answered`), or one call at a time
+        on a cluster; raises what a lost link raises."""
         merged = self._merge(batch)
         head = self._script_head
-        calls = [
+        sha = self.link.scripts.sha["publish"]
+        commands = [
             (
-                call.keys,
-                [*head, ",".join(map(str, call.counts)), ",".join(call.expiries), *call.argv],
+                "EVALSHA",
+                sha,
+                len(call.keys),
+                *call.keys,
+                *head,
+                ",".join(map(str, call.counts)),
+                ",".join(call.expiries),
+                *call.argv,
             )
             for call in merged
         ]
-        replies = await self._run_calls(calls)
+        rnd: _Round = (batch, merged)
+        self._inflight.append(rnd)  # settled by close() if cancelled meanwhile
+        try:
+            if self.link.cluster:
+                replies = await self._run_calls(commands)
+                self._inflight.remove(rnd)
+                self._settle(batch, merged, replies)
+                return
+            pipe = await self._live_pipe()
+            answer = await pipe.send(commands)
+        except BaseException:
+            if rnd in self._inflight:
+                self._inflight.remove(rnd)
+            raise
+        answer.add_done_callback(lambda f: self._round_answered(rnd, f))
+
+    async def _live_pipe(self) -> Pipe:
+        """The pipe, made anew when the last one broke with the link (pipe.py
+        rule 4) or the link synced since it was made (link.py rule 3)."""
+        pipe, syncs = self._pipe, self.link.syncs
+        # made before the last sync and idle: its connection may be dead (one
+        # with rounds in flight fails them by itself if it is: pipe.py rule 4)
+        if pipe is None or pipe.broken or (pipe.syncs != syncs and not pipe.inflight):
+            await self._drop_pipe()
+            pipe = self._pipe = Pipe(self.link.cmd, syncs)
+        return pipe
+
+    async def _drop_pipe(self) -> None:
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            await pipe.close()  # fails its rounds in flight: `_round_answered` settles them
+
+    def _round_answered(self, rnd: _Round, answer: asyncio.Future[list[Any]]) -> None:
+        """A round's replies (or the link's failure) came: settle its requests
+        (rules 3, 5), make room for the next round (rule 7)."""
+        if rnd in self._inflight:
+            self._inflight.remove(rnd)
+        self._answered.set()
+        batch, merged = rnd
+        exc = answer.exception() if not answer.cancelled() else BusUnavailable("cancelled")
+        if exc is None:
+            try:
+                self._settle(batch, merged, answer.result())
+            except Exception as bug:
+                log.exception("bus: a publish batch failed; its requests are refused")
+                for req in batch:
+                    req.settle(BusError(f"the publish failed: {type(bug).__name__}: {bug}"))
+        else:
+            why = exc if isinstance(exc, BusUnavailable) else BusUnavailable(f"Redis: {exc}")
+            for req in batch:
+                req.settle(why)
+            if not isinstance(exc, BusUnavailable):  # the link broke (pipe.py rule 4)
+                self.fail_queued(str(why))
+                self.link.fail(exc)
+        if self._trim_due:
+            self.wake.set()  # the loop runs the trims
+
+    def _settle(self, batch: list[_Request], merged: list[_Merged], replies: list[Any]) -> None:
+        """Settle every request of a round from its script calls' replies."""
         failed: dict[int, BusError] = {}
         for call, reply in zip(merged, replies, strict=True):
             if isinstance(reply, Exception):
@@ -363,26 +480,19 @@ class Publisher:
             err_ = failed.get(id(req))
             req.settle(err_ if err_ is not None else req.results)
 
-    async def _run_calls(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """One reply per script call (an exception for a call that failed):
-        pipelined, or one call at a time on a cluster."""
+    async def _run_calls(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """A cluster's round: one script call at a time (each to its shard's
+        node); one reply per call (an exception for a call that failed)."""
         cmd = self.link.cmd
-        sha = self.link.scripts.sha["publish"]
-        if not self.link.cluster:
-            pipe = cmd.pipeline(transaction=False)
-            for keys, args in calls:
-                pipe.evalsha(sha, len(keys), *keys, *args)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-            return replies
-        replies = []
-        for keys, args in calls:
+        replies: list[Any] = []
+        for command in commands:
             try:
-                replies.append(await cmd.evalsha(sha, len(keys), *keys, *args))
+                replies.append(await cmd.execute_command(*command))
             except ResponseError as exc:  # NOSCRIPT and OOM included: that call did not run
                 replies.append(exc)
             except REDIS_DOWN as exc:  # the calls before it were published: say so
                 down = RedisConnectionError(f"Redis: {exc}")
-                replies.extend([down] * (len(calls) - len(replies)))
+                replies.extend([down] * (len(commands) - len(replies)))
                 self.link.fail(down)
                 break
         return replies

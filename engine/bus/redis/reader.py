@@ -138,6 +138,7 @@ class Reader:
         self.read_sent.clear()
         was = link.connected  # a resync while connected is not a new link
         link.connected = True
+        link.syncs += 1
         if not was:
             log.info("bus: connected to Redis at %s (epoch %s)", link.shown_url, epoch)
             if sink is not None:
@@ -327,10 +328,15 @@ class Reader:
         """Raise `Resync` (before anything of the reply is delivered) when a
         shard's first entry is after the last ID read: entries may be lost (rule 3)."""
         logs = self.link.layout.logs
-        replies = await self.link.many([("XRANGE", logs[s], "-", "+", "COUNT", 1) for s in shards])
-        for s, reply in zip(shards, replies, strict=True):
+        commands: list[tuple[Any, ...]] = []
+        for s in shards:
+            commands += [("XRANGE", logs[s], "-", "+", "COUNT", 1), ("XLEN", logs[s])]
+        replies = await self.link.many(commands)
+        for s, reply, length in zip(shards, replies[0::2], replies[1::2], strict=True):
             last = self.last[s] or 0
-            if reply and pos_of(reply[0][0]) > last:
+            # A shard empty at the sync (last 0) lost nothing unless MAXLEN
+            # trimmed it: a burst of more than COUNT entries is no gap.
+            if reply and pos_of(reply[0][0]) > last and (last or length >= self.stream_maxlen):
                 raise Resync(f"shard {s}: trimmed past the last entry read (a reader fell behind)")
 
     async def watch(self) -> None:
