@@ -330,6 +330,7 @@ def settings_from(a: argparse.Namespace) -> BenchSettings:
         target_admin=a.admin,
         metrics_from=tuple(a.metrics),
         shard=a.shard,
+        api_key_env=a.api_key_env,
     )
 
 

@@ -95,6 +95,7 @@ class BenchSettings:
     target_admin: str | None = None
     metrics_from: tuple[str, ...] = ()
     shard: Shard = WHOLE
+    api_key_env: str = "FANOUT_API_KEY"  # its name only: the key is never in a report
 
     def clients(self) -> list[int]:
         """The global indices of this generator's subscribers (every one without --shard)."""
@@ -189,7 +190,7 @@ def run_target(target: str, s: BenchSettings, log: Callable[[str], None]) -> dic
     try:
         if s.target_ws and s.target_admin:  # started by the user: nothing to start or stop
             key = os.environ.get("FANOUT_API_KEY", "")
-            server = TargetEngine(s.target_ws, s.target_admin, key, s.metrics_from)
+            server = TargetEngine(s.target_ws, s.target_admin, key, s.metrics_from, s.api_key_env)
         elif target == "baseline":
             server = BaselineServer(s.server_cpus)
         else:

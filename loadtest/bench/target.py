@@ -11,7 +11,9 @@ Rules:
    and `fanout_process_resident_memory_bytes` series, one per process, keyed
    "<admin URL> <process>"; read at the start and the end of the measured
    window (and RSS once a second, for the progress line and the guard).
-3. A scrape that fails raises SetupError naming the URL and the status.
+3. A scrape that fails raises SetupError naming the URL and the status; so
+   does a key the admin API refuses (checked before the run with an empty
+   publish: 400 once the key is accepted, 401 when not), naming the variable.
 """
 
 from __future__ import annotations
@@ -53,10 +55,12 @@ class TargetEngine:
         admin: str,
         api_key: str = "",
         metrics_from: Iterable[str] = (),
+        key_env: str = "FANOUT_API_KEY",
     ) -> None:
         self.ws_url = ws_url
         self.admin = admin.rstrip("/")
         self._api_key = api_key
+        self.key_env = key_env
         self.metrics_from = list(
             dict.fromkeys([self.admin, *(u.rstrip("/") for u in metrics_from)])
         )
@@ -71,8 +75,10 @@ class TargetEngine:
     def url(self) -> str:
         return self.ws_url
 
-    def _get(self, url: str) -> tuple[int, bytes]:
-        req = urllib.request.Request(url)
+    def _get(self, url: str, body: bytes | None = None) -> tuple[int, bytes]:
+        req = urllib.request.Request(url, data=body)
+        if body is not None:
+            req.add_header("Content-Type", "application/json")
         if self._api_key:
             req.add_header("Authorization", f"Bearer {self._api_key}")
         try:
@@ -91,9 +97,16 @@ class TargetEngine:
         while time.monotonic() < deadline:
             status, body = self._get(f"{self.admin}/readyz")
             if status == 200:
-                return
+                return self.check_key()
             time.sleep(0.2)
         raise SetupError(f"--admin {self.admin}/readyz: {status or 'no answer'} {body[:200]!r}")
+
+    def check_key(self) -> None:
+        """An empty publish: 401 means the admin API refuses the key (rule 3)."""
+        status, _ = self._get(f"{self.admin}/publish", b'{"items": []}')
+        if status == 401:
+            state = "holds a key it refused" if self._api_key else "is empty or unset"
+            raise SetupError(f"--admin {self.admin} answers 401: ${self.key_env} {state}")
 
     def scrape(self) -> dict[str, dict[str, float]]:
         """The process series of every metrics URL, keyed "<admin URL> <process>"."""

@@ -129,3 +129,19 @@ def test_two_shards_against_two_running_nodes_merge_into_every_client_converged(
     assert "merged from the shards 1/2, 2/2" in (tmp_path / "merged.md").read_text()
     # the nodes were not the bench's to stop
     assert all(n.get("/readyz")[0] == 200 for n in nodes)
+
+
+def test_a_key_the_engine_refuses_ends_the_run_before_it_starts_naming_the_variable(
+    nodes: list[Served], tmp_path: Path
+) -> None:
+    env = {**_env(), "BENCH_KEY": "not-the-key"}
+    result = subprocess.run(
+        _cli("--target", nodes[0].ws_url, "--admin", nodes[0].admin_url,
+             "--api-key-env", "BENCH_KEY", "-S", "4", "-U", "10", "-D", "1",
+             "--report-dir", str(tmp_path), "--name", "refused", "--quiet"),
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60 * TIMEOUT_FACTOR,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "401: $BENCH_KEY holds a key it refused" in result.stderr
+    assert "not-the-key" not in result.stdout + result.stderr
+    assert nodes[0].get("/readyz")[0] == 200

@@ -176,3 +176,35 @@ def test_server_figures_are_taken_once_per_engine_and_summed_over_different_ones
     assert server_merge([r("http://a"), r("http://b")]) == "sum"
     assert server_merge([r("http://a", "http://b"), r("http://a")]) == "overlap"
     assert server_merge([{}, {}]) == "sum"  # servers each bench started itself
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--target", "ws://h:1/ws"], "--target and --admin go together"),
+        (["--shard", "1/2"], "--shard and --metrics need --target"),
+        (["--target", "ws://h:1/ws", "--admin", "http://h:2", "--baseline"], "already running"),
+        (["--target", "ws://h:1/ws", "--admin", "http://h:2", "--shard", "3/2"], "--shard"),
+    ],
+)
+def test_flags_that_do_not_fit_a_running_engine_end_the_command_naming_them(
+    args: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loadtest.bench import build_parser, parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(build_parser(), args)
+    assert exit_info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_target_run_keeps_the_shard_and_urls_in_its_settings_but_not_the_key() -> None:
+    from loadtest.bench import build_parser, parse_args, settings_from
+
+    a = parse_args(
+        build_parser(),
+        ["--target", "ws://h:1/ws", "--admin", "http://h:2", "--shard", "2/2", "-S", "10"],
+    )
+    s = settings_from(a)
+    assert (s.target_ws, s.target_admin, s.shard) == ("ws://h:1/ws", "http://h:2", Shard(2, 2))
+    assert s.clients() == [1, 3, 5, 7, 9] and s.publish_rate() == pytest.approx(s.rate / 2)
+    assert a.api_key_env == "FANOUT_API_KEY"
