@@ -5,7 +5,8 @@
 - `tied_preexec`: what a server started by a load tool runs before exec (dies
   with its parent, fd limit raised, pinned to CPUs);
 - `raise_nofile`: the soft fd limit raised to the hard one (every process that
-  opens many sockets calls it).
+  opens many sockets calls it), and the hard one raised first when a run needs
+  more and this process may (root).
 """
 
 from __future__ import annotations
@@ -23,18 +24,34 @@ from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
 
-def raise_nofile() -> tuple[int, int]:
+def raise_nofile(want: int = 0) -> tuple[int, int]:
     """Raise this process's soft RLIMIT_NOFILE to its hard limit; returns (soft, hard).
 
     Client and server sockets share the hard limit when both run on one machine:
     10,000 connections need ~10,000 fds in the load generator and ~10,000 in
-    the server, plus a few hundred for everything else."""
+    the server, plus a few hundred for everything else. When `want` is above the
+    hard limit, the hard limit is raised to it first (capped by the kernel's
+    fs.nr_open); only root (CAP_SYS_RESOURCE) may, anyone else keeps the hard limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if want > hard != resource.RLIM_INFINITY:
+        target = min(want, _nr_open())
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+            soft = hard = target
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
     return soft, hard
+
+
+def _nr_open() -> int:
+    """The kernel's ceiling on any process's fd limit (fs.nr_open)."""
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1_048_576
 
 
 def set_parent_death_signal(signum: int = signal.SIGINT) -> None:

@@ -37,6 +37,10 @@ means by the *sink* it gives the listener:
 7. A probe's order check (`CountingSink`): a topic's position never goes
    backwards on a connection; an `upd`/`evt` whose position is before the
    one the client holds counts as `errors["order"]`.
+8. A client with a source address (`source_socket`) binds it before it connects,
+   with IP_BIND_ADDRESS_NO_PORT: connect() picks the port, so one address holds
+   as many connections as the ephemeral range has ports per destination (~28,000),
+   and more connections than that need more addresses (127.0.0.2, ...).
 
 picows is imported when the first listener class is built (`listener_class`),
 so that importing this module costs no picows in processes that never connect.
@@ -45,6 +49,7 @@ so that importing this module costs no picows in processes that never connect.
 from __future__ import annotations
 
 import collections
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -57,6 +62,10 @@ from loadtest.workload import STREAM_KEY
 SUBPROTOCOL = "fanout.v1"
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 HANDSHAKE_TIMEOUT_S = 15.0
+# linux/in.h: bind() leaves the source port to connect(), which picks any port free for
+# the whole 4-tuple; bind() alone takes a port free for every destination, and scans
+# the range (even ports first) longer and longer as it fills up
+IP_BIND_ADDRESS_NO_PORT = 24
 
 
 class Sink(Protocol):
@@ -249,6 +258,26 @@ async def connect(client: Any, url: str, **picows_args: Any) -> Any:
         **picows_args,
     )
     return transport
+
+
+def source_socket(host: str) -> Any:
+    """A picows `socket_factory`: a TCP socket bound to source address `host`, its port
+    picked by connect() (rule 8), which picows then connects."""
+
+    def factory(url: Any) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        except OSError:
+            pass  # not Linux: bind() picks the port
+        try:
+            sock.bind((host, 0))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    return factory
 
 
 def set_read_lowat(transport: Any, nbytes: int) -> bool:

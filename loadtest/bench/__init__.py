@@ -204,9 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--source-addrs",
+        "--source-addresses",
         type=int,
         default=0,
-        help="spread client source addresses over 127.0.0.1..N (default: 1 per 20,000 clients)",
+        help="spread client source addresses over 127.0.0.1..N, each bound before connect "
+        "(default: 1 per 20,000 connections, warm-up included)",
     )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(

@@ -41,6 +41,7 @@ from loadtest.accounting import (
     tree_memory_bytes,
     used,
 )
+from loadtest.bench import connections as conns
 from loadtest.bench.nodes import FanoutNodes
 from loadtest.bench.publisher import publisher_process
 from loadtest.bench.shard import WHOLE, Shard, shard_clients, shard_mass
@@ -58,7 +59,6 @@ SCENARIOS = ("fanout", "idle", "slow", "storm", "churn")
 # every client comes back with `since` in these: each must know its positions (decode all)
 RESUMING_SCENARIOS = ("storm", "churn")
 MIN_PROBES = 50
-PORTS_PER_SOURCE_ADDR = 20_000  # of the ~28,000 ephemeral ports per (src, dst) pair
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +109,7 @@ class BenchSettings:
         return self.decode_all or self.scenario in RESUMING_SCENARIOS
 
     def source_addr_count(self) -> int:
-        if self.source_addrs > 0:
-            return self.source_addrs
-        return max(1, -(-self.subscribers // PORTS_PER_SOURCE_ADDR))
+        return conns.source_addr_count(self)  # warm-up included
 
 
 class BaselineServer:
@@ -175,7 +173,8 @@ class BaselineServer:
 
 
 def _fanout_nodes(s: BenchSettings) -> FanoutNodes:
-    env = {}
+    conns.fit_connections(s)  # the fd limit the server and the generator inherit
+    env = conns.server_env(s)  # limits.max_connections when a worker's share is above it
     if s.workload.mode == "stream":
         rules = [{"pattern": t, "mode": "stream"} for t in s.workload.topic_names()]
         env["FANOUT_TOPICS"] = json.dumps(rules)
@@ -373,12 +372,17 @@ class Measurement:
         timeout_s = 60.0 + s.subscribers / 20.0
         self.setup = {c.name: procs.expect(c, "ready", timeout_s) for c in self.subs}
         ready = self.ready = sum(v["ready"] for v in self.setup.values())
+        self.connect_times = conns.connect_times(list(self.setup.values()))
+        self.log(f"[{self.target}] connect times: {self.connect_times}")
         self.log(
             f"[{self.target}] {ready} of {len(mine)} subscribers ready ("
             + ", ".join(f"{k} {v['ready']} in {v['setup_s']} s" for k, v in self.setup.items())
             + ")"
         )
-        if ready < len(mine):
+        connected = self.connected = sum(v["connected"] for v in self.setup.values())
+        # --idle measures connections: one without its snap is reported (setup.not_subscribed,
+        # and the run is broken), not a reason to measure nothing
+        if ready < len(mine) and not (s.scenario == "idle" and connected == len(mine)):
             raise SetupError(
                 f"only {ready} of {len(mine)} subscribers are subscribed: {self.setup}"
             )
@@ -563,6 +567,11 @@ class Measurement:
             "setup": {
                 "ready": self.ready,
                 "per_process": self.setup,
+                **self.connect_times,  # first attempt to last connection up (connect_s)
+                "connected": self.connected,
+                "not_subscribed": self.connected - self.ready,
+                "fd_limit": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+                "server_env": conns.server_env(self.s),
                 "source_addrs": addrs,
                 "subscriber_urls": {
                     c.name: url for c, url in zip(self.subs, self.used_urls, strict=True)
@@ -765,6 +774,9 @@ def broke(result: Mapping[str, Any], s: BenchSettings, max_p99_ms: float) -> str
     p99 = result["latency_ms"].get("p99")
     if s.scenario != "idle" and (p99 is None or p99 > max_p99_ms):
         return f"p99 {p99} ms > {max_p99_ms:g} ms"
+    not_subscribed = result.get("setup", {}).get("not_subscribed")
+    if not_subscribed:
+        return f"{not_subscribed} connected subscribers had no snap when the window started"
     c = result["convergence"]
     if not c["all_converged"]:
         return f"only {c['converged']} of {c['clients']} probes converged"

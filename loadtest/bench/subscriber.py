@@ -20,6 +20,13 @@ counters once a second and obeys commands from the orchestrator:
   value of every key of its topics; then every reading counting client
   resubscribes and its snaps are compared with `finals`; answer both.
 
+Connecting: each client binds its plan's source address (127.0.0.N) before it
+connects, so that more than ~28,000 connections (the ephemeral ports of one
+(source, destination) pair) fit; an upgrade refused with 503 (the worker is over
+limits.upgrades_per_s) is retried at most CONNECT_RETRIES times with a growing
+pause, as a real client would; `ready` says when the first connection started
+and the last one was up (CLOCK_MONOTONIC: comparable across processes).
+
 Bounds: a decode cache of at most 4,096 messages (each distinct message is
 decoded once), one histogram, one view per client; every wait is bounded in time.
 """
@@ -47,12 +54,16 @@ from loadtest.client import (
     listener_class,
     local_host,
     set_read_lowat,
+    source_socket,
 )
 from loadtest.latency import percentiles_ms
 
 # A counting client's socket wakes its loop once this many bytes wait (client.py rule
 # 6): one read for several frames. Its counts lag by at most this much per client.
 READ_LOWAT_BYTES = 8192
+CONNECT_RETRIES = 8  # upgrades refused with 503 (worker busy) retried at most this often
+RETRY_PAUSE_S = 0.05  # the first pause before a retry; doubles at each one, at most 2 s
+RETRY_STATUS = 503
 GC_YOUNG_OBJECTS = 50_000  # allocations between two collections of the youngest generation
 
 
@@ -108,6 +119,9 @@ class SubscriberProcess:
         self.slot_of: dict[int, int] = {}
         self.sem = asyncio.Semaphore(int(spec["concurrency"]))
         self.connect_errors: collections.Counter[str] = collections.Counter()
+        self.connect_retries = 0
+        self.first_connect_t: float | None = None  # time.monotonic(): the first attempt
+        self.last_connected_t: float | None = None  # the last connection up
         self.rng = random.Random(index)
         self.commands: collections.deque[tuple[Any, ...]] = collections.deque()
         self.wake = asyncio.Event()
@@ -174,17 +188,36 @@ class SubscriberProcess:
             client = self.client_cls(
                 self.sink, topics, index=i, slow=slow, max_hz=self.max_hz, since=since, views=views
             )
-            try:
-                transport = await connect(
-                    client, self.url, logger_name="fanout-bench", local_addr=(addr, 0)
-                )
-            except Exception as exc:
-                self.connect_errors[f"{type(exc).__name__}: {str(exc)[:100]}"] += 1
+            if self.first_connect_t is None:
+                self.first_connect_t = time.monotonic()
+            transport = await self.connect_retrying(client, addr)
+            if transport is None:
                 return None
+            self.last_connected_t = time.monotonic()
             host = local_host(transport)
             if host is not None:
                 self.local_addrs.add(host)
             return client
+
+    async def connect_retrying(self, client: Any, addr: str) -> Any:
+        """`client`'s connection from source address `addr`; a 503 is retried after a
+        pause (bounded); None, with the error counted, when it cannot connect."""
+        pause = RETRY_PAUSE_S
+        for attempt in range(CONNECT_RETRIES + 1):
+            try:
+                return await connect(
+                    client, self.url, logger_name="fanout-bench", socket_factory=source_socket(addr)
+                )
+            except Exception as exc:
+                response = getattr(exc, "response", None)
+                busy = getattr(response, "status", None) == RETRY_STATUS
+                if not busy or attempt == CONNECT_RETRIES or self.done.done():
+                    self.connect_errors[f"{type(exc).__name__}: {str(exc)[:100]}"] += 1
+                    return None
+            self.connect_retries += 1
+            await asyncio.sleep(pause * (0.5 + self.rng.random()))
+            pause = min(2.0, pause * 2)
+        return None
 
     async def wait_ready(self, clients: Sequence[Any], timeout_s: float) -> float:
         t0 = time.monotonic()
@@ -201,6 +234,7 @@ class SubscriberProcess:
         self.clients = [c for c in made if c is not None]
         self.slot_of = {c.index: i for i, c in enumerate(self.clients)}
         await self.wait_ready(self.clients, 20.0)
+        ready_t = time.monotonic()
         for c in self.clients:
             if not self.is_probe(c):
                 c.count(READ_LOWAT_BYTES)  # it has its snaps: from here it only counts
@@ -218,7 +252,17 @@ class SubscriberProcess:
                     "connected": len(self.clients),
                     "ready": sum(1 for c in self.clients if c.ready and not c.closed),
                     "connect_errors": dict(self.connect_errors),
+                    "connect_retries": self.connect_retries,
+                    # connected but without their snaps: why (server closes, `err`s)
+                    "not_ready": sum(1 for c in self.clients if not c.ready),
+                    "closed": self.sink.closed,
+                    "close_codes": {str(k): v for k, v in self.sink.close_codes.items()},
+                    "errors": dict(self.sink.errors),
                     "setup_s": round(time.monotonic() - t0, 3),
+                    # CLOCK_MONOTONIC, one clock for every process of the machine
+                    "first_connect_t": self.first_connect_t,
+                    "last_connected_t": self.last_connected_t,
+                    "ready_t": ready_t,
                     "local_addrs": sorted(self.local_addrs),
                 },
             )

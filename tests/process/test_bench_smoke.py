@@ -181,6 +181,24 @@ def test_scenarios_report_their_figures_and_the_reading_clients_converge(
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
+def test_idle_connections_are_spread_over_source_addresses_and_report_the_connect_time(
+    tmp_path: Path,
+) -> None:
+    result, report = bench(tmp_path, "--idle", "-S", "30", "-D", "1", "--source-addresses", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = report["steps"][0]["results"]["fanout"]
+    setup = r["setup"]
+    # each client bound one of three loopback source addresses before it connected
+    assert setup["source_addrs"] == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    assert setup["ready"] == 30 and r["connect_errors"] == {}
+    assert setup["connect_s"] is not None and setup["connects_per_s"] is not None
+    assert setup["fd_limit"][0] == setup["fd_limit"][1]  # soft raised to the hard limit
+    assert setup["server_env"] == {}  # 33 connections fit the default max_connections
+    assert "connect time, first to last connection (s)" in (tmp_path / "r.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
 def test_probes_decode_the_other_clients_count_and_check_their_snapshot_at_the_end(
     tmp_path: Path,
 ) -> None:
