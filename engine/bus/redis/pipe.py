@@ -35,6 +35,7 @@ import collections
 from collections.abc import Sequence
 from typing import Any
 
+from hiredis import pack_command
 from redis.exceptions import ResponseError
 
 from engine.bus.redis.link import REDIS_DOWN, log
@@ -71,12 +72,16 @@ class Pipe:
         if self.broken:
             raise BusUnavailable("the publish connection was lost")
         loop = asyncio.get_running_loop()
+        # hiredis packs str (UTF-8), bytes and numbers in C; redis-py's own
+        # packer runs a Python encoder per argument (~5 per update). A value
+        # it cannot pack fails here, before anything is written.
+        packed = [pack_command(tuple(command)) for command in commands]
         future: asyncio.Future[list[Any]] = loop.create_future()
         conn = self._conn
         try:
             if not conn.is_connected:
                 await conn.connect()
-            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            await conn.send_packed_command(packed, check_health=False)
         except BaseException as exc:
             self._break(exc if isinstance(exc, Exception) else BusUnavailable("cancelled"))
             raise
