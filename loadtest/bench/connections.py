@@ -109,3 +109,23 @@ def connect_times(setups: list[dict[str, Any]]) -> dict[str, Any]:
         "connects_per_s": round(connected / connect_s) if connect_s > 0 else None,
         "connect_retries": retries,
     }
+
+
+def connect_cpu(
+    server0: dict[Any, tuple[float, float]],
+    server1: dict[Any, tuple[float, float]],
+    generator: dict[int, tuple[float, float]],
+    connected: int,
+) -> dict[str, Any]:
+    """CPU seconds (user + system) of the server between two readings taken before the
+    subscriber processes start and once all are ready, and of those processes from their
+    start: in all and in µs per connection (its upgrade and its `sub`/`snap`)."""
+    server_s = sum(sum(server1[p]) - sum(server0[p]) for p in server0 if p in server1)
+    generator_s = sum(sum(v) for v in generator.values())
+    per = 1e6 / connected if connected else 0.0
+    return {
+        "connect_server_cpu_s": round(server_s, 3),
+        "connect_server_us_per_connection": round(server_s * per, 1) if connected else None,
+        "connect_generator_cpu_s": round(generator_s, 3),
+        "connect_generator_us_per_connection": round(generator_s * per, 1) if connected else None,
+    }

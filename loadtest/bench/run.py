@@ -347,6 +347,7 @@ class Measurement:
             addr = f"127.0.0.{1 + j % self.n_addrs}"
             plans[j % s.sub_procs].append((i, topics_of[i], addr, i in slow_set))
         self.subs: list[Any] = []
+        connect_cpu0 = _server_cpu(server, server.pids())  # server CPU while they connect
         sub_urls = server.sub_urls  # nodes 2..N: every delivery crossed the bus between nodes
         self.used_urls: list[str] = []
         for p, plan in enumerate(plans):
@@ -373,6 +374,14 @@ class Measurement:
         self.setup = {c.name: procs.expect(c, "ready", timeout_s) for c in self.subs}
         ready = self.ready = sum(v["ready"] for v in self.setup.values())
         self.connect_times = conns.connect_times(list(self.setup.values()))
+        self.connect_times.update(
+            conns.connect_cpu(
+                connect_cpu0,
+                _server_cpu(server, server.pids()),
+                cpu_seconds([int(c.proc.pid or 0) for c in self.subs]),
+                sum(v["connected"] for v in self.setup.values()),
+            )
+        )
         self.log(f"[{self.target}] connect times: {self.connect_times}")
         self.log(
             f"[{self.target}] {ready} of {len(mine)} subscribers ready ("

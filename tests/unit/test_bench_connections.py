@@ -50,3 +50,14 @@ def test_connect_time_runs_from_the_first_attempt_to_the_last_connection_up() ->
         "connect_retries": 1,
     }
     assert conns.connect_times([{"connected": 0}])["connect_s"] is None
+
+
+def test_connect_cpu_is_the_server_difference_and_the_generator_total_per_connection() -> None:
+    out = conns.connect_cpu({1: (1.0, 0.5), 2: (2.0, 0.0)}, {1: (2.0, 1.5), 2: (2.5, 0.5)},
+                            {7: (1.5, 0.5)}, 1_000)  # fmt: skip
+    assert out == {
+        "connect_server_cpu_s": 3.0,
+        "connect_server_us_per_connection": 3000.0,
+        "connect_generator_cpu_s": 2.0,
+        "connect_generator_us_per_connection": 2000.0,
+    }
