@@ -67,6 +67,12 @@ from engine.bus.redis.reader import BLOCK_MS, Reader
 from engine.bus.tasks import TaskHealth, supervise
 from engine.config import redact_url
 from engine.errors import BusError, BusUnavailable
+
+# Snapshot and history reads in flight per bus client. redis-py's pool holds at
+# most 100 connections and refuses the next call at once ("Too many
+# connections"), while a worker may load `fanout.max_topic_loads` (256) topics
+# at once: reads past this bound wait their turn, within the same timeout.
+READS_IN_FLIGHT: Final = 64
 from engine.protocol.codec import format_pos
 
 log = logging.getLogger(__name__)
@@ -131,6 +137,7 @@ class RedisBus(BusBackend):
         self.publish_timeout_s = publish_timeout_s
         self.health = TaskHealth()
         self._history_of = history_of or _no_streams
+        self._reads = asyncio.Semaphore(READS_IN_FLIGHT)
         self._link = Link(
             url, Layout(prefix, shards), cluster=cluster, auth=auth, shown_url=self.shown_url
         )
@@ -222,6 +229,15 @@ class RedisBus(BusBackend):
         (publisher.py rules 1-6), within `publish_timeout_s`."""
         self._publisher.publish(updates, done)
 
+    async def _read(self, call: Any) -> Any:
+        """Await `call` once fewer than READS_IN_FLIGHT reads are running."""
+        try:
+            async with self._reads:
+                return await call
+        finally:
+            if asyncio.iscoroutine(call) and call.cr_frame is not None:
+                call.close()  # never awaited (cancelled while waiting its turn)
+
     async def snapshot(self, topic: str) -> Snapshot:
         """The topic's latest state from its hash (deleted keys included with data NIL)."""
         link = self._link
@@ -230,7 +246,7 @@ class RedisBus(BusBackend):
             raise BusUnavailable("not connected to Redis")
         key = link.layout.state_key(topic, link.layout.shard(topic))
         try:
-            raw = await asyncio.wait_for(link.cmd.hgetall(key), self.publish_timeout_s)
+            raw = await asyncio.wait_for(self._read(link.cmd.hgetall(key)), self.publish_timeout_s)
         except REDIS_DOWN as exc:
             raise BusUnavailable(f"Redis: {exc}") from exc
         items = parse_state(raw)
@@ -252,7 +268,7 @@ class RedisBus(BusBackend):
         args = (2, layout.hist_key(topic, shard), layout.floors[shard], topic, format_pos(since))
         call = link.scripts.call(link.cmd, "history", *args, "+", count)
         try:
-            reply = await asyncio.wait_for(call, self.publish_timeout_s)
+            reply = await asyncio.wait_for(self._read(call), self.publish_timeout_s)
         except REDIS_DOWN as exc:
             raise BusUnavailable(f"Redis: {exc}") from exc
         floor = pos_of(reply[0]) if reply[0] else 0

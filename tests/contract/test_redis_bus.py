@@ -248,3 +248,25 @@ async def test_redis_back_with_less_data_is_a_new_epoch(redis: RedisServer) -> N
     finally:
         await reader.close()
         await pub.close()
+
+
+async def test_many_concurrent_snapshots_and_histories_all_answer(redis: RedisServer) -> None:
+    """A worker asks up to `fanout.max_topic_loads` (256) loads at once; redis-py's
+    pool holds at most 100 connections, and the 101st call failed at once with
+    "Too many connections" (err unavailable to a client's `sub`). Reads queue
+    for a connection instead: every one answers."""
+    reader = RedisBus(
+        redis.url, shards=4, history_of=lambda t: 10 if t.startswith("ev.") else None
+    )
+    await reader.start(Recorder())
+    try:
+        await reader.publish_wait([Update(f"st.{i}", "k", val(i)) for i in range(300)])
+        await reader.publish_wait([Update(f"ev.{i}", "", val(i)) for i in range(50)])
+        snaps = [reader.snapshot(f"st.{i}") for i in range(300)]
+        hists = [reader.history(f"ev.{i}") for i in range(50)]
+        results = await asyncio.gather(*snaps, *hists, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert errors == []
+        assert [s.items[0][0] for s in results[:300]] == ["k"] * 300  # type: ignore[union-attr]
+    finally:
+        await reader.close()
