@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import random
 from collections.abc import Sequence
@@ -67,15 +68,15 @@ from engine.bus.redis.reader import BLOCK_MS, Reader
 from engine.bus.tasks import TaskHealth, supervise
 from engine.config import redact_url
 from engine.errors import BusError, BusUnavailable
+from engine.protocol.codec import format_pos
+
+log = logging.getLogger(__name__)
 
 # Snapshot and history reads in flight per bus client. redis-py's pool holds at
 # most 100 connections and refuses the next call at once ("Too many
 # connections"), while a worker may load `fanout.max_topic_loads` (256) topics
 # at once: reads past this bound wait their turn, within the same timeout.
 READS_IN_FLIGHT: Final = 64
-from engine.protocol.codec import format_pos
-
-log = logging.getLogger(__name__)
 
 RECONNECT_BACKOFF: Final = Backoff(min_ms=100, max_ms=5000)
 STABLE_LINK_S: Final = 10.0
@@ -235,7 +236,7 @@ class RedisBus(BusBackend):
             async with self._reads:
                 return await call
         finally:
-            if asyncio.iscoroutine(call) and call.cr_frame is not None:
+            if inspect.iscoroutine(call) and inspect.getcoroutinestate(call) == "CORO_CREATED":
                 call.close()  # never awaited (cancelled while waiting its turn)
 
     async def snapshot(self, topic: str) -> Snapshot:
