@@ -70,6 +70,7 @@ from engine.protocol.codec import (
     read_raw,
     utf8_problem,
     valid_topic,
+    value_unpacker_kw,
 )
 from engine.status import SupervisorStatus, WorkerStatus
 
@@ -623,7 +624,7 @@ def _parse_msgpack_whole(body: bytes, max_items: int) -> PublishRequest | None:
     a duplicate field, a field name that is not a string): it gives the same
     answer to every body this one accepts."""
     try:
-        doc = msgpack.unpackb(body, **_decode_kw(len(body)))
+        doc = msgpack.unpackb(body, **value_unpacker_kw(len(body)))
     except Exception:  # the field-by-field reader names the fault
         return None
     if type(doc) is not dict:
@@ -700,19 +701,6 @@ def _walk_data(body: bytes, items: list[dict[Any, Any]], batch: bool) -> list[by
             else:
                 skip()
     return datas
-
-
-def _decode_kw(size: int) -> dict[str, Any]:
-    n = max(size, 1)
-    return {
-        "raw": False,
-        "strict_map_key": False,
-        "max_str_len": n,
-        "max_bin_len": n,
-        "max_array_len": n,
-        "max_map_len": n,
-        "max_ext_len": n,
-    }
 
 
 def _read_msgpack_fields(

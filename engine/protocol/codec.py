@@ -153,7 +153,7 @@ def depth_problem(limit: int = MAX_DATA_DEPTH) -> str:
     )
 
 
-def _value_unpacker_kw(size: int) -> dict[str, Any]:
+def value_unpacker_kw(size: int) -> dict[str, Any]:
     """`msgpack.unpackb` options for one value of `size` bytes: the client's
     decoding, with every length bounded by the size (no allocation beyond it)."""
     n = max(size, 1)
@@ -181,7 +181,7 @@ def data_problem(data: bytes, limit: int = MAX_DATA_DEPTH) -> str | None:
     if data == NIL:
         return None
     try:
-        value = msgpack.unpackb(data, **_value_unpacker_kw(len(data)))
+        value = msgpack.unpackb(data, **value_unpacker_kw(len(data)))
     except UnicodeDecodeError:
         return "holds a string that is not valid UTF-8"
     except msgpack.StackError:
@@ -475,7 +475,7 @@ def _read_items(unpacker: msgpack.Unpacker, payload: bytes, max_items: int, rid:
     walker = bounded_unpacker(len(region))
     walker.feed(region)
     try:
-        decoded = msgpack.unpackb(region, **_value_unpacker_kw(len(region)))
+        decoded = msgpack.unpackb(region, **value_unpacker_kw(len(region)))
     except Exception:  # not UTF-8, malformed, too deep, unhashable key: name the item
         return _read_items_one_by_one(walker, region, rid)
     return _cut_data(walker, region, decoded)
@@ -1011,14 +1011,14 @@ def _skip(buf: bytes, at: int) -> int:
 def _one(buf: bytes, at: int) -> tuple[Any, int]:
     """The value at `at` (it must decode: it is part of the envelope) and the offset after it."""
     end = _skip(buf, at)
-    return msgpack.unpackb(buf[at:end], **_value_unpacker_kw(end - at)), end
+    return msgpack.unpackb(buf[at:end], **value_unpacker_kw(end - at)), end
 
 
 def _guarded(buf: bytes, at: int, limit: int) -> tuple[Any, int]:
     """The value at `at`, or an `Undecodable` saying why it cannot be decoded."""
     end = _skip(buf, at)
     try:
-        value = msgpack.unpackb(buf[at:end], **_value_unpacker_kw(end - at))
+        value = msgpack.unpackb(buf[at:end], **value_unpacker_kw(end - at))
     except UnicodeDecodeError:
         return Undecodable("a string that is not valid UTF-8"), end
     except msgpack.StackError:
