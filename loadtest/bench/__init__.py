@@ -133,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="a named run: first = the first measurement (hot, -S 1000 in 2 processes, "
         "-U 10000, -D 30, 2 workers); other flags override it",
     )
+    _add_scenario(p)
+    _add_load(p)
+    _add_servers(p)
+    _add_sweep(p)
+    _add_target(p)
+    _add_report(p)
+    return p
+
+
+def _add_scenario(parser: argparse.ArgumentParser) -> None:
+    """The workload, the preset's overridable choice, and what to measure."""
+    p = parser.add_argument_group("workload and scenario")
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="hot")
     sc = p.add_mutually_exclusive_group()
     sc.add_argument("--scenario", choices=SCENARIOS, help="what to measure (default fanout)")
@@ -154,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PER_S",
         help="scenario churn: close and reopen this many connections per second",
     )
+
+
+def _add_load(parser: argparse.ArgumentParser) -> None:
+    """How many clients, how fast, for how long, and how they read."""
+    p = parser.add_argument_group("load")
     p.add_argument("-S", "--subscribers", type=int, default=1000)
     p.add_argument(
         "--sub-procs",
@@ -165,23 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-U", "--rate", type=float, default=10_000, help="updates/s (default 10000)")
     p.add_argument("-D", "--duration", type=float, default=30.0, help="seconds (default 30)")
     p.add_argument("--batch-ms", type=float, default=10.0, help="publish batch interval (10)")
-    p.add_argument("--workers", type=int, default=2, help="fanout workers per node (default 2)")
-    p.add_argument(
-        "--bus",
-        choices=BUSES,
-        default="local",
-        help="fanout's bus: local = one node, embedded hub (default); redis = a "
-        "redis-server started for the run, shared by --nodes nodes",
-    )
-    p.add_argument(
-        "--nodes",
-        type=int,
-        default=1,
-        metavar="N",
-        help="fanout nodes (default 1; more than 1 needs --bus redis): node 1 takes the "
-        "publisher, nodes 2..N the subscribers (e.g. --bus redis --nodes 2)",
-    )
-    p.add_argument("--flush-ms", type=int, default=20, help="fanout flush_interval_ms (20)")
     p.add_argument("--settle", type=float, default=15.0, help="max s to wait for convergence")
     p.add_argument("--connect-concurrency", type=int, default=200, help="per process")
     p.add_argument("--max-publish-items", type=int, default=1000)
@@ -212,18 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
-        "--baseline",
-        action="store_true",
-        help="also run the naive picows broadcaster on the same workload; report ratios "
-        "(one process, no bus: the same with --bus redis, where the ratio is then fanout "
-        "on Redis over a local baseline)",
-    )
-    p.add_argument("--sweep", choices=("rate", "subscribers"), help="step this value up")
-    p.add_argument("--steps", type=_int_list, help="comma-separated values for --sweep")
-    p.add_argument(
-        "--max-p99-ms", type=float, default=250.0, help="a step breaks above this p99 (250)"
-    )
-    p.add_argument(
         "--warmup",
         type=int,
         default=-1,
@@ -231,6 +219,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="--idle: connect N more subscribers first and take the memory baseline "
         "with them connected, so that the per-connection figures leave out one-time "
         "costs (default S/10)",
+    )
+
+
+def _add_servers(parser: argparse.ArgumentParser) -> None:
+    """The servers the bench starts, and the baseline next to them."""
+    p = parser.add_argument_group("servers")
+    p.add_argument("--workers", type=int, default=2, help="fanout workers per node (default 2)")
+    p.add_argument(
+        "--bus",
+        choices=BUSES,
+        default="local",
+        help="fanout's bus: local = one node, embedded hub (default); redis = a "
+        "redis-server started for the run, shared by --nodes nodes",
+    )
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="fanout nodes (default 1; more than 1 needs --bus redis): node 1 takes the "
+        "publisher, nodes 2..N the subscribers (e.g. --bus redis --nodes 2)",
+    )
+    p.add_argument("--flush-ms", type=int, default=20, help="fanout flush_interval_ms (20)")
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also run the naive picows broadcaster on the same workload; report ratios "
+        "(one process, no bus: the same with --bus redis, where the ratio is then fanout "
+        "on Redis over a local baseline)",
     )
     p.add_argument(
         "--max-server-rss-mib",
@@ -243,6 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--loadgen-cpus", type=_cpu_list, metavar="LIST", help="pin the load generator to CPUs"
     )
     p.add_argument("--config", help="config file for the fanout server")
+
+
+def _add_sweep(parser: argparse.ArgumentParser) -> None:
+    """A sweep of one value, and when a step breaks."""
+    p = parser.add_argument_group("sweeps")
+    p.add_argument("--sweep", choices=("rate", "subscribers"), help="step this value up")
+    p.add_argument("--steps", type=_int_list, help="comma-separated values for --sweep")
+    p.add_argument(
+        "--max-p99-ms", type=float, default=250.0, help="a step breaks above this p99 (250)"
+    )
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    """Loading an engine that is already running, from one of N generators."""
+    p = parser.add_argument_group("a running engine (--target)")
     p.add_argument(
         "--target",
         metavar="WS_URL",
@@ -273,10 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="--target: this generator's share of the clients, keys and rate (generator "
         "I of N run by hand); merge the reports with `fanout bench merge`",
     )
+
+
+def _add_report(parser: argparse.ArgumentParser) -> None:
+    """Where the report goes."""
+    p = parser.add_argument_group("report")
     p.add_argument("--report-dir", default="reports")
     p.add_argument("--name", help="report file name without extension")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    return p
 
 
 def sub_procs_for(a: argparse.Namespace, subscribers: int) -> int:
