@@ -31,7 +31,11 @@ _ROWS: list[tuple[str, tuple[str, ...], str]] = [
     ("redis-server CPU (share of a core)", ("cpu", "bus_server_core_share"), ".2f"),
     ("redis-server CPU-s per million updates", ("cpu", "bus_server_s_per_million_updates"), ",.3f"),
     ("connect time, first to last connection (s)", ("setup", "connect_s"), ",.2f"),
-    ("server CPU per connection while connecting (µs)", ("setup", "connect_server_us_per_connection"), ",.0f"),
+    (
+        "server CPU per connection while connecting (µs)",
+        ("setup", "connect_server_us_per_connection"),
+        ",.0f",
+    ),
     ("server RSS connected (MiB)", ("memory", "server_rss_connected_bytes"), "mib"),
     ("server RSS peak (MiB)", ("memory", "server_rss_peak_bytes"), "mib"),
     ("RSS per connection (KiB)", ("memory", "rss_per_connection_bytes"), "kib"),

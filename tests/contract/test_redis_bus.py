@@ -255,9 +255,7 @@ async def test_many_concurrent_snapshots_and_histories_all_answer(redis: RedisSe
     pool holds at most 100 connections, and the 101st call failed at once with
     "Too many connections" (err unavailable to a client's `sub`). Reads queue
     for a connection instead: every one answers."""
-    reader = RedisBus(
-        redis.url, shards=4, history_of=lambda t: 10 if t.startswith("ev.") else None
-    )
+    reader = RedisBus(redis.url, shards=4, history_of=lambda t: 10 if t.startswith("ev.") else None)
     await reader.start(Recorder())
     try:
         await reader.publish_wait([Update(f"st.{i}", "k", val(i)) for i in range(300)])
