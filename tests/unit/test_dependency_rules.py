@@ -99,6 +99,7 @@ ENGINE_DEPS: dict[str, tuple[str, ...]] = {
     "engine/topics.py": (*_BASE, "engine.config", "engine.patterns"),
     "engine/backoff.py": _BASE,
     "engine/status.py": _BASE,
+    "engine/rebalance.py": (),  # the automatic rebalancing rule
     "engine/metrics.py": (*_BASE, "engine.protocol", "engine.status"),
     "engine/counters.py": (*_BASE, "engine.metrics"),
     "engine/auth/permissions.py": (*_BASE, "engine.patterns"),
@@ -233,6 +234,7 @@ def pure_files() -> list[Path]:
         "topics.py",
         "backoff.py",
         "status.py",
+        "rebalance.py",
         "metrics.py",
         "counters.py",
         "auth/permissions.py",

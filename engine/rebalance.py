@@ -1,0 +1,160 @@
+"""Automatic rebalancing: how many connections a node closes now. PURE: no I/O, no clock.
+
+Nodes on the redis bus announce their connection counts and read their live
+peers' (engine/bus/redis/presence.py). Every announce, the admin process asks
+`decide` how many of its node's connections to close now; they are closed by
+the `/rebalance` machinery (`bye` reason "rebalance" with a jittered
+`retry_ms`, close 1012, oldest connections first), so the clients reconnect
+through the load balancer, most of them to other nodes.
+
+Rules:
+1. Fair share = the connections of every live node (this one included) over
+   the number of live nodes. Alone (no live peer) a node never sheds: there is
+   nowhere for its clients to go.
+2. A node is over when it holds more than `fair * (1 + tolerance)`, and at
+   least one whole connection more than fair. A node not over never begins a
+   round, and its sustain clock stops (`over_since` None).
+3. Sustain: a round begins only once the node has been over for `sustain_s`
+   without a break, so a peer restarting or a burst of connects moves nothing.
+4. A round: at its start the node takes `mine - ceil(fair)` as the round's
+   count (down to fair share, never below: rule 7) and closes them over the
+   next decisions, at most `max_shed_per_s` per second: a token bucket refilled
+   at that rate and holding at most one second's worth (at least 1), so no
+   burst ever passes the rate. A round stops early when the node's count is
+   down to fair share (peers came or went, clients left by themselves).
+5. Cool-down: once a round's last connection is ordered closed, no round
+   begins for `cooldown_s`: the clients reconnect (within
+   `workers.retry_max_ms`), the counts settle (statuses every second,
+   announces every `announce_interval_s`) before the node looks again. Still
+   over then, the next round begins at once (the sustain clock ran on);
+   otherwise the sustain clock starts again.
+6. Admission hold (the caller's half): a node that sheds admits no new
+   connection (503, the client tries again through the balancer) while its
+   round is under way and for `workers.retry_max_ms` after each part, so its
+   closed clients land on the nodes that admit: those not over. A node not
+   over never holds, and some live node is never over, so a client always
+   has somewhere to go. Without the hold, a balancer that spreads reconnects
+   over all nodes would send most of them back to the shedders: with k
+   nodes shedding at once each round would leave k/(k+1) of the excess, and
+   nearly every client would move before the newcomer filled up.
+7. No back and forth: a node sheds only down to fair share, so a node that
+   shed holds at least the mean; with two nodes, whatever the balancer does
+   with the closed clients, the other node ends at or below fair share and
+   never sheds back (tests/property/test_rebalance_rule.py simulates it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Final
+
+# Phases, as /stats and /metrics show them.
+OFF: Final = "off"  # rebalance.enabled = false (the caller's; decide never returns it)
+ALONE: Final = "alone"  # no live peer (rule 1)
+BALANCED: Final = "balanced"  # within tolerance (rule 2)
+OVER: Final = "over"  # over, waiting out sustain_s (rule 3)
+SHEDDING: Final = "shedding"  # a round is under way (rule 4)
+COOLDOWN: Final = "cooldown"  # after a round (rule 5)
+PHASES: Final = (OFF, ALONE, BALANCED, OVER, SHEDDING, COOLDOWN)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The `rebalance.*` settings the rule uses."""
+
+    tolerance: float = 0.05
+    sustain_s: float = 10.0
+    max_shed_per_s: float = 50.0
+    cooldown_s: float = 10.0
+
+    @property
+    def bucket(self) -> float:
+        """Most tokens the bucket holds: one second's worth, at least 1 (rule 4)."""
+        return max(1.0, self.max_shed_per_s)
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """What the rule remembers between two decisions."""
+
+    phase: str = BALANCED
+    over_since: float | None = None  # when the node went over (rule 3)
+    round_left: int = 0  # connections of the current round not ordered closed yet
+    cooldown_until: float = -math.inf
+    tokens: float = 0.0
+    at: float | None = None  # the time of the last decision (None: none yet)
+    shed_total: int = 0  # connections ordered closed so far
+    rounds: int = 0  # rounds begun so far
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """`decide`'s answer: close `shed` connections now; the next state; the fair share."""
+
+    shed: int
+    state: State
+    fair: float
+
+
+def fair_share(mine: int, peers: Sequence[int]) -> float:
+    """Connections per live node, this one included (rule 1)."""
+    return (mine + sum(peers)) / (len(peers) + 1)
+
+
+def is_over(mine: int, fair: float, tolerance: float) -> bool:
+    """Rule 2."""
+    return mine > fair * (1.0 + tolerance) and mine - fair >= 1.0
+
+
+def decide(
+    policy: Policy, state: State, *, now: float, mine: int, peers: Sequence[int]
+) -> Decision:
+    """How many connections to close now (rules 1-5).
+
+    `now` is a monotonic clock in seconds, `mine` this node's connections,
+    `peers` each live peer's. Call it every announce; a caller that closes
+    fewer than `shed` (fewer connections were open) simply sees a lower count
+    next time.
+    """
+    tokens = policy.bucket if state.at is None else state.tokens
+    if state.at is not None:
+        tokens = min(policy.bucket, tokens + policy.max_shed_per_s * max(0.0, now - state.at))
+    state = replace(state, tokens=tokens, at=now)
+    if not peers:
+        return Decision(0, replace(state, phase=ALONE, over_since=None, round_left=0), mine)
+    fair = fair_share(mine, peers)
+    if state.round_left > 0:
+        return _shed(
+            state, now, policy, fair, min(state.round_left, max(0, mine - math.ceil(fair)))
+        )
+    over = is_over(mine, fair, policy.tolerance)
+    since = (state.over_since if state.over_since is not None else now) if over else None
+    state = replace(state, over_since=since)
+    if now < state.cooldown_until:
+        return Decision(0, replace(state, phase=COOLDOWN), fair)
+    if since is None:
+        return Decision(0, replace(state, phase=BALANCED), fair)
+    if now - since < policy.sustain_s:
+        return Decision(0, replace(state, phase=OVER), fair)
+    count = mine - math.ceil(fair)
+    state = replace(state, rounds=state.rounds + 1)
+    return _shed(state, now, policy, fair, count)
+
+
+def _shed(state: State, now: float, policy: Policy, fair: float, left: int) -> Decision:
+    """Order the next part of a round: as many as the bucket allows (rule 4);
+    the round's last part starts the cool-down (rule 5)."""
+    n = max(0, min(left, math.floor(state.tokens)))
+    left -= n
+    state = replace(
+        state,
+        tokens=state.tokens - n,
+        round_left=left,
+        shed_total=state.shed_total + n,
+        phase=SHEDDING if left > 0 else COOLDOWN,
+    )
+    if left == 0:
+        state = replace(state, cooldown_until=now + policy.cooldown_s)
+    return Decision(n, state, fair)

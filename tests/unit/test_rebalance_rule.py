@@ -1,0 +1,100 @@
+"""engine/rebalance.py: how many connections a node closes now (rules 1-5), fed by hand."""
+
+from __future__ import annotations
+
+import math
+
+from engine import rebalance
+from engine.rebalance import Policy, State, decide
+
+POLICY = Policy(tolerance=0.05, sustain_s=10.0, max_shed_per_s=50.0, cooldown_s=10.0)
+
+
+def run(
+    state: State, now: float, mine: int, peers: list[int], policy: Policy = POLICY
+) -> tuple[int, State]:
+    d = decide(policy, state, now=now, mine=mine, peers=peers)
+    return d.shed, d.state
+
+
+def test_alone_never_sheds() -> None:  # rule 1
+    shed, state = run(State(), 0.0, 10_000, [])
+    shed2, state = run(state, 100.0, 10_000, [])
+    assert (shed, shed2) == (0, 0) and state.phase == rebalance.ALONE
+
+
+def test_within_tolerance_never_sheds() -> None:  # rule 2
+    state = State()
+    for t in range(0, 1000, 5):
+        shed, state = run(state, float(t), 104, [100, 96])  # fair 100, 104 <= 105
+        assert shed == 0 and state.phase == rebalance.BALANCED
+
+
+def test_one_connection_over_a_tiny_fair_share_is_not_over() -> None:  # rule 2: a whole one
+    assert not rebalance.is_over(2, 1.5, 0.05)
+    assert rebalance.is_over(3, 1.5, 0.05)
+
+
+def test_sheds_only_after_sustain_then_down_to_fair_share_at_the_rate() -> None:  # rules 3-4
+    state = State()
+    shed, state = run(state, 0.0, 300, [300, 0])
+    assert shed == 0 and state.phase == rebalance.OVER
+    shed, state = run(state, 9.9, 300, [300, 0])
+    assert shed == 0 and state.phase == rebalance.OVER
+    shed, state = run(state, 10.0, 300, [300, 0])  # a full bucket: 50
+    assert shed == 50 and state.phase == rebalance.SHEDDING and state.round_left == 50
+    shed, state = run(state, 10.5, 250, [300, 50])  # 0.5 s refills 25
+    assert shed == 25
+    shed, state = run(state, 11.5, 225, [280, 95])
+    assert shed == 25 and state.phase == rebalance.COOLDOWN and state.shed_total == 100
+    assert state.rounds == 1
+
+
+def test_a_break_in_being_over_restarts_the_sustain_clock() -> None:  # rule 3
+    state = State()
+    _, state = run(state, 0.0, 300, [300, 0])
+    _, state = run(state, 5.0, 200, [200, 200])  # balanced for a moment
+    assert state.over_since is None
+    shed, state = run(state, 12.0, 300, [300, 0])
+    assert shed == 0 and state.over_since == 12.0
+    shed, state = run(state, 22.0, 300, [300, 0])
+    assert shed == 50
+
+
+def test_cooldown_then_the_next_round_at_once_while_still_over() -> None:  # rule 5
+    policy = Policy(tolerance=0.05, sustain_s=2.0, max_shed_per_s=1000.0, cooldown_s=5.0)
+    state = State()
+    _, state = run(state, 0.0, 300, [300, 0], policy)
+    shed, state = run(state, 2.0, 300, [300, 0], policy)
+    assert shed == 100 and state.phase == rebalance.COOLDOWN
+    shed, state = run(state, 6.9, 267, [267, 66], policy)
+    assert shed == 0 and state.phase == rebalance.COOLDOWN
+    shed, state = run(state, 7.0, 267, [267, 66], policy)
+    assert shed == 67 and state.rounds == 2  # 267 - ceil(200)
+
+
+def test_a_round_stops_when_the_count_is_down_to_fair_share() -> None:  # rule 4
+    policy = Policy(tolerance=0.05, sustain_s=0.0, max_shed_per_s=10.0, cooldown_s=5.0)
+    _, state = run(State(), 0.0, 300, [100], policy)  # round of 100, 10 at a time
+    assert state.round_left == 90
+    shed, state = run(state, 1.0, 201, [199], policy)  # clients left by themselves
+    assert shed == 1 and state.round_left == 0 and state.phase == rebalance.COOLDOWN
+
+
+def test_the_bucket_never_holds_more_than_one_second() -> None:  # rule 4
+    policy = Policy(tolerance=0.05, sustain_s=0.0, max_shed_per_s=20.0, cooldown_s=0.0)
+    _, state = run(State(at=0.0, tokens=0.0), 1000.0, 10_000, [0], policy)
+    assert state.shed_total == 20
+    slow = Policy(tolerance=0.05, sustain_s=0.0, max_shed_per_s=0.5, cooldown_s=0.0)
+    assert slow.bucket == 1.0
+    shed, state = run(State(), 0.0, 100, [0], slow)
+    assert shed == 1
+    shed, state = run(state, 1.0, 99, [1], slow)
+    assert shed == 0
+    shed, state = run(state, 2.0, 99, [1], slow)
+    assert shed == 1
+
+
+def test_fair_share_counts_this_node() -> None:
+    assert rebalance.fair_share(300, [300, 0]) == 200.0
+    assert math.isclose(rebalance.fair_share(1, [0, 0]), 1 / 3)
