@@ -266,8 +266,10 @@ def _int(default: int, lo: int | None = None, hi: int | None = None) -> Any:
     return field(default=default, metadata={_SPEC: _Spec("int", lo, hi)})
 
 
-def _float(default: float, lo: float | None = None, *, lo_open: bool = False) -> Any:
-    return field(default=float(default), metadata={_SPEC: _Spec("float", lo, lo_open=lo_open)})
+def _float(
+    default: float, lo: float | None = None, *, hi: float | None = None, lo_open: bool = False
+) -> Any:
+    return field(default=float(default), metadata={_SPEC: _Spec("float", lo, hi, lo_open=lo_open)})
 
 
 def _bool(default: bool) -> Any:
@@ -376,6 +378,13 @@ class FanoutConfig:
     max_idle_topics: int = _int(10_000, 0)
     max_topic_loads: int = _int(256, 1)
     topic_load_timeout_s: float = _float(5, 0, lo_open=True)
+    # permessage-deflate (issue 14, engine/protocol/deflate.py): "group"
+    # compresses each shared message once per flush for every client that
+    # negotiated it, "off" never negotiates, "per_client" compresses each
+    # client's frame on its own (to measure what peers pay; not for production).
+    # Messages under compression_min_bytes go uncompressed.
+    compression: str = _choice("group", "off", "group", "per_client")
+    compression_min_bytes: int = _int(256, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,6 +424,9 @@ class AuthConfig:
     # What a token without a `sub_topics` claim may subscribe to: "none" (safe
     # default) or "all" (every topic, what earlier versions did).
     missing_sub_topics: str = _choice("none", "none", "all")
+    # Clock skew tolerated on a token's `exp` and `nbf`, seconds (engine/auth/tokens.py
+    # rule 2): a token is refused, and its connection closed 4003, this long after `exp`.
+    leeway_s: float = _float(30, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,6 +485,23 @@ class LogConfig:
     format: str = _choice("text", "text", "json")
 
 
+@dataclass(frozen=True, slots=True)
+class RebalanceConfig:
+    """[rebalance]: automatic rebalancing on scale-out (redis bus only; engine/rebalance.py)."""
+
+    enabled: bool = _bool(False)
+    # Over fair share by more than this fraction (rule 2), for sustain_s (rule 3).
+    tolerance: float = _float(0.05, 0, hi=1)
+    sustain_s: float = _float(30, 0)
+    # Connections one node closes per second at most (rule 4), and the pause after a round.
+    max_shed_per_s: float = _float(50, 0, lo_open=True)
+    cooldown_s: float = _float(15, 0)
+    # How often a node announces its count and reads its peers'; a peer silent
+    # for peer_ttl_s is gone (its entry expires).
+    announce_interval_s: float = _float(1, 0.05, hi=60)
+    peer_ttl_s: float = _float(5, 0.1, hi=600)
+
+
 MAX_HISTORY_EVENTS: Final = 1_000_000  # per stream topic, on the bus and in every worker
 
 
@@ -506,6 +535,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     bus: BusConfig = field(default_factory=BusConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
     topics: tuple[TopicRule, ...] = ()
 
     def resolved_worker_count(self, cpu_count: int) -> int:
@@ -532,8 +562,9 @@ _SECTIONS: Final[dict[str, type]] = {
     "bus": BusConfig,
     "bus.redis": RedisConfig,
     "log": LogConfig,
+    "rebalance": RebalanceConfig,
 }
-_TOP_SECTIONS: Final = ("server", "workers", "fanout", "limits", "auth", "bus", "log")
+_TOP_SECTIONS: Final = ("server", "workers", "fanout", "limits", "auth", "bus", "log", "rebalance")
 
 
 def env_prefix(section: str) -> str:
@@ -611,6 +642,7 @@ class _Builder:
             auth=_make(AuthConfig, v["auth"]),
             bus=_make(BusConfig, {**v["bus"], "redis": _make(RedisConfig, v["bus.redis"])}),
             log=_make(LogConfig, v["log"]),
+            rebalance=_make(RebalanceConfig, v["rebalance"]),
             topics=self.topics,
         )
 
@@ -807,6 +839,13 @@ def _check_cross(cfg: Config, env: Mapping[str, str]) -> None:
                 f"workers.{high}", f"expected an integer >= workers.{low} ({lo!r}), got {hi!r}"
             )
     _check_redis(cfg.bus.redis, env)
+    r = cfg.rebalance
+    if r.peer_ttl_s <= r.announce_interval_s:
+        raise ConfigError(
+            "rebalance.peer_ttl_s",
+            f"expected a number > rebalance.announce_interval_s ({r.announce_interval_s!r}):"
+            f" a live peer must announce before its entry expires, got {r.peer_ttl_s!r}",
+        )
     a = cfg.auth
     if a.mode == "jwt" and not a.jwt_public_key_file and not a.jwks_file:
         if not a.jwt_secret_env:

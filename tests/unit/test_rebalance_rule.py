@@ -98,3 +98,24 @@ def test_the_bucket_never_holds_more_than_one_second() -> None:  # rule 4
 def test_fair_share_counts_this_node() -> None:
     assert rebalance.fair_share(300, [300, 0]) == 200.0
     assert math.isclose(rebalance.fair_share(1, [0, 0]), 1 / 3)
+
+
+def test_the_settings_parse_and_a_ttl_within_one_announce_is_refused() -> None:
+    from engine.config import parse_config
+    from engine.errors import ConfigError
+
+    cfg = parse_config({"rebalance": {"enabled": True}}, {"FANOUT_REBALANCE_TOLERANCE": "0.1"})
+    assert cfg.rebalance.enabled and cfg.rebalance.tolerance == 0.1
+    assert parse_config({}, {}).rebalance.enabled is False
+    try:
+        parse_config({"rebalance": {"announce_interval_s": 2.0, "peer_ttl_s": 2.0}}, {})
+    except ConfigError as exc:
+        assert exc.key == "rebalance.peer_ttl_s"
+    else:
+        raise AssertionError("a peer_ttl_s within one announce must be refused")
+    try:
+        parse_config({"rebalance": {"tolerance": 1.5}}, {})
+    except ConfigError as exc:
+        assert exc.key == "rebalance.tolerance"
+    else:
+        raise AssertionError("a tolerance over 1 must be refused")
