@@ -12,8 +12,8 @@ Rules this module owns:
    from the token (no `alg: none`, no HS256-with-a-public-key confusion).
 2. `exp` is required (a token that never expires could only be revoked by
    rotating the key); `exp` and `nbf` are checked against the `now` the caller
-   gives, with `LEEWAY_S` of clock skew allowed; `iss` and `aud` are checked
-   when configured.
+   gives, with `auth.leeway_s` (default `LEEWAY_S`) of clock skew allowed;
+   `iss` and `aud` are checked when configured.
 3. Every refusal is a `TokenError` whose message says why, safe to show the
    client (it never echoes key material). Nothing else escapes `verify`.
 4. A token without `sub_topics` gets what `auth.missing_sub_topics` says:
@@ -63,7 +63,15 @@ class TokenVerifier:
     the new key next to the old one, then drop the old one).
     """
 
-    __slots__ = ("_algorithms", "_audience", "_issuer", "_jwks", "_key", "_missing_sub")
+    __slots__ = (
+        "_algorithms",
+        "_audience",
+        "_issuer",
+        "_jwks",
+        "_key",
+        "_leeway_s",
+        "_missing_sub",
+    )
 
     def __init__(
         self,
@@ -74,9 +82,11 @@ class TokenVerifier:
         issuer: str = "",
         audience: str = "",
         missing_sub_topics: str = "none",
+        leeway_s: float = LEEWAY_S,
     ) -> None:
         if key is None and jwks is None:
             raise ValueError("a key or a JWKS set is required")
+        self._leeway_s = leeway_s
         self._key = key
         self._algorithms = algorithms
         self._jwks = jwks
@@ -124,13 +134,13 @@ class TokenVerifier:
         exp = claims.get("exp")
         if isinstance(exp, bool) or not isinstance(exp, int | float) or exp != exp:
             raise TokenError("token refused: 'exp' must be a number")
-        if now > exp + LEEWAY_S:
+        if now > exp + self._leeway_s:
             raise TokenError("token expired")
         nbf = claims.get("nbf")
         if nbf is not None:
             if isinstance(nbf, bool) or not isinstance(nbf, int | float):
                 raise TokenError("token refused: 'nbf' must be a number")
-            if now + LEEWAY_S < nbf:
+            if now + self._leeway_s < nbf:
                 raise TokenError("token not valid yet")
         sub = claims.get("sub")
         if sub is not None and not isinstance(sub, str):
@@ -139,7 +149,7 @@ class TokenVerifier:
             permissions = permissions_from_claims(claims, missing_sub_topics=self._missing_sub)
         except ValueError as exc:
             raise TokenError(f"token refused: {exc}") from None
-        return Identity(sub, float(exp) + LEEWAY_S, permissions)
+        return Identity(sub, float(exp) + self._leeway_s, permissions)
 
     def _key_for(self, token: str) -> tuple[Any, tuple[str, ...]]:
         jwks = self._jwks
@@ -214,15 +224,18 @@ def load_verifier(
         except OSError as exc:
             raise ConfigError(key, f"cannot read {path}: {exc.strerror or exc}") from None
 
-    iss, aud, missing = cfg.issuer, cfg.audience, cfg.missing_sub_topics
+    common: dict[str, Any] = {
+        "issuer": cfg.issuer,
+        "audience": cfg.audience,
+        "missing_sub_topics": cfg.missing_sub_topics,
+        "leeway_s": cfg.leeway_s,
+    }
     if cfg.jwks_file:
         jwks = parse_jwks(read(cfg.jwks_file, "auth.jwks_file"))
-        return TokenVerifier(jwks=jwks, issuer=iss, audience=aud, missing_sub_topics=missing)
+        return TokenVerifier(jwks=jwks, **common)
     if cfg.jwt_public_key_file:
         key, alg = parse_public_key(read(cfg.jwt_public_key_file, "auth.jwt_public_key_file"))
-        return TokenVerifier(
-            key=key, algorithms=(alg,), issuer=iss, audience=aud, missing_sub_topics=missing
-        )
+        return TokenVerifier(key=key, algorithms=(alg,), **common)
     secret = env.get(cfg.jwt_secret_env, "") if cfg.jwt_secret_env else ""
     if not secret:
         raise ConfigError(
@@ -231,6 +244,4 @@ def load_verifier(
     problem = hs256_secret_problem(secret, cfg.jwt_secret_env)
     if problem:
         raise ConfigError("auth.jwt_secret_env", problem)
-    return TokenVerifier(
-        key=secret, algorithms=("HS256",), issuer=iss, audience=aud, missing_sub_topics=missing
-    )
+    return TokenVerifier(key=secret, algorithms=("HS256",), **common)

@@ -7,6 +7,8 @@
   next to it.
 - `raw` (raw.py): the plain protocol-v1 connection the others build on.
 - `state` (state.py): PURE: the state view and the reconnect policy.
+- `tokens` (tokens.py): PURE: a token's `exp` (read without verification) and
+  when a token provider is asked for the next one.
 
 Names are loaded on first use, so that importing the pure `engine.client.state`
 loads no event loop or socket machinery.
@@ -28,11 +30,13 @@ if TYPE_CHECKING:
         Client,
         Counters,
         SubscribeError,
+        TokenProviderError,
         Unauthorized,
         connect,
     )
     from engine.client.publisher import BusPublisher, Publisher, PublishError
     from engine.client.state import Change, ReconnectPolicy, StateView, TopicView
+    from engine.client.tokens import TokenRefresh
     from engine.protocol.codec import Undecodable
 
 _WHERE = {
@@ -47,6 +51,7 @@ _WHERE = {
             "Client",
             "Counters",
             "SubscribeError",
+            "TokenProviderError",
             "Unauthorized",
             "connect",
         ),
@@ -54,6 +59,7 @@ _WHERE = {
     ),
     **dict.fromkeys(("BusPublisher", "Publisher", "PublishError"), "engine.client.publisher"),
     **dict.fromkeys(("Change", "ReconnectPolicy", "StateView", "TopicView"), "engine.client.state"),
+    "TokenRefresh": "engine.client.tokens",
     "Undecodable": "engine.protocol.codec",
 }
 
@@ -73,6 +79,8 @@ __all__ = [
     "ReconnectPolicy",
     "StateView",
     "SubscribeError",
+    "TokenProviderError",
+    "TokenRefresh",
     "TopicView",
     "Unauthorized",
     "Undecodable",

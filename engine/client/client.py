@@ -19,7 +19,17 @@ Guarantees:
 - Reconnects use exponential backoff with full jitter (`ReconnectPolicy`),
   reset after a connection stayed up `stable_s`; a `bye` sets the next delay
   to its `retry_ms`; after close 4001 or 4003 the client does not reconnect
-  until `set_token` gives it a new token (state "unauthorized").
+  until `set_token` gives it a new token (state "unauthorized"), or, with a
+  `token_provider`, until the provider gave one.
+- With a `token_provider` (an async callable returning a token), the token
+  stays fresh on the live connection (engine.client.tokens rules 1-5): the
+  provider is called before the current token's `exp` (read without
+  verification, `TokenRefresh` margin) and the new token is sent in `auth`,
+  no reconnect. A provider that raises, times out (`TokenRefresh.timeout_s`)
+  or returns an unusable token is reported (`TokenProviderError` to
+  `on_error`) and called again after a backoff delay; the client does not
+  close the connection for that (the server closes 4003 at expiry, and the
+  client then waits for the provider before reconnecting).
 - Every attempt after the first waits its delay, whatever ended the one
   before (a refused connect, a close, a server breaking the protocol, a bug):
   the client never reconnects in a loop without a wait.
@@ -46,15 +56,16 @@ import random
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import msgpack
 
-from engine.client import raw
+from engine.client import raw, tokens
 from engine.client.state import Change, Reconnector, ReconnectPolicy, StateView, TopicView
+from engine.client.tokens import ProviderRetry, TokenRefresh
 
 log = logging.getLogger("fanout.client")
 
@@ -69,6 +80,7 @@ CLOSED: Final = "closed"  # close() was called
 ChangeCallback = Callable[[Change], None]
 StateCallback = Callable[[str], None]
 ErrorCallback = Callable[[Exception], None]
+TokenProvider = Callable[[], Awaitable[str]]
 
 
 class SubscribeError(Exception):
@@ -82,6 +94,20 @@ class SubscribeError(Exception):
 
 class Unauthorized(Exception):
     """The server closed with 4001/4003: a new token is needed (`set_token`)."""
+
+
+class TokenProviderError(Exception):
+    """The token provider failed: it raised, did not answer within
+    `TokenRefresh.timeout_s`, or returned something that is not a usable token
+    (not a `str`, not UTF-8, already expired). `code` is "token_provider";
+    `error` is the cause. Reported to `on_error`; the provider is called again
+    after a backoff delay, and the connection is kept."""
+
+    code = "token_provider"
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"token_provider: {error!r}")
+        self.error = error
 
 
 class BadValue(Exception):
@@ -127,6 +153,9 @@ class Counters:
     byes: int = 0
     changes_dropped: int = 0
     bad_values: int = 0  # values this client could not decode (`BadValue`)
+    token_refreshes: int = 0  # tokens the provider gave
+    token_auths: int = 0  # of them, sent in `auth` on a live connection
+    token_failures: int = 0  # provider calls that failed (`TokenProviderError`)
     last_close_code: int | None = None
     retry_delays_ms: deque[float] = field(default_factory=lambda: deque(maxlen=64))
 
@@ -194,7 +223,8 @@ class Client:
     """A resilient subscriber. Create it with `connect(...)` and use it in `async with`.
 
     `clock` (monotonic seconds) and `rng` are injectable so that the backoff
-    timing is reproducible in tests.
+    timing is reproducible in tests; `wall` (seconds since the epoch) is the
+    clock a token's `exp` is compared with.
     """
 
     def __init__(
@@ -202,16 +232,27 @@ class Client:
         url: str,
         *,
         token: str | None = None,
+        token_provider: TokenProvider | None = None,
+        token_refresh: TokenRefresh | None = None,
         policy: ReconnectPolicy | None = None,
         max_pending_changes: int = 10_000,
         connect_timeout_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
         _check_token(token)
         self.url = url
-        self.token = token
+        self.token: str | None = None
         self.policy = policy or ReconnectPolicy()
+        self.token_refresh = token_refresh or TokenRefresh()
+        self._provider = token_provider
+        self._wall = wall
+        self._refresh_at: float | None = None  # wall seconds (tokens rule 2), None: never
+        self._provider_retry = ProviderRetry(
+            self.policy.base_ms, self.policy.max_ms, self.policy.factor
+        )
+        self._use_token(token)
         self.connect_timeout_s = connect_timeout_s
         self.max_pending_changes = max_pending_changes
         self.state = StateView()
@@ -295,9 +336,10 @@ class Client:
     def set_token(self, token: str | None) -> None:
         """Use `token` from the next connection on; after a 4001/4003 close,
         reconnect now (with backoff reset). A token that is not a `str` (or
-        None) raises TypeError."""
+        None) raises TypeError. With a `token_provider`, the provider is still
+        called when this token is due for a refresh."""
         _check_token(token)
-        self.token = token
+        self._use_token(token)
         if self._rec.blocked:
             self._rec.new_token()
             self._wake.set()
@@ -382,6 +424,71 @@ class Client:
             except Exception:
                 log.exception("client: error callback failed")
 
+    # -- the token -------------------------------------------------------------------
+
+    def _use_token(self, token: str | None) -> None:
+        """`token` is the one to send from now on; schedule its refresh (tokens rule 2)."""
+        self.token = token
+        exp = None if token is None else tokens.token_expiry(token)
+        self._refresh_at = tokens.refresh_at(exp, self._wall(), self.token_refresh)
+
+    def _token_due(self) -> bool:
+        """With a provider: no token yet, or the current one is due for a refresh."""
+        if self._provider is None:
+            return False
+        if self.token is None:
+            return True
+        return self._refresh_at is not None and self._wall() >= self._refresh_at
+
+    async def _call_provider(self) -> str:
+        """One provider call, bounded by `token_refresh.timeout_s`; the token it
+        returns is checked before it is used (a `str`, UTF-8, not expired)."""
+        assert self._provider is not None
+        async with asyncio.timeout(self.token_refresh.timeout_s):
+            token = await self._provider()
+        if not isinstance(token, str):
+            raise TypeError(f"the token provider returned a {type(token).__name__}, not a str")
+        token.encode("utf-8")  # a lone surrogate could never be sent: fail here, not in _send
+        tokens.check_fresh(tokens.token_expiry(token), self._wall())
+        return token
+
+    async def _obtain_token(self) -> None:
+        """Call the provider until it gives a usable token (or the client closes).
+        Each failure is reported (`TokenProviderError`) and followed by a backoff
+        delay (tokens rule 5). Cancelled with its caller."""
+        while not self._closing:
+            try:
+                token = await self._call_provider()
+            except Exception as exc:  # raised, timed out, unusable: retried, never fatal
+                self._provider_retry.failed()
+                self.counters.token_failures += 1
+                log.warning("client: the token provider failed: %r", exc)
+                self._report(TokenProviderError(exc))
+                await asyncio.sleep(self._provider_retry.delay_ms(self._rng.random()) / 1000.0)
+                continue
+            self._provider_retry.succeeded()
+            self.counters.token_refreshes += 1
+            self._use_token(token)
+            return
+
+    async def _keep_token_fresh(self, conn: raw.RawConnection) -> None:
+        """While `conn` is up: a new token from the provider before the current
+        one is due, sent in `auth` on this connection (the server's `ack`, or a
+        close 4001 if it refuses it). Cancelled when the connection ends."""
+        while not conn.closed.done():
+            at = self._refresh_at
+            if at is None:
+                return  # no known exp: refreshed only after a 4001/4003 close (tokens rule 3)
+            await asyncio.sleep(max(0.0, at - self._wall()))
+            await self._obtain_token()
+            if self._closing or conn.closed.done() or self.token is None:
+                return
+            try:
+                self._send(conn, {"op": "auth", "token": self.token, "id": next(self._ids)})
+            except raw.ConnectionClosed:
+                return
+            self.counters.token_auths += 1
+
     # -- the connection loop ---------------------------------------------------------
 
     def _set_state(self, new: str) -> None:
@@ -399,6 +506,14 @@ class Client:
         first = True
         while not self._closing:
             delay_ms = self._rec.delay_ms(self._rng.random())
+            if delay_ms is None and self._provider is not None:
+                # closed 4001/4003: a new token first, then the backoff delay as
+                # after any close (a provider whose tokens are refused must not
+                # make the client reconnect in a loop)
+                self._set_state(WAITING)
+                await self._obtain_token()
+                self._rec.unblock()
+                continue
             if delay_ms is None:
                 self._set_state(UNAUTHORIZED)
                 self._wake.clear()
@@ -416,6 +531,11 @@ class Client:
                 if self._closing:
                     break
             first = False
+            if self._token_due():
+                self._set_state(WAITING)
+                await self._obtain_token()
+                if self._closing:
+                    break
             self._set_state(CONNECTING)
             try:
                 conn = await raw.connect(self.url, timeout=self.connect_timeout_s)
@@ -485,8 +605,7 @@ class Client:
             self.counters.connects += 1
             self._set_state(CONNECTED)
             self._resubscribe(conn)
-            while True:
-                self._handle(await conn.recv(None))
+            await self._read(conn)
         except raw.ConnectionClosed as exc:
             self.counters.disconnects += 1
             return exc.code
@@ -497,6 +616,19 @@ class Client:
             self.counters.disconnects += 1
             conn.close(1002 if not isinstance(exc, TimeoutError) else 1000)
             return 1006
+
+    async def _read(self, conn: raw.RawConnection) -> NoReturn:
+        """Handle every message until the connection closes (`ConnectionClosed`),
+        keeping the token fresh meanwhile when there is a provider."""
+        fresh = None
+        if self._provider is not None:
+            fresh = asyncio.get_running_loop().create_task(self._keep_token_fresh(conn))
+        try:
+            while True:
+                self._handle(await conn.recv(None))
+        finally:
+            if fresh is not None:
+                fresh.cancel()
 
     def _resubscribe(self, conn: raw.RawConnection) -> None:
         groups: dict[float | None, list[str]] = {}
@@ -577,20 +709,28 @@ def connect(
     url: str,
     *,
     token: str | None = None,
+    token_provider: TokenProvider | None = None,
+    token_refresh: TokenRefresh | None = None,
     policy: ReconnectPolicy | None = None,
     max_pending_changes: int = 10_000,
     connect_timeout_s: float = 10.0,
     clock: Callable[[], float] = time.monotonic,
+    wall: Callable[[], float] = time.time,
     rng: random.Random | None = None,
 ) -> Client:
     """A client for `url` (`ws://host:port/ws`). Use it as `async with connect(...) as c`:
-    entering waits (up to `connect_timeout_s`) for the first connection."""
+    entering waits (up to `connect_timeout_s`) for the first connection.
+    `token_provider`: an async callable returning a fresh token, called before
+    the current token expires (`token_refresh`) and after a 4001/4003 close."""
     return Client(
         url,
         token=token,
+        token_provider=token_provider,
+        token_refresh=token_refresh,
         policy=policy,
         max_pending_changes=max_pending_changes,
         connect_timeout_s=connect_timeout_s,
         clock=clock,
+        wall=wall,
         rng=rng,
     )

@@ -30,7 +30,8 @@ Rules this module owns (docs/protocol.md sections 4.1, 4.2 and 6):
    `max_ms`), the streak forgotten once a connection stayed up `stable_s`;
    a `bye` replaces the next delay with its `retry_ms` (the engine jittered it
    already); after close 4001 or 4003 there is no delay at all: no reconnect
-   until a new token is given.
+   until a new token is given (`new_token`, which ends the streak, or
+   `unblock` from a token provider, which keeps it).
 """
 
 from __future__ import annotations
@@ -294,6 +295,11 @@ class Reconnector:
     def new_token(self) -> None:
         self.blocked = False
         self.streak.reset()
+
+    def unblock(self) -> None:
+        """A token provider gave a new token: reconnect after the usual delay
+        (the streak is kept: tokens the server keeps refusing back off)."""
+        self.blocked = False
 
     def delay_ms(self, rand: float) -> float | None:
         """The wait before the next attempt (consumes a pending `bye`), or None

@@ -240,3 +240,20 @@ def test_dependency_floors_exclude_known_vulnerable_versions(
     assert len(reqs) == 1, f"pyproject.toml must pin a floor for {dist}"
     assert _floor(reqs[0]) >= fixed, f"{reqs[0]} allows versions with {cve}"
     assert _version(dist) >= fixed, f"the installed {dist} is older than the fix of {cve}"
+
+
+def test_auth_leeway_s_sets_how_long_past_exp_a_token_lives() -> None:
+    """auth.leeway_s (default LEEWAY_S): 0 ends a token exactly at `exp`."""
+    now = time.time()
+    token = hs256(ttl_s=-5)  # expired 5 s ago: inside the default leeway
+    assert hs().verify(token, now).expires_at == pytest.approx(now - 5 + LEEWAY_S, abs=1)
+    with pytest.raises(TokenError, match="expired"):
+        hs(leeway_s=0).verify(token, now)
+    fresh = hs256(ttl_s=3)
+    assert hs(leeway_s=0).verify(fresh, now).expires_at == pytest.approx(now + 3, abs=1)
+    with pytest.raises(TokenError, match="not valid yet"):
+        hs(leeway_s=0).verify(hs256(nbf=now + 5), now)
+    cfg = parse_config({"auth": {"leeway_s": 0}}, {})
+    assert cfg.auth.leeway_s == 0.0
+    with pytest.raises(ConfigError, match=r"auth\.leeway_s"):
+        parse_config({"auth": {"leeway_s": -1}}, {})
