@@ -9,8 +9,13 @@ through the load balancer, most of them to other nodes.
 
 Rules:
 1. Fair share = the connections of every live node (this one included) over
-   the number of live nodes. Alone (no live peer) a node never sheds: there is
-   nowhere for its clients to go.
+   the number of live nodes, the total taken as the largest seen within the
+   last `sustain_s + cooldown_s`: clients told to go are in flight for a
+   while (retry_ms, refused attempts), and a total counted without them
+   would make a fair share too low and send the nodes into needless rounds.
+   Clients that really leave lower it only after that window: meanwhile the
+   nodes shed less, never more. Alone (no live peer) a node never sheds:
+   there is nowhere for its clients to go.
 2. A node is over when it holds more than `fair * (1 + tolerance)`, and at
    least one whole connection more than fair. A node not over never begins a
    round, and its sustain clock stops (`over_since` None).
@@ -30,8 +35,9 @@ Rules:
    otherwise the sustain clock starts again.
 6. Admission hold (the caller's half): a node that sheds admits no new
    connection (503, the client tries again through the balancer) while its
-   round is under way and for `workers.retry_max_ms` after each part, so its
-   closed clients land on the nodes that admit: those not over. A node not
+   round and its cool-down are under way (at least `workers.retry_max_ms`
+   after each part), so its closed clients land on the nodes that admit:
+   those not over. A node not
    over never holds, and some live node is never over, so a client always
    has somewhere to go. Without the hold, a balancer that spreads reconnects
    over all nodes would send most of them back to the shedders: with k
@@ -70,6 +76,11 @@ class Policy:
     cooldown_s: float = 10.0
 
     @property
+    def window_s(self) -> float:
+        """How long the largest total seen is kept (rule 1)."""
+        return self.sustain_s + self.cooldown_s
+
+    @property
     def bucket(self) -> float:
         """Most tokens the bucket holds: one second's worth, at least 1 (rule 4)."""
         return max(1.0, self.max_shed_per_s)
@@ -87,6 +98,8 @@ class State:
     at: float | None = None  # the time of the last decision (None: none yet)
     shed_total: int = 0  # connections ordered closed so far
     rounds: int = 0  # rounds begun so far
+    peak_total: int = 0  # the largest total seen within the window (rule 1)
+    peak_at: float = -math.inf  # when it was seen
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +112,8 @@ class Decision:
 
 
 def fair_share(mine: int, peers: Sequence[int]) -> float:
-    """Connections per live node, this one included (rule 1)."""
+    """Connections per live node, this one included, as counted now (rule 1
+    keeps the largest total seen: `decide`'s `fair`)."""
     return (mine + sum(peers)) / (len(peers) + 1)
 
 
@@ -124,7 +138,10 @@ def decide(
     state = replace(state, tokens=tokens, at=now)
     if not peers:
         return Decision(0, replace(state, phase=ALONE, over_since=None, round_left=0), mine)
-    fair = fair_share(mine, peers)
+    total = mine + sum(peers)
+    if total >= state.peak_total or now - state.peak_at > policy.window_s:
+        state = replace(state, peak_total=total, peak_at=now)
+    fair = state.peak_total / (len(peers) + 1)
     if state.round_left > 0:
         return _shed(
             state, now, policy, fair, min(state.round_left, max(0, mine - math.ceil(fair)))

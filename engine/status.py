@@ -310,13 +310,16 @@ class SupervisorStatus:
 
 @dataclass(frozen=True, slots=True)
 class RebalanceOrder:
-    """A shedding request of POST /rebalance (engine/admin/server.py): how many
-    connections each worker slot closes, spread over `pace_s`. Workers read it
-    when the admin sends them SIGUSR2 (workers/main.py)."""
+    """A shedding request of POST /rebalance, or of automatic rebalancing
+    (engine/admin/server.py): how many connections each worker slot closes,
+    spread over `pace_s`; with `hold_s`, a worker that sheds also refuses new
+    upgrades until `hold_s` after its shedding ends (engine/rebalance.py rule 6).
+    Workers read it when the admin sends them SIGUSR2 (workers/main.py)."""
 
     id: str = ""  # the admin's wall clock when it was made, for the logs
     shed: Mapping[int, int] = field(default_factory=dict)  # slot -> connections to close
     pace_s: float = 0.0
+    hold_s: float = 0.0
     ts: float | None = None  # rule 5
 
     def to_json(self) -> Json:
@@ -324,6 +327,7 @@ class RebalanceOrder:
             "id": self.id,
             "shed": {str(slot): n for slot, n in self.shed.items()},
             "pace_s": self.pace_s,
+            "hold_s": self.hold_s,
             "ts": self.ts,
         }
 
@@ -334,6 +338,7 @@ class RebalanceOrder:
             id=order if isinstance(order, str) else "",
             shed={slot: n for slot, n in _slots(doc.get("shed")).items() if n is not None},
             pace_s=_number(doc.get("pace_s")) or 0.0,
+            hold_s=_number(doc.get("hold_s")) or 0.0,
             ts=_number(doc.get("ts")),
         )
 

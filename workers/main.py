@@ -21,6 +21,7 @@ import logging
 import random
 import resource
 import signal
+import time
 
 import uvloop
 
@@ -152,6 +153,8 @@ async def _main(cfg: Config, slot: int, run_dir: str, capacity: int) -> int:
         order = board.read_rebalance()
         count = 0 if order is None else order.shed.get(slot, 0)
         if order is not None and count > 0:
+            if order.hold_s > 0:  # engine/rebalance.py rule 6: closed clients go elsewhere
+                server.hold_until = time.monotonic() + order.pace_s + order.hold_s
             shedding.append(loop.create_task(shed(server, count, order.pace_s)))
 
     loop.add_signal_handler(signal.SIGUSR2, on_rebalance)

@@ -111,6 +111,9 @@ class WorkerServer:
         self.connections: dict[Connection, None] = {}
         self.paused: set[Connection] = set()
         self.accepting = False
+        # monotonic time until which upgrades are refused (503) while this
+        # node hands connections to others (engine/rebalance.py rule 6)
+        self.hold_until = 0.0
         self.port = 0
         self.started = time.time()
         # settings read on the hot path, flattened
@@ -281,6 +284,13 @@ class WorkerServer:
         if not self.accepting:
             return self.refuse_upgrade(
                 HTTPStatus.SERVICE_UNAVAILABLE, "draining", "this worker is shutting down"
+            )
+        if self.hold_until and time.monotonic() < self.hold_until:
+            return self.refuse_upgrade(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "rebalancing",
+                "this node is handing connections to other nodes; retry",
+                (("Retry-After", "1"),),
             )
         if len(self.connections) >= self.max_connections:
             return self.refuse_upgrade(

@@ -42,9 +42,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 import psutil
 
-from engine import metrics
+from engine import metrics, rebalance
 from engine.admin import http
 from engine.admin.parser import Request, RequestReader
+from engine.admin.rebalancer import Rebalancer, node_connections
 from engine.board import Board
 from engine.codes import EXIT_PORT_IN_USE, ErrorCode
 from engine.errors import BusError, BusRefused, BusUnavailable
@@ -131,6 +132,8 @@ class AdminServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._probing: set[asyncio.Task[Any]] = set()  # over the cap, on probe slots
         self._shedding: set[asyncio.Task[Any]] = set()  # over the cap, lingering
+        # automatic rebalancing (rebalance.enabled on the redis bus), set by _main
+        self.rebalancer: Rebalancer | None = None
 
     @property
     def port(self) -> int:
@@ -430,27 +433,17 @@ class AdminServer:
             bus_connected=self.bus.connected,
             max_lag_ms=self.cfg.bus.max_lag_ms,
         )
+        if self.rebalancer is not None and self.rebalancer.health.down:
+            ready = False
+            reasons.append("rebalance: the presence task is down (Redis), restarting")
         return http.ready_response(ready, reasons, len(http.expected_workers(supervisor)))
 
     def rebalance(self, body: bytes) -> http.Response:
         """Ask workers to shed connections (paced over workers.drain_s, `bye` +
         1012) so that clients reconnect, through the Service, to other nodes."""
         req = http.parse_rebalance(body)
-        expected = http.expected_workers(self.board.read_supervisor())
-        statuses = self.board.read_workers()
-        pids = {  # the workers the supervisor runs, by a status of their own
-            slot: st.pid
-            for slot, st in statuses.items()
-            if st.pid is not None and st.pid == expected.get(slot)
-        }
-        open_conns = {slot: statuses[slot].connections for slot in pids}
-        plan = http.plan_shedding(open_conns, req)
         pace_s = self.cfg.workers.drain_s
-        request_id = f"{time.time():.6f}"
-        self.board.write_rebalance(RebalanceOrder(id=request_id, shed=plan, pace_s=pace_s))
-        for slot in plan:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pids[slot], signal.SIGUSR2)
+        open_conns, plan = self.order_shedding(req, pace_s)
         log.info(
             "rebalance: shedding %d of %d connections over %gs",
             sum(plan.values()),
@@ -466,6 +459,39 @@ class AdminServer:
                 "pace_s": pace_s,
             },
         )
+
+    def order_shedding(
+        self, req: http.RebalanceRequest, pace_s: float, hold_s: float = 0.0
+    ) -> tuple[dict[int, int], dict[int, int]]:
+        """Tell the workers to shed what `req` asks (a `RebalanceOrder` on the
+        board, then SIGUSR2): (open connections, shed) by slot."""
+        expected = http.expected_workers(self.board.read_supervisor())
+        statuses = self.board.read_workers()
+        pids = {  # the workers the supervisor runs, by a status of their own
+            slot: st.pid
+            for slot, st in statuses.items()
+            if st.pid is not None and st.pid == expected.get(slot)
+        }
+        open_conns = {slot: statuses[slot].connections for slot in pids}
+        plan = http.plan_shedding(open_conns, req)
+        request_id = f"{time.time():.6f}"
+        order = RebalanceOrder(id=request_id, shed=plan, pace_s=pace_s, hold_s=hold_s)
+        self.board.write_rebalance(order)
+        for slot in plan:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pids[slot], signal.SIGUSR2)
+        return open_conns, plan
+
+    def shed(self, count: int, pace_s: float, hold_s: float) -> int:
+        """Automatic rebalancing: close `count` of this node's connections; how many were ordered."""
+        total = self.node_connections()
+        _, plan = self.order_shedding(
+            http.RebalanceRequest(connections=max(0, total - count)), pace_s, hold_s
+        )
+        return sum(plan.values())
+
+    def node_connections(self) -> int:
+        return node_connections(self.board, http.expected_workers(self.board.read_supervisor()))
 
     def metrics(self) -> str:
         """Prometheus text: every worker's figures from the board, psutil figures
@@ -521,9 +547,17 @@ class AdminServer:
         families.append(
             metrics.bus_events_family([({}, self.bus.bus_stats())], "fanout_admin_bus_events_total")
         )
+        if self.rebalancer is not None:
+            families.extend(rebalance_families(self.rebalancer.figures()))
         return metrics.render(families)
 
     def stats(self) -> dict[str, Any]:
+        out = self._stats()
+        if self.rebalancer is not None:
+            out["rebalance"] = self.rebalancer.figures()
+        return out
+
+    def _stats(self) -> dict[str, Any]:
         return http.stats(
             node=self.cfg.node_name(socket.gethostname()),
             started=self.started,
@@ -632,10 +666,52 @@ async def _main(cfg: Config, run_dir: str, supervisor_pid: int) -> None:
     log.info("admin: listening on %s:%s", cfg.server.admin_host, server.port)
     try:
         await bus.start(None)
+        if cfg.rebalance.enabled and cfg.bus.backend == "redis":
+            node = f"{cfg.node_name(socket.gethostname())}/{supervisor_pid}"
+            server.rebalancer = Rebalancer(
+                cfg, node, count_of=server.node_connections, shed=server.shed
+            )
+            server.rebalancer.start()
         await stop.wait()
     finally:
+        if server.rebalancer is not None:
+            await server.rebalancer.close()
         await server.close()
         await bus.close()
+
+
+def rebalance_families(fig: Mapping[str, Any]) -> list[metrics.Family]:
+    """/metrics of automatic rebalancing (engine/admin/rebalancer.py figures)."""
+    return [
+        metrics.Family(
+            "fanout_rebalance_peers", "gauge", "Live peers this node sees on the redis bus.",
+            (({}, len(fig["peers"])),),
+        ),
+        metrics.Family(
+            "fanout_rebalance_fair_share", "gauge",
+            "Connections per live node, this one included (0 before the first announce).",
+            (({}, fig["fair_share"]),),
+        ),
+        metrics.Family(
+            "fanout_rebalance_shed_total", "counter",
+            "Connections this node told to reconnect elsewhere (automatic rebalancing).",
+            (({}, fig["shed"]),),
+        ),
+        metrics.Family(
+            "fanout_rebalance_rounds_total", "counter", "Shedding rounds begun.",
+            (({}, fig["rounds"]),),
+        ),
+        metrics.Family(
+            "fanout_rebalance_state", "gauge",
+            "1 for the phase automatic rebalancing is in (engine/rebalance.py).",
+            tuple(({"state": p}, 1 if p == fig["state"] else 0) for p in rebalance.PHASES),
+        ),
+        metrics.Family(
+            "fanout_rebalance_presence_restarts_total", "counter",
+            "Presence task failures (Redis unreachable), each retried with backoff.",
+            (({}, fig["presence_restarts"]),),
+        ),
+    ]  # fmt: skip
 
 
 def sample_processes(pids: Mapping[str, int]) -> dict[str, dict[str, float]]:

@@ -119,3 +119,16 @@ def test_the_settings_parse_and_a_ttl_within_one_announce_is_refused() -> None:
         assert exc.key == "rebalance.tolerance"
     else:
         raise AssertionError("a tolerance over 1 must be refused")
+
+
+def test_clients_in_flight_do_not_lower_the_fair_share() -> None:  # rule 1
+    policy = Policy(tolerance=0.05, sustain_s=2.0, max_shed_per_s=1000.0, cooldown_s=4.0)
+    _, state = run(State(), 0.0, 300, [300, 0], policy)
+    shed, state = run(state, 2.0, 300, [300, 0], policy)
+    assert shed == 100
+    # 4 s on: 72 clients told to go are still between nodes (total 528, not 600)
+    d = decide(policy, state, now=6.0, mine=200, peers=[200, 128])
+    assert d.shed == 0 and d.fair == 200.0
+    # clients that really left count once the window (sustain + cooldown) has passed
+    d = decide(policy, d.state, now=12.5, mine=200, peers=[200, 128])
+    assert d.fair == 176.0

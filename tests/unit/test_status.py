@@ -147,7 +147,7 @@ def test_a_file_is_written_as_before(tmp_path: Path) -> None:
     assert doc["workers"] == {"1": 9} and isinstance(doc["ts"], float)
     board.write_rebalance(RebalanceOrder(id="1.5", shed={2: 10}, pace_s=3.0))
     text = (tmp_path / f"{REBALANCE}.json").read_text()
-    assert text.startswith('{"id":"1.5","shed":{"2":10},"pace_s":3.0,"ts":')
+    assert text.startswith('{"id":"1.5","shed":{"2":10},"pace_s":3.0,"hold_s":0.0,"ts":')
 
 
 # -- rule 3: reading never raises, and defaults mean "not ready" -------------------------------
