@@ -31,6 +31,9 @@ Rules:
    limit is answered with its code (`too_large`, `too_many_keys`,
    `too_many_topics`) and applies nothing; idle topics are expired once per
    `EXPIRE_INTERVAL_S` (when a rule has an idle expiry).
+7. Every `wire.HEARTBEAT_INTERVAL_S` each client that wants entries gets a
+   heartbeat with the hub's wall clock, queued behind the entries already
+   sent: a worker that reads it late, or not at all, shows a bus lag.
 """
 
 from __future__ import annotations
@@ -135,6 +138,7 @@ class Hub:
         self.core = HubCore(shards, epoch, history_of, limits=limits, expiry_of=expiry_of)
         self._expires = expiry_of is not None
         self._expire_handle: asyncio.TimerHandle | None = None
+        self._beat_handle: asyncio.TimerHandle | None = None
         self.refused = 0  # publishes refused for a bound
         self.overflow_drops = 0
         self._clock_ms = clock_ms
@@ -177,6 +181,20 @@ class Hub:
         log.info("hub listening on %s (epoch %s)", self.path, self.core.epoch)
         if self._expires:
             self._expire_handle = loop.call_later(EXPIRE_INTERVAL_S, self._expire)
+        self._beat_handle = loop.call_later(wire.HEARTBEAT_INTERVAL_S, self._beat)
+
+    def _beat(self) -> None:
+        """Rule 7: a heartbeat to every feed client, then again in HEARTBEAT_INTERVAL_S."""
+        self._beat_handle = None
+        if self._server is None:
+            return
+        try:
+            frame = wire.heartbeat(self._clock_ms())
+            for conn in list(self._feed):
+                self._send(conn, frame)
+        finally:
+            loop = asyncio.get_running_loop()
+            self._beat_handle = loop.call_later(wire.HEARTBEAT_INTERVAL_S, self._beat)
 
     def _expire(self) -> None:
         """Rule 6: drop the idle topics, then run again in EXPIRE_INTERVAL_S."""
@@ -200,6 +218,9 @@ class Hub:
         if self._expire_handle is not None:
             self._expire_handle.cancel()
             self._expire_handle = None
+        if self._beat_handle is not None:
+            self._beat_handle.cancel()
+            self._beat_handle = None
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None

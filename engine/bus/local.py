@@ -32,6 +32,12 @@ Rules:
    iteration go to the hub in one write, in the order they were made (many
    publishers on one admin or worker cost the hub one read, not one each).
    What waits for that write counts against `max_unsent_bytes`.
+6. Lag (`lag_ms`): the hub sends a heartbeat with its wall clock every
+   `wire.HEARTBEAT_INTERVAL_S` behind the entries (hub.py rule 7); the lag is
+   how much older than that interval the newest heartbeat read is (0 before
+   the first one). A worker that stops reading, or falls behind the hub's
+   writes, shows a growing lag, and /readyz fails past `bus.max_lag_ms`. Hub
+   and worker share the machine, so they share the wall clock.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
@@ -201,6 +208,7 @@ class LocalBus(BusBackend):
         self._current: _Link | None = None  # the link being made or in use
         self._link: _Link | None = None  # the link in use (handshake complete)
         self._epoch: str | None = None
+        self._beat_ms: int | None = None  # the newest heartbeat's hub clock (rule 6)
         self._next_id = 0
         self._closed = False
 
@@ -226,10 +234,14 @@ class LocalBus(BusBackend):
         return True
 
     def lag_ms(self) -> float | None:
-        # The hub pushes entries as it orders them over a local socket: there is
-        # no head to lag behind that this client could see. A dead link shows as
-        # `connected = False` instead.
-        return 0.0 if self.connected else None
+        """How far behind the hub's heartbeats this client reads (rule 6); None
+        while disconnected."""
+        if not self.connected:
+            return None
+        if self._beat_ms is None:
+            return 0.0
+        late_ms = time.time() * 1000.0 - self._beat_ms - wire.HEARTBEAT_INTERVAL_S * 1000.0
+        return max(0.0, late_ms)
 
     async def start(self, sink: BusSink | None) -> None:
         """Connect; return once the first attempt is up (dump delivered) or failed."""
@@ -378,6 +390,8 @@ class LocalBus(BusBackend):
             self._reply(link, msg[1], wire.snapshot_of(msg))
         elif tag == "y":
             self._reply(link, msg[1], wire.history_of(msg))
+        elif tag == "b":
+            self._beat_ms = msg[1]
         elif tag == "f":
             if sink is not None:
                 sink.on_bus_floors(wire.floors_of(msg[1]))
@@ -420,6 +434,7 @@ class LocalBus(BusBackend):
             _call(callback, BusUnavailable("the link to the hub was lost"))
         if link.idle is not None and not link.idle.done():
             link.idle.set_result(None)
+        self._beat_ms = None  # the next link's heartbeats count
         if was_up:
             if not self._closed:
                 log.warning("bus: lost the link to the hub; reconnecting")

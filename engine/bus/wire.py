@@ -24,6 +24,8 @@ Messages, hub -> client::
     ["x", req_id, code, message]              request refused; nothing was published
     ["s", req_id, epoch, hi, lo, [[key, hi, lo, data], ...]]   snapshot reply
     ["y", req_id, epoch, complete, [[hi, lo, key, data], ...]] history reply
+    ["b", wall_ms]                            heartbeat, every HEARTBEAT_INTERVAL_S, to
+                                              clients that want entries: their bus lag
 
 client -> hub::
 
@@ -58,6 +60,9 @@ ENTRY_FRAME_TARGET_BYTES: Final = 1024 * 1024
 _HEADER: Final = struct.Struct(">I")
 _HEADER_BYTES: Final = 4
 _LO_MASK: Final = 0xFFFFFFFF
+# The hub's heartbeat period: a client that reads one older than this by more
+# than its link's delay is behind (LocalBus.lag_ms, engine/bus/local.py rule 6).
+HEARTBEAT_INTERVAL_S: Final = 0.5
 
 _packer = msgpack.Packer(use_bin_type=True)
 
@@ -155,6 +160,10 @@ def hello(epoch: str) -> bytes:
 
 def dump_done() -> bytes:
     return encode_frame(("d",))
+
+
+def heartbeat(wall_ms: int) -> bytes:
+    return encode_frame(("b", wall_ms))
 
 
 def entry_frames(
