@@ -88,13 +88,40 @@ export class Reconnector {
   closed(now: number, code: number): void;
   failed(now: number): void;
   newToken(): void;
+  /** A token provider gave a new token: no longer blocked, the failure streak kept. */
+  unblock(): void;
   /** Delay before the next attempt; null while blocked on a new token (after 4001/4003). */
   delayMs(rand: number): number | null;
 }
 
+/** When a token provider is asked for the next token (engine/client/tokens.py). */
+export interface TokenRefreshOptions {
+  /** Refresh max(minMarginMs, marginFraction * lifetime) before the token's `exp`, never
+   * before half its lifetime. Default 0.1. */
+  marginFraction?: number;
+  /** Default 1000 (ms). */
+  minMarginMs?: number;
+  /** A provider call taking longer has failed (ms). Default 10000. */
+  timeoutMs?: number;
+}
+
+export const TOKEN_REFRESH: Readonly<Required<TokenRefreshOptions>>;
+export const MAX_TOKEN_CHARS: number;
+/** A JWT's `exp` in ms since the epoch, read without verification; null if it has none that can be read. */
+export function tokenExpiryMs(token: string): number | null;
+/** When the refresh of a token is due (ms since the epoch); null for a token with no known `exp`. */
+export function refreshAtMs(expMs: number | null, obtainedAtMs: number, options?: TokenRefreshOptions): number | null;
+
 export interface ClientOptions {
   /** Sent in the first message (`auth`). */
   token?: string | null;
+  /**
+   * Called for a token before the first connection, before the current token's `exp`
+   * (the new token is sent in `auth` on the live connection) and after a 4001/4003 close.
+   * A failure ("error" event, code "token_provider") is retried with backoff.
+   */
+  tokenProvider?: () => string | Promise<string>;
+  tokenRefresh?: TokenRefreshOptions;
   backoff?: BackoffOptions;
   /** Over this bufferedAmount, sends wait in the outbox. Default 1 MiB. */
   maxBufferedBytes?: number;
@@ -106,6 +133,8 @@ export interface ClientOptions {
   WebSocket?: typeof WebSocket;
   random?: () => number;
   now?: () => number;
+  /** Wall clock (ms since the epoch) a token's `exp` is compared with. Default Date.now. */
+  wall?: () => number;
 }
 
 export interface Counters {
@@ -121,6 +150,12 @@ export interface Counters {
   sendRefused: number;
   /** Values the client could not decode (each reported as an "error" event with code "bad_value"). */
   badValues: number;
+  /** Tokens the provider gave. */
+  tokenRefreshes: number;
+  /** Of them, sent in `auth` on a live connection. */
+  tokenAuths: number;
+  /** Provider calls that failed (each an "error" event with code "token_provider"). */
+  tokenFailures: number;
   lastCloseCode: number | null;
   lastRetryMs: number | null;
 }
@@ -130,8 +165,10 @@ export interface FanoutEventMap {
   change: CustomEvent<Change>;
   /** A server `err` (its code), "bad_value" (a value this client cannot decode: `topic`, `key`
    * (a stream event's position), the view holds an Undecodable; the connection stays up), or
-   * "bad_frame" (a broken frame: the client closes 1002 and reconnects). */
-  error: CustomEvent<{ code: string; msg: string; topic?: string | null; key?: string }>;
+   * "bad_frame" (a broken frame: the client closes 1002 and reconnects), or "token_provider"
+   * (the token provider failed: `error` is what it threw; it is called again after a backoff
+   * delay and the connection is kept). */
+  error: CustomEvent<{ code: string; msg: string; topic?: string | null; key?: string; error?: unknown }>;
   bye: CustomEvent<{ op: "bye"; reason: string; retry_ms: number }>;
 }
 
@@ -139,6 +176,7 @@ export class FanoutClient extends EventTarget {
   constructor(url: string, options?: ClientOptions);
   readonly url: string;
   token: string | null;
+  tokenRefresh: Required<TokenRefreshOptions>;
   state: ConnectionState;
   counters: Counters;
   view: StateView;

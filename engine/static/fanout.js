@@ -17,6 +17,16 @@
 // - resubscribe with `since` (epoch and last position per topic) so that only
 //   the keys missed while away are sent;
 // - the token goes in the first message (`auth`): browsers cannot set headers;
+// - with a `tokenProvider` (a function returning a token or a Promise of one),
+//   the token stays fresh on the live connection: the provider is called before
+//   the current token's `exp` (read from the JWT without verifying it; at
+//   max(minMarginMs, marginFraction * lifetime) before it, never before half
+//   the lifetime) and the new token is sent in `auth`, no reconnect. A provider
+//   that rejects, throws, takes over `timeoutMs` or gives an unusable token (not
+//   a string, already expired) is reported ("error", code "token_provider") and
+//   called again after a backoff delay; the connection is kept (the server
+//   closes 4003 at expiry; the client then waits for the provider and
+//   reconnects). The rules are engine/client/tokens.py's;
 // - sends respect `bufferedAmount`: over `maxBufferedBytes`, messages wait in a
 //   bounded outbox (overflow: the message is refused, `send` returns false and
 //   `counters.sendRefused` counts it).
@@ -25,7 +35,7 @@
 //   connection stays up (no close 1002, no reconnect loop).
 // Events (EventTarget): "state" {state}, "change" {topic, kind, pos, full,
 // epoch, items: {key: value|null}, events, from, to}, "error" {code, msg,
-// topic, key}, "bye" {reason, retry_ms}.
+// topic, key, error}, "bye" {reason, retry_ms}.
 
 // -- msgpack ----------------------------------------------------------------------
 
@@ -530,6 +540,11 @@ export class Reconnector {
     this.upSince = null;
   }
 
+  /** A token provider gave a new token: reconnect after the usual delay (the streak is kept). */
+  unblock() {
+    this.blocked = false;
+  }
+
   delayMs(rand) {
     if (this.blocked) return null;
     if (this.byeMs !== null) {
@@ -542,6 +557,53 @@ export class Reconnector {
   }
 }
 
+// -- tokens (pure; the rules of engine/client/tokens.py) ---------------------------
+
+/** Tokens longer than this are not decoded (the engine refuses tokens over 8 KiB). */
+export const MAX_TOKEN_CHARS = 8192;
+
+/**
+ * The token's `exp` in milliseconds since the epoch, read WITHOUT verifying
+ * the signature (the server verifies; the client only schedules with it), or
+ * null when it has none that can be read: not three dot-separated segments,
+ * longer than MAX_TOKEN_CHARS, a payload that is not base64url of a JSON
+ * object, an `exp` that is not a finite number.
+ */
+export function tokenExpiryMs(token) {
+  if (typeof token !== "string" || token.length > MAX_TOKEN_CHARS) return null;
+  const parts = token.split(".");
+  if (parts.length !== 3) return null;
+  let claims;
+  try {
+    const b64 = parts[1].replace(/-/g, "+").replace(/_/g, "/").replace(/=+$/, "");
+    const bin = atob(b64 + "=".repeat((4 - (b64.length % 4)) % 4));
+    claims = JSON.parse(utf8Decoder.decode(Uint8Array.from(bin, (c) => c.charCodeAt(0))));
+  } catch {
+    return null; // not base64url, not UTF-8, not JSON (or nested too deep)
+  }
+  if (!claims || typeof claims !== "object" || Array.isArray(claims)) return null;
+  const exp = claims.exp;
+  if (typeof exp !== "number" || !Number.isFinite(exp)) return null;
+  return exp * 1000;
+}
+
+/** When the token refresh is due (defaults of engine/client/tokens.py TokenRefresh). */
+export const TOKEN_REFRESH = Object.freeze({ marginFraction: 0.1, minMarginMs: 1000, timeoutMs: 10000 });
+
+/**
+ * When to ask for the next token (ms since the epoch): `margin` before `exp`,
+ * margin = max(minMarginMs, marginFraction * lifetime), never before half the
+ * lifetime; at once for a token expired when obtained; null (never on a
+ * schedule) for a token with no known `exp`.
+ */
+export function refreshAtMs(expMs, obtainedAtMs, { marginFraction = 0.1, minMarginMs = 1000 } = {}) {
+  if (expMs === null || expMs === undefined) return null;
+  const lifetime = expMs - obtainedAtMs;
+  if (lifetime <= 0) return obtainedAtMs;
+  const margin = Math.max(minMarginMs, marginFraction * lifetime);
+  return Math.max(expMs - margin, obtainedAtMs + lifetime / 2);
+}
+
 // -- the client ---------------------------------------------------------------------
 
 export const STATES = Object.freeze(["idle", "connecting", "connected", "waiting", "unauthorized", "closed"]);
@@ -551,7 +613,15 @@ export class FanoutClient extends EventTarget {
   constructor(url, options = {}) {
     super();
     this.url = url;
-    this.token = options.token ?? null;
+    this._tokenProvider = options.tokenProvider ?? null;
+    this.tokenRefresh = { ...TOKEN_REFRESH, ...(options.tokenRefresh ?? {}) };
+    this._wall = options.wall ?? (() => Date.now());
+    this._refreshAt = null; // ms since the epoch; null: no scheduled refresh
+    this._refreshTimer = null;
+    this._tokenFetch = null; // the provider call in progress (one at a time)
+    this._tokenFailures = 0; // consecutive provider failures (backoff streak)
+    this._tokenWake = null; // ends a backoff wait between provider calls (close)
+    this._fetching = false; // waiting for a token before opening a connection
     this.maxBufferedBytes = options.maxBufferedBytes ?? 1 << 20;
     this.maxOutbox = options.maxOutbox ?? 1000;
     this.connectTimeoutMs = options.connectTimeoutMs ?? 10000;
@@ -564,6 +634,7 @@ export class FanoutClient extends EventTarget {
     this.counters = {
       connects: 0, connectFailures: 0, disconnects: 0, messages: 0, frames: 0,
       snapsFull: 0, snapsPartial: 0, updates: 0, byes: 0, sendRefused: 0, badValues: 0,
+      tokenRefreshes: 0, tokenAuths: 0, tokenFailures: 0,
       lastCloseCode: null, lastRetryMs: null,
     };
     this._subs = new Map(); // topic -> maxHz
@@ -577,11 +648,12 @@ export class FanoutClient extends EventTarget {
     this._flushTimer = null;
     this._opened = false; // hello (and auth) done on the current socket
     this._closing = false;
+    this._useToken(options.token ?? null);
   }
 
   /** Start connecting (idempotent). */
   connect() {
-    if (this._ws || this._timer || this.state === "closed") return this;
+    if (this._ws || this._timer || this._fetching || this.state === "closed") return this;
     this._closing = false;
     this._open();
     return this;
@@ -592,18 +664,24 @@ export class FanoutClient extends EventTarget {
     this._closing = true;
     clearTimeout(this._timer);
     this._timer = null;
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    if (this._tokenWake) this._tokenWake();
     if (this._ws) this._ws.close(1000);
     this._setState("closed");
     for (const w of this._waits) w.reject(new Error("the client was closed"));
     this._waits.clear();
   }
 
-  /** Use `token` from the next connection on; after 4001/4003, reconnect now. */
+  /**
+   * Use `token` from the next connection on; after 4001/4003, reconnect now.
+   * With a `tokenProvider`, the provider is still called when this token is due.
+   */
   setToken(token) {
-    this.token = token;
+    this._useToken(token);
     if (this.reconnector.blocked) {
       this.reconnector.newToken();
-      if (!this._ws && !this._closing) this._open();
+      if (!this._ws && !this._fetching && !this._closing) this._open();
     }
   }
 
@@ -684,8 +762,107 @@ export class FanoutClient extends EventTarget {
     this.dispatchEvent(new CustomEvent("state", { detail: { state } }));
   }
 
+  // -- the token (rules: engine/client/tokens.py) -----------------------------------
+
+  _useToken(token) {
+    this.token = token;
+    const exp = token === null ? null : tokenExpiryMs(token);
+    this._refreshAt = refreshAtMs(exp, this._wall(), this.tokenRefresh);
+  }
+
+  _tokenDue() {
+    if (!this._tokenProvider) return false;
+    if (this.token === null) return true;
+    return this._refreshAt !== null && this._wall() >= this._refreshAt;
+  }
+
+  /** One provider call, bounded by tokenRefresh.timeoutMs; the token is checked before use. */
+  _callProvider() {
+    const timeoutMs = this.tokenRefresh.timeoutMs;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`the token provider did not answer within ${timeoutMs} ms`)), timeoutMs);
+      Promise.resolve()
+        .then(() => this._tokenProvider())
+        .then((token) => {
+          if (typeof token !== "string") throw new TypeError(`the token provider gave a ${typeof token}, not a string`);
+          const exp = tokenExpiryMs(token);
+          if (exp !== null && exp <= this._wall()) throw new Error(`the token provider gave a token that expired ${(this._wall() - exp) / 1000} s ago`);
+          return token;
+        })
+        .then(resolve, reject)
+        .finally(() => clearTimeout(timer));
+    });
+  }
+
+  /**
+   * Call the provider until it gives a usable token; resolves true then, false
+   * if the client was closed first. Each failure is an "error" event (code
+   * "token_provider") followed by a backoff delay (rand * the reconnect
+   * ceiling of the streak). One call at a time: callers share it.
+   */
+  _obtainToken() {
+    if (this._tokenFetch) return this._tokenFetch;
+    const run = async () => {
+      while (!this._closing) {
+        try {
+          const token = await this._callProvider();
+          if (this._closing) return false;
+          this._tokenFailures = 0;
+          this.counters.tokenRefreshes += 1;
+          this._useToken(token);
+          return true;
+        } catch (err) {
+          this._tokenFailures += 1;
+          this.counters.tokenFailures += 1;
+          const msg = String((err && err.message) || err);
+          this.dispatchEvent(new CustomEvent("error", { detail: { code: "token_provider", msg, error: err } }));
+          const delay = this._random() * this.reconnector.ceilingMs(this._tokenFailures - 1);
+          await new Promise((resolve) => {
+            const timer = setTimeout(() => { this._tokenWake = null; resolve(); }, delay);
+            this._tokenWake = () => { clearTimeout(timer); this._tokenWake = null; resolve(); };
+          });
+        }
+      }
+      return false;
+    };
+    this._tokenFetch = run().finally(() => { this._tokenFetch = null; });
+    return this._tokenFetch;
+  }
+
+  /** While connected: a timer for the next refresh of the current token (none without a known exp). */
+  _scheduleRefresh() {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    if (!this._tokenProvider || this._refreshAt === null || this._closing) return;
+    const ws = this._ws;
+    this._refreshTimer = setTimeout(() => this._refreshLive(ws), Math.max(0, this._refreshAt - this._wall()));
+  }
+
+  /** A new token sent in `auth` on the live connection `ws` (the server acks, or closes 4001). */
+  async _refreshLive(ws) {
+    this._refreshTimer = null;
+    if (!(await this._obtainToken())) return;
+    if (this._ws !== ws || !this._opened || ws.readyState !== 1) return; // the next connection sends it
+    const id = this._ids++;
+    ws.send(encode({ op: "auth", token: this.token, id }));
+    this.counters.tokenAuths += 1;
+    this._scheduleRefresh();
+  }
+
+  // -- the connection ---------------------------------------------------------------
+
   _open() {
     this._timer = null;
+    if (this._tokenDue()) {
+      // no token yet, or the current one is due: a fresh one before connecting
+      this._setState("waiting");
+      this._fetching = true;
+      this._obtainToken().then((ok) => {
+        this._fetching = false;
+        if (ok && !this._closing && !this._ws) this._open();
+      });
+      return;
+    }
     this._setState("connecting");
     let ws;
     try {
@@ -705,6 +882,8 @@ export class FanoutClient extends EventTarget {
       clearTimeout(helloTimer);
       if (this._ws !== ws) return;
       this._ws = null;
+      clearTimeout(this._refreshTimer);
+      this._refreshTimer = null;
       this._outbox = [];
       for (const [, p] of this._pending) p.reject(new Error("connection closed"));
       this._pending.clear();
@@ -724,6 +903,19 @@ export class FanoutClient extends EventTarget {
 
   _retry() {
     const delay = this.reconnector.delayMs(this._random());
+    if (delay === null && this._tokenProvider) {
+      // closed 4001/4003: a new token first, then the backoff delay as after any
+      // close (tokens the server keeps refusing must not reconnect in a loop)
+      this._setState("waiting");
+      this._fetching = true;
+      this._obtainToken().then((ok) => {
+        this._fetching = false;
+        if (!ok || this._closing || this._ws) return;
+        this.reconnector.unblock();
+        this._retry();
+      });
+      return;
+    }
     if (delay === null) {
       this._setState("unauthorized");
       return;
@@ -800,6 +992,7 @@ export class FanoutClient extends EventTarget {
     this.counters.connects += 1;
     this.reconnector.connected(this._now());
     this._setState("connected");
+    this._scheduleRefresh();
     const groups = new Map();
     for (const [t, hz] of this._subs) {
       if (!groups.has(hz)) groups.set(hz, []);

@@ -8,6 +8,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import {
   decode, decodeAll, decodeFrame, encode, Ext, StateView, Reconnector, FanoutClient,
   Undecodable, undecodableIn, MAX_DATA_DEPTH, CLIENT_MAX_DEPTH,
+  tokenExpiryMs, refreshAtMs, TOKEN_REFRESH, MAX_TOKEN_CHARS,
 } from "../../engine/static/fanout.js";
 
 const hex = (b) => Buffer.from(b).toString("hex");
@@ -348,6 +349,169 @@ test("client: a broken frame closes with a code a browser may send (4002) and re
     assert.deepEqual(closes, [4002]);
     mock.timers.tick(60000);
     assert.equal(FakeSocket.all.length, 2, "reconnected after its backoff");
+    client.close();
+  } finally {
+    mock.timers.reset();
+  }
+});
+
+// -- tokens: exp read without verification, the refresh schedule, the provider ---------
+
+const b64url = (text) => Buffer.from(text).toString("base64url");
+const jwtWith = (payload) => `${b64url('{"alg":"HS256"}')}.${b64url(JSON.stringify(payload))}.c2ln`;
+const rawJwt = (payloadText) => `${b64url('{"alg":"HS256"}')}.${b64url(payloadText)}.c2ln`;
+
+test("tokenExpiryMs: exp read without verification, null for anything malformed", () => {
+  assert.equal(tokenExpiryMs(jwtWith({ exp: 1700000000, sub: "x" })), 1700000000000);
+  assert.equal(tokenExpiryMs(jwtWith({ exp: 1700000000.25 })), 1700000000250);
+  assert.equal(tokenExpiryMs(jwtWith({ exp: 10 })), 10000); // in the past: still read
+  const padded = `x.${Buffer.from('{"exp": 42}').toString("base64")}.y`;
+  assert.ok(padded.includes("="));
+  assert.equal(tokenExpiryMs(padded), 42000);
+  const malformed = [
+    "", "opaque", "a.b", "a.b.c.d", "x.!!!.y", rawJwt("not json"), `x.${Buffer.from([0xff, 0xfe]).toString("base64url")}.y`,
+    jwtWith([1, 2]), jwtWith("exp"), jwtWith({ sub: "no exp" }), jwtWith({ exp: "1700000000" }), jwtWith({ exp: true }),
+    jwtWith({ exp: null }), rawJwt('{"exp": 1e999}'), rawJwt("[".repeat(3000) + "]".repeat(3000)),
+    jwtWith({ exp: 1700000000, pad: "x".repeat(MAX_TOKEN_CHARS) }), null, 42,
+  ];
+  for (const token of malformed) assert.equal(tokenExpiryMs(token), null, String(token).slice(0, 40));
+});
+
+test("refreshAtMs: max(1 s, 10 %) before exp, never before half the lifetime", () => {
+  assert.equal(refreshAtMs(103000, 100000, TOKEN_REFRESH), 102000); // a 3-s token: 1 s before
+  assert.equal(refreshAtMs(3600000, 0, TOKEN_REFRESH), 3240000); // 1 h: 6 min before
+  assert.equal(refreshAtMs(110000, 100000, { marginFraction: 0.5, minMarginMs: 0 }), 105000);
+  assert.equal(refreshAtMs(100800, 100000, TOKEN_REFRESH), 100400); // 0.8 s: at half, not at once
+  assert.equal(refreshAtMs(90000, 100000, TOKEN_REFRESH), 100000); // expired: due at once
+  assert.equal(refreshAtMs(null, 100000, TOKEN_REFRESH), null); // no exp: never on a schedule
+});
+
+const flush = () => new Promise((resolve) => setImmediate(resolve));
+const tokenFor = (ttlMs, now = Date.now()) => jwtWith({ exp: (now + ttlMs) / 1000, sub: "u" });
+
+test("client: a token provider keeps the token fresh on the live connection", async () => {
+  mock.timers.enable({ apis: ["setTimeout", "Date"], now: 1_000_000 });
+  try {
+    FakeSocket.all = [];
+    let calls = 0;
+    const provider = () => { calls += 1; return Promise.resolve(tokenFor(3000)); };
+    const client = new FanoutClient("ws://x/ws", { WebSocket: FakeSocket, random: () => 1, tokenProvider: provider, backoff: { baseMs: 100, maxMs: 1000 } });
+    const states = [];
+    client.addEventListener("state", (e) => states.push(e.detail.state));
+    client.connect();
+    assert.equal(FakeSocket.all.length, 0, "the provider is called before connecting");
+    await flush();
+    assert.equal(calls, 1);
+    const ws = FakeSocket.all[0];
+    ws.open();
+    assert.equal(ws.sent[0].op, "auth");
+    assert.equal(ws.sent[0].token, client.token);
+    ws.recv({ op: "ack", id: ws.sent[0].id, user: "u" });
+    assert.equal(client.state, "connected");
+    for (let i = 1; i <= 5; i++) {
+      mock.timers.tick(1999);
+      await flush();
+      assert.equal(calls, i, "not before 1 s ahead of exp");
+      mock.timers.tick(1);
+      await flush();
+      assert.equal(calls, i + 1);
+      const auth = ws.sent[ws.sent.length - 1];
+      assert.deepEqual([auth.op, auth.token], ["auth", client.token]);
+      ws.recv({ op: "ack", id: auth.id, user: "u" });
+    }
+    assert.equal(FakeSocket.all.length, 1, "no reconnect");
+    assert.deepEqual([client.counters.tokenRefreshes, client.counters.tokenAuths, client.counters.tokenFailures], [6, 5, 0]);
+    assert.deepEqual(states, ["waiting", "connecting", "connected"]);
+    client.close();
+    mock.timers.tick(60000);
+    await flush();
+    assert.equal(calls, 6, "nothing after close");
+  } finally {
+    mock.timers.reset();
+  }
+});
+
+test("client: a failing provider is retried with backoff, an error event each time, the connection kept", async () => {
+  mock.timers.enable({ apis: ["setTimeout", "Date"], now: 1_000_000 });
+  try {
+    FakeSocket.all = [];
+    const script = [
+      () => tokenFor(3000),
+      () => { throw new Error("issuer down"); },
+      () => Promise.reject(new Error("issuer still down")),
+      () => new Promise(() => {}), // never answers: timed out
+      () => tokenFor(-5000), // expired already
+      () => 12345, // not a string
+      () => tokenFor(60000),
+    ];
+    let calls = 0;
+    const provider = () => script[calls++]();
+    const client = new FanoutClient("ws://x/ws", {
+      WebSocket: FakeSocket, random: () => 1, tokenProvider: provider,
+      tokenRefresh: { timeoutMs: 500 }, backoff: { baseMs: 100, maxMs: 1000 },
+    });
+    const errors = [];
+    client.addEventListener("error", (e) => errors.push(e.detail));
+    client.connect();
+    await flush();
+    const ws = FakeSocket.all[0];
+    ws.open();
+    ws.recv({ op: "ack", id: ws.sent[0].id, user: "u" });
+    mock.timers.tick(2000); // refresh due: call 2 throws
+    await flush();
+    assert.equal(calls, 2);
+    assert.equal(errors.length, 1);
+    // backoff ceilings (random 1): 100, 200, the hung call's 500 ms timeout, 400, 800, 1000 (max)
+    for (const [wait, expectCalls, expectErrors] of [[99, 2, 1], [1, 3, 2], [199, 3, 2], [1, 4, 2], [499, 4, 2], [1, 4, 3], [399, 4, 3], [1, 5, 4], [799, 5, 4], [1, 6, 5], [999, 6, 5], [1, 7, 5]]) {
+      mock.timers.tick(wait);
+      await flush();
+      assert.deepEqual([calls, errors.length], [expectCalls, expectErrors], `after +${wait} ms`);
+    }
+    assert.ok(errors.every((e) => e.code === "token_provider"));
+    assert.match(errors[0].msg, /issuer down/);
+    assert.match(errors[2].msg, /did not answer within 500 ms/);
+    assert.match(errors[3].msg, /expired/);
+    assert.match(errors[4].msg, /not a string/);
+    const auth = ws.sent[ws.sent.length - 1];
+    assert.deepEqual([auth.op, auth.token], ["auth", client.token]);
+    assert.equal(FakeSocket.all.length, 1);
+    assert.equal(client.state, "connected");
+    assert.deepEqual([client.counters.tokenFailures, client.counters.tokenAuths, client.counters.connects], [5, 1, 1]);
+    client.close();
+  } finally {
+    mock.timers.reset();
+  }
+});
+
+test("client: after 4003 the provider is called before reconnecting; refused tokens back off", async () => {
+  mock.timers.enable({ apis: ["setTimeout", "Date"], now: 1_000_000 });
+  try {
+    FakeSocket.all = [];
+    let calls = 0;
+    const provider = async () => { calls += 1; return tokenFor(60000); };
+    const client = new FanoutClient("ws://x/ws", { WebSocket: FakeSocket, random: () => 1, tokenProvider: provider, backoff: { baseMs: 100, maxMs: 1000 } });
+    const states = [];
+    client.addEventListener("state", (e) => states.push(e.detail.state));
+    client.connect();
+    await flush();
+    let ws = FakeSocket.all[0];
+    ws.open();
+    ws.recv({ op: "ack", id: ws.sent[0].id, user: "u" });
+    ws.serverClose(4003); // e.g. revoked
+    await flush();
+    assert.equal(calls, 2, "a new token before reconnecting");
+    assert.equal(client.counters.lastRetryMs, 100, "then the backoff delay of a first failure");
+    mock.timers.tick(100);
+    ws = FakeSocket.all[1];
+    ws.open();
+    assert.equal(ws.sent[0].token, client.token);
+    ws.serverClose(4001); // refused before the ack: the streak grows
+    await flush();
+    assert.equal(calls, 3);
+    assert.equal(client.counters.lastRetryMs, 200);
+    mock.timers.tick(200);
+    assert.equal(FakeSocket.all.length, 3);
+    assert.ok(!states.includes("unauthorized"), "never stuck waiting for setToken");
     client.close();
   } finally {
     mock.timers.reset();
