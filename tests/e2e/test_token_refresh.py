@@ -50,7 +50,9 @@ PAGE = """<!doctype html>
     if (!resp.ok) throw new Error(`the token endpoint answered ${resp.status}`);
     return await resp.text();
   };
-  const client = new FanoutClient(url, { tokenProvider: provider, backoff: { baseMs: 100, maxMs: 2000 } });
+  const tokenRefresh = { minMarginMs: Number(params.get("margin") ?? 1000) };
+  const backoff = { baseMs: 100, maxMs: 2000 };
+  const client = new FanoutClient(url, { tokenProvider: provider, tokenRefresh, backoff });
   window.states = [];
   window.errors = [];
   window.seen = {};
@@ -199,7 +201,8 @@ def test_a_failing_token_endpoint_is_retried_with_backoff_in_chromium(
 ) -> None:
     site.fail = {2, 3, 4}  # the first refresh fails three times, then works
     publish(served, "k1", 1)
-    page.goto(f"{site.url}/page.html?ws={served.ws_url}")
+    # refreshed 2 s before exp (at 1.5 s): time for three retries on a busy machine
+    page.goto(f"{site.url}/page.html?ws={served.ws_url}&margin=2000")
     wait_ready(page)
     started = time.time()
     page.wait_for_function(

@@ -59,7 +59,7 @@ async def test_a_failing_provider_is_retried_with_backoff_and_the_connection_kep
         calls.append(time.monotonic())
         n = len(calls)
         if n == 1:
-            token = hs256(ttl_s=3.0)  # refreshed 1 s before its exp
+            token = hs256(ttl_s=4.0)  # refreshed 2 s before its exp (min_margin_s)
             first_exp.append(token_expiry(token) or 0.0)
             return token
         if n == 2:
@@ -73,7 +73,7 @@ async def test_a_failing_provider_is_retried_with_backoff_and_the_connection_kep
         return hs256(ttl_s=60.0)
 
     errors: list[Exception] = []
-    refresh = TokenRefresh(timeout_s=0.2)
+    refresh = TokenRefresh(min_margin_s=2.0, timeout_s=0.2)
     client = connect(jwt_engine.url, token_provider=provider, token_refresh=refresh, policy=POLICY)
     client._rng = _Ceiling()
     client.on_error(errors.append)
