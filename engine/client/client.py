@@ -475,6 +475,12 @@ class Client:
         """While `conn` is up: a new token from the provider before the current
         one is due, sent in `auth` on this connection (the server's `ack`, or a
         close 4001 if it refuses it). Cancelled when the connection ends."""
+        try:
+            await self._refresh_while_up(conn)
+        except Exception:  # a bug here must not die unseen in a task nobody awaits
+            log.exception("client: token refresh failed")
+
+    async def _refresh_while_up(self, conn: raw.RawConnection) -> None:
         while not conn.closed.done():
             at = self._refresh_at
             if at is None:
