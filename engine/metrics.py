@@ -276,6 +276,7 @@ BUS_EVENTS: Final = (
     "oom_refusals",
     "byte_trims",
     "topics_expired",
+    "bad_entries",
 )
 
 
@@ -295,7 +296,8 @@ def bus_events_family(
         "Bus client events: background tasks restarted after a failure (task_restarts),"
         " requests without a reply within bus.publish_timeout_s (publish_timeouts),"
         " publishes Redis refused at maxmemory (oom_refusals), stream entries removed"
-        " for bus.redis.stream_max_bytes (byte_trims), idle topics removed (topics_expired).",
+        " for bus.redis.stream_max_bytes (byte_trims), idle topics removed (topics_expired),"
+        " stream entries skipped as unreadable (bad_entries).",
         samples,
     )  # fmt: skip
 

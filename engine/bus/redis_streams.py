@@ -189,6 +189,7 @@ class RedisBus(BusBackend):
             "oom_refusals": publisher.oom_refusals,
             "byte_trims": publisher.byte_trims,
             "topics_expired": self._probe.topics_expired,
+            "bad_entries": self._reader.bad_entries,
         }
 
     def lag_ms(self) -> float | None:

@@ -15,8 +15,10 @@ import pytest
 
 from engine.backoff import Backoff
 from engine.bus import Update
+from engine.bus.limits import Limits
+from engine.bus.redis.layout import pos_of
 from engine.bus.redis_streams import RedisBus
-from engine.errors import BusUnavailable
+from engine.errors import BusError, BusUnavailable
 from tests.contract.conftest import Recorder, until
 from tests.support.redis_server import RedisServer, redis_available
 from tests.support.tcpproxy import StallProxy
@@ -93,6 +95,8 @@ async def test_a_reader_behind_the_trimming_reloads_the_state(redis: RedisServer
     sink = OrderedRecorder()
     # stream_maxlen 10: MAXLEN ~ trims whole nodes (100 entries), so 1,000 entries
     # written while the reader is stalled are mostly trimmed before it reads them.
+    # (One entry per publish.lua call: the publishes are awaited one by one, or
+    # they would share a few calls.)
     reader = RedisBus(proxy.url, shards=2, stream_maxlen=10)
     pub = RedisBus(redis.url, shards=2, stream_maxlen=10, want_entries=False)
     await reader.start(sink)
@@ -102,7 +106,7 @@ async def test_a_reader_behind_the_trimming_reloads_the_state(redis: RedisServer
         await until(lambda: ("trim.t", first) in sink.marks(), "the first entry")
         proxy.stall()
         for i in range(1000):
-            pub.publish([Update("trim.t", f"k{i % 37}", val(i))], lambda r: None)
+            await pub.publish_wait([Update("trim.t", f"k{i % 37}", val(i))])
         (last,) = await pub.publish_wait([Update("trim.t", "end", val("end"))])
         await until(lambda: (reader.lag_ms() or 0) > 0, "the stalled reader lags")
         proxy.resume()
@@ -197,8 +201,8 @@ async def test_a_reader_behind_a_byte_trim_reloads_the_state(redis: RedisServer)
         # answers the reader's pending XREAD (the reply waits in the proxy), so
         # that its next XREAD is sent after the trims below
         await pub.publish_wait([Update("bytes.t", "wake", val("wake"))])
-        for i in range(300):  # 300 x 2 KB into a 64 KB budget
-            pub.publish([Update("bytes.t", f"k{i}", val("x" * 2000))], lambda r: None)
+        for i in range(300):  # 300 entries (one call each) x 2 KB into a 64 KB budget
+            await pub.publish_wait([Update("bytes.t", f"k{i}", val("x" * 2000))])
         (last,) = await pub.publish_wait([Update("bytes.t", "end", val("end"))])
         await until(lambda: pub.bus_stats()["byte_trims"] > 200, "the stream trimmed by bytes")
         await until(lambda: (reader.lag_ms() or 0) > 0, "the stalled reader lags")
@@ -268,3 +272,76 @@ async def test_many_concurrent_snapshots_and_histories_all_answer(redis: RedisSe
         assert [s.items[0][0] for s in results[:300]] == ["k"] * 300  # type: ignore[union-attr]
     finally:
         await reader.close()
+
+
+async def test_requests_of_one_round_share_one_entry_and_a_refused_one_takes_no_position(
+    redis: RedisServer,
+) -> None:
+    """Layout 2 (engine/bus/redis/layout.py rule 5): the requests queued together
+    are one publish.lua call per shard, written as ONE stream entry whose
+    updates have consecutive positions ending at its ID; a request refused in
+    the middle (bus.max_keys_per_topic) applies nothing and takes no position;
+    a reader gets every accepted update at the position its publisher was
+    acked with, and a snapshot agrees."""
+    sink = OrderedRecorder()
+    limits = Limits(max_keys_per_topic=2)
+    reader = RedisBus(redis.url, shards=1, limits=limits)
+    pub = RedisBus(redis.url, shards=1, want_entries=False, limits=limits)
+    await reader.start(sink)
+    await pub.start(None)
+    try:
+        loop = asyncio.get_running_loop()
+        answers: list[asyncio.Future[Any]] = [loop.create_future() for _ in range(3)]
+        requests = [
+            [Update("one.t", "a", val(1)), Update("one.t", "b", val(2))],
+            [Update("one.t", "c", val(3))],  # a third key: refused
+            [Update("one.t", "a", val(4))],
+        ]
+        for request, answer in zip(requests, answers, strict=True):
+            pub.publish(request, answer.set_result)  # queued together: one round
+        first, refused, last = await asyncio.gather(*answers)
+        assert isinstance(refused, BusError) and "max_keys_per_topic" in str(refused)
+        assert last == [first[1] + 1] and first[1] == first[0] + 1
+        assert redis.cli("XLEN", "fanout:{s0}:log").strip() == "1"
+        await until(
+            lambda: ("one.t", "a") in sink.state and sink.state[("one.t", "a")][0] == last[0],
+            "the entry read",
+        )
+        assert [(k, p) for _, k, p, _ in sink.entries] == [
+            ("a", first[0]),
+            ("b", first[1]),
+            ("a", last[0]),
+        ]
+        snap = await pub.snapshot("one.t")
+        assert snap.items == [("b", first[1], val(2)), ("a", last[0], val(4))]
+        assert sink.topic_state("one.t") == {k: (p, d) for k, p, d in snap.items}
+    finally:
+        await reader.close()
+        await pub.close()
+
+
+async def test_a_reader_reads_layout_1_entries_and_skips_unreadable_ones(
+    redis: RedisServer,
+) -> None:
+    """A stream written by fanout before layout 2 (one update per entry, fields
+    t, k, d) is read as it was; an entry of neither layout (here one written
+    by hand) is skipped and counted (`bad_entries`), and reading goes on."""
+    sink = OrderedRecorder()
+    reader = RedisBus(redis.url, shards=1)
+    pub = RedisBus(redis.url, shards=1, want_entries=False)
+    await reader.start(sink)
+    await pub.start(None)
+    try:
+        old = redis.cli("XADD", "fanout:{s0}:log", "*", "t", "old.t", "k", "k", "d", "\x01").strip()
+        redis.cli("XADD", "fanout:{s0}:log", "*", "b", "not msgpack", "n", "5")
+        (after,) = await pub.publish_wait([Update("new.t", "k", val("after"))])
+        await until(lambda: ("new.t", "k") in sink.state, "the entry after the bad one")
+        assert [(t, k, p) for t, k, p, _ in sink.entries] == [
+            ("old.t", "k", pos_of(old)),
+            ("new.t", "k", after),
+        ]
+        assert reader.bus_stats()["bad_entries"] == 1
+        assert reader.connected and sink.links == [True]
+    finally:
+        await reader.close()
+        await pub.close()

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import re
 
+import msgpack
 import pytest
 
 from engine.bus.base import shard_of
 from engine.bus.redis import layout as layout_module
-from engine.bus.redis.layout import Layout, parse_events, parse_state, pos_of, text_of
+from engine.bus.redis.layout import (
+    BadEntry,
+    Layout,
+    entries_of,
+    parse_events,
+    parse_state,
+    pos_of,
+    text_of,
+)
 from engine.protocol.codec import make_pos
 
 
@@ -21,6 +30,56 @@ def test_stream_ids_are_positions() -> None:
         ("a", make_pos(5, 0), b"\xc0"),
         ("b", make_pos(5, 1), b"\x02"),
     ]
+
+
+def test_a_state_value_written_with_a_request_offset_has_its_own_position() -> None:
+    """Rule 6: "<id>+<j>" is the request's first position plus j; "<id>" (layout 1) as is."""
+    raw = {b"a": b"9-4+2 \x01", b"b": b"9-4 \x02", b"c": b"9-4+1 with space"}
+    assert parse_state(raw) == [
+        ("b", make_pos(9, 4), b"\x02"),
+        ("c", make_pos(9, 5), b"with space"),
+        ("a", make_pos(9, 6), b"\x01"),
+    ]
+
+
+def _batch(*requests: list[tuple[str, str, bytes]]) -> dict[bytes, bytes]:
+    packed = b"".join(msgpack.packb([x for u in req for x in u]) for req in requests)
+    return {b"n": str(sum(len(r) for r in requests)).encode(), b"b": packed}
+
+
+def test_a_batch_entry_is_its_updates_at_consecutive_positions_ending_at_its_id() -> None:
+    """Rule 5: n updates, the last at the entry's ID, requests one after another."""
+    fields = _batch([("t", "a", b"\x01"), ("u", "b", b"\x02")], [("t", "a", b"\x03")])
+    assert entries_of(b"1700000000123-9", fields) == [
+        ("t", "a", make_pos(1700000000123, 7), b"\x01"),
+        ("u", "b", make_pos(1700000000123, 8), b"\x02"),
+        ("t", "a", make_pos(1700000000123, 9), b"\x03"),
+    ]
+
+
+def test_an_entry_of_layout_1_is_one_update_at_its_id() -> None:
+    fields = {b"t": b"t", b"k": b"\xff", b"d": b"\xc0"}
+    assert entries_of(b"5-3", fields) == [("t", "\ufffd", make_pos(5, 3), b"\xc0")]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {b"x": b"1"},  # neither layout
+        {b"n": b"2", b"b": msgpack.packb(["t", "k", b"\x01"])},  # fewer updates than n
+        {b"n": b"1", b"b": msgpack.packb(["t", "k", b"\x01"])[:-1]},  # cut
+        {b"n": b"1", b"b": msgpack.packb(["t", "k", "not bytes"])},
+        {b"n": b"1", b"b": msgpack.packb(["t", 7, b"\x01"])},
+        {b"n": b"1", b"b": msgpack.packb(["t", "k"])},
+        {b"n": b"one", b"b": msgpack.packb(["t", "k", b"\x01"])},
+        {b"n": b"1", b"b": msgpack.packb({"t": "k"})},
+        {b"n": b"1", b"b": b"\xc1"},  # never used by msgpack
+    ],
+)
+def test_an_unreadable_entry_is_bad_entry_and_nothing_else(fields: dict[bytes, bytes]) -> None:
+    """Rule 5: the reader skips it and counts it; no other exception escapes."""
+    with pytest.raises(BadEntry):
+        entries_of(b"5-3", fields)
 
 
 def test_history_rows_are_events() -> None:

@@ -1,5 +1,6 @@
 #!lua
--- publish.lua: publish requests' updates to ONE shard, each request atomically.
+-- publish.lua: publish requests' updates to ONE shard, each request atomically,
+-- as ONE stream entry per call (layout 2, engine/bus/redis/layout.py).
 --
 -- KEYS[1]      the shard's stream                    <prefix>:{s<N>}:log
 -- KEYS[2]      the shard's set of state topics       <prefix>:{s<N>}:topics
@@ -10,31 +11,47 @@
 -- KEYS[5]      the shard's idle deadlines            <prefix>:{s<N>}:expiry (zset)
 -- KEYS[5 + i]  update i's (1-based) topic state hash           <prefix>:{s<N>}:state:<topic>
 --              or, for a stream topic, its history   <prefix>:{s<N>}:hist:<topic>
--- ARGV[1]      MAXLEN ~ of the shard's stream
+-- ARGV[1]      MAXLEN ~ of the shard's stream (entries)
 -- ARGV[2]      keys a state topic may hold (0: no limit)
 -- ARGV[3]      topics the shard may hold (0: no limit)
 -- ARGV[4]      bytes the shard's stream may take (0: no byte checks)
 -- ARGV[5]      data bytes added between two byte checks
--- ARGV[6]      the requests' update counts, comma-separated ("1,1,3")
+-- ARGV[6]      the requests' update counts, comma-separated ("1,1,3"); U in all
 -- ARGV[7]      idle expiries: "i:ms" pairs, comma-separated, for the updates
 --              (1-based in this call) of topics with one ("": none)
--- ARGV[8..]    the updates, 4 each: topic, key, data (msgpack bytes), history
---              (-1: a state topic; >= 0: a stream topic retaining that many events)
---              (two strings instead of 2 values per update: each argument
---              costs the client an encode and Redis a copy)
+-- ARGV[8..7+4U] the updates, 4 each: topic, key, "+<j> <data>" (j: the update's
+--              index in its request, data: msgpack bytes), history (-1: a state
+--              topic; >= 0: a stream topic retaining that many events)
+-- ARGV[8+4U+r-1] request r's updates packed by the client: a msgpack array
+--              [topic, key, data, ...] (the entry's `b` is the accepted
+--              requests' arrays one after another; Redis never decodes them)
+--
+-- Positions: the call's accepted updates get consecutive IDs ms-seq, ms-seq+1,
+-- ... after the stream's newest entry (ms: Redis' clock, or the newest
+-- entry's ms if that is later), and the call adds ONE entry to the stream,
+-- whose ID is its last update's position: {n = updates, b = packed updates}.
+-- So an entry's updates have the positions (previous entry's ID, its ID], and
+-- the stream IDs stay the read positions of the readers. A state hash's value
+-- is "<first>+<j> <data>": the position of its request's first update, plus j
+-- (the client writes "+<j> <data>": Lua formats one number per request, not
+-- one per update, which cost ~0.4 us each).
 --
 -- Each request is checked whole, then applied whole (engine/bus/limits.py
 -- rules 2-3): a request that would add a key to a full topic, or a topic to
 -- a full shard, is refused with nothing of it applied, and the next request
--- is checked on its own. For each update of an accepted request, in order:
--- XADD the entry to the shard's stream (its ID is the position). A state
--- topic: record the key's latest "<id> <data>" in the topic's state hash and
--- remember the topic in the shard's topic set (what a reader loads on
--- connect). A stream topic: append the event to the topic's history stream
--- with the same ID, trimmed to `history` events exactly, and record in the
--- floors hash the ID of the newest event trimmed ('0-0' until one is). A topic
--- with an idle expiry gets its deadline (ms) in the idle zset (expire.lua).
--- Returns, per request, its IDs, or {'!', code, topic, key} when refused;
+-- is checked as if the ones accepted before it were applied. The key count
+-- of a topic costs one HLEN per topic and call while the topic is far from
+-- its limit (its keys plus every update of it in this call fit), and one
+-- HEXISTS per key near it. Applied: the entry (XADD, before any other
+-- write: an error there applies nothing), each state topic's keys in one
+-- HSET ("<position> <data>", the newest value of a key last) and the topic
+-- remembered in the shard's topic set (what a reader loads on connect); a
+-- stream topic's events appended to its history stream with their own
+-- positions, trimmed to `history` events exactly, the floors hash holding
+-- the ID of the newest event trimmed ('0-0' until one is). A topic with an
+-- idle expiry gets its deadline (ms) in the idle zset (expire.lua).
+-- Returns, per request, the position of its first update ("ms-seq"; the
+-- others follow it, seq + 1 each), or {'!', code, topic, key} when refused;
 -- then 1 when ARGV[5] data bytes were added since the last byte check (the
 -- caller runs trim.lua now), else 0.
 --
@@ -52,84 +69,209 @@ local max_keys = tonumber(ARGV[2])
 local max_topics = tonumber(ARGV[3])
 local max_bytes = tonumber(ARGV[4])
 local check_every = tonumber(ARGV[5])
+local UNPACK_MAX = 1000 -- arguments per HSET / SADD (Lua's stack is bounded)
 
 local counts = {}
+local total = 0
 for c in string.gmatch(ARGV[6], '%d+') do
   counts[#counts + 1] = tonumber(c)
+  total = total + tonumber(c)
 end
 local expiries = {}
 for i, ms in string.gmatch(ARGV[7], '(%d+):(%d+)') do
   expiries[tonumber(i)] = tonumber(ms)
 end
+local packed = 8 + 4 * total -- ARGV index of request 1's packed updates
 
-local out = {}
-local u = 0 -- updates of this call before the current request
-local added = 0
+local hlen = {} -- state key -> HLEN, read when first needed
+local bound = {} -- state key -> at most this many keys once the accepted requests apply
+local known = {} -- topic -> true/false: in the shard (or accepted in this call)
+local accepted = {} -- update indices (1-based in this call) of accepted requests, in order
 local ntopics = nil -- the shard's topic count, read when first needed
-for _, n in ipairs(counts) do
-  -- 1. check the request whole
-  local refusal = nil
-  if max_keys > 0 or max_topics > 0 then
-    local new_topics = {}
-    local fresh = 0
-    local new_keys = {} -- state key -> keys this request adds
-    local seen = {}
-    for i = u + 1, u + n do
-      local topic = ARGV[4 * i + 4]
-      local key = ARGV[4 * i + 5]
-      local history = tonumber(ARGV[4 * i + 7])
-      local tkey = KEYS[5 + i]
-      local known = true
-      if history < 0 then
-        -- the common case, a key rewritten, costs one HEXISTS
-        if redis.call('HEXISTS', tkey, key) == 0 then
-          known = redis.call('SISMEMBER', topics, topic) == 1
-          if max_keys > 0 and not seen[tkey .. '\0' .. key] then
-            seen[tkey .. '\0' .. key] = true
-            local count = (new_keys[tkey] or redis.call('HLEN', tkey)) + 1
-            new_keys[tkey] = count
-            if count > max_keys then
-              refusal = {'!', 'too_many_keys', topic, key}
-              break
+
+local function len_of(tkey)
+  local n = hlen[tkey]
+  if not n then
+    n = redis.call('HLEN', tkey)
+    hlen[tkey] = n
+  end
+  return n
+end
+
+local function is_known(topic, tkey, history)
+  local k = known[topic]
+  if k == nil then
+    if history == '-1' then
+      k = len_of(tkey) > 0 or redis.call('SISMEMBER', topics, topic) == 1
+    else
+      k = redis.call('HEXISTS', floors, topic) == 1
+    end
+    known[topic] = k
+  end
+  return k
+end
+
+-- the keys of `tkey` the accepted requests add (exact: HEXISTS each), as a set
+local function pending_of(tkey)
+  local mine = {}
+  local n = 0
+  for _, i in ipairs(accepted) do
+    local key = ARGV[4 * i + 5]
+    if KEYS[5 + i] == tkey and not mine[key] then
+      mine[key] = true
+      if redis.call('HEXISTS', tkey, key) == 0 then
+        n = n + 1
+      end
+    end
+  end
+  return mine, n
+end
+
+-- 1. check a request whole (`u`: updates of this call before it); returns
+-- its refusal, or nil and its updates per state key
+local function check(u, n)
+  local per = {} -- state key -> updates of it in this request
+  local order = {} -- state keys and stream topics' first updates, in order
+  for i = u + 1, u + n do
+    local tkey = KEYS[5 + i]
+    local c = per[tkey]
+    if not c then
+      order[#order + 1] = i
+      c = 0
+    end
+    per[tkey] = c + 1
+  end
+  for _, first in ipairs(order) do -- stream topics: no key count
+    if ARGV[4 * first + 7] ~= '-1' then
+      per[KEYS[5 + first]] = nil
+    end
+  end
+  if max_keys == 0 and max_topics == 0 then
+    return nil, per
+  end
+  local fresh = 0
+  for _, first in ipairs(order) do
+    local tkey = KEYS[5 + first]
+    local topic = ARGV[4 * first + 4]
+    local history = ARGV[4 * first + 7]
+    if max_keys > 0 and per[tkey] then
+      local b = bound[tkey] or len_of(tkey)
+      if b + per[tkey] > max_keys then -- near the limit: count exactly
+        local mine, count = pending_of(tkey)
+        count = count + len_of(tkey)
+        for i = first, u + n do
+          local key = ARGV[4 * i + 5]
+          if KEYS[5 + i] == tkey and not mine[key] then
+            mine[key] = true
+            if redis.call('HEXISTS', tkey, key) == 0 then
+              count = count + 1
+              if count > max_keys then
+                return {'!', 'too_many_keys', topic, key}
+              end
             end
           end
         end
-      else
-        known = redis.call('HEXISTS', floors, topic) == 1
-      end
-      if max_topics > 0 and not known and not new_topics[topic] then
-        new_topics[topic] = true
-        fresh = fresh + 1
-        if not ntopics then
-          ntopics = redis.call('SCARD', topics) + redis.call('HLEN', floors)
-        end
-        if ntopics + fresh > max_topics then
-          refusal = {'!', 'too_many_topics', topic, key}
-          break
-        end
       end
     end
-    if not refusal and ntopics then
-      ntopics = ntopics + fresh
+    if max_topics > 0 and not is_known(topic, tkey, history) then
+      fresh = fresh + 1
+      if not ntopics then
+        ntopics = redis.call('SCARD', topics) + redis.call('HLEN', floors)
+      end
+      if ntopics + fresh > max_topics then
+        return {'!', 'too_many_topics', topic, ARGV[4 * first + 5]}
+      end
     end
   end
-  -- 2. apply it
+  -- accepted: its topics are known from now on
+  if max_topics > 0 then
+    for _, first in ipairs(order) do
+      local topic = ARGV[4 * first + 4]
+      if not known[topic] then
+        known[topic] = true
+        ntopics = ntopics + 1
+      end
+    end
+  end
+  return nil, per
+end
+
+-- the positions: after the stream's newest entry, at Redis' clock at the earliest
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local seq = -1 -- the last seq taken
+local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+if top then
+  local tms, tseq = string.match(top[1], '^(%d+)-(%d+)$')
+  tms = tonumber(tms)
+  if tms >= ms then
+    ms = tms
+    seq = tonumber(tseq)
+  end
+end
+local prefix = ms .. '-'
+
+local out = {}
+local blobs = {}
+local firsts = {} -- accepted update index -> its request's first position ("ms-seq")
+local u = 0
+for r, n in ipairs(counts) do
+  local refusal, per = check(u, n)
   if refusal then
     out[#out + 1] = refusal
   else
-    local ids = {}
+    if max_keys > 0 then
+      for tkey, c in pairs(per) do
+        bound[tkey] = (bound[tkey] or len_of(tkey)) + c
+      end
+    end
+    local first = prefix .. (seq + 1)
+    out[#out + 1] = first
+    firsts[#accepted + 1] = first
     for i = u + 1, u + n do
+      accepted[#accepted + 1] = i
+    end
+    seq = seq + n
+    blobs[#blobs + 1] = ARGV[packed + r - 1]
+  end
+  u = u + n
+end
+
+-- 2. apply the accepted requests: the entry first (an error there applies nothing)
+local added = 0
+if #accepted > 0 then
+  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, prefix .. seq,
+             'n', #accepted, 'b', table.concat(blobs))
+  local fields = {} -- state key -> {key, "<first>+<j> <data>", ...}
+  local order = {}
+  local state_topics = {}
+  local first = nil
+  for j, i in ipairs(accepted) do
+    first = firsts[j] or first
+    local value = ARGV[4 * i + 6]
+    local history = ARGV[4 * i + 7]
+    added = added + #value
+    if history == '-1' then
+      local tkey = KEYS[5 + i]
+      local f = fields[tkey]
+      if not f then
+        f = {}
+        fields[tkey] = f
+        order[#order + 1] = tkey
+        state_topics[#state_topics + 1] = ARGV[4 * i + 4]
+      end
+      local k = #f
+      f[k + 1] = ARGV[4 * i + 5]
+      f[k + 2] = first .. value
+    else
+      -- a stream topic: its own ID, the data without "+<j> "
       local topic = ARGV[4 * i + 4]
-      local key = ARGV[4 * i + 5]
-      local data = ARGV[4 * i + 6]
-      local history = tonumber(ARGV[4 * i + 7])
-      local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
-                            't', topic, 'k', key, 'd', data)
-      added = added + #data
-      if history < 0 then
-        redis.call('HSET', KEYS[5 + i], key, id .. ' ' .. data)
-        redis.call('SADD', topics, topic)
-      elseif history == 0 then
+      local space = string.find(value, ' ', 1, true)
+      local fms, fseq = string.match(first, '^(%d+)-(%d+)$')
+      local id = fms .. '-' .. (tonumber(fseq) + tonumber(string.sub(value, 2, space - 1)))
+      local data = string.sub(value, space + 1)
+      history = tonumber(history)
+      if history == 0 then
         redis.call('HSET', floors, topic, id) -- retained: nothing
       else
         local hist = KEYS[5 + i]
@@ -140,18 +282,23 @@ for _, n in ipairs(counts) do
         else
           redis.call('HSETNX', floors, topic, '0-0')
         end
-        redis.call('XADD', hist, 'MAXLEN', history, id, 'k', key, 'd', data)
+        redis.call('XADD', hist, 'MAXLEN', history, id, 'k', ARGV[4 * i + 5], 'd', data)
       end
-      local expiry = expiries[i]
-      if expiry then
-        local ms = tonumber(string.match(id, '^(%d+)-'))
-        redis.call('ZADD', idle, ms + expiry, topic)
-      end
-      ids[#ids + 1] = id
     end
-    out[#out + 1] = ids
+    local expiry = expiries[i]
+    if expiry then
+      redis.call('ZADD', idle, ms + expiry, ARGV[4 * i + 4])
+    end
   end
-  u = u + n
+  for _, tkey in ipairs(order) do
+    local f = fields[tkey]
+    for s = 1, #f, UNPACK_MAX do
+      redis.call('HSET', tkey, unpack(f, s, math.min(s + UNPACK_MAX - 1, #f)))
+    end
+  end
+  for s = 1, #state_topics, UNPACK_MAX do
+    redis.call('SADD', topics, unpack(state_topics, s, math.min(s + UNPACK_MAX - 1, #state_topics)))
+  end
 end
 local due = 0
 if max_bytes > 0 and added > 0 then

@@ -1,9 +1,11 @@
 """Where the redis bus keeps what, and how its replies read. PURE: no I/O.
 
-Layout in Redis (`P` is `bus.redis.prefix`, `N` a shard, `engine.bus.base.shard_of`):
+Layout in Redis, version 2 (`P` is `bus.redis.prefix`, `N` a shard,
+`engine.bus.base.shard_of`):
 
-    P:{sN}:log            the shard's stream; entry fields t (topic), k (key), d (data)
-    P:{sN}:state:<topic>  a state topic's latest state: field key -> "<stream id> <data>"
+    P:{sN}:log            the shard's stream: one entry per publish.lua call (rule 5),
+                          fields n (its update count) and b (the updates, packed)
+    P:{sN}:state:<topic>  a state topic's latest state: field key -> "<position> <data>" (rule 6)
     P:{sN}:topics         the set of the shard's state topics (what a reader loads)
     P:{sN}:hist:<topic>   a stream topic's retained history: its newest `history`
                           events, with the log's IDs; fields k (key), d (data)
@@ -25,6 +27,19 @@ Rules:
    load it again forever.
 4. The topic -> shard answers are cached, at most `SHARD_CACHE_MAX` of them
    (cleared when full: topic names come from clients).
+5. An entry of a shard's stream carries the updates of one publish.lua call
+   (`entries_of`): `n` updates whose positions are the `n` consecutive
+   sequence numbers ending at the entry's ID (same ms), so the stream IDs are
+   still the read positions and an entry's updates lie in (previous entry's
+   ID, its ID]. `b` is the msgpack arrays of the accepted requests, one
+   after another, each flat [topic, key, data, ...]. An entry of
+   layout 1 (fields t, k, d: one update, written by fanout before 2026-12)
+   is read as one update at its ID. An entry that is neither (written by
+   something else, or cut) is `BadEntry`: the reader skips it and counts it
+   (one bad value cannot stop a reader, as in rule 3).
+6. A state hash's value is "<position> <data>"; the position is written
+   "<id>+<j>" (the request's first position plus j: publish.lua formats one
+   number per request) or, by fanout before layout 2, "<id>".
 """
 
 from __future__ import annotations
@@ -32,10 +47,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
-from engine.bus.base import shard_of
+import msgpack
+
+from engine.bus.base import Entry, shard_of
 from engine.protocol.codec import make_pos
 
 SHARD_CACHE_MAX: Final = 65_536  # topic -> shard answers kept (cleared when full)
+VERSION: Final = 2  # of what this module describes (rule 5: entries carry batches)
+
+
+class BadEntry(ValueError):
+    """A stream entry this layout cannot read (rule 5)."""
 
 
 def pos_of(stream_id: bytes | str) -> int:
@@ -50,6 +72,40 @@ def text_of(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
+def entries_of(stream_id: bytes, fields: dict[bytes, bytes]) -> list[Entry]:
+    """A shard stream's entry as its updates, oldest first (rule 5). Raises
+    `BadEntry` for an entry of neither layout; never anything else."""
+    blob = fields.get(b"b")
+    try:
+        last = pos_of(stream_id)
+        if blob is None:  # layout 1: one update
+            return [(text_of(fields[b"t"]), text_of(fields[b"k"]), last, fields[b"d"])]
+        n = int(fields[b"n"])
+        pos = last - n + 1
+        out: list[Entry] = []
+        unpacker = msgpack.Unpacker(raw=False, unicode_errors="replace")
+        unpacker.feed(blob)
+        for chunk in unpacker:
+            names, data = chunk[0::3] + chunk[1::3], chunk[2::3]
+            m = len(data)
+            # types checked in C (map, set): a Python check per update costs more
+            if (
+                len(chunk) != 3 * m
+                or set(map(type, names)) - {str}
+                or set(map(type, data)) - {bytes}
+            ):
+                raise BadEntry(f"entry {stream_id!r}: not (topic, key, data) triples")
+            out.extend(zip(chunk[0::3], chunk[1::3], range(pos, pos + m), data, strict=True))
+            pos += m
+    except (KeyError, ValueError, TypeError, msgpack.UnpackException) as exc:
+        if isinstance(exc, BadEntry):
+            raise
+        raise BadEntry(f"entry {stream_id!r}: {type(exc).__name__}: {exc}") from None
+    if pos != last + 1:
+        raise BadEntry(f"entry {stream_id!r}: {pos - last - 1 + n} updates, not {n}")
+    return out
+
+
 def parse_events(rows: Sequence[Any]) -> list[tuple[int, str, bytes]]:
     """History stream rows `[id, [field, value, ...]]` as (pos, key, data)."""
     out = []
@@ -59,12 +115,18 @@ def parse_events(rows: Sequence[Any]) -> list[tuple[int, str, bytes]]:
     return out
 
 
+def value_pos(sid: bytes) -> int:
+    """The position of a state hash value's "<id>" or "<id>+<j>" (rule 6)."""
+    base, plus, j = sid.partition(b"+")
+    return pos_of(base) + int(j) if plus else pos_of(base)
+
+
 def parse_state(raw: dict[bytes, bytes]) -> list[tuple[str, int, bytes]]:
-    """A topic state hash as (key, pos, data), oldest first."""
+    """A topic state hash as (key, pos, data), oldest first (rule 6)."""
     items = []
     for field, value in raw.items():
         sid, _, data = value.partition(b" ")
-        items.append((text_of(field), pos_of(sid), data))
+        items.append((text_of(field), value_pos(sid), data))
     items.sort(key=lambda item: item[1])
     return items
 

@@ -3,9 +3,12 @@
 Rules:
 
 1. A publish is `engine/bus/lua/publish.lua`, one script call per shard: it
-   XADDs each entry (`MAXLEN ~ bus.redis.stream_maxlen`) and records the
-   key's `(pos, data)` in the state hash, atomically. Positions are the stream
-   IDs (`make_pos(ms, seq)`). **Atomicity is per shard**: a batch whose topics
+   XADDs ONE entry for the call's accepted updates (`MAXLEN ~
+   bus.redis.stream_maxlen` entries; layout.py rule 5: the updates packed
+   here, once per request, with msgpack) and records each key's `(pos,
+   data)` in the state hash, atomically. Positions are consecutive stream
+   sequence numbers (`make_pos(ms, seq)`), the entry's ID the last of them;
+   a reply is each request's first position. **Atomicity is per shard**: a batch whose topics
    span shards is one script call per shard; if the link breaks between two of
    them, part of the batch may be published (the local hub is atomic per batch).
    Publishes are sent in rounds, in call order, on one connection of their
@@ -64,6 +67,7 @@ import collections
 from collections.abc import Sequence
 from typing import Any, Final
 
+from msgpack import packb
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
@@ -79,6 +83,8 @@ from engine.codes import ErrorCode
 from engine.errors import BusError, BusUnavailable
 
 _call = CallbackGuard(log, "bus: a publish callback failed")
+_PLUS_MAX: Final = 1024
+_PLUS: Final = [b"+%d " % j for j in range(_PLUS_MAX)]  # publish.lua's "+<j> " prefixes
 
 MAX_QUEUED: Final = 10_000  # publish requests waiting to be sent; more: BusUnavailable
 ROUND_UPDATES: Final = 16_000  # updates per round at most (rule 1; at least one request)
@@ -89,8 +95,9 @@ OOM_TRIM_FRACTION: Final = 0.5  # ... down to this share of the stream's memory
 TRIM_KEEP: Final = 1  # a byte trim leaves the newest entry: the head stays known
 
 # shard, per-update keys (state hash or history stream), ARGV quadruples, indices
-# in the request, idle expiries in ms per update (None: no topic of the call has one)
-_Call = tuple[int, list[str], list[Any], list[int], list[int] | None]
+# in the request, idle expiries in ms per update (None: no topic of the call has
+# one), the quadruples packed (msgpack: the entry's part, layout.py rule 5)
+_Call = tuple[int, list[str], list[Any], list[int], list[int] | None, bytes]
 # a round sent and not answered yet: its requests and their script calls
 _Round = tuple[list["_Request"], list["_Merged"]]
 
@@ -98,12 +105,13 @@ _Round = tuple[list["_Request"], list["_Merged"]]
 class _Merged:
     """One script call of publish.lua being built (`Publisher._merge`)."""
 
-    __slots__ = ("argv", "counts", "expiries", "keys", "segments", "shard", "updates")
+    __slots__ = ("argv", "counts", "expiries", "keys", "packed", "segments", "shard", "updates")
 
     def __init__(self, shard: int, shard_keys: list[str]) -> None:
         self.shard = shard
         self.keys = list(shard_keys)  # KEYS[1..5], then one per update
         self.argv: list[Any] = []  # 4 per update
+        self.packed: list[bytes] = []  # one per request: its quadruples, packed
         self.counts: list[int] = []  # updates per request
         self.expiries: list[str] = []  # "i:ms" for updates of expiring topics
         self.updates = 0
@@ -218,6 +226,7 @@ class Publisher:
         rule 1 of engine/bus/limits.py, and an empty key for a state topic."""
         bounds.check_updates(updates, self.limits.max_data_bytes)
         by_shard: dict[int, _Call] = {}
+        flat: dict[int, list[Any]] = {}  # shard -> topic, key, data, ... (the entry's part)
         history_of = self._history_of
         expiry_of = self._expiry_of if self._expires else None
         layout = self.layout
@@ -228,19 +237,34 @@ class Publisher:
             s = layout.shard(u.topic)
             call = by_shard.get(s)
             if call is None:
-                call = by_shard[s] = (s, [], [], [], None if expiry_of is None else [])
+                call = by_shard[s] = (s, [], [], [], None if expiry_of is None else [], b"")
+                flat[s] = []
+            data = bytes(u.data)
+            indices = call[3]
+            # "+<j> <data>": publish.lua prefixes the request's first position
+            value = (
+                _PLUS[len(indices)] + data
+                if len(indices) < _PLUS_MAX
+                else b"+%d %s"
+                % (
+                    len(indices),
+                    data,
+                )
+            )
             if history is None:
                 call[1].append(layout.state_key(u.topic, s))
-                call[2].extend((u.topic, u.key, bytes(u.data), -1))
+                call[2].extend((u.topic, u.key, value, -1))
             else:
                 call[1].append(layout.hist_key(u.topic, s))
-                call[2].extend((u.topic, u.key, bytes(u.data), history))
-            call[3].append(i)
+                call[2].extend((u.topic, u.key, value, history))
+            flat[s].extend((u.topic, u.key, data))
+            indices.append(i)
             if expiry_of is not None:
                 expiries = call[4]
                 assert expiries is not None
                 expiries.append(round(expiry_of(u.topic) * 1000))
-        return list(by_shard.values())
+        # packed once here: the entry's part of this request (layout.py rule 5)
+        return [(*call[:5], packb(flat[call[0]])) for call in by_shard.values()]
 
     def _expire_requests(self) -> None:
         """One timer for every request (rule 6): requests are sent in queue
@@ -364,7 +388,7 @@ class Publisher:
         current: dict[int, int] = {}  # shard -> its call being filled in `merged`
         shard_keys = self.layout.shard_keys
         for req in batch:
-            for shard, state_keys, argv, indices, expiries in req.calls:
+            for shard, state_keys, argv, indices, expiries, packed in req.calls:
                 m = current.get(shard)
                 if m is None or merged[m].updates + len(indices) > MERGE_UPDATES:
                     m = current[shard] = len(merged)
@@ -376,6 +400,7 @@ class Publisher:
                     )
                 call.keys.extend(state_keys)
                 call.argv.extend(argv)
+                call.packed.append(packed)
                 call.counts.append(len(indices))
                 call.updates += len(indices)
                 call.segments.append((req, indices))
@@ -398,6 +423,7 @@ class Publisher:
                 ",".join(map(str, call.counts)),
                 ",".join(call.expiries),
                 *call.argv,
+                *call.packed,
             )
             for call in merged
         ]
@@ -469,13 +495,15 @@ class Publisher:
                 continue
             if reply[-1] == 1:
                 self._trim_due.add(call.shard)
-            for (req, indices), ids in zip(call.segments, reply, strict=False):
-                if ids and ids[0] == b"!":
-                    _, code, topic, key = (x.decode(errors="replace") for x in ids)
+            for (req, indices), first in zip(call.segments, reply, strict=False):
+                if isinstance(first, list):  # {'!', code, topic, key}
+                    _, code, topic, key = (x.decode(errors="replace") for x in first)
                     failed.setdefault(id(req), self._refusal(code, topic, key))
                     continue
-                for i, sid in zip(indices, ids, strict=True):
-                    req.results[i] = pos_of(sid)
+                # the request's updates have consecutive positions (publish.lua)
+                results = req.results
+                for j, i in enumerate(indices, pos_of(first)):
+                    results[i] = j
         for req in batch:
             err_ = failed.get(id(req))
             req.settle(err_ if err_ is not None else req.results)

@@ -47,13 +47,22 @@ import secrets
 from typing import Any, Final
 
 from engine.bus.base import BusSink, Entry
-from engine.bus.redis.layout import parse_events, parse_state, pos_of, text_of
+from engine.bus.redis.layout import (
+    BadEntry,
+    entries_of,
+    parse_events,
+    parse_state,
+    pos_of,
+    text_of,
+)
 from engine.bus.redis.link import Link, Resync, log
 from engine.protocol.codec import format_pos
 
 BLOCK_MS: Final = 1000  # XREAD BLOCK: also how often an idle reader proves it is alive
 READ_GRACE_S: Final = 5.0  # a read not back BLOCK + this after it was sent: broken link
-READ_COUNT: Final = 1000  # entries per XREAD reply (per stream)
+# entries per XREAD reply (per stream); an entry holds one publish.lua call's
+# updates (up to MERGE_UPDATES, more for one larger request): a reply is bounded
+READ_COUNT: Final = 100
 EPOCH_BYTES: Final = 8
 LOAD_CHUNK: Final = 256  # topics loaded per round trip during a sync
 
@@ -80,6 +89,7 @@ class Reader:
         # reader group -> loop time its pending XREAD was sent (absent: not waiting on Redis)
         self.read_sent: dict[int, float] = {}
         self.last_entry_at: float | None = None
+        self.bad_entries = 0  # stream entries skipped: neither layout (layout.py rule 5)
 
     def start(self, sink: BusSink | None, loop: asyncio.AbstractEventLoop) -> None:
         self.sink = sink
@@ -279,14 +289,16 @@ class Reader:
                 await self._check_trimmed(full)
             entries: list[Entry] = []
             for name, items in reply:
-                s = of_log[name]
                 for sid, fields in items:
-                    entries.append(
-                        (text_of(fields[b"t"]), text_of(fields[b"k"]), pos_of(sid), fields[b"d"])
-                    )
-                last[s] = entries[-1][2]
+                    try:
+                        entries += entries_of(sid, fields)
+                    except BadEntry as exc:  # layout.py rule 5: skipped, counted
+                        self.bad_entries += 1
+                        log.warning("bus: skipped an unreadable entry of %s: %s", name, exc)
+                last[of_log[name]] = pos_of(items[-1][0])
             self.last_entry_at = loop.time()
-            sink.on_bus_entries(entries)
+            if entries:
+                sink.on_bus_entries(entries)
 
     async def _xread(
         self, streams: dict[str, str], count: int, shards: list[int]
