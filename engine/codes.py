@@ -11,6 +11,7 @@ from typing import Final
 CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001  # the engine is shutting down (after `bye`)
 CLOSE_UNSUPPORTED_DATA: Final = 1003  # a text frame was received
+CLOSE_INVALID_PAYLOAD: Final = 1007  # a compressed message that does not inflate
 CLOSE_POLICY_VIOLATION: Final = 1008  # e.g. keeps sending undecodable frames
 CLOSE_MESSAGE_TOO_BIG: Final = 1009  # inbound message over limits.max_message_bytes
 CLOSE_INTERNAL_ERROR: Final = 1011

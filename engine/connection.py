@@ -30,6 +30,14 @@ Rules this module owns (the policies it applies live in engine/auth):
    reserved bits without an extension, a continuation with no message to
    continue, a new data frame inside a fragmented message. Text frames close
    1003. A close frame is answered by engine.protocol.closecodes.
+   With permessage-deflate negotiated (`deflate`), RSV1 on the first frame
+   of a binary message marks it compressed (RFC 7692 6); RSV1 anywhere else
+   (a continuation, a control frame), and RSV2/RSV3 always, still fail it
+   with 1002. A compressed message, whole or reassembled (its fragments
+   counted and bounded as compressed bytes, rule 2), is inflated to at most
+   `max_message_bytes` (else 1009: a zip bomb is cut there) before it is
+   read; one that does not inflate closes 1007 (engine/protocol/deflate.py
+   rule 5).
 4. Until a token is accepted only `auth` is served; anything else, or no
    `auth` by `deadline`, closes 4001. An authenticated connection closes 4003
    at its token's expiry, or when a refreshed token no longer covers a
@@ -76,6 +84,7 @@ from engine.errors import BusError, BusRefused, BusUnavailable, RemoteProtocolEr
 from engine.protocol import codec
 from engine.protocol.closecodes import CLOSE_PROTOCOL_ERROR, close_reply
 from engine.protocol.codec import Auth, Ping, Pub, PubBatch, Sub, Unsub
+from engine.protocol.deflate import InflateError, TooBig, inflate
 
 # WebSocket opcodes (RFC 6455 5.2); picows' WSMsgType is an IntEnum of them
 OP_CONTINUATION: Final = 0
@@ -95,6 +104,12 @@ CLOSE_FRAME: Final = 5  # the peer's close: answer it (`close_received`) and end
 REFUSE: Final = 6  # rate limited: send `refusal(None)`
 REFUSE_MESSAGE: Final = 7  # rate limited, a whole message: send `refusal(its payload)`
 PAUSE: Final = 8  # stop reading until `resume_at`, then call `resume`
+INFLATE: Final = 9  # a whole compressed message: pass its payload to `assembled`
+
+# The reserved bits of a frame header, as `frame()` takes them (RFC 6455 5.2)
+RSV1: Final = 4
+RSV2: Final = 2
+RSV3: Final = 1
 
 # An anonymous publisher's batch costs one rate-limit token per this many
 # items (rule 6); an authenticated one's costs one token per message.
@@ -152,6 +167,9 @@ _INTERLEAVED: Final = Close(
     CLOSE_PROTOCOL_ERROR, "a new message began before the fragmented one ended"
 )
 _TOO_BIG: Final = Close(codes.CLOSE_MESSAGE_TOO_BIG, "message too big")
+_INFLATES_TOO_BIG: Final = Close(
+    codes.CLOSE_MESSAGE_TOO_BIG, "compressed message inflates past limits.max_message_bytes"
+)
 _ABUSED: Final = Close(codes.CLOSE_RATE_LIMITED, "rate limit abused")
 _BAD_FRAMES: Final = "too many undecodable messages"
 
@@ -185,8 +203,10 @@ class ConnectionRules:
     __slots__ = (
         "authed",
         "bad_frames",
+        "compressed",
         "counters",
         "deadline",
+        "deflate",
         "fragments",
         "fragments_deadline",
         "fragments_left",
@@ -221,6 +241,8 @@ class ConnectionRules:
         self.fragments_deadline = math.inf  # monotonic time by which it must end
         self.bad_frames = 0
         self.reads_paused = False
+        self.deflate = False  # permessage-deflate negotiated (rule 3)
+        self.compressed = False  # the message being reassembled is (rule 3)
         self.authed = False
         self.perms: Permissions | None = None
         self.user: str | None = None
@@ -283,11 +305,15 @@ class ConnectionRules:
 
     # -- frames (rules 1-3) ------------------------------------------------------------
 
-    def frame(self, opcode: int, fin: bool, size: int, rsv: bool, now: float) -> int | Close:
-        """Account one inbound frame (before its payload is read): what to do with it."""
+    def frame(self, opcode: int, fin: bool, size: int, rsv: int, now: float) -> int | Close:
+        """Account one inbound frame (before its payload is read): what to do with
+        it. `rsv`: its reserved bits (`RSV1` | `RSV2` | `RSV3`; any true value
+        but `RSV1` is a framing error)."""
         self.last_frame_at = now
         if rsv:
-            return _RSV
+            if rsv != RSV1 or not self.deflate or opcode != OP_BINARY:
+                return _RSV
+            return self.compressed_frame(fin, size, now)
         if opcode == OP_CLOSE:
             return CLOSE_FRAME
         if self.reads_paused:
@@ -319,10 +345,27 @@ class ConnectionRules:
             self.fragments = None
             return MESSAGE
         self.fragments = []
+        self.compressed = False
         self.fragments_size = size
         self.fragments_left = self.policy.max_message_fragments - 1
         self.fragments_deadline = now + self.policy.fragment_timeout_s
         return STORE
+
+    def compressed_frame(self, fin: bool, size: int, now: float) -> int | Close:
+        """The first frame of a compressed binary message (rule 3): accounted
+        like any, then inflated whole (`INFLATE`) or once reassembled."""
+        if self.reads_paused:
+            self.skip(OP_BINARY, fin)
+            return IGNORE
+        verdict = self.limiter.admit(now)
+        if verdict != ADMITTED:
+            return self.throttle(verdict, OP_BINARY, fin)
+        if fin and self.fragments is None:
+            return INFLATE
+        out = self.begin_message(fin, size, now)
+        if out == STORE:
+            self.compressed = True
+        return out
 
     def continuation(self, fin: bool, size: int, now: float) -> int | Close:
         fragments = self.fragments
@@ -360,6 +403,25 @@ class ConnectionRules:
         if len(fragments) == 1:
             return fragments[0]
         return b"".join(fragments)
+
+    def assembled(self, message: bytes) -> Action:
+        """A message `store` returned whole: inflated first if it was
+        compressed (rule 3), then `receive`d."""
+        if self.compressed:
+            self.compressed = False
+            return self.inflated(message)
+        return self.receive(message)
+
+    def inflated(self, payload: bytes) -> Action:
+        """A compressed message (`INFLATE`, or reassembled): inflated within
+        `max_message_bytes`, then `receive`d (rule 3)."""
+        try:
+            message = inflate(payload, self.policy.max_message_bytes)
+        except TooBig:
+            return _INFLATES_TOO_BIG
+        except InflateError as exc:
+            return Close(codes.CLOSE_INVALID_PAYLOAD, str(exc)[:100])
+        return self.receive(message)
 
     def drop_message(self, then: list[bytes] | None) -> None:
         """Forget the message being reassembled; `then` is None, or _SKIPPING

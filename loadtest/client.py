@@ -49,6 +49,7 @@ so that importing this module costs no picows in processes that never connect.
 from __future__ import annotations
 
 import collections
+import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -56,11 +57,14 @@ from typing import Any, Protocol
 
 import msgpack
 
+from engine.protocol.deflate import CLIENT_OFFER, inflate
 from loadtest.latency import LatencyRecorder
 from loadtest.workload import STREAM_KEY
 
 SUBPROTOCOL = "fanout.v1"
 MAX_FRAME_BYTES = 64 * 1024 * 1024
+# clients offer permessage-deflate when this is "1" in the environment (`connect`)
+COMPRESSION_ENV = "FANOUT_BENCH_COMPRESSION"
 HANDSHAKE_TIMEOUT_S = 15.0
 # linux/in.h: bind() leaves the source port to connect(), which picks any port free for
 # the whole 4-tuple; bind() alone takes a port free for every destination, and scans
@@ -217,7 +221,9 @@ def _build_listener_class() -> type:
             if mtype == binary and frame.fin and self.fragments is None:
                 if self.counting:  # rule 6: no copy, no decoding
                     self.frames += 1
-                    self.bytes += frame.payload_size
+                    self.bytes += frame.payload_size  # as on the wire: compressed or not
+                elif frame.rsv1:  # permessage-deflate: the engine sends whole frames only
+                    self.feed(self, inflate(frame.get_payload_as_bytes(), MAX_FRAME_BYTES))
                 else:
                     self.feed(self, frame.get_payload_as_bytes())
             elif mtype in (binary, continuation):
@@ -243,16 +249,26 @@ def _build_listener_class() -> type:
     return Client
 
 
-async def connect(client: Any, url: str, **picows_args: Any) -> Any:
+async def connect(
+    client: Any, url: str, *, compression: bool | None = None, **picows_args: Any
+) -> Any:
     """Open `client`'s connection to `url` (fanout.v1, 15 s handshake timeout, frames up
     to 64 MiB); returns the transport. `picows_args` go to `ws_connect` (local_addr,
-    logger_name). Raises what ws_connect raises."""
+    logger_name). `compression`: offer permessage-deflate (None: when the environment
+    has `COMPRESSION_ENV`=1, which `fanout bench` subscriber processes inherit; a
+    counting client then counts compressed bytes, a decoding one inflates). Raises
+    what ws_connect raises."""
     from picows import ws_connect
 
+    if compression is None:
+        compression = os.environ.get(COMPRESSION_ENV) == "1"
+    headers = {"Sec-WebSocket-Protocol": SUBPROTOCOL}
+    if compression:
+        headers["Sec-WebSocket-Extensions"] = CLIENT_OFFER
     transport, _ = await ws_connect(
         lambda: client,
         url,
-        extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL},
+        extra_headers=headers,
         websocket_handshake_timeout=HANDSHAKE_TIMEOUT_S,
         max_frame_size=MAX_FRAME_BYTES,
         **picows_args,

@@ -34,6 +34,7 @@ from engine.bus.base import Update
 from engine.connection import (
     CLOSE_FRAME,
     IGNORE,
+    INFLATE,
     MESSAGE,
     PAUSE,
     PING,
@@ -55,6 +56,7 @@ from engine.fanout.budget import admits
 from engine.fanout.core import Session
 from engine.protocol import codec
 from engine.protocol.codec import Auth, Ping, Sub, Unsub
+from engine.protocol.deflate import Deflater
 
 _BINARY = WSMsgType.BINARY
 _CLOSE = WSMsgType.CLOSE
@@ -73,6 +75,8 @@ class ConnectionHost(Protocol):
     def max_buffer_bytes(self) -> int: ...  # the send budget (fanout.max_buffer_bytes)
     @property
     def hard_cap_bytes(self) -> int: ...  # past it with replies: evicted (4008)
+    @property
+    def deflater(self) -> Deflater | None: ...  # permessage-deflate: the worker's compressor
 
     def hello(self, conn_id: str, auth_required: bool) -> bytes: ...
     def connection_opened(self, conn: Connection) -> None: ...
@@ -155,7 +159,9 @@ class Connection(WSListener):
             frame.msg_type,  # type: ignore[arg-type]  # an IntEnum of the opcodes at run time
             frame.fin,
             frame.payload_size,
-            frame.rsv1 or frame.rsv2 or frame.rsv3,
+            (frame.rsv1 << 2 | frame.rsv2 << 1 | frame.rsv3)
+            if frame.rsv1 or frame.rsv2 or frame.rsv3
+            else 0,
             time.monotonic(),
         )
         if verdict == MESSAGE:
@@ -170,7 +176,9 @@ class Connection(WSListener):
         if verdict == STORE:
             message = rules.store(frame.get_payload_as_bytes(), frame.fin)
             if message is not None:
-                self.act(rules.receive(message))
+                self.act(rules.assembled(message))
+        elif verdict == INFLATE:
+            self.act(rules.inflated(frame.get_payload_as_bytes()))
         elif verdict == PING:
             transport.send_pong(frame.get_payload_as_bytes())
         elif verdict == PONG:
@@ -236,23 +244,29 @@ class Connection(WSListener):
 
     # -- Writer (engine.fanout.core) -------------------------------------------------
 
-    def write(self, frame: bytes) -> bool:
+    def write(self, frame: bytes, compressed: bool = False) -> bool:
         """Send a planned frame if the send budget admits it; otherwise the
-        connection is slow until its buffer drains."""
+        connection is slow until its buffer drains. `compressed`: RSV1."""
         if self.closing or self.session.paused:
             return False
         buffered = self.underlying.get_write_buffer_size()
         if not admits(buffered, len(frame), self.host.max_buffer_bytes):
             self.mark_slow()
             return False
-        self.transport.send(_BINARY, frame)  # type: ignore[union-attr]
+        self.transport.send(_BINARY, frame, True, compressed)  # type: ignore[union-attr]
         return True
 
     def send_control(self, frame: bytes) -> None:
-        """Send a reply regardless of the budget, evicting a client that hoards them."""
+        """Send a reply regardless of the budget, evicting a client that hoards
+        them. Compressed for a client that negotiated it (a `snap` is made for
+        this client: compressed for it alone)."""
         if self.closing or self.transport is None:
             return
-        self.transport.send(_BINARY, frame)
+        deflater = self.host.deflater
+        if self.session.deflate and deflater is not None and len(frame) >= deflater.min_bytes:
+            self.transport.send(_BINARY, deflater.frame(frame), True, True)
+        else:
+            self.transport.send(_BINARY, frame)
         host = self.host
         host.counters.control_frames += 1
         if self.underlying.get_write_buffer_size() > host.hard_cap_bytes:

@@ -66,6 +66,7 @@ from engine.fanout.budget import slow_expired, watermarks
 from engine.fanout.core import Fanout, Session, period_ticks, quantize_period
 from engine.protocol import codec
 from engine.protocol.closecodes import CLOSE_ABNORMAL, CLOSE_NO_STATUS, close_label
+from engine.protocol.deflate import Deflater, negotiate
 from engine.status import WorkerStatus
 from engine.topics import TopicRules
 from workers.listener import Connection
@@ -93,11 +94,17 @@ class WorkerServer:
         self.slot = slot
         self.node = node or cfg.server.node or socket.gethostname()
         self.rules = TopicRules(cfg.topics)
+        # permessage-deflate: one compressor per worker, none per connection
+        # (engine/protocol/deflate.py rule 2; engine/fanout/core.py rule 10)
+        compression = cfg.fanout.compression
+        self.deflater = Deflater(cfg.fanout.compression_min_bytes) if compression != "off" else None
         # lazy: only the topics subscribed here (engine/fanout/core.py rule 9)
         self.fanout = Fanout(
             history_of=self.rules.history_of,
             lazy=True,
             max_idle_topics=cfg.fanout.max_idle_topics,
+            deflater=self.deflater,
+            per_client=compression == "per_client",
         )
         self.grace_ticks = math.ceil(cfg.fanout.topic_grace_s * 1000 / cfg.fanout.flush_interval_ms)
         # topic -> the `sub`s waiting for its load; the load tasks under way
@@ -329,6 +336,12 @@ class WorkerServer:
         n = next(self._ids)
         conn = Connection(self, f"{os.getpid():x}.{n:x}", peer, phase=n)
         rules = conn.rules
+        if self.deflater is not None:
+            offers = headers.getall("Sec-WebSocket-Extensions", ())
+            extension = negotiate(offers) if offers else None
+            if extension is not None:
+                reply["Sec-WebSocket-Extensions"] = extension
+                conn.session.deflate = rules.deflate = True
         if self.verifier is None:
             rules.grant(self.anonymous, None, None, conn.opened_at, time.time())
         elif identity is not None:

@@ -8,6 +8,10 @@ Received frames are decoded into messages inside `on_ws_frame` (a frame is
 valid only there) and queued; the queue is bounded by `max_queue` messages,
 and overflow closes the connection (policy "fail loudly": a reader that cannot
 keep up must not silently lose state updates).
+
+It offers permessage-deflate (`compression=True`, the default): frames the
+engine sends compressed (RSV1) are inflated here, each on its own (the
+engine answers `server_no_context_takeover`), up to `MAX_MESSAGE_BYTES`.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import msgpack
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from engine.protocol.codec import decode_server_frame
+from engine.protocol.deflate import CLIENT_OFFER, accepted, inflate
 
 _BINARY = WSMsgType.BINARY
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a frame, or a compressed one inflated
 
 
 class ConnectionClosed(Exception):
@@ -40,15 +46,24 @@ class _Listener(WSListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.conn.transport = transport
+        self.conn.deflate = accepted(transport.response.headers.get("Sec-WebSocket-Extensions"))
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         conn = self.conn
         mtype = frame.msg_type
         if mtype == _BINARY:
             conn.frames += 1
+            payload = frame.get_payload_as_bytes()
+            if frame.rsv1:
+                if not conn.deflate:  # RFC 6455 5.2: no extension, no RSV bit
+                    transport.send_close(WSCloseCode.PROTOCOL_ERROR)
+                    transport.disconnect()
+                    return
+                # a broken or oversized one raises (ValueError): picows then disconnects
+                payload = inflate(payload, MAX_MESSAGE_BYTES)
             # A value that cannot be decoded arrives as an Undecodable (codec rule 5);
             # only a broken frame raises (ValueError), and picows then disconnects.
-            conn.push(decode_server_frame(frame.get_payload_as_bytes()))
+            conn.push(decode_server_frame(payload))
         elif mtype == WSMsgType.CLOSE:
             conn.close_code = frame.get_close_code().value
             conn.close_reason = frame.get_close_reason() or ""
@@ -66,6 +81,7 @@ class RawConnection:
 
     def __init__(self, max_queue: int = 1_000_000) -> None:
         self.transport: WSTransport | None = None
+        self.deflate = False  # permessage-deflate negotiated
         self.frames = 0
         self.close_code: int | None = None
         self.close_reason = ""
@@ -162,18 +178,23 @@ async def connect(
     extra_headers: Mapping[str, str] | None = None,
     max_queue: int = 1_000_000,
     timeout: float = 10.0,
+    compression: bool = True,
 ) -> RawConnection:
-    """Open a connection; the server's `hello` is the first message received."""
+    """Open a connection; the server's `hello` is the first message received.
+    `compression`: offer permessage-deflate (the engine then compresses
+    frames of `fanout.compression_min_bytes` or more)."""
     conn = RawConnection(max_queue)
     headers = dict(extra_headers or {})
     if subprotocols:
         headers["Sec-WebSocket-Protocol"] = ", ".join(subprotocols)
+    if compression:
+        headers.setdefault("Sec-WebSocket-Extensions", CLIENT_OFFER)
     await ws_connect(
         lambda: _Listener(conn),
         url,
         extra_headers=headers,
         websocket_handshake_timeout=timeout,
-        max_frame_size=64 * 1024 * 1024,
+        max_frame_size=MAX_MESSAGE_BYTES,
         logger_name="client",
     )
     return conn

@@ -64,6 +64,14 @@ Rules this module owns:
    topics held <= connections x max_topics_per_conn + loads + max_idle_topics.
    Without `lazy` (tests, tools) every entry creates its topic and none is
    ever dropped.
+10. Compress once (permessage-deflate, engine/protocol/deflate.py): with a
+   `Deflater`, a session that negotiated it (`Session.deflate`) gets each
+   frame of at least `min_bytes` compressed. A message is compressed at most
+   once per flush, whoever gets it (a group's shared message, a catch-up
+   cached per position): its piece is cached for the flush, and a session's
+   frame of several messages is the join of their pieces (deflate.py rule 4).
+   Nothing is kept per session. `per_client` (to measure what it saves)
+   compresses each session's frame on its own instead.
 """
 
 from __future__ import annotations
@@ -74,6 +82,7 @@ from collections.abc import Callable, Mapping, Sequence
 from engine.fanout.session import COALESCED, Group, Session, Slot, Sub, Topic, Writer
 from engine.fanout.state import TopicState
 from engine.fanout.stream import STREAM_BUFFER_MIN, StreamState
+from engine.protocol.deflate import Deflater, frame_of
 
 # The shell builds a `Session` around its `Writer` and hands it to `Fanout`:
 # both are part of the core's interface (they live in engine/fanout/session.py).
@@ -109,12 +118,13 @@ class Shared:
     no other subscription and were up to date: for each of them the message is
     the whole frame (rule 3)."""
 
-    __slots__ = ("group", "msg", "n", "pos", "subs", "topic")
+    __slots__ = ("group", "msg", "n", "pos", "subs", "topic", "zmsg")
 
     def __init__(self, topic: Topic, group: Group, msg: bytes, pos: int, n: int) -> None:
         self.topic = topic
         self.group = group
         self.msg = msg
+        self.zmsg: bytes | None = None  # `msg` compressed, made once (rule 10)
         self.pos = pos  # the topic position the message reflects
         self.n = n  # items in it
         self.subs: list[Sub] = []
@@ -125,6 +135,8 @@ class Stats:
 
     __slots__ = (
         "bytes_sent",
+        "compressed_bytes_raw",
+        "compressed_frames",
         "frames_refused",
         "frames_sent",
         "topics_dropped",
@@ -147,6 +159,8 @@ class Stats:
         self.topics_dropped = 0  # topics forgotten after their grace (rule 9)
         self.topics_loaded = 0  # topics loaded from the bus for a sub (rule 9)
         self.updates_unheld = 0  # entries ignored: their topic is not held (rule 9)
+        self.compressed_frames = 0  # frames sent compressed (rule 10; in frames_sent)
+        self.compressed_bytes_raw = 0  # their size before compression (bytes_sent: after)
 
 
 def period_ticks(max_hz: float | None, cap_hz: float, flush_interval_ms: int) -> int:
@@ -192,6 +206,8 @@ class Fanout:
         *,
         lazy: bool = False,
         max_idle_topics: int = 10_000,
+        deflater: Deflater | None = None,
+        per_client: bool = False,
     ) -> None:
         self.epoch = epoch
         self.history_of = history_of
@@ -210,6 +226,11 @@ class Fanout:
         self.resets = 0  # new epochs so far
         self._plan_resets = 0  # `resets` when the plan being delivered was made
         self.stats = Stats()
+        # rule 10: None = never compress; the pieces of this flush's messages
+        self.deflater = deflater
+        self.per_client = per_client
+        self.min_bytes = deflater.min_bytes if deflater is not None else 0
+        self._pieces: dict[bytes, bytes] = {}
 
     # -- bus side --------------------------------------------------------------------
 
@@ -465,6 +486,8 @@ class Fanout:
         self.tick += 1
         tick = self.tick
         self._plan_resets = self.resets
+        if self._pieces:
+            self._pieces = {}  # the last flush's: its messages are not sent again
         pending = self.pending
         if self.dirty:
             for t in self.dirty:
@@ -555,11 +578,20 @@ class Fanout:
                 if not deliveries:
                     return True
                 break
-        frame = deliveries[0][1] if len(deliveries) == 1 else b"".join([d[1] for d in deliveries])
         stats = self.stats
-        if session.writer.write(frame):
+        if session.deflate and self.deflater is not None:
+            frame, raw = self._compress(deliveries)
+        else:
+            frame = (
+                deliveries[0][1] if len(deliveries) == 1 else b"".join([d[1] for d in deliveries])
+            )
+            raw = 0
+        if session.writer.write(frame, True) if raw else session.writer.write(frame):
             stats.frames_sent += 1
             stats.bytes_sent += len(frame)
+            if raw:
+                stats.compressed_frames += 1
+                stats.compressed_bytes_raw += raw
             items = 0
             for sub, _, pos, n in deliveries:
                 if pos > sub.sent_pos:
@@ -578,6 +610,33 @@ class Fanout:
                 self._visit(sub.topic, g.slot)
         return False
 
+    def _compress(self, deliveries: list[Delivery]) -> tuple[bytes, int]:
+        """One session's frame under rule 10: its messages' pieces joined (each
+        compressed once per flush), or as is under `min_bytes`; and its size
+        before compression (0: not compressed)."""
+        deflater = self.deflater
+        assert deflater is not None
+        if len(deliveries) == 1:
+            msg = deliveries[0][1]
+            if len(msg) < self.min_bytes:
+                return msg, 0
+            if self.per_client:
+                return deflater.frame(msg), len(msg)
+            return frame_of((self._piece(msg),)), len(msg)
+        msgs = [d[1] for d in deliveries]
+        size = sum(map(len, msgs))
+        if size < self.min_bytes:
+            return b"".join(msgs), 0
+        if self.per_client:
+            return deflater.frame(b"".join(msgs)), size
+        return frame_of([self._piece(m) for m in msgs]), size
+
+    def _piece(self, msg: bytes) -> bytes:
+        piece = self._pieces.get(msg)
+        if piece is None:
+            piece = self._pieces[msg] = self.deflater.piece(msg)  # type: ignore[union-attr]
+        return piece
+
     def deliver_shared(self, sh: Shared, start: int = 0, stop: int | None = None) -> None:
         """Write the group's message as the whole frame to `sh.subs[start:stop]`.
 
@@ -587,6 +646,9 @@ class Fanout:
         """
         if self.resets != self._plan_resets:
             return  # a new epoch began since the plan: the next plan holds the snaps
+        if self.deflater is not None and len(sh.msg) >= self.min_bytes:
+            self._deliver_shared_deflate(sh, start, stop)
+            return
         g = sh.group
         msg, pos = sh.msg, sh.pos
         behind = g.behind
@@ -607,6 +669,51 @@ class Fanout:
             stats.frames_sent += sent
             stats.bytes_sent += sent * len(msg)
             stats.updates_delivered += sent * sh.n
+        if refused:
+            stats.frames_refused += refused
+            self._visit(sh.topic, g.slot)
+
+    def _deliver_shared_deflate(self, sh: Shared, start: int, stop: int | None) -> None:
+        """`deliver_shared` when some sessions may take the message compressed
+        (rule 10): compressed once for all of them (per session: `per_client`)."""
+        g = sh.group
+        msg, pos = sh.msg, sh.pos
+        deflater = self.deflater
+        assert deflater is not None
+        behind = g.behind
+        sent = refused = zsent = zbytes = 0
+        for sub in sh.subs[start:stop]:
+            if not sub.live:
+                continue
+            writer = sub.session.writer
+            if sub.session.deflate:
+                if self.per_client:
+                    z = deflater.frame(msg)
+                elif sh.zmsg is not None:
+                    z = sh.zmsg
+                else:
+                    z = sh.zmsg = frame_of((self._piece(msg),))
+                ok = writer.write(z, True)
+                if ok:
+                    zsent += 1
+                    zbytes += len(z)
+            else:
+                ok = writer.write(msg)
+            if ok:
+                sub.sent_pos = pos
+                sent += 1
+                if behind:
+                    behind.discard(sub)
+            else:
+                refused += 1
+                behind.add(sub)
+        stats = self.stats
+        if sent:
+            stats.frames_sent += sent
+            stats.bytes_sent += (sent - zsent) * len(msg) + zbytes
+            stats.updates_delivered += sent * sh.n
+            stats.compressed_frames += zsent
+            stats.compressed_bytes_raw += zsent * len(msg)
         if refused:
             stats.frames_refused += refused
             self._visit(sh.topic, g.slot)

@@ -63,22 +63,25 @@ class Topic(Protocol):
 class Writer(Protocol):
     """The shell's side of a session: writes one frame if the send budget admits it."""
 
-    def write(self, frame: bytes) -> bool:
-        """Send `frame` now and return True, or return False (over budget; nothing sent)."""
+    def write(self, frame: bytes, compressed: bool = False) -> bool:
+        """Send `frame` now and return True, or return False (over budget; nothing
+        sent). `compressed`: a permessage-deflate payload (the frame's RSV1 bit)."""
 
 
 class Session:
     """One connection's subscriptions. `paused` is set by the shell while the
     transport is over its budget (pause_writing .. resume_writing). `phase`
-    spreads its rate-limited frames (core rule 6): give sessions distinct values."""
+    spreads its rate-limited frames (core rule 6): give sessions distinct values.
+    `deflate`: the connection negotiated permessage-deflate (core rule 10)."""
 
-    __slots__ = ("__weakref__", "paused", "phase", "subs", "writer")
+    __slots__ = ("__weakref__", "deflate", "paused", "phase", "subs", "writer")
 
-    def __init__(self, writer: Writer, phase: int = 0) -> None:
+    def __init__(self, writer: Writer, phase: int = 0, deflate: bool = False) -> None:
         self.writer = writer
         self.subs: dict[str, Sub] = {}
         self.paused = False
         self.phase = phase
+        self.deflate = deflate
 
 
 class Sub:

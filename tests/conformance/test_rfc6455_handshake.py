@@ -6,7 +6,7 @@
 | 4.2.2 | 101 with `Upgrade: websocket`, `Connection: Upgrade` and Sec-WebSocket-Accept = base64(SHA-1(key + GUID)) | test_4_2_2_accept_* |
 | 4.2.2, 4.4 | a version other than 13: 426 Upgrade Required naming `Sec-WebSocket-Version: 13` (400 when the header is missing) | test_4_4_* |
 | 4.2.2 item 5.4, 1.9 | the subprotocol: one the client offered or none; fanout selects `fanout.v1` when offered and serves version 1 without one (docs/protocol.md section 1) | test_4_2_2_subprotocol_* |
-| 4.2.2, 9.1 | no extension the server does not implement is accepted (fanout has none) | test_9_1_* |
+| 4.2.2, 9.1 | no extension the server does not implement is accepted; permessage-deflate (RFC 7692) is | test_9_1_* |
 """
 
 from __future__ import annotations
@@ -108,14 +108,30 @@ def test_4_2_2_subprotocol_is_one_offered_or_none(
         peer.close()
 
 
-def test_9_1_an_offered_extension_is_not_accepted(served: Served) -> None:
+def test_9_1_an_unknown_extension_is_not_accepted(served: Served) -> None:
     peer = Peer(
         served.port,
-        {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits, x-foo"},
+        {"Sec-WebSocket-Extensions": "x-foo, permessage-deflate; x-unknown-param"},
     )
     try:
         assert _header(peer.head, "sec-websocket-extensions") is None
         assert peer.hello.rsv == 0  # nothing negotiated: no RSV bit ever set
+        peer.probe()
+    finally:
+        peer.close()
+
+
+def test_9_1_permessage_deflate_is_accepted_without_context_takeover(served: Served) -> None:
+    # RFC 7692: the first acceptable offer wins; an unknown one before it is skipped
+    peer = Peer(
+        served.port,
+        {"Sec-WebSocket-Extensions": "x-foo, permessage-deflate; client_max_window_bits"},
+    )
+    try:
+        assert _header(peer.head, "sec-websocket-extensions") == (
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        )
+        assert peer.hello.rsv == 0  # the hello is under fanout.compression_min_bytes
         peer.probe()
     finally:
         peer.close()

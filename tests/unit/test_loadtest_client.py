@@ -90,6 +90,7 @@ class Frame:
 
     def __init__(self, msg_type: Any, payload: bytes = b"", fin: bool = True, code: int = 0):
         self.msg_type, self.fin, self.payload, self.code = msg_type, fin, payload, code
+        self.rsv1 = False  # permessage-deflate: tests/conformance/test_rfc7692_deflate.py
 
     def get_payload_as_bytes(self) -> bytes:
         return self.payload
