@@ -43,7 +43,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from engine.errors import BusError
 
@@ -52,9 +52,13 @@ from engine.errors import BusError
 Entry = tuple[str, str, int, bytes]
 
 
-@dataclass(frozen=True, slots=True)
-class Update:
-    """A publish request: a new value for `key` of `topic` (`data` msgpack bytes)."""
+class Update(NamedTuple):
+    """A publish request: a new value for `key` of `topic` (`data` msgpack bytes).
+
+    A named tuple, not a frozen dataclass: one is made per published update on
+    the hot path (a frozen dataclass' `__init__` costs three `object.__setattr__`
+    calls), and the hub's wire packs it as the `[topic, key, data]` row it is.
+    """
 
     topic: str
     key: str

@@ -137,3 +137,37 @@ def test_items_beside_a_single_update_is_refused() -> None:
     )
     assert (exc.code, exc.request_id) == (ErrorCode.BAD_REQUEST, 8)
     assert "either 'items' or one" in exc.message
+
+
+@pytest.mark.parametrize(
+    ("later", "says"),
+    [
+        ({"topic": "a", "key": "", "data": 1}, "'items[2].key' must be a non-empty string"),
+        ({"topic": "a", "key": 5, "data": 1}, "'items[2].key' must be a non-empty string"),
+        ({"topic": "a", "key": "k"}, "'pub' needs a 'items[2].data' field"),
+        ({"topic": "a", "key": "k", "data": "DEEP"}, "'items[2].data' is nested deeper than 32"),
+    ],
+)
+def test_an_item_repeating_an_accepted_topic_still_passes_every_rule_of_its_own(
+    later: dict[str, Any], says: str
+) -> None:
+    # the batch remembers topics it accepted (a name is checked once per batch):
+    # that must never let an item's own key or data through unchecked
+    deep: Any = 1
+    for _ in range(MAX_DATA_DEPTH + 1):
+        deep = {"d": deep}
+    if later.get("data") == "DEEP":
+        later = {**later, "data": deep}
+    ok = {"topic": "a", "key": "k", "data": 1}
+    exc = refused(encoded(op="pub", id=9, items=[ok, ok, later, ok]))
+    assert (exc.code, exc.request_id, exc.topic) == (ErrorCode.BAD_REQUEST, 9, "a")
+    assert says in exc.message
+
+
+def test_a_batch_of_repeated_topics_keeps_every_item_in_order() -> None:
+    items = [{"topic": f"t{i % 3}", "key": f"k{i}", "data": [i, {"q": i}]} for i in range(50)]
+    batch = decode_request(encoded(op="pub", items=items), 10, 50)
+    assert isinstance(batch, PubBatch)
+    assert batch.items == tuple(
+        PubItem(f"t{i % 3}", f"k{i}", msgpack.packb([i, {"q": i}])) for i in range(50)
+    )
