@@ -23,10 +23,10 @@ Rules this module owns:
    inflated with a decompressor made for the message and freed after it.
 3. Pieces. `Deflater.piece(msg)` is a raw deflate stream of `msg` ended by a
    full flush: byte aligned, made of non-final blocks, ending with the empty
-   stored block `00 00 ff ff`, referring to nothing before it. A message under
-   the compression threshold gets a stored piece instead (its bytes as they
-   are, 5 bytes of block header per 64 KiB, no zlib call). Pieces therefore
-   concatenate: a frame of several messages is the concatenation of their
+   stored block `00 00 ff ff`, referring to nothing before it. A message
+   under `STORED_UNDER` bytes gets a stored piece instead (its bytes as they
+   are, 5 bytes of block header per 64 KiB, no zlib call: deflate cannot win
+   back its own overhead on so few). Pieces therefore concatenate: a frame of several messages is the concatenation of their
    pieces, in order.
 4. Framing. A compressed frame (RSV1 set) is the concatenation of its pieces
    with the final `00 00 ff ff` removed (RFC 7692 7.2.1); when the last piece
@@ -55,6 +55,7 @@ TAIL: Final = b"\x00\x00\xff\xff"  # the empty stored block's LEN/NLEN (rule 4)
 _EMPTY_STORED_HEADER: Final = b"\x00"
 _STORED_MAX: Final = 65_535
 _STORED: Final = struct.Struct("<BHH")
+STORED_UNDER: Final = 64  # a message this short goes in a stored piece (rule 3)
 
 RESPONSE: Final = f"{EXTENSION}; server_no_context_takeover; client_no_context_takeover"
 
@@ -205,16 +206,17 @@ class Deflater:
     """One worker's compressor (rule 2): `piece` compresses one message into
     a piece that refers to no other (a full flush resets the window)."""
 
-    __slots__ = ("_z", "min_bytes", "pieces")
+    __slots__ = ("_z", "min_bytes", "pieces", "stored_under")
 
-    def __init__(self, min_bytes: int = 0) -> None:
-        self.min_bytes = min_bytes  # messages under it get a stored piece
+    def __init__(self, min_bytes: int = 0, stored_under: int = STORED_UNDER) -> None:
+        self.min_bytes = min_bytes  # frames under it go raw (fanout.compression_min_bytes)
+        self.stored_under = stored_under  # messages under it get a stored piece
         self._z = zlib.compressobj(LEVEL, zlib.DEFLATED, -WINDOW_BITS, MEM_LEVEL)
         self.pieces = 0  # zlib pieces made (what the CPU is spent on)
 
     def piece(self, msg: bytes) -> bytes:
-        """`msg` as a piece (rule 3): compressed, or stored under `min_bytes`."""
-        if len(msg) < self.min_bytes:
+        """`msg` as a piece (rule 3): compressed, or stored under `stored_under`."""
+        if len(msg) < self.stored_under:
             return stored(msg)
         z = self._z
         self.pieces += 1

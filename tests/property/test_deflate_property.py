@@ -50,7 +50,7 @@ def topic_messages(draw: st.DrawFn) -> list[bytes]:
 @settings(max_examples=100, deadline=None)
 @given(frames=st.lists(topic_messages(), min_size=1, max_size=4), min_bytes=st.integers(0, 400))
 def test_joined_pieces_inflate_to_the_raw_frame(frames: list[list[bytes]], min_bytes: int) -> None:
-    d = Deflater(min_bytes)  # one compressor for every frame: its state carries over
+    d = Deflater(stored_under=min_bytes)  # one compressor for every frame: its state carries over
     for msgs in frames:
         payload = frame_of([d.piece(m) for m in msgs])
         raw = b"".join(msgs)
@@ -65,7 +65,7 @@ def test_joined_pieces_inflate_to_the_raw_frame(frames: list[list[bytes]], min_b
     order=st.randoms(use_true_random=False),
 )
 def test_pieces_join_in_any_order(msgs: list[bytes], order: object) -> None:
-    d = Deflater(100)
+    d = Deflater(stored_under=100)
     pieces = [d.piece(m) for m in msgs]
     idx = list(range(len(msgs)))
     order.shuffle(idx)  # type: ignore[attr-defined]

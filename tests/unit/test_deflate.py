@@ -109,7 +109,7 @@ MESSAGES = [b"", b"a", b"hello " * 50, bytes(range(256)) * 3, b"\x00" * 70_000]
 
 @pytest.mark.parametrize("min_bytes", [0, 64, 1 << 20])
 def test_pieces_concatenate_into_one_message(min_bytes: int) -> None:
-    d = Deflater(min_bytes)
+    d = Deflater(stored_under=min_bytes)
     for i in range(len(MESSAGES)):
         for j in range(len(MESSAGES)):
             msgs = [MESSAGES[i], MESSAGES[j], MESSAGES[i]]
