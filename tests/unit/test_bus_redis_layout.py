@@ -42,14 +42,14 @@ def test_a_state_value_written_with_a_request_offset_has_its_own_position() -> N
     ]
 
 
-def _batch(*requests: list[tuple[str, str, bytes]]) -> dict[bytes, bytes]:
-    packed = b"".join(msgpack.packb([x for u in req for x in u]) for req in requests)
-    return {b"n": str(sum(len(r) for r in requests)).encode(), b"b": packed}
+def _batch(*runs: tuple[str, list[tuple[str, bytes]]]) -> dict[bytes, bytes]:
+    packed = b"".join(msgpack.packb([t, [x for kd in kds for x in kd]]) for t, kds in runs)
+    return {b"n": str(sum(len(kds) for _, kds in runs)).encode(), b"b": packed}
 
 
 def test_a_batch_entry_is_its_updates_at_consecutive_positions_ending_at_its_id() -> None:
-    """Rule 5: n updates, the last at the entry's ID, requests one after another."""
-    fields = _batch([("t", "a", b"\x01"), ("u", "b", b"\x02")], [("t", "a", b"\x03")])
+    """Rule 5: n updates, the last at the entry's ID, runs of one topic one after another."""
+    fields = _batch(("t", [("a", b"\x01")]), ("u", [("b", b"\x02")]), ("t", [("a", b"\x03")]))
     assert entries_of(b"1700000000123-9", fields) == [
         ("t", "a", make_pos(1700000000123, 7), b"\x01"),
         ("u", "b", make_pos(1700000000123, 8), b"\x02"),
@@ -66,12 +66,15 @@ def test_an_entry_of_layout_1_is_one_update_at_its_id() -> None:
     "fields",
     [
         {b"x": b"1"},  # neither layout
-        {b"n": b"2", b"b": msgpack.packb(["t", "k", b"\x01"])},  # fewer updates than n
-        {b"n": b"1", b"b": msgpack.packb(["t", "k", b"\x01"])[:-1]},  # cut
-        {b"n": b"1", b"b": msgpack.packb(["t", "k", "not bytes"])},
-        {b"n": b"1", b"b": msgpack.packb(["t", 7, b"\x01"])},
-        {b"n": b"1", b"b": msgpack.packb(["t", "k"])},
-        {b"n": b"one", b"b": msgpack.packb(["t", "k", b"\x01"])},
+        {b"n": b"2", b"b": msgpack.packb(["t", ["k", b"\x01"]])},  # fewer updates than n
+        {b"n": b"1", b"b": msgpack.packb(["t", ["k", b"\x01"]])[:-1]},  # cut
+        {b"n": b"1", b"b": msgpack.packb(["t", ["k", "not bytes"]])},
+        {b"n": b"1", b"b": msgpack.packb(["t", [7, b"\x01"]])},
+        {b"n": b"1", b"b": msgpack.packb([7, ["k", b"\x01"]])},
+        {b"n": b"1", b"b": msgpack.packb(["t", ["k"]])},
+        {b"n": b"1", b"b": msgpack.packb(["t", "k", b"\x01"])},
+        {b"n": b"1", b"b": msgpack.packb(["t", 5])},
+        {b"n": b"one", b"b": msgpack.packb(["t", ["k", b"\x01"]])},
         {b"n": b"1", b"b": msgpack.packb({"t": "k"})},
         {b"n": b"1", b"b": b"\xc1"},  # never used by msgpack
     ],

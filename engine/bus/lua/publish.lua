@@ -9,22 +9,27 @@
 --              (added: data bytes since the last byte check; trimmed: the ID
 --              of the newest entry a byte trim removed)
 -- KEYS[5]      the shard's idle deadlines            <prefix>:{s<N>}:expiry (zset)
--- KEYS[5 + i]  update i's (1-based) topic state hash           <prefix>:{s<N>}:state:<topic>
+-- KEYS[5 + g]  run g's (1-based) topic state hash              <prefix>:{s<N>}:state:<topic>
 --              or, for a stream topic, its history   <prefix>:{s<N>}:hist:<topic>
 -- ARGV[1]      MAXLEN ~ of the shard's stream (entries)
 -- ARGV[2]      keys a state topic may hold (0: no limit)
 -- ARGV[3]      topics the shard may hold (0: no limit)
 -- ARGV[4]      bytes the shard's stream may take (0: no byte checks)
 -- ARGV[5]      data bytes added between two byte checks
--- ARGV[6]      the requests' update counts, comma-separated ("1,1,3"); U in all
--- ARGV[7]      idle expiries: "i:ms" pairs, comma-separated, for the updates
---              (1-based in this call) of topics with one ("": none)
--- ARGV[8..7+4U] the updates, 4 each: topic, key, "+<j> <data>" (j: the update's
---              index in its request, data: msgpack bytes), history (-1: a state
---              topic; >= 0: a stream topic retaining that many events)
--- ARGV[8+4U+r-1] request r's updates packed by the client: a msgpack array
---              [topic, key, data, ...] (the entry's `b` is the accepted
---              requests' arrays one after another; Redis never decodes them)
+-- ARGV[6]      the requests' run counts, comma-separated ("1,1,3"); G runs in all
+--              (a run: a request's updates of one topic, in order)
+-- ARGV[7]      idle expiries: "g:ms" pairs, comma-separated, for the runs of
+--              topics with one ("": none)
+-- ARGV[8]      the runs' update counts, comma-separated; U updates in all
+-- ARGV[9]      the runs' history, comma-separated (-1: a state topic; >= 0: a
+--              stream topic retaining that many events)
+-- ARGV[10..9+G] the runs' topics
+-- ARGV[10+G..9+G+2U] the updates, 2 each: key, "+<j> <data>" (j: the update's
+--              index in its request's part of this call, data: msgpack bytes)
+-- ARGV[10+G+2U+r-1] request r's updates packed by the client: msgpack arrays
+--              [topic, [key, data, ...]], one per run (the entry's `b` is the
+--              accepted requests' parts one after another; Redis never
+--              decodes them)
 --
 -- Positions: the call's accepted updates get consecutive IDs ms-seq, ms-seq+1,
 -- ... after the stream's newest entry (ms: Redis' clock, or the newest
@@ -42,7 +47,7 @@
 -- is checked as if the ones accepted before it were applied. The key count
 -- of a topic costs one HLEN per topic and call while the topic is far from
 -- its limit (its keys plus every update of it in this call fit), and one
--- HEXISTS per key near it. Applied: the entry (XADD, before any other
+-- HEXISTS per key near it; nothing per update far from it. Applied: the entry (XADD, before any other
 -- write: an error there applies nothing), each state topic's keys in one
 -- HSET ("<position> <data>", the newest value of a key last) and the topic
 -- remembered in the shard's topic set (what a reader loads on connect); a
@@ -71,22 +76,33 @@ local max_bytes = tonumber(ARGV[4])
 local check_every = tonumber(ARGV[5])
 local UNPACK_MAX = 1000 -- arguments per HSET / SADD (Lua's stack is bounded)
 
-local counts = {}
-local total = 0
-for c in string.gmatch(ARGV[6], '%d+') do
-  counts[#counts + 1] = tonumber(c)
-  total = total + tonumber(c)
+local function numbers(text)
+  local out = {}
+  for c in string.gmatch(text, '-?%d+') do
+    out[#out + 1] = tonumber(c)
+  end
+  return out
 end
+local runs = numbers(ARGV[6]) -- per request
+local lengths = numbers(ARGV[8]) -- per run
+local histories = numbers(ARGV[9]) -- per run
 local expiries = {}
-for i, ms in string.gmatch(ARGV[7], '(%d+):(%d+)') do
-  expiries[tonumber(i)] = tonumber(ms)
+for g, ms in string.gmatch(ARGV[7], '(%d+):(%d+)') do
+  expiries[tonumber(g)] = tonumber(ms)
 end
-local packed = 8 + 4 * total -- ARGV index of request 1's packed updates
+local G = #lengths
+local starts = {} -- run g's first update's ARGV index (key; its value follows)
+local at = 10 + G
+for g = 1, G do
+  starts[g] = at
+  at = at + 2 * lengths[g]
+end
+local packed = at -- ARGV index of request 1's packed updates
 
 local hlen = {} -- state key -> HLEN, read when first needed
 local bound = {} -- state key -> at most this many keys once the accepted requests apply
 local known = {} -- topic -> true/false: in the shard (or accepted in this call)
-local accepted = {} -- update indices (1-based in this call) of accepted requests, in order
+local accepted = {} -- runs of accepted requests, in order
 local ntopics = nil -- the shard's topic count, read when first needed
 
 local function len_of(tkey)
@@ -98,11 +114,12 @@ local function len_of(tkey)
   return n
 end
 
-local function is_known(topic, tkey, history)
+local function is_known(g)
+  local topic = ARGV[9 + g]
   local k = known[topic]
   if k == nil then
-    if history == '-1' then
-      k = len_of(tkey) > 0 or redis.call('SISMEMBER', topics, topic) == 1
+    if histories[g] < 0 then
+      k = len_of(KEYS[5 + g]) > 0 or redis.call('SISMEMBER', topics, topic) == 1
     else
       k = redis.call('HEXISTS', floors, topic) == 1
     end
@@ -111,89 +128,60 @@ local function is_known(topic, tkey, history)
   return k
 end
 
--- the keys of `tkey` the accepted requests add (exact: HEXISTS each), as a set
+-- the keys of `tkey` the accepted runs add (exact: HEXISTS each), as a set, and their count
 local function pending_of(tkey)
   local mine = {}
   local n = 0
-  for _, i in ipairs(accepted) do
-    local key = ARGV[4 * i + 5]
-    if KEYS[5 + i] == tkey and not mine[key] then
-      mine[key] = true
-      if redis.call('HEXISTS', tkey, key) == 0 then
-        n = n + 1
+  for _, g in ipairs(accepted) do
+    if KEYS[5 + g] == tkey then
+      for a = starts[g], starts[g] + 2 * lengths[g] - 1, 2 do
+        local key = ARGV[a]
+        if not mine[key] then
+          mine[key] = true
+          if redis.call('HEXISTS', tkey, key) == 0 then
+            n = n + 1
+          end
+        end
       end
     end
   end
   return mine, n
 end
 
--- 1. check a request whole (`u`: updates of this call before it); returns
--- its refusal, or nil and its updates per state key
-local function check(u, n)
-  local per = {} -- state key -> updates of it in this request
-  local order = {} -- state keys and stream topics' first updates, in order
-  for i = u + 1, u + n do
-    local tkey = KEYS[5 + i]
-    local c = per[tkey]
-    if not c then
-      order[#order + 1] = i
-      c = 0
-    end
-    per[tkey] = c + 1
-  end
-  for _, first in ipairs(order) do -- stream topics: no key count
-    if ARGV[4 * first + 7] ~= '-1' then
-      per[KEYS[5 + first]] = nil
-    end
-  end
-  if max_keys == 0 and max_topics == 0 then
-    return nil, per
-  end
+-- 1. check a request whole (runs g0 + 1 .. g0 + n): its refusal, or nil
+local function check(g0, n)
   local fresh = 0
-  for _, first in ipairs(order) do
-    local tkey = KEYS[5 + first]
-    local topic = ARGV[4 * first + 4]
-    local history = ARGV[4 * first + 7]
-    if max_keys > 0 and per[tkey] then
-      local b = bound[tkey] or len_of(tkey)
-      if b + per[tkey] > max_keys then -- near the limit: count exactly
-        local mine, count = pending_of(tkey)
-        count = count + len_of(tkey)
-        for i = first, u + n do
-          local key = ARGV[4 * i + 5]
-          if KEYS[5 + i] == tkey and not mine[key] then
-            mine[key] = true
-            if redis.call('HEXISTS', tkey, key) == 0 then
-              count = count + 1
-              if count > max_keys then
-                return {'!', 'too_many_keys', topic, key}
-              end
+  for g = g0 + 1, g0 + n do
+    local tkey = KEYS[5 + g]
+    if max_keys > 0 and histories[g] < 0
+        and (bound[tkey] or len_of(tkey)) + lengths[g] > max_keys then
+      -- near the limit: count exactly (a request holds one run per topic)
+      local mine, count = pending_of(tkey)
+      count = count + len_of(tkey)
+      for a = starts[g], starts[g] + 2 * lengths[g] - 1, 2 do
+        local key = ARGV[a]
+        if not mine[key] then
+          mine[key] = true
+          if redis.call('HEXISTS', tkey, key) == 0 then
+            count = count + 1
+            if count > max_keys then
+              return {'!', 'too_many_keys', ARGV[9 + g], key}
             end
           end
         end
       end
     end
-    if max_topics > 0 and not is_known(topic, tkey, history) then
+    if max_topics > 0 and not is_known(g) then
       fresh = fresh + 1
       if not ntopics then
         ntopics = redis.call('SCARD', topics) + redis.call('HLEN', floors)
       end
       if ntopics + fresh > max_topics then
-        return {'!', 'too_many_topics', topic, ARGV[4 * first + 5]}
+        return {'!', 'too_many_topics', ARGV[9 + g], ARGV[starts[g]]}
       end
     end
   end
-  -- accepted: its topics are known from now on
-  if max_topics > 0 then
-    for _, first in ipairs(order) do
-      local topic = ARGV[4 * first + 4]
-      if not known[topic] then
-        known[topic] = true
-        ntopics = ntopics + 1
-      end
-    end
-  end
-  return nil, per
+  return nil
 end
 
 -- the positions: after the stream's newest entry, at Redis' clock at the earliest
@@ -213,81 +201,92 @@ local prefix = ms .. '-'
 
 local out = {}
 local blobs = {}
-local firsts = {} -- accepted update index -> its request's first position ("ms-seq")
-local u = 0
-for r, n in ipairs(counts) do
-  local refusal, per = check(u, n)
+local firsts = {} -- accepted run g -> its request's first position ("ms-seq")
+local total = 0 -- updates accepted
+local g0 = 0
+for r, n in ipairs(runs) do
+  local refusal = check(g0, n)
   if refusal then
     out[#out + 1] = refusal
   else
-    if max_keys > 0 then
-      for tkey, c in pairs(per) do
-        bound[tkey] = (bound[tkey] or len_of(tkey)) + c
-      end
-    end
     local first = prefix .. (seq + 1)
     out[#out + 1] = first
-    firsts[#accepted + 1] = first
-    for i = u + 1, u + n do
-      accepted[#accepted + 1] = i
+    for g = g0 + 1, g0 + n do
+      accepted[#accepted + 1] = g
+      firsts[g] = first
+      seq = seq + lengths[g]
+      total = total + lengths[g]
+      if max_keys > 0 and histories[g] < 0 then
+        local tkey = KEYS[5 + g]
+        bound[tkey] = (bound[tkey] or len_of(tkey)) + lengths[g]
+      end
+      if max_topics > 0 and not known[ARGV[9 + g]] then -- checked: ntopics was read
+        known[ARGV[9 + g]] = true
+        ntopics = ntopics + 1
+      end
     end
-    seq = seq + n
     blobs[#blobs + 1] = ARGV[packed + r - 1]
   end
-  u = u + n
+  g0 = g0 + n
 end
 
 -- 2. apply the accepted requests: the entry first (an error there applies nothing)
 local added = 0
-if #accepted > 0 then
+if total > 0 then
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, prefix .. seq,
-             'n', #accepted, 'b', table.concat(blobs))
+             'n', total, 'b', table.concat(blobs))
   local fields = {} -- state key -> {key, "<first>+<j> <data>", ...}
   local order = {}
   local state_topics = {}
-  local first = nil
-  for j, i in ipairs(accepted) do
-    first = firsts[j] or first
-    local value = ARGV[4 * i + 6]
-    local history = ARGV[4 * i + 7]
-    added = added + #value
-    if history == '-1' then
-      local tkey = KEYS[5 + i]
+  for _, g in ipairs(accepted) do
+    local first = firsts[g]
+    local topic = ARGV[9 + g]
+    local tkey = KEYS[5 + g]
+    local history = histories[g]
+    local a0, a1 = starts[g], starts[g] + 2 * lengths[g] - 1
+    if history < 0 then
       local f = fields[tkey]
       if not f then
         f = {}
         fields[tkey] = f
         order[#order + 1] = tkey
-        state_topics[#state_topics + 1] = ARGV[4 * i + 4]
+        state_topics[#state_topics + 1] = topic
       end
       local k = #f
-      f[k + 1] = ARGV[4 * i + 5]
-      f[k + 2] = first .. value
+      for a = a0, a1, 2 do
+        local value = ARGV[a + 1]
+        added = added + #value
+        f[k + 1] = ARGV[a]
+        f[k + 2] = first .. value
+        k = k + 2
+      end
     else
-      -- a stream topic: its own ID, the data without "+<j> "
-      local topic = ARGV[4 * i + 4]
-      local space = string.find(value, ' ', 1, true)
+      -- a stream topic: each event with its own ID, its data without "+<j> "
       local fms, fseq = string.match(first, '^(%d+)-(%d+)$')
-      local id = fms .. '-' .. (tonumber(fseq) + tonumber(string.sub(value, 2, space - 1)))
-      local data = string.sub(value, space + 1)
-      history = tonumber(history)
-      if history == 0 then
-        redis.call('HSET', floors, topic, id) -- retained: nothing
-      else
-        local hist = KEYS[5 + i]
-        local len = redis.call('XLEN', hist)
-        if len >= history then
-          local gone = redis.call('XRANGE', hist, '-', '+', 'COUNT', len - history + 1)
-          redis.call('HSET', floors, topic, gone[#gone][1])
+      fseq = tonumber(fseq)
+      for a = a0, a1, 2 do
+        local value = ARGV[a + 1]
+        added = added + #value
+        local space = string.find(value, ' ', 1, true)
+        local id = fms .. '-' .. (fseq + tonumber(string.sub(value, 2, space - 1)))
+        local data = string.sub(value, space + 1)
+        if history == 0 then
+          redis.call('HSET', floors, topic, id) -- retained: nothing
         else
-          redis.call('HSETNX', floors, topic, '0-0')
+          local len = redis.call('XLEN', tkey)
+          if len >= history then
+            local gone = redis.call('XRANGE', tkey, '-', '+', 'COUNT', len - history + 1)
+            redis.call('HSET', floors, topic, gone[#gone][1])
+          else
+            redis.call('HSETNX', floors, topic, '0-0')
+          end
+          redis.call('XADD', tkey, 'MAXLEN', history, id, 'k', ARGV[a], 'd', data)
         end
-        redis.call('XADD', hist, 'MAXLEN', history, id, 'k', ARGV[4 * i + 5], 'd', data)
       end
     end
-    local expiry = expiries[i]
+    local expiry = expiries[g]
     if expiry then
-      redis.call('ZADD', idle, ms + expiry, ARGV[4 * i + 4])
+      redis.call('ZADD', idle, ms + expiry, topic)
     end
   end
   for _, tkey in ipairs(order) do

@@ -31,8 +31,9 @@ Rules:
    (`entries_of`): `n` updates whose positions are the `n` consecutive
    sequence numbers ending at the entry's ID (same ms), so the stream IDs are
    still the read positions and an entry's updates lie in (previous entry's
-   ID, its ID]. `b` is the msgpack arrays of the accepted requests, one
-   after another, each flat [topic, key, data, ...]. An entry of
+   ID, its ID]. `b` is msgpack arrays one after another, one per run of
+   updates of one topic: [topic, [key, data, key, data, ...]] (a request's
+   updates of one shard, grouped by topic, in order within a topic). An entry of
    layout 1 (fields t, k, d: one update, written by fanout before 2026-12)
    is read as one update at its ID. An entry that is neither (written by
    something else, or cut) is `BadEntry`: the reader skips it and counts it
@@ -45,6 +46,7 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import repeat
 from typing import Any, Final
 
 import msgpack
@@ -85,17 +87,18 @@ def entries_of(stream_id: bytes, fields: dict[bytes, bytes]) -> list[Entry]:
         out: list[Entry] = []
         unpacker = msgpack.Unpacker(raw=False, unicode_errors="replace")
         unpacker.feed(blob)
-        for chunk in unpacker:
-            names, data = chunk[0::3] + chunk[1::3], chunk[2::3]
+        for topic, kd in unpacker:  # a run: one topic's updates
+            keys, data = kd[0::2], kd[1::2]
             m = len(data)
             # types checked in C (map, set): a Python check per update costs more
             if (
-                len(chunk) != 3 * m
-                or set(map(type, names)) - {str}
+                type(topic) is not str
+                or len(keys) != m
+                or set(map(type, keys)) - {str}
                 or set(map(type, data)) - {bytes}
             ):
-                raise BadEntry(f"entry {stream_id!r}: not (topic, key, data) triples")
-            out.extend(zip(chunk[0::3], chunk[1::3], range(pos, pos + m), data, strict=True))
+                raise BadEntry(f"entry {stream_id!r}: not a topic and (key, data) pairs")
+            out.extend(zip(repeat(topic, m), keys, range(pos, pos + m), data, strict=True))
             pos += m
     except (KeyError, ValueError, TypeError, msgpack.UnpackException) as exc:
         if isinstance(exc, BadEntry):

@@ -6,9 +6,12 @@ Rules:
    XADDs ONE entry for the call's accepted updates (`MAXLEN ~
    bus.redis.stream_maxlen` entries; layout.py rule 5: the updates packed
    here, once per request, with msgpack) and records each key's `(pos,
-   data)` in the state hash, atomically. Positions are consecutive stream
-   sequence numbers (`make_pos(ms, seq)`), the entry's ID the last of them;
-   a reply is each request's first position. **Atomicity is per shard**: a batch whose topics
+   data)` in the state hash, atomically. A request's updates of one shard go
+   as runs of one topic each (grouped here, in order within a topic: a
+   topic's key, history and idle expiry are sent once per run, two strings
+   per update). Positions are consecutive stream sequence numbers
+   (`make_pos(ms, seq)`), the entry's ID the last of them; a reply is each
+   request's first position. **Atomicity is per shard**: a batch whose topics
    span shards is one script call per shard; if the link breaks between two of
    them, part of the batch may be published (the local hub is atomic per batch).
    Publishes are sent in rounds, in call order, on one connection of their
@@ -94,26 +97,52 @@ OOM_TRIM_INTERVAL_S: Final = 0.25  # emergency trims at most this often (rule 5)
 OOM_TRIM_FRACTION: Final = 0.5  # ... down to this share of the stream's memory
 TRIM_KEEP: Final = 1  # a byte trim leaves the newest entry: the head stays known
 
-# shard, per-update keys (state hash or history stream), ARGV quadruples, indices
-# in the request, idle expiries in ms per update (None: no topic of the call has
-# one), the quadruples packed (msgpack: the entry's part, layout.py rule 5)
-_Call = tuple[int, list[str], list[Any], list[int], list[int] | None, bytes]
 # a round sent and not answered yet: its requests and their script calls
 _Round = tuple[list["_Request"], list["_Merged"]]
+
+
+class _Part:
+    """A request's updates of one shard, as runs of one topic each (rule 1)."""
+
+    __slots__ = ("indices", "kv", "packed", "runs", "shard")
+
+    def __init__(self, shard: int) -> None:
+        self.shard = shard
+        # per topic: its state hash or history stream, the topic, its history
+        # (-1: a state topic), its updates, its idle expiry in ms (0: none)
+        self.runs: list[tuple[str, str, int, int, int]] = []
+        self.kv: list[Any] = []  # key, "+<j> <data>" per update (publish.lua ARGV)
+        self.indices: list[int] = []  # each update's index in the request
+        self.packed = b""  # the entry's part: msgpack [topic, [key, data, ...], ...]
 
 
 class _Merged:
     """One script call of publish.lua being built (`Publisher._merge`)."""
 
-    __slots__ = ("argv", "counts", "expiries", "keys", "packed", "segments", "shard", "updates")
+    __slots__ = (
+        "expiries",
+        "histories",
+        "keys",
+        "kv",
+        "lengths",
+        "packed",
+        "runs",
+        "segments",
+        "shard",
+        "topics",
+        "updates",
+    )
 
     def __init__(self, shard: int, shard_keys: list[str]) -> None:
         self.shard = shard
-        self.keys = list(shard_keys)  # KEYS[1..5], then one per update
-        self.argv: list[Any] = []  # 4 per update
-        self.packed: list[bytes] = []  # one per request: its quadruples, packed
-        self.counts: list[int] = []  # updates per request
-        self.expiries: list[str] = []  # "i:ms" for updates of expiring topics
+        self.keys = list(shard_keys)  # KEYS[1..5], then one per run
+        self.runs: list[int] = []  # runs per request
+        self.lengths: list[int] = []  # updates per run
+        self.histories: list[int] = []  # per run
+        self.topics: list[str] = []  # per run
+        self.expiries: list[str] = []  # "g:ms" for runs of expiring topics
+        self.kv: list[Any] = []  # 2 per update
+        self.packed: list[bytes] = []  # one per request
         self.updates = 0
         self.segments: list[tuple[_Request, list[int]]] = []  # request, its indices
 
@@ -123,11 +152,11 @@ class _Request:
 
     __slots__ = ("calls", "deadline", "done", "results", "settled")
 
-    def __init__(self, calls: list[_Call], done: PublishDone, deadline: float):
-        self.calls = calls  # per shard: its updates' state keys, ARGV and indices in the request
+    def __init__(self, calls: list[_Part], done: PublishDone, deadline: float):
+        self.calls = calls  # per shard: its runs, ARGV and indices in the request
         self.done = done
         self.deadline = deadline  # loop time: BusUnavailable past it (rule 6)
-        self.results: list[int] = [0] * sum(len(c[3]) for c in calls)
+        self.results: list[int] = [0] * sum(len(c.indices) for c in calls)
         self.settled = False
 
     def settle(self, result: Sequence[int] | BusError) -> None:
@@ -221,50 +250,48 @@ class Publisher:
             self._deadlines = loop.call_later(self.publish_timeout_s, self._expire_requests)
         self.wake.set()
 
-    def _calls(self, updates: Sequence[Update]) -> list[_Call]:
-        """Group a request's updates by shard (order kept); refuse what breaks
-        rule 1 of engine/bus/limits.py, and an empty key for a state topic."""
+    def _calls(self, updates: Sequence[Update]) -> list[_Part]:
+        """A request's updates by shard, and by topic within a shard (rule 1:
+        a topic's updates keep their order, so a key's positions do); refuse
+        what breaks rule 1 of engine/bus/limits.py, and an empty key for a
+        state topic."""
         bounds.check_updates(updates, self.limits.max_data_bytes)
-        by_shard: dict[int, _Call] = {}
-        flat: dict[int, list[Any]] = {}  # shard -> topic, key, data, ... (the entry's part)
-        history_of = self._history_of
-        expiry_of = self._expiry_of if self._expires else None
-        layout = self.layout
+        by_topic: dict[str, list[int]] = {}
         for i, u in enumerate(updates):
-            history = history_of(u.topic)
-            if history is None and not u.key:
-                raise BusError(f"update {i}: a state topic's key must not be empty")
-            s = layout.shard(u.topic)
-            call = by_shard.get(s)
-            if call is None:
-                call = by_shard[s] = (s, [], [], [], None if expiry_of is None else [], b"")
-                flat[s] = []
-            data = bytes(u.data)
-            indices = call[3]
-            # "+<j> <data>": publish.lua prefixes the request's first position
-            value = (
-                _PLUS[len(indices)] + data
-                if len(indices) < _PLUS_MAX
-                else b"+%d %s"
-                % (
-                    len(indices),
-                    data,
-                )
-            )
-            if history is None:
-                call[1].append(layout.state_key(u.topic, s))
-                call[2].extend((u.topic, u.key, value, -1))
+            group = by_topic.get(u.topic)
+            if group is None:
+                by_topic[u.topic] = [i]
             else:
-                call[1].append(layout.hist_key(u.topic, s))
-                call[2].extend((u.topic, u.key, value, history))
-            flat[s].extend((u.topic, u.key, data))
-            indices.append(i)
-            if expiry_of is not None:
-                expiries = call[4]
-                assert expiries is not None
-                expiries.append(round(expiry_of(u.topic) * 1000))
-        # packed once here: the entry's part of this request (layout.py rule 5)
-        return [(*call[:5], packb(flat[call[0]])) for call in by_shard.values()]
+                group.append(i)
+        parts: dict[int, _Part] = {}
+        layout = self.layout
+        for topic, group in by_topic.items():
+            history = self._history_of(topic)
+            s = layout.shard(topic)
+            part = parts.get(s)
+            if part is None:
+                part = parts[s] = _Part(s)
+            if history is None:
+                tkey = layout.state_key(topic, s)
+                if not all(updates[i].key for i in group):
+                    i = next(i for i in group if not updates[i].key)
+                    raise BusError(f"update {i}: a state topic's key must not be empty")
+            else:
+                tkey = layout.hist_key(topic, s)
+            expiry = round(self._expiry_of(topic) * 1000) if self._expires else 0
+            part.runs.append((tkey, topic, -1 if history is None else history, len(group), expiry))
+            kv, indices = part.kv, part.indices
+            kd: list[Any] = []
+            for i in group:
+                u = updates[i]
+                data = u.data if type(u.data) is bytes else bytes(u.data)
+                j = len(indices)
+                # "+<j> <data>": publish.lua prefixes the request's first position
+                kv += (u.key, _PLUS[j] + data if j < _PLUS_MAX else b"+%d %s" % (j, data))
+                kd += (u.key, data)
+                indices.append(i)
+            part.packed += packb((topic, kd))  # the entry's part (layout.py rule 5)
+        return list(parts.values())
 
     def _expire_requests(self) -> None:
         """One timer for every request (rule 6): requests are sent in queue
@@ -388,22 +415,25 @@ class Publisher:
         current: dict[int, int] = {}  # shard -> its call being filled in `merged`
         shard_keys = self.layout.shard_keys
         for req in batch:
-            for shard, state_keys, argv, indices, expiries, packed in req.calls:
+            for part in req.calls:
+                shard = part.shard
                 m = current.get(shard)
-                if m is None or merged[m].updates + len(indices) > MERGE_UPDATES:
+                if m is None or merged[m].updates + len(part.indices) > MERGE_UPDATES:
                     m = current[shard] = len(merged)
                     merged.append(_Merged(shard, shard_keys[shard]))
                 call = merged[m]
-                if expiries is not None:
-                    call.expiries.extend(
-                        f"{call.updates + j + 1}:{ms}" for j, ms in enumerate(expiries) if ms > 0
-                    )
-                call.keys.extend(state_keys)
-                call.argv.extend(argv)
-                call.packed.append(packed)
-                call.counts.append(len(indices))
-                call.updates += len(indices)
-                call.segments.append((req, indices))
+                for tkey, topic, history, length, expiry in part.runs:
+                    if expiry > 0:
+                        call.expiries.append(f"{len(call.topics) + 1}:{expiry}")
+                    call.keys.append(tkey)
+                    call.topics.append(topic)
+                    call.histories.append(history)
+                    call.lengths.append(length)
+                call.runs.append(len(part.runs))
+                call.kv += part.kv
+                call.packed.append(part.packed)
+                call.updates += len(part.indices)
+                call.segments.append((req, part.indices))
         return merged
 
     async def _send(self, batch: list[_Request]) -> None:
@@ -420,9 +450,12 @@ class Publisher:
                 len(call.keys),
                 *call.keys,
                 *head,
-                ",".join(map(str, call.counts)),
+                ",".join(map(str, call.runs)),
                 ",".join(call.expiries),
-                *call.argv,
+                ",".join(map(str, call.lengths)),
+                ",".join(map(str, call.histories)),
+                *call.topics,
+                *call.kv,
                 *call.packed,
             )
             for call in merged
