@@ -345,3 +345,33 @@ async def test_a_reader_reads_layout_1_entries_and_skips_unreadable_ones(
     finally:
         await reader.close()
         await pub.close()
+
+
+async def test_a_request_of_interleaved_topics_keeps_each_keys_order(redis: RedisServer) -> None:
+    """publisher.py rule 1: a request's updates go as runs of one topic; each
+    update is still acked at its own index, a key written twice ends with its
+    last value at the higher position, and a reader gets what was acked."""
+    sink = OrderedRecorder()
+    reader = RedisBus(redis.url, shards=2)
+    pub = RedisBus(redis.url, shards=2, want_entries=False)
+    await reader.start(sink)
+    await pub.start(None)
+    try:
+        updates = [
+            Update("mix.a", "k", val(1)),
+            Update("mix.b", "k", val(2)),
+            Update("mix.a", "j", val(3)),
+            Update("mix.c", "k", val(4)),
+            Update("mix.a", "k", val(5)),
+        ]
+        pos = await pub.publish_wait(updates)
+        assert len(set(pos)) == 5 and pos[4] > pos[0]
+        for u, p in zip(updates, pos, strict=True):
+            await until(lambda u=u, p=p: (u.topic, p) in sink.marks(), f"{u.topic} at {p}")
+        assert sink.state[("mix.a", "k")] == (pos[4], val(5))
+        assert sink.below == []
+        snap = await pub.snapshot("mix.a")
+        assert snap.items == [("j", pos[2], val(3)), ("k", pos[4], val(5))]
+    finally:
+        await reader.close()
+        await pub.close()
