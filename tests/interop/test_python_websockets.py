@@ -141,3 +141,40 @@ async def test_python_websockets_subscribes_receives_closes_cleanly_and_recovers
     await conn.next(lambda m: m["op"] == "hello")
     r["close_4000"] = await conn.close(4000)
     check_report(r)
+
+
+async def test_python_websockets_negotiates_permessage_deflate_and_reads_compressed_frames(
+    interop_served: Served,
+) -> None:
+    """`websockets` offers permessage-deflate by default: the engine accepts it
+    with no context takeover, and frames big enough to be compressed (a snap,
+    then an `upd` of two topics in one frame: two pieces joined) read back
+    as the same values a client without the extension gets."""
+    if connect is None:
+        require("websockets", "the websockets package is not installed (pip install -e '.[dev]')")
+    s = interop_served
+    topics = ["interop.pmd.a", "interop.pmd.b"]
+    big = {"text": "the same words again " * 40, "n": list(range(50))}
+    await asyncio.to_thread(publish, s, [{"topic": t, "key": "k", "data": big} for t in topics])
+    zws = await connect(s.ws_url, subprotocols=["fanout.v1"])  # type: ignore[list-item]
+    raw = await connect(s.ws_url, subprotocols=["fanout.v1"], compression=None)  # type: ignore[list-item]
+    assert zws.response.headers["Sec-WebSocket-Extensions"] == (
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+    )
+    assert "Sec-WebSocket-Extensions" not in raw.response.headers
+    z, r = Conn(zws), Conn(raw)
+    for c in (z, r):
+        await c.ws.send(msgpack.packb({"op": "sub", "topics": topics, "id": 1}))
+    for t in topics:
+        zsnap = await z.next(lambda m, t=t: m["op"] == "snap" and m["topic"] == t)
+        rsnap = await r.next(lambda m, t=t: m["op"] == "snap" and m["topic"] == t)
+        assert zsnap["items"] == rsnap["items"] == {"k": big}
+    big2 = dict(big, n=list(range(60)))
+    await asyncio.to_thread(publish, s, [{"topic": t, "key": "k", "data": big2} for t in topics])
+    for t in topics:
+        zupd = await z.next(lambda m, t=t: m["op"] == "upd" and m["topic"] == t)
+        rupd = await r.next(lambda m, t=t: m["op"] == "upd" and m["topic"] == t)
+        assert zupd["items"] == rupd["items"] == {"k": big2}
+    for c in (z, r):
+        report = await c.close(1000)
+        assert report["clean"] and not report["errors"], report
