@@ -104,12 +104,13 @@ def bench_core(workload: Workload, subscribers: int, rate: float) -> dict[str, A
 
 
 class _View:
-    __slots__ = ("epochs", "positions", "ready", "snapped", "views")
+    __slots__ = ("epochs", "order_keys", "positions", "ready", "snapped", "views")
 
     def __init__(self, topics: tuple[str, ...]) -> None:
         self.views: dict[str, dict[str, Any]] = {t: {} for t in topics}
         self.epochs: dict[str, Any] = {}
         self.positions: dict[str, Any] = {}
+        self.order_keys: dict[str, tuple[int, int]] = {}
         self.snapped: set[str] = set()
         self.ready = False
 

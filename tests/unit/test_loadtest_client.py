@@ -24,6 +24,7 @@ class View:
         self.views: dict[str, dict[str, Any]] = {t: {} for t in topics}
         self.epochs: dict[str, Any] = {}
         self.positions: dict[str, Any] = {}
+        self.order_keys: dict[str, tuple[int, int]] = {}
         self.snapped: set[str] = set()
         self.ready = False
 
@@ -59,7 +60,7 @@ def test_the_same_message_in_other_frames_is_decoded_once() -> None:
     st.feed(clients[1], shared + upd("b", "2-0", y=[3, 7]))
     st.feed(clients[2], upd("b", "2-0", z=[4, 7]) + shared)
     assert [c.views["a"] for c in clients] == [{"x": [2, 7]}] * 3
-    assert len(st.mcache) == 3  # the shared message, and each one's other message
+    assert len(st.ucache) == 3  # the shared message, and each one's other message
 
 
 def test_an_undecodable_frame_is_counted_and_the_next_frames_decode() -> None:
@@ -277,3 +278,63 @@ def test_snapshot_matches_wants_every_topic_and_the_final_seq_of_every_key() -> 
     assert not snapshot_matches({"a": {"x": [1, 0]}, "b": {}}, ["a", "b"], finals)
     assert not snapshot_matches({"a": {"x": "2"}, "b": {}}, ["a", "b"], finals)
     assert not snapshot_matches({"a": {}, "b": {}}, ["a", "b"], finals)
+
+
+# -- the probes' fast path (rule 9): the same checks as message by message ------------
+
+
+def test_a_position_going_backwards_inside_a_frame_of_updates_is_counted() -> None:
+    st, c = CountingSink(), View("a", "b")
+    st.feed(c, snap("a") + snap("b"))
+    st.feed(c, upd("a", "5-0", x=[1, 7]) + upd("b", "5-0", y=[1, 7]))
+    assert st.errors["order"] == 0
+    st.feed(c, upd("b", "6-0", y=[2, 7]) + upd("a", "4-9", x=[0, 7]))  # a goes back
+    assert st.errors["order"] == 1
+    assert c.positions == {"a": "4-9", "b": "6-0"}
+
+
+def test_an_update_older_than_the_snap_is_counted() -> None:
+    st, c = CountingSink(), View("a")
+    st.feed(c, pack(op="snap", topic="a", epoch="e", pos="9-0", full=True, items={}))
+    st.feed(c, upd("a", "8-0", x=[1, 7]))
+    assert st.errors["order"] == 1
+
+
+def test_a_probe_missing_the_last_value_of_a_key_has_not_converged() -> None:
+    from loadtest.bench.subscriber import converged
+
+    st, c = CountingSink(), View("a")
+    st.feed(c, snap("a", x=[1, 5]))
+    st.feed(c, upd("a", "2-0", x=[2, 7], y=[3, 7]))
+    shared = upd("a", "3-0", y=[4, 8])
+    st.feed(View("a"), shared)  # the message is cached: a second probe gets it decoded
+    assert converged(c, {"a": {"x": 2, "y": 3}})
+    assert not converged(c, {"a": {"x": 2, "y": 4}})  # y's last value never came
+    st.feed(c, shared)
+    assert converged(c, {"a": {"x": 2, "y": 4}})
+    assert not converged(c, {"a": {"x": 2, "y": 4, "z": 1}})  # a key it never had
+
+
+def test_a_frame_mixing_updates_and_a_snap_takes_the_general_path() -> None:
+    st, c = CountingSink(), View("a", "b")
+    st.feed(c, snap("a"))
+    st.feed(c, upd("a", "2-0", x=[2, 7]) + snap("b", z=[1, 5]) + upd("b", "3-0", z=[2, 8]))
+    assert c.ready and c.views == {"a": {"x": [2, 7]}, "b": {"z": [2, 8]}}
+    assert st.updates == 2 and st.errors == {}
+
+
+def test_the_head_of_an_update_inside_a_value_does_not_split_the_message() -> None:
+    from loadtest.client import _UPD_HEAD
+
+    st, c = CountingSink(), View("a")
+    st.feed(c, snap("a"))
+    st.measuring = True
+    odd = b"x" + _UPD_HEAD + b"y"
+    frame = upd("a", "2-0", x=[2, 7], note=odd) + upd("a", "3-0", x=[3, 8])
+    st.feed(c, frame[:-1])  # cut short: its first message applies, the rest is undecodable
+    assert c.views["a"] == {"x": [2, 7], "note": odd} and st.updates == 2
+    st.feed(c, frame)
+    assert c.views["a"] == {"x": [3, 8], "note": odd}
+    assert c.positions["a"] == "3-0"
+    assert st.updates == 5 and st.samples == 3  # note is not a [seq, stamp] value
+    assert st.errors == {"undecodable": 1}
