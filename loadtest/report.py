@@ -188,7 +188,9 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"- workload: {report['workload']}",
         f"- {s['subscribers']:,} subscribers in {s['sub_procs']} processes, "
         f"{s['rate']:,.0f} updates/s for {s['duration_s']:g} s (batches every "
-        f"{s['batch_ms']:g} ms via POST /publish)"
+        f"{s['batch_ms']:g} ms via "
+        + ("WebSocket `pub` batches" if s.get("publish_via") == "ws" else "POST /publish")
+        + ")"
         + (
             ""
             if s.get("target_ws")

@@ -186,6 +186,13 @@ def _add_load(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--connect-concurrency", type=int, default=200, help="per process")
     p.add_argument("--max-publish-items", type=int, default=1000)
     p.add_argument("--body", choices=("msgpack", "json"), default="msgpack")
+    p.add_argument(
+        "--publish-via",
+        choices=("http", "ws"),
+        default="http",
+        help="publish through POST /publish (http, default) or WebSocket `pub` batches on one "
+        "connection to node 1 (ws: the bench starts it with anonymous publishing on)",
+    )
     p.add_argument("--max-hz", type=float, help="subscribers ask for at most this many frames/s")
     p.add_argument(
         "--probes",
@@ -369,6 +376,7 @@ def settings_from(a: argparse.Namespace) -> BenchSettings:
         metrics_from=tuple(a.metrics),
         shard=a.shard,
         api_key_env=a.api_key_env,
+        publish_via=a.publish_via,
     )
 
 
@@ -397,6 +405,8 @@ def parse_args(p: argparse.ArgumentParser, args: Sequence[str]) -> argparse.Name
         p.error("--target and --admin go together (a running engine's WebSocket and admin URLs)")
     if a.target and (a.baseline or a.bus != "local" or a.nodes != 1 or a.idle):
         p.error("--target: the engine is already running (no --baseline, --bus, --nodes, --idle)")
+    if a.publish_via == "ws" and (a.target or a.baseline):
+        p.error("--publish-via ws: the bench starts the engine (no --target, --baseline)")
     if (a.shard != WHOLE or a.metrics) and not a.target:
         p.error("--shard and --metrics need --target")
     if a.shard.count > a.subscribers:

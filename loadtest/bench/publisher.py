@@ -1,7 +1,9 @@
-"""The publisher process of `fanout bench`: POST /publish at U updates/s.
+"""The publisher process of `fanout bench`: U updates/s through POST /publish
+or WebSocket `pub` batches (`--publish-via`).
 
-One keep-alive HTTP connection to the admin port (`WorkloadPublisher`) and a
-clock-paced loop (`publish_for`: every batch interval it sends what is due by
+One keep-alive HTTP connection to the admin port (`WorkloadPublisher`), or one
+WebSocket connection to node 1 with up to `WS_IN_FLIGHT` batches awaiting
+their acks (`WsWorkloadPublisher`), and a clock-paced loop (`publish_for`: every batch interval it sends what is due by
 then, so a slow request is made up for by a larger next batch); the
 workload's sampler picks the (topic, key) pairs. `data` is `[seq,
 time.time_ns()]`, stamped per batch just before it is sent. A msgpack body
@@ -12,6 +14,7 @@ items, at a fraction of the publisher's CPU, which counts as the generator's).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import http.client
@@ -25,11 +28,16 @@ from typing import Any
 
 import msgpack
 
+from engine.client.raw import ConnectionClosed, connect
 from loadtest.bench.shard import WHOLE, Shard, shard_pairs, shard_sampler
 from loadtest.latency import bucket_mid_ns, bucket_of, percentiles_ms
 from loadtest.workload import Workload, key_sampler
 
 GRACE_S = 2.0  # a server that cannot keep up: stop publishing this long after the duration
+WS_IN_FLIGHT = 8  # WebSocket `pub` batches awaiting their ack (then the publisher waits)
+WS_ACK_TIMEOUT_S = 10.0  # a batch without an ack by then: the connection is given up
+_HTTP_HEAD = b"\x81\xa5items"  # {"items": ...}
+_WS_HEAD = b"\x83\xa2op\xa3pub\xa2id"  # {"op": "pub", "id": ..., then "items"
 
 
 class WorkloadPublisher:
@@ -130,18 +138,169 @@ class WorkloadPublisher:
         self.accepted += n_items
         return True
 
+    def pause(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def drain(self) -> None:
+        """Every request is answered when `post` returns: nothing to wait for."""
+
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
 
 
+class WsWorkloadPublisher:
+    """WebSocket `pub` batches of the workload's keys over one connection to
+    `ws_url` (docs/protocol.md: `items`, acked with one position per item),
+    at most `in_flight` batches awaiting their ack; the bodies are assembled
+    from per-pair prefixes like the HTTP ones (`msgpack_body`). The server
+    must let this connection publish (the bench starts it with anonymous
+    publishing on and a message rate that fits). Same counters as
+    `WorkloadPublisher`, counted when the ack or `err` arrives; a batch's
+    round trip runs from its send to its ack."""
+
+    def __init__(
+        self,
+        ws_url: str,
+        workload: Workload,
+        seed: int,
+        max_items: int,
+        shard: Shard = WHOLE,
+        in_flight: int = WS_IN_FLIGHT,
+    ) -> None:
+        self.workload = workload
+        self.shard = shard
+        self.sample = (
+            key_sampler(workload, seed) if shard == WHOLE else shard_sampler(workload, seed, shard)
+        )
+        self.max_items = max_items
+        self.in_flight = in_flight
+        self.loop = asyncio.new_event_loop()
+        self.conn = self.loop.run_until_complete(connect(ws_url, compression=False))
+        self.loop.run_until_complete(self.conn.recv_op("hello"))
+        self.seq = 0
+        self.requests = 0
+        self.accepted = 0
+        self.failed = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.rtt_hist: dict[int, int] = {}
+        self.prefixes: dict[tuple[str, str], bytes] = {}
+        self.waiting: dict[int, tuple[int, int]] = {}  # request id -> (items, sent at ns)
+
+    def post(self, n: int) -> bool:
+        """Send `n` updates as one batch, stamped now (after waiting for a free
+        slot); the ack is counted when it arrives. False when the connection is gone."""
+        self._collect()
+        if len(self.waiting) >= self.in_flight:
+            self._wait(lambda: len(self.waiting) < self.in_flight, WS_ACK_TIMEOUT_S)
+        t = time.time_ns()
+        pairs = self.sample(n)
+        seq = self.seq
+        self.seq = seq + n
+        return self._send(msgpack_body(pairs, seq, t, self.prefixes, self._head()), len(pairs))
+
+    def post_all_finals(self) -> dict[str, dict[str, int]]:
+        """One last value for every key of every topic (of this generator's share),
+        every batch acked before it returns."""
+        t = time.time_ns()
+        finals: dict[str, dict[str, int]] = {}
+        items = []
+        for topic, key in shard_pairs(self.workload, self.shard):
+            self.seq += 1
+            finals.setdefault(topic, {})[key] = self.seq
+            items.append({"topic": topic, "key": key, "data": [self.seq, t]})
+        failed = self.failed
+        for i in range(0, len(items), self.max_items):
+            body = self._head() + msgpack.packb(items[i : i + self.max_items])
+            if not self._send(body, len(items[i : i + self.max_items])):
+                break
+            self._wait(lambda: len(self.waiting) < self.in_flight, WS_ACK_TIMEOUT_S)
+        self.drain()
+        if self.failed != failed:
+            raise RuntimeError(f"publishing the final values failed: {dict(self.errors)}")
+        return finals
+
+    def pause(self, seconds: float) -> None:
+        """Sleep `seconds` while the acks are read."""
+        self._wait(lambda: False, seconds)
+
+    def drain(self) -> None:
+        """Wait (at most WS_ACK_TIMEOUT_S) for the ack of every batch sent."""
+        self._wait(lambda: not self.waiting, WS_ACK_TIMEOUT_S)
+        for n, _ in self.waiting.values():
+            self.failed += n
+            self.errors[f"no ack within {WS_ACK_TIMEOUT_S:g} s"] += 1
+        self.waiting.clear()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.close()
+            self.loop.run_until_complete(self.conn.wait_closed(2.0))
+        self.loop.close()
+
+    def _head(self) -> bytes:
+        """`{"op": "pub", "id": <the next request id>, "items": ` (the map's first bytes)."""
+        self.requests += 1
+        rid: bytes = msgpack.packb(self.requests)
+        return _WS_HEAD + rid + b"\xa5items"
+
+    def _send(self, body: bytes, n_items: int) -> bool:
+        try:
+            self.conn.send_bytes(body)
+        except Exception as exc:  # the connection is gone: ConnectionClosed, OSError
+            self.errors[f"{type(exc).__name__}: {str(exc)[:100]}"] += 1
+            self.failed += n_items
+            return False
+        self.waiting[self.requests] = (n_items, time.perf_counter_ns())
+        return True
+
+    def _wait(self, done: Any, timeout_s: float) -> None:
+        """Run the loop, reading acks, until `done()` or `timeout_s` passed."""
+
+        async def until() -> None:
+            deadline = self.loop.time() + timeout_s
+            while not done():
+                left = deadline - self.loop.time()
+                if left <= 0:
+                    return
+                try:
+                    self._count(await self.conn.recv(left))
+                except (TimeoutError, ConnectionClosed):
+                    return
+
+        self.loop.run_until_complete(until())
+
+    def _collect(self) -> None:
+        """Count the acks and errors received so far (without waiting)."""
+        for msg in self.conn.take_nowait():
+            self._count(msg)
+
+    def _count(self, msg: dict[str, Any]) -> None:
+        sent = self.waiting.pop(msg.get("id", -1), None)
+        if sent is None:
+            return  # hello, or a reply to nothing of ours
+        n, t0 = sent
+        if msg.get("op") == "ack":
+            self.accepted += n
+            b = bucket_of(time.perf_counter_ns() - t0)
+            self.rtt_hist[b] = self.rtt_hist.get(b, 0) + 1
+        else:
+            self.failed += n
+            self.errors[f"{msg.get('code')}: {str(msg.get('msg'))[:100]}"] += 1
+
+
 def msgpack_body(
-    pairs: list[tuple[str, str]], seq: int, t: int, prefixes: dict[tuple[str, str], bytes]
+    pairs: list[tuple[str, str]],
+    seq: int,
+    t: int,
+    prefixes: dict[tuple[str, str], bytes],
+    head: bytes = _HTTP_HEAD,
 ) -> bytes:
     """`msgpack.packb({"items": [{"topic", "key", "data": [seq + i + 1, t]}, ...]})` of
-    `pairs`, byte for byte, from each pair's encoded prefix (kept in `prefixes`)."""
+    `pairs`, byte for byte, from each pair's encoded prefix (kept in `prefixes`);
+    `head`: the map's bytes before the items array (a WebSocket `pub`'s op and id)."""
     packer = msgpack.Packer()
-    parts = [b"\x81\xa5items", packer.pack_array_header(len(pairs))]
+    parts = [head, packer.pack_array_header(len(pairs))]
     for i, pair in enumerate(pairs):
         prefix = prefixes.get(pair)
         if prefix is None:
@@ -155,7 +314,7 @@ def msgpack_body(
 
 
 def publish_for(
-    pub: WorkloadPublisher,
+    pub: WorkloadPublisher | WsWorkloadPublisher,
     pipe: Pipe,
     rate: float,
     duration_s: float,
@@ -202,9 +361,10 @@ def publish_for(
         next_tick += interval
         delay = next_tick - time.perf_counter()
         if delay > 0:
-            time.sleep(delay)
+            pub.pause(delay)
         else:
             next_tick = time.perf_counter()  # behind: don't burst to catch up ticks
+    pub.drain()  # over WebSocket: the acks of the last batches
     end = time.perf_counter()
     return {
         "sent": sent,
@@ -236,11 +396,18 @@ def publisher_process(
     body: str,
     budget_s: float,
     shard: Shard = WHOLE,
+    ws_url: str | None = None,
 ) -> None:
-    """Waits for `go` (publish for the duration), `final` (every key once), `exit`."""
+    """Waits for `go` (publish for the duration), `final` (every key once), `exit`.
+    Publishes through POST /publish at `admin`, or WebSocket `pub` batches at
+    `ws_url` when given (`--publish-via ws`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    pub = WorkloadPublisher(admin, workload, seed, max_items, body, shard)
+    pub: WorkloadPublisher | WsWorkloadPublisher
+    if ws_url is not None:
+        pub = WsWorkloadPublisher(ws_url, workload, seed, max_items, shard)
+    else:
+        pub = WorkloadPublisher(admin, workload, seed, max_items, body, shard)
     deadline = time.monotonic() + budget_s
     try:
         while time.monotonic() < deadline:
@@ -266,4 +433,10 @@ def publisher_process(
         pub.close()
 
 
-__all__ = ["WorkloadPublisher", "msgpack_body", "publish_for", "publisher_process"]
+__all__ = [
+    "WorkloadPublisher",
+    "WsWorkloadPublisher",
+    "msgpack_body",
+    "publish_for",
+    "publisher_process",
+]

@@ -96,6 +96,7 @@ class BenchSettings:
     metrics_from: tuple[str, ...] = ()
     shard: Shard = WHOLE
     api_key_env: str = "FANOUT_API_KEY"  # its name only: the key is never in a report
+    publish_via: str = "http"  # --publish-via: POST /publish or WebSocket `pub` batches
 
     def clients(self) -> list[int]:
         """The global indices of this generator's subscribers (every one without --shard)."""
@@ -178,7 +179,21 @@ def _fanout_nodes(s: BenchSettings) -> FanoutNodes:
     if s.workload.mode == "stream":
         rules = [{"pattern": t, "mode": "stream"} for t in s.workload.topic_names()]
         env["FANOUT_TOPICS"] = json.dumps(rules)
+    if s.publish_via == "ws":
+        env.update(ws_publish_env(s))
     return FanoutNodes(s.bus, s.nodes, s.workers, s.flush_ms, s.config, s.server_cpus, env)
+
+
+def ws_publish_env(s: BenchSettings) -> dict[str, str]:
+    """What a WebSocket publisher needs of the server: anonymous publishing, a
+    message size for a whole batch, and a message rate above what an anonymous
+    batch costs (a token per 100 items, engine/connection.py rule 6), twice over."""
+    tokens_per_s = s.publish_rate() / 100 + 1000 / max(s.batch_ms, 1.0)
+    return {
+        "FANOUT_AUTH_ALLOW_ANONYMOUS_PUBLISH": "true",
+        "FANOUT_LIMITS_MAX_MESSAGE_BYTES": str(max(65536, 256 * s.max_items)),
+        "FANOUT_LIMITS_MESSAGES_PER_S": str(max(50, round(2 * tokens_per_s))),
+    }
 
 
 def run_target(target: str, s: BenchSettings, log: Callable[[str], None]) -> dict[str, Any]:
@@ -369,6 +384,7 @@ class Measurement:
             s.body,
             self.budget,
             s.shard,
+            server.nodes[0].url if s.publish_via == "ws" and self.target == "fanout" else None,
         )
         timeout_s = 60.0 + s.subscribers / 20.0
         self.setup = {c.name: procs.expect(c, "ready", timeout_s) for c in self.subs}
