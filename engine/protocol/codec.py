@@ -494,13 +494,14 @@ def _cut_data(
     `walker` reads): each item's decoded map as its fields (`_pub_item` reads
     only `topic` and `key`, and refuses a container there), its `data`'s exact
     bytes cut out of `region` (rule 1). One depth check covers every `data`
-    unless some item nests deeper than its data may (then each is checked)."""
+    (the list of them, one level around each) unless one of them is too deep
+    (then each is checked, to name it); other fields are never published."""
     items: list[_RawItem | object] = []
     walker.read_array_header()
     at = walker.tell
     skip = walker.skip
-    # the array, an item's map, then its data: 2 levels around each data
-    shallow = not nested_deeper_than(decoded, MAX_DATA_DEPTH + 2)
+    datas = [v["data"] for v in decoded if type(v) is dict and "data" in v]
+    shallow = not nested_deeper_than(datas, MAX_DATA_DEPTH + 1)
     for value in decoded:
         if type(value) is not dict:
             skip()
