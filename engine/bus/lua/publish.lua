@@ -16,12 +16,12 @@
 -- ARGV[3]      topics the shard may hold (0: no limit)
 -- ARGV[4]      bytes the shard's stream may take (0: no byte checks)
 -- ARGV[5]      data bytes added between two byte checks
--- ARGV[6]      the requests' run counts, comma-separated ("1,1,3"); G runs in all
+-- ARGV[6]      the requests' run counts (msgpack array); G runs in all
 --              (a run: a request's updates of one topic, in order)
 -- ARGV[7]      idle expiries: "g:ms" pairs, comma-separated, for the runs of
 --              topics with one ("": none)
--- ARGV[8]      the runs' update counts, comma-separated; U updates in all
--- ARGV[9]      the runs' history, comma-separated (-1: a state topic; >= 0: a
+-- ARGV[8]      the runs' update counts (msgpack array); U updates in all
+-- ARGV[9]      the runs' history (msgpack array; -1: a state topic; >= 0: a
 --              stream topic retaining that many events)
 -- ARGV[10..9+G] the runs' topics
 -- ARGV[10+G..9+G+2U] the updates, 2 each: key, "+<j> <data>" (j: the update's
@@ -76,16 +76,10 @@ local max_bytes = tonumber(ARGV[4])
 local check_every = tonumber(ARGV[5])
 local UNPACK_MAX = 1000 -- arguments per HSET / SADD (Lua's stack is bounded)
 
-local function numbers(text)
-  local out = {}
-  for c in string.gmatch(text, '-?%d+') do
-    out[#out + 1] = tonumber(c)
-  end
-  return out
-end
-local runs = numbers(ARGV[6]) -- per request
-local lengths = numbers(ARGV[8]) -- per run
-local histories = numbers(ARGV[9]) -- per run
+-- msgpack arrays, unpacked in C (string.gmatch and tonumber per run cost ~0.3 us each)
+local runs = cmsgpack.unpack(ARGV[6]) -- per request
+local lengths = cmsgpack.unpack(ARGV[8]) -- per run
+local histories = cmsgpack.unpack(ARGV[9]) -- per run
 local expiries = {}
 for g, ms in string.gmatch(ARGV[7], '(%d+):(%d+)') do
   expiries[tonumber(g)] = tonumber(ms)
