@@ -77,7 +77,7 @@ from engine import codes
 from engine.auth.permissions import Permissions
 from engine.auth.ratelimit import ABUSIVE, ADMITTED, RATE_LIMITED, RateLimiter, RatePolicy
 from engine.auth.ratelimit import PAUSE as RATE_PAUSE
-from engine.bus.base import Update
+from engine.bus.base import CheckedUpdates, Update
 from engine.codes import ErrorCode
 from engine.counters import WorkerCounters
 from engine.errors import BusError, BusRefused, BusUnavailable, RemoteProtocolError
@@ -625,7 +625,7 @@ class ConnectionRules:
                     request_id=req.id,
                 )
             )
-        return PublishBatch(req.id, tuple(updates))
+        return PublishBatch(req.id, CheckedUpdates(updates))  # checked by the codec (rule 6)
 
     def charge(self, items: int) -> bool:
         """Take the tokens an anonymous batch costs beyond the one its frame

@@ -56,7 +56,7 @@ from typing import Any, Final
 
 import msgpack
 
-from engine.bus.base import Update
+from engine.bus.base import CheckedUpdates, Update
 from engine.codes import ErrorCode
 from engine.protocol.codec import (
     MAX_DATA_DEPTH,
@@ -534,7 +534,7 @@ def _parse_json(body: bytes, max_items: int) -> PublishRequest:
             if not isinstance(item, dict):
                 raise _bad(f"'items[{i}]' must be an object, not {_type_name(item)}")
             updates.append(_json_update(item, f"items[{i}]."))
-        return PublishRequest(tuple(updates), batch=True)
+        return PublishRequest(CheckedUpdates(updates), batch=True)
     return PublishRequest((_json_update(doc, ""),), batch=False)
 
 
@@ -661,7 +661,7 @@ def _parse_msgpack_whole(body: bytes, max_items: int) -> PublishRequest | None:
             return None
         topics_ok.add(topic)
         updates.append(Update(topic, key, data))
-    return PublishRequest(tuple(updates), batch=batch)
+    return PublishRequest(CheckedUpdates(updates), batch=batch)
 
 
 def _nested(value: Any) -> bool:

@@ -65,6 +65,17 @@ class Update(NamedTuple):
     data: bytes
 
 
+class CheckedUpdates(tuple[Update, ...]):
+    """Updates an ingest edge has checked already: every topic and key a `str`
+    decoded from UTF-8 or checked by `utf8_problem`, every `data` non-empty
+    msgpack bytes (`engine/bus/limits.py` rule 1 but the size, which depends
+    on the bus). Made only by the edges that checked them (a WebSocket `pub`
+    in engine/connection.py, a `POST /publish` body in engine/admin/http.py);
+    `check_updates` then checks only their sizes, in C. Check once, at the edge."""
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """A topic's latest state at `pos`: `items` are (key, pos, data), deletions included."""

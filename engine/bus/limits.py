@@ -8,7 +8,9 @@ the contract suite checks they agree):
    fail inside the backend, where it once killed the Redis publish loop), and
    every `data` non-empty msgpack bytes of at most `max_data_bytes`. A bad
    value fails its own publish (`BusError`; `BusRefused(too_large)` for the
-   size) and nothing else.
+   size) and nothing else. Checked once: `CheckedUpdates`, which an ingest
+   edge built after checking the strings and the data itself, get only the
+   size check here.
 2. Counts are checked where the state lives (the hub's core; Redis'
    publish script), per publish, before any of it is applied: a publish that
    would add a key to a state topic holding `max_keys_per_topic` keys
@@ -26,13 +28,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Final
 
-from engine.bus.base import Update
+from engine.bus.base import CheckedUpdates, Update
 from engine.codes import ErrorCode
 from engine.errors import BusError, BusRefused
 
 DEFAULT_MAX_DATA_BYTES: Final = 1024 * 1024
+_data_of: Final = itemgetter(2)  # an Update's data
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +73,14 @@ def utf8(text: object, what: str) -> bytes:
 
 
 def check_updates(updates: Sequence[Update], max_data_bytes: int) -> None:
-    """Raise `BusError` / `BusRefused` for the first update that breaks rule 1."""
+    """Raise `BusError` / `BusRefused` for the first update that breaks rule 1.
+
+    `CheckedUpdates` (checked at the ingest edge but for the size) have only
+    their sizes checked: one C pass, then a Python one only to name the offender."""
+    if type(updates) is CheckedUpdates and (
+        not updates or max(map(len, map(_data_of, updates))) <= max_data_bytes
+    ):
+        return
     for i, u in enumerate(updates):
         topic, key = u.topic, u.key
         # isascii() is a flag read: only other strings pay for an encode

@@ -126,3 +126,18 @@ def test_readyz_names_a_bus_task_that_is_restarting() -> None:
     up = WorkerStatus.from_json(worker)
     ok, reasons = http.readiness(sup, {1: up}, bus_connected=True, **args)  # type: ignore[arg-type]
     assert reasons == ["worker 1: bus disconnected"]
+
+
+def test_updates_checked_at_the_edge_get_only_the_size_check() -> None:
+    # CheckedUpdates: an ingest edge checked the strings and data (rule 1, "once")
+    from engine.bus.base import CheckedUpdates
+
+    ok = CheckedUpdates([Update("t", "k", b"\x01"), Update("t", "k2", b"\x02" * 10)])
+    check_updates(ok, 10)
+    check_updates(CheckedUpdates([]), 10)
+    with pytest.raises(BusRefused) as info:
+        check_updates(CheckedUpdates([*ok, Update("t", "big", b"\x03" * 11)]), 10)
+    assert info.value.code == ErrorCode.TOO_LARGE and "'big'" in str(info.value)
+    # the same updates not marked checked still get every check of rule 1
+    with pytest.raises(BusError, match="not valid UTF-8"):
+        check_updates([Update("t", "\ud800", b"\x01")], 10)
