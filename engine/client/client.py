@@ -237,12 +237,14 @@ class Client:
         policy: ReconnectPolicy | None = None,
         max_pending_changes: int = 10_000,
         connect_timeout_s: float = 10.0,
+        compression: bool = True,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
         _check_token(token)
         self.url = url
+        self.compression = compression  # offer permessage-deflate (engine/client/raw.py)
         self.token: str | None = None
         self.policy = policy or ReconnectPolicy()
         self.token_refresh = token_refresh or TokenRefresh()
@@ -544,7 +546,9 @@ class Client:
                     break
             self._set_state(CONNECTING)
             try:
-                conn = await raw.connect(self.url, timeout=self.connect_timeout_s)
+                conn = await raw.connect(
+                    self.url, timeout=self.connect_timeout_s, compression=self.compression
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # refused, reset, handshake failed (HTTP 503...)
@@ -720,6 +724,7 @@ def connect(
     policy: ReconnectPolicy | None = None,
     max_pending_changes: int = 10_000,
     connect_timeout_s: float = 10.0,
+    compression: bool = True,
     clock: Callable[[], float] = time.monotonic,
     wall: Callable[[], float] = time.time,
     rng: random.Random | None = None,
@@ -727,7 +732,9 @@ def connect(
     """A client for `url` (`ws://host:port/ws`). Use it as `async with connect(...) as c`:
     entering waits (up to `connect_timeout_s`) for the first connection.
     `token_provider`: an async callable returning a fresh token, called before
-    the current token expires (`token_refresh`) and after a 4001/4003 close."""
+    the current token expires (`token_refresh`) and after a 4001/4003 close.
+    `compression`: offer permessage-deflate (the engine then sends frames of
+    `fanout.compression_min_bytes` or more compressed; False: every frame raw)."""
     return Client(
         url,
         token=token,
@@ -736,6 +743,7 @@ def connect(
         policy=policy,
         max_pending_changes=max_pending_changes,
         connect_timeout_s=connect_timeout_s,
+        compression=compression,
         clock=clock,
         wall=wall,
         rng=rng,

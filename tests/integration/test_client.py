@@ -593,3 +593,21 @@ async def test_a_subscription_that_cannot_be_encoded_raises_and_is_not_kept(
     await client.subscribe(["c.t"])  # the client still works
     assert dict(client.topic("c.t")) == {"a": 1}
     assert client.conn_state == CONNECTED
+
+
+@pytest.mark.parametrize("compression", [True, False])
+async def test_the_client_offers_permessage_deflate_unless_told_not_to(
+    engine: Engine, client_factory: Callable[..., Awaitable[Client]], compression: bool
+) -> None:
+    big = {"text": "the same words again " * 40, "n": list(range(50))}
+    await engine.publish("c.z", "a", big)
+    client = await client_factory(compression=compression)
+    await client.subscribe(["c.z"])  # the snap: over the threshold
+    big2 = dict(big, n=list(range(60)))
+    await engine.publish("c.z", "a", big2)
+    await eventually(lambda: dict(client.topic("c.z")) == {"a": big2})
+    assert engine.worker is not None
+    (conn,) = engine.worker.connections
+    assert conn.session.deflate is compression
+    # the upd went compressed only to the client that negotiated the extension
+    assert (engine.worker.fanout.stats.compressed_frames > 0) is compression
