@@ -9,13 +9,14 @@ through the load balancer, most of them to other nodes.
 
 Rules:
 1. Fair share = the connections of every live node (this one included) over
-   the number of live nodes, the total taken as the largest seen within the
-   last `sustain_s + cooldown_s`: clients told to go are in flight for a
-   while (retry_ms, refused attempts), and a total counted without them
-   would make a fair share too low and send the nodes into needless rounds.
-   Clients that really leave lower it only after that window: meanwhile the
-   nodes shed less, never more. Alone (no live peer) a node never sheds:
-   there is nowhere for its clients to go.
+   the number of live nodes, the total taken as the largest seen (the peak)
+   until the total has stopped rising for `sustain_s + cooldown_s`: clients
+   told to go are in flight for a while (retry_ms, refused attempts, a busy
+   balancer), and a total counted without them would make the fair share
+   too low and send the nodes into needless rounds, a cascade. Clients that
+   really leave lower it only once the total stops rising for that window:
+   meanwhile the nodes shed less, never more. Alone (no live peer) a node
+   never sheds: there is nowhere for its clients to go.
 2. A node is over when it holds more than `fair * (1 + tolerance)`, and at
    least one whole connection more than fair. A node not over never begins a
    round, and its sustain clock stops (`over_since` None).
@@ -33,11 +34,13 @@ Rules:
    announces every `announce_interval_s`) before the node looks again. Still
    over then, the next round begins at once (the sustain clock ran on);
    otherwise the sustain clock starts again.
-6. Admission hold (the caller's half): a node that sheds admits no new
-   connection (503, the client tries again through the balancer) while its
-   round and its cool-down are under way (at least `workers.retry_max_ms`
-   after each part), so its closed clients land on the nodes that admit:
-   those not over. A node not
+6. Admission hold: a node that sheds admits no new connection (503, the
+   client tries again through the balancer) while its round and its
+   cool-down are under way (at least `workers.retry_max_ms` after each part),
+   and after that for as long as `Decision.hold` says: it has shed, it holds
+   at least fair share, and clients are still in flight (the total is below
+   the peak). So its closed clients land on the nodes that admit: those
+   below fair share. A node not
    over never holds, and some live node is never over, so a client always
    has somewhere to go. Without the hold, a balancer that spreads reconnects
    over all nodes would send most of them back to the shedders: with k
@@ -98,17 +101,20 @@ class State:
     at: float | None = None  # the time of the last decision (None: none yet)
     shed_total: int = 0  # connections ordered closed so far
     rounds: int = 0  # rounds begun so far
-    peak_total: int = 0  # the largest total seen within the window (rule 1)
-    peak_at: float = -math.inf  # when it was seen
+    peak_total: int = 0  # the largest total seen (rule 1)
+    last_total: int = 0  # the total at the last decision
+    rise_at: float = -math.inf  # when the total last rose (or the peak was taken)
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """`decide`'s answer: close `shed` connections now; the next state; the fair share."""
+    """`decide`'s answer: close `shed` connections now; the next state; the
+    fair share; whether to refuse new connections until the next decision (rule 6)."""
 
     shed: int
     state: State
     fair: float
+    hold: bool = False
 
 
 def fair_share(mine: int, peers: Sequence[int]) -> float:
@@ -138,10 +144,28 @@ def decide(
     state = replace(state, tokens=tokens, at=now)
     if not peers:
         return Decision(0, replace(state, phase=ALONE, over_since=None, round_left=0), mine)
-    total = mine + sum(peers)
-    if total >= state.peak_total or now - state.peak_at > policy.window_s:
-        state = replace(state, peak_total=total, peak_at=now)
+    state = _peak(state, now, mine + sum(peers), policy.window_s)
     fair = state.peak_total / (len(peers) + 1)
+    hold = state.rounds > 0 and mine >= fair and state.last_total < state.peak_total
+    d = _decide(policy, state, now, mine, peers, fair)
+    return replace(d, hold=hold) if hold else d
+
+
+def _peak(state: State, now: float, total: int, window_s: float) -> State:
+    """The peak total of rule 1."""
+    if total >= state.peak_total:
+        return replace(state, peak_total=total, last_total=total, rise_at=now)
+    if total > state.last_total:  # rising: clients in flight are landing
+        return replace(state, last_total=total, rise_at=now)
+    if now - state.rise_at > window_s:  # stopped rising: the ones missing are gone
+        return replace(state, peak_total=total, last_total=total, rise_at=now)
+    return replace(state, last_total=total)
+
+
+def _decide(
+    policy: Policy, state: State, now: float, mine: int, peers: Sequence[int], fair: float
+) -> Decision:
+    """Rules 2-5, once the fair share is known."""
     if state.round_left > 0:
         return _shed(
             state, now, policy, fair, min(state.round_left, max(0, mine - math.ceil(fair)))

@@ -9,7 +9,9 @@ Signals (installed on the worker's own loop):
   the other workers.
 - SIGUSR2: rebalance: read the admin's shedding request from the board and
   close that many connections, paced over its `pace_s`, each with `bye`
-  (reason "rebalance") and 1012, so clients reconnect to other nodes.
+  (reason "rebalance") and 1012, so clients reconnect to other nodes; with
+  its `hold_s` (automatic rebalancing) upgrades are refused meanwhile (503
+  "rebalancing"), so they land elsewhere.
 - SIGINT / SIGQUIT: quick stop: close connections, exit 0.
 """
 
@@ -152,9 +154,10 @@ async def _main(cfg: Config, slot: int, run_dir: str, capacity: int) -> int:
     def on_rebalance() -> None:
         order = board.read_rebalance()
         count = 0 if order is None else order.shed.get(slot, 0)
+        if order is not None and order.hold_s > 0:
+            # engine/rebalance.py rule 6: the clients told to go land elsewhere
+            server.hold_until = time.monotonic() + order.pace_s + order.hold_s
         if order is not None and count > 0:
-            if order.hold_s > 0:  # engine/rebalance.py rule 6: closed clients go elsewhere
-                server.hold_until = time.monotonic() + order.pace_s + order.hold_s
             shedding.append(loop.create_task(shed(server, count, order.pace_s)))
 
     loop.add_signal_handler(signal.SIGUSR2, on_rebalance)

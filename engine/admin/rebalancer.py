@@ -117,6 +117,8 @@ class Rebalancer:
             self.policy, self.state, now=now, mine=self.mine, peers=list(peers.values())
         )
         self.state, self.fair = d.state, d.fair
+        if d.hold and not d.shed:  # rule 6: clients still in flight, land them elsewhere
+            self.shed(0, 0.0, 2 * self.interval_s)
         if d.shed:
             ordered = self.shed(d.shed, self.interval_s, self.hold_s)
             self.ordered += ordered

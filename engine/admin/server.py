@@ -464,7 +464,8 @@ class AdminServer:
         self, req: http.RebalanceRequest, pace_s: float, hold_s: float = 0.0
     ) -> tuple[dict[int, int], dict[int, int]]:
         """Tell the workers to shed what `req` asks (a `RebalanceOrder` on the
-        board, then SIGUSR2): (open connections, shed) by slot."""
+        board, then SIGUSR2; with `hold_s`, every worker, to refuse upgrades
+        for that long): (open connections, shed) by slot."""
         expected = http.expected_workers(self.board.read_supervisor())
         statuses = self.board.read_workers()
         pids = {  # the workers the supervisor runs, by a status of their own
@@ -477,13 +478,14 @@ class AdminServer:
         request_id = f"{time.time():.6f}"
         order = RebalanceOrder(id=request_id, shed=plan, pace_s=pace_s, hold_s=hold_s)
         self.board.write_rebalance(order)
-        for slot in plan:
+        for slot in pids if hold_s > 0 else plan:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pids[slot], signal.SIGUSR2)
         return open_conns, plan
 
     def shed(self, count: int, pace_s: float, hold_s: float) -> int:
-        """Automatic rebalancing: close `count` of this node's connections; how many were ordered."""
+        """Automatic rebalancing: close `count` of this node's connections (0:
+        none, only the hold); how many were ordered."""
         total = self.node_connections()
         _, plan = self.order_shedding(
             http.RebalanceRequest(connections=max(0, total - count)), pace_s, hold_s

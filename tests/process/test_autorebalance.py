@@ -2,7 +2,7 @@
 Kubernetes Service would see it.
 
 Three `fanout serve --bus redis` nodes on one real redis-server, behind a small
-round-robin TCP proxy (standing in for the Service). 600 Python clients
+round-robin TCP proxy (`loadtest.scaleout.RoundRobin`, standing in for the Service). 600 Python clients
 (engine/client: they honour `bye` / `retry_ms` and resubscribe with `since`)
 connect while the proxy knows only nodes a and b; then node c starts and joins
 the rotation. Within `BALANCE_S` every node holds 200 +- 10 % of the clients, no
@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from engine.client import Client, ReconnectPolicy
+from loadtest.scaleout import RoundRobin
 from tests.support.redis_server import RedisServer, redis_available
 from tests.support.serve import TIMEOUT_FACTOR, Served
 
@@ -34,7 +35,7 @@ pytestmark = [
 CLIENTS = 600
 TOPIC = "rebalance.t"
 KEYS = 20
-BALANCE_S = 45.0 * TIMEOUT_FACTOR  # from node c joining the rotation to balanced
+BALANCE_S = 60.0 * TIMEOUT_FACTOR  # from node c joining the rotation to balanced
 NODE_ENV = {
     "FANOUT_BUS_BACKEND": "redis",
     "FANOUT_REBALANCE_ENABLED": "true",
@@ -47,57 +48,6 @@ NODE_ENV = {
     "FANOUT_WORKERS_RETRY_MIN_MS": "100",
     "FANOUT_WORKERS_RETRY_MAX_MS": "1000",
 }
-
-
-class RoundRobin:
-    """A TCP proxy on 127.0.0.1: each new connection goes to the next backend in turn."""
-
-    def __init__(self) -> None:
-        self.backends: list[int] = []
-        self._turn = itertools.count()
-        self._server: asyncio.Server | None = None
-        self._pipes: set[asyncio.Task[None]] = set()
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._pipes):
-            task.cancel()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        port = self.backends[next(self._turn) % len(self.backends)]
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            writer.close()
-            return
-        tasks = [
-            asyncio.ensure_future(self._pipe(reader, up_writer)),
-            asyncio.ensure_future(self._pipe(up_reader, writer)),
-        ]
-        self._pipes.update(tasks)
-        try:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
-            self._pipes.difference_update(tasks)
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
 
 
 @pytest.fixture

@@ -132,3 +132,18 @@ def test_clients_in_flight_do_not_lower_the_fair_share() -> None:  # rule 1
     # clients that really left count once the window (sustain + cooldown) has passed
     d = decide(policy, d.state, now=12.5, mine=200, peers=[200, 128])
     assert d.fair == 176.0
+
+
+def test_the_peak_is_kept_while_clients_trickle_back_and_the_shedder_holds() -> None:  # 1, 6
+    policy = Policy(tolerance=0.05, sustain_s=2.0, max_shed_per_s=1000.0, cooldown_s=4.0)
+    _, state = run(State(), 0.0, 1500, [1500, 0], policy)
+    d = decide(policy, state, now=2.0, mine=1500, peers=[1500, 0])
+    assert d.shed == 500 and d.hold is False  # the order itself carries the hold
+    # a busy balancer: the clients land on c a few at a time, for longer than the window
+    t, c = 2.0, 0
+    while c < 1000:
+        t, c = t + 1.0, c + 40
+        d = decide(policy, d.state, now=t, mine=1000, peers=[1000, min(c, 1000)])
+        assert d.shed == 0 and d.fair == 1000.0
+        assert d.hold is (c < 1000)  # refuse new connections while some are in flight
+    assert t > 2.0 + policy.window_s
