@@ -60,13 +60,13 @@ from dataclasses import dataclass, replace
 from typing import Final
 
 # Phases, as /stats and /metrics show them.
-OFF: Final = "off"  # rebalance.enabled = false (the caller's; decide never returns it)
+NOT_READY: Final = "not_ready"  # the node is not ready: out of presence (the caller's)
 ALONE: Final = "alone"  # no live peer (rule 1)
 BALANCED: Final = "balanced"  # within tolerance (rule 2)
 OVER: Final = "over"  # over, waiting out sustain_s (rule 3)
 SHEDDING: Final = "shedding"  # a round is under way (rule 4)
 COOLDOWN: Final = "cooldown"  # after a round (rule 5)
-PHASES: Final = (OFF, ALONE, BALANCED, OVER, SHEDDING, COOLDOWN)
+PHASES: Final = (NOT_READY, ALONE, BALANCED, OVER, SHEDDING, COOLDOWN)
 
 
 @dataclass(frozen=True, slots=True)

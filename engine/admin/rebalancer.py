@@ -44,7 +44,9 @@ class Rebalancer:
 
     `shed(count, pace_s, hold_s)` closes `count` of this node's connections
     and returns how many it ordered (the admin server's `order_shedding`);
-    `count_of()` is this node's connections (the workers' statuses).
+    `count_of()` is this node's connections (the workers' statuses);
+    `ready_of()` whether /readyz says ready: a node that is not leaves the
+    presence (presence.py rule 3) and decides nothing.
     """
 
     def __init__(
@@ -53,12 +55,15 @@ class Rebalancer:
         node_id: str,
         *,
         count_of: Callable[[], int],
+        ready_of: Callable[[], bool],
         shed: Callable[[int, float, float], int],
     ) -> None:
         r = cfg.rebalance
         self.cfg = cfg
         self.node_id = node_id
         self.count_of = count_of
+        self.ready_of = ready_of
+        self.ready = False
         self.shed = shed
         self.policy = rebalance.Policy(
             tolerance=r.tolerance,
@@ -94,7 +99,7 @@ class Rebalancer:
             node_id=self.node_id,
             interval_s=self.interval_s,
             ttl_s=self.cfg.rebalance.peer_ttl_s,
-            count_of=self.count_of,
+            count_of=self.announced,
             on_peers=self.decide,
         )
         self._task = asyncio.get_running_loop().create_task(
@@ -109,8 +114,15 @@ class Rebalancer:
         if self.presence is not None:
             await self.presence.leave()
 
+    def announced(self) -> int | None:
+        """What presence announces: this node's connections, None when not ready."""
+        self.ready = self.ready_of()
+        return self.count_of() if self.ready else None
+
     def decide(self, peers: dict[str, int]) -> None:
-        """After each announce: the rule's decision, carried out."""
+        """After each announce: the rule's decision, carried out (only when ready)."""
+        if not self.ready:
+            return
         now = asyncio.get_running_loop().time()
         self.mine = self.count_of()
         d = rebalance.decide(
@@ -141,7 +153,7 @@ class Rebalancer:
         return {
             "enabled": True,
             "node": self.node_id,
-            "state": self.state.phase,
+            "state": self.state.phase if self.ready else rebalance.NOT_READY,
             "peers": dict(sorted(peers.items())),
             "connections": self.mine,
             "fair_share": round(self.fair, 2),

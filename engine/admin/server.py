@@ -423,20 +423,22 @@ class AdminServer:
 
     def readiness(self) -> http.Response:
         supervisor = self.board.read_supervisor()
-        workers = self.board.read_workers()
-        ready, reasons = http.readiness(
+        ready, reasons = self._readiness(supervisor)
+        if self.rebalancer is not None and self.rebalancer.health.down:
+            ready = False
+            reasons.append("rebalance: the presence task is down (Redis), restarting")
+        return http.ready_response(ready, reasons, len(http.expected_workers(supervisor)))
+
+    def _readiness(self, supervisor: SupervisorStatus | None) -> tuple[bool, list[str]]:
+        return http.readiness(
             supervisor,
-            workers,
+            self.board.read_workers(),
             now=time.time(),
             heartbeat_timeout_s=self.cfg.workers.heartbeat_timeout_s,
             parent_alive=self._parent_alive(),
             bus_connected=self.bus.connected,
             max_lag_ms=self.cfg.bus.max_lag_ms,
         )
-        if self.rebalancer is not None and self.rebalancer.health.down:
-            ready = False
-            reasons.append("rebalance: the presence task is down (Redis), restarting")
-        return http.ready_response(ready, reasons, len(http.expected_workers(supervisor)))
 
     def rebalance(self, body: bytes) -> http.Response:
         """Ask workers to shed connections (paced over workers.drain_s, `bye` +
@@ -491,6 +493,10 @@ class AdminServer:
             http.RebalanceRequest(connections=max(0, total - count)), pace_s, hold_s
         )
         return sum(plan.values())
+
+    def ready_for_rebalancing(self) -> bool:
+        """/readyz would say ready, the presence task aside (it asks)."""
+        return self._readiness(self.board.read_supervisor())[0]
 
     def node_connections(self) -> int:
         return node_connections(self.board, http.expected_workers(self.board.read_supervisor()))
@@ -671,7 +677,11 @@ async def _main(cfg: Config, run_dir: str, supervisor_pid: int) -> None:
         if cfg.rebalance.enabled and cfg.bus.backend == "redis":
             node = f"{cfg.node_name(socket.gethostname())}/{supervisor_pid}"
             server.rebalancer = Rebalancer(
-                cfg, node, count_of=server.node_connections, shed=server.shed
+                cfg,
+                node,
+                count_of=server.node_connections,
+                ready_of=server.ready_for_rebalancing,
+                shed=server.shed,
             )
             server.rebalancer.start()
         await stop.wait()

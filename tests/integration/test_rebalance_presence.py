@@ -27,7 +27,7 @@ def redis() -> Iterator[RedisServer]:
     server.close()
 
 
-def presence(redis: RedisServer, node: str, count: int, ttl_s: float = 0.5) -> Presence:
+def presence(redis: RedisServer, node: str, count: int | None, ttl_s: float = 0.5) -> Presence:
     return Presence(
         make_client(redis.url, cluster=False, auth={}),
         prefix="t",
@@ -83,6 +83,29 @@ async def test_with_redis_gone_a_node_sees_itself_alone_after_the_ttl(redis: Red
             await a.announce()
         await asyncio.sleep(0.35)
         assert a.peers(asyncio.get_running_loop().time()) == {}  # rule 5
+    finally:
+        await a.client.aclose()
+        await b.client.aclose()
+
+
+async def test_a_node_that_is_not_ready_leaves_the_presence(redis: RedisServer) -> None:
+    counts: dict[str, int | None] = {"a": 5}
+    a = Presence(
+        make_client(redis.url, cluster=False, auth={}),
+        prefix="t",
+        node_id="a",
+        interval_s=0.05,
+        ttl_s=5.0,
+        count_of=lambda: counts["a"],
+        on_peers=lambda peers: None,
+    )
+    b = presence(redis, "b", 1, ttl_s=5.0)
+    try:
+        await a.announce()
+        assert await b.announce() == {"a": 5}
+        counts["a"] = None  # draining, booting, failing /readyz (rule 3)
+        assert await a.announce() == {"b": 1}
+        assert await b.announce() == {}
     finally:
         await a.client.aclose()
         await b.client.aclose()

@@ -161,3 +161,25 @@ async def wait_for(check: Any, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout_s:g} s")
         await asyncio.sleep(0.25)
+
+
+async def test_one_node_alone_sheds_nothing_and_readyz_names_presence_when_redis_is_gone(
+    redis: RedisServer, tmp_path: Any
+) -> None:
+    n = node(redis, "solo", tmp_path)
+    try:
+        n.wait_ready()
+        await wait_for(lambda: n.get("/stats")[1].get("rebalance", {}).get("state") == "alone", 10)
+        _, stats = n.get("/stats")
+        assert stats["rebalance"]["peers"] == {} and stats["rebalance"]["shed"] == 0
+        _, text = await asyncio.to_thread(metrics_of, n)
+        assert 'fanout_rebalance_state{state="alone"} 1' in text
+        redis.kill()
+
+        def presence_down() -> bool:
+            status, body = n.get("/readyz")
+            return status == 503 and any("presence" in r for r in body["reasons"])
+
+        await wait_for(presence_down, 20.0)
+    finally:
+        n.stop()

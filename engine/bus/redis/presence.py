@@ -13,7 +13,10 @@ Rules:
    delete the entries past their expiry, return the live ones. Expiry is
    judged on Redis' clock (`TIME`), so the nodes' clocks may disagree.
 3. A node that stops announcing (crashed, partitioned) drops out `peer_ttl_s`
-   after its last announce; a node that stops cleanly removes its entry.
+   after its last announce; a node that stops cleanly removes its entry, and
+   so does a node that is not ready (`count_of()` None: booting, draining,
+   or failing /readyz): the Service sends it no client, so it must not
+   count in the fair share, or the ready nodes would shed towards nowhere.
 4. Bounded: a node id is at most `MAX_NODE_ID_BYTES`; at most `MAX_PEERS`
    entries are read (the rest are ignored, counted in `peers_ignored`); an
    announce gets an answer within `COMMAND_TIMEOUT_S` or fails.
@@ -42,12 +45,17 @@ log = logging.getLogger("fanout.rebalance")
 MAX_NODE_ID_BYTES: Final = 256
 MAX_PEERS: Final = 1024
 
-# KEYS[1] the hash; ARGV node id, connections, ttl ms, most entries returned.
+# KEYS[1] the hash; ARGV node id, connections (-1: not ready, leave), ttl ms,
+# most entries returned.
 ANNOUNCE_LUA: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], ARGV[1], (now + ttl) .. ' ' .. ARGV[2])
+if tonumber(ARGV[2]) < 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], (now + ttl) .. ' ' .. ARGV[2])
+end
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
 local all = redis.call('HGETALL', KEYS[1])
 local out = {}
@@ -103,8 +111,8 @@ def make_client(url: str, *, cluster: bool, auth: Mapping[str, Any]) -> Any:
 
 
 class Presence:
-    """Announces `count_of()` as node `node_id` every `interval_s`, reads the
-    live peers, and hands them to `on_peers` (rules 1-5). `run` raises on a
+    """Announces `count_of()` as node `node_id` every `interval_s` (None: not
+    ready, rule 3), reads the live peers, and hands them to `on_peers` (rules 1-5). `run` raises on a
     Redis failure: run it under `engine.bus.tasks.supervise`."""
 
     def __init__(
@@ -115,7 +123,7 @@ class Presence:
         node_id: str,
         interval_s: float,
         ttl_s: float,
-        count_of: Callable[[], int],
+        count_of: Callable[[], int | None],
         on_peers: Callable[[dict[str, int]], None],
     ) -> None:
         node_bytes = node_id.encode("utf-8", "replace")[:MAX_NODE_ID_BYTES]
@@ -141,8 +149,15 @@ class Presence:
     async def announce(self) -> dict[str, int]:
         """One announce (rule 2): this node's count out, the live peers back."""
         ttl_ms = max(1, round(self.ttl_s * 1000))
+        count = self.count_of()
         call = self.client.eval(
-            ANNOUNCE_LUA, 1, self.key, self.node_id, self.count_of(), ttl_ms, MAX_PEERS
+            ANNOUNCE_LUA,
+            1,
+            self.key,
+            self.node_id,
+            -1 if count is None else count,
+            ttl_ms,
+            MAX_PEERS,
         )
         reply = await asyncio.wait_for(call, COMMAND_TIMEOUT_S)
         if len(reply) >= 2 * MAX_PEERS:
