@@ -1,12 +1,15 @@
 """Measure the redis bus alone: publish rate through the Lua script and
 publish-to-delivery latency, on a throwaway redis-server on a free loopback port.
 
-    .venv/bin/python -m loadtest.redis_bus [--n 50000] [--batch 1] [--latency 2000]
+    .venv/bin/python -m loadtest.redis_bus [--n 50000] [--batch 1] [--topics 1] [--latency 2000]
 
 - rate: one publishing client calls `publish` N times without awaiting (the
-  client pipelines up to PIPELINE_REQUESTS script calls per round trip), each
-  request holding `--batch` updates of one topic; updates per second until
-  every `done` fired, while one reader client (a worker's bus) reads them.
+  client sends them in rounds, one script call per shard, several rounds in
+  flight: engine/bus/redis/publisher.py rule 7), each request holding
+  `--batch` updates of `--topics` topics (1: one run per request, as a feed
+  of one instrument; more: runs of fewer updates, more work per update in
+  publish.lua); updates per second until every `done` fired, while one
+  reader client (a worker's bus) reads them.
 - latency: `--latency` sequential publishes; the time from `publish` to the
   entry's delivery to the reader's sink (another client: publish accepted ->
   XADD -> XREAD wake-up -> delivered), p50/p99/max.
@@ -59,7 +62,7 @@ class Sink:
                     self.latencies.append(now - t0)
 
 
-async def main(n: int, batch: int, latency_n: int) -> None:
+async def main(n: int, batch: int, latency_n: int, topics: int = 1) -> None:
     server = RedisServer(tied=True).start()
     try:
         sink = Sink()
@@ -84,9 +87,12 @@ async def main(n: int, batch: int, latency_n: int) -> None:
         cpu0, busy0 = cpu_seconds(pids), machine_busy_seconds()
         t0 = time.perf_counter()
         for i in range(requests):
-            topic = f"bench.t{i % 64}"
             pub.publish(
-                [Update(topic, f"k{(i * batch + j) % 500}", data) for j in range(batch)], on_done
+                [
+                    Update(f"bench.t{(i + j % topics) % 64}", f"k{(i * batch + j) % 500}", data)
+                    for j in range(batch)
+                ],
+                on_done,
             )
             while (i + 1 - done) > min(
                 IN_FLIGHT, IN_FLIGHT_UPDATES // batch
@@ -133,5 +139,6 @@ if __name__ == "__main__":
     ap.add_argument("--n", type=int, default=50_000)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--latency", type=int, default=2000)
+    ap.add_argument("--topics", type=int, default=1, help="topics per request (at most 64)")
     a = ap.parse_args()
-    uvloop.run(main(a.n, a.batch, a.latency))
+    uvloop.run(main(a.n, a.batch, a.latency, min(64, max(1, a.topics))))

@@ -530,6 +530,11 @@ class WorkerServer:
                 )
             self.fanout.reset(epoch)
 
+    def wants(self, topic: str, updates: int) -> bool:
+        """`TopicFilter`: entries of a topic this worker does not hold are
+        skipped by the bus client before they are decoded."""
+        return self.fanout.wants(topic, updates)
+
     def on_bus_entries(self, entries: Sequence[Entry]) -> None:
         apply = self.fanout.apply
         for topic, key, pos, data in entries:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from engine.errors import BusError
 
@@ -133,6 +133,16 @@ class BusSink(Protocol):
 
     def on_bus_connected(self, connected: bool) -> None:
         """The link to the bus went up or down."""
+
+
+@runtime_checkable
+class TopicFilter(Protocol):
+    """A sink that drops the entries of topics it does not hold may say so
+    before they are decoded: the redis reader skips a run of `updates`
+    updates of `topic` when `wants` is False (the sink counts what it
+    refused). Optional: a sink without it gets every entry."""
+
+    def wants(self, topic: str, updates: int) -> bool: ...
 
 
 class Bus(Protocol):

@@ -30,10 +30,11 @@ rule 9): a `sub` of a topic not held loads it with `snapshot` / `history`,
 merged under the entries read since the worker began holding it. No atomic read
 with the shard's head is needed: a topic's entries are ordered on its shard, so
 an entry read after the load is either in the loaded state (or superseded
-there: a replay, ignored by position) or newer than all of it. Not done: the
-reader still reads every shard whole, and the worker drops the entries of
-topics it does not hold (a filter per shard would save that CPU), and a sync
-still loads every state hash (reader.py rule 2).
+there: a replay, ignored by position) or newer than all of it. The runs of
+topics the worker does not hold are skipped before they are decoded into
+entries (`TopicFilter`, layout.py rule 5). Not done: the reader still reads
+every shard whole (a filter per shard would save Redis and the network that
+work), and a sync still loads every state hash (reader.py rule 2).
 """
 
 from __future__ import annotations

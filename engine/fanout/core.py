@@ -250,6 +250,15 @@ class Fanout:
         self.topics[name] = t
         return t
 
+    def wants(self, topic: str, updates: int) -> bool:
+        """Whether `apply` would keep entries of `topic` (rule 9); when not,
+        counts `updates` unheld, as `apply` would (`TopicFilter`: the bus
+        skips them undecoded)."""
+        if not self.lazy or topic in self.topics:
+            return True
+        self.stats.updates_unheld += updates
+        return False
+
     def apply(self, topic: str, key: str, pos: int, data: bytes) -> None:
         """Apply one bus entry (idempotent by position): a state topic's key
         update, or a stream topic's event. Lazy: ignored for a topic not held."""

@@ -375,3 +375,44 @@ async def test_a_request_of_interleaved_topics_keeps_each_keys_order(redis: Redi
     finally:
         await reader.close()
         await pub.close()
+
+
+class HoldingRecorder(OrderedRecorder):
+    """A sink that holds some topics only (a worker's lazy core): `TopicFilter`."""
+
+    def __init__(self, held: set[str]) -> None:
+        super().__init__()
+        self.held = held
+        self.refused = 0
+
+    def wants(self, topic: str, updates: int) -> bool:
+        if topic in self.held:
+            return True
+        self.refused += updates
+        return False
+
+
+async def test_a_sink_that_holds_some_topics_gets_only_theirs(redis: RedisServer) -> None:
+    """layout.py rule 5: runs of topics the sink does not want are skipped
+    before they become entries; the wanted ones arrive at their positions, and
+    a topic held later gets its entries from then on."""
+    sink = HoldingRecorder({"held.t"})
+    reader = RedisBus(redis.url, shards=1)
+    pub = RedisBus(redis.url, shards=1, want_entries=False)
+    await reader.start(sink)
+    await pub.start(None)
+    try:
+        pos = await pub.publish_wait(
+            [Update("other.t", "k", val(1)), Update("held.t", "k", val(2))]
+            + [Update("other.t", f"k{i}", val(i)) for i in range(3)]
+        )
+        await until(lambda: ("held.t", "k") in sink.state, "the held topic's update")
+        assert [(t, k, p) for t, k, p, _ in sink.entries] == [("held.t", "k", pos[1])]
+        sink.held.add("other.t")
+        (later,) = await pub.publish_wait([Update("other.t", "k", val("later"))])
+        await until(lambda: ("other.t", "k") in sink.state, "the topic held since")
+        assert sink.state[("other.t", "k")] == (later, val("later"))
+        assert sink.refused == 4 and sink.below == []
+    finally:
+        await reader.close()
+        await pub.close()

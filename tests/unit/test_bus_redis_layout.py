@@ -57,6 +57,21 @@ def test_a_batch_entry_is_its_updates_at_consecutive_positions_ending_at_its_id(
     ]
 
 
+def test_runs_of_topics_the_sink_does_not_want_are_skipped_at_their_positions() -> None:
+    """Rule 5: `wants(topic, updates)` is asked once per run; a refused run
+    yields nothing and the others keep their positions."""
+    asked: list[tuple[str, int]] = []
+
+    def wants(topic: str, updates: int) -> bool:
+        asked.append((topic, updates))
+        return topic != "u"
+
+    fields = _batch(("u", [("a", b"\x01"), ("b", b"\x02")]), ("t", [("a", b"\x03")]))
+    assert entries_of(b"7-9", fields, wants) == [("t", "a", make_pos(7, 9), b"\x03")]
+    assert asked == [("u", 2), ("t", 1)]
+    assert entries_of(b"5-3", {b"t": b"u", b"k": b"k", b"d": b"\x01"}, wants) == []
+
+
 def test_an_entry_of_layout_1_is_one_update_at_its_id() -> None:
     fields = {b"t": b"t", b"k": b"\xff", b"d": b"\xc0"}
     assert entries_of(b"5-3", fields) == [("t", "\ufffd", make_pos(5, 3), b"\xc0")]

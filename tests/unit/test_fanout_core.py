@@ -1038,6 +1038,18 @@ def test_lazy_entries_of_a_topic_not_held_create_nothing() -> None:
         fo.subscribe(s, "t", None, 1)
 
 
+def test_lazy_wants_only_the_topics_held_and_counts_the_others_as_apply_would() -> None:
+    """Rule 9 through `wants` (the bus skips refused runs undecoded): the same
+    answer and the same unheld count as `apply` for each of those updates."""
+    fo = lazy()
+    assert not fo.wants("t", 3)
+    fo.apply("t", "a", pos(1), val(1))
+    assert fo.stats.updates_unheld == 4
+    load(fo, "t", [])  # held from its load on: entries are merged under it
+    assert fo.wants("t", 2) and fo.stats.updates_unheld == 4
+    assert Fanout(EPOCH).wants("anything", 1)  # not lazy: every topic is created
+
+
 def test_fresh_topics_subscribed_then_left_are_dropped_after_the_grace() -> None:
     # issue 11, finding 2: sub + unsub of fresh names must not grow the table
     fo = lazy()

@@ -37,7 +37,10 @@ Rules:
    layout 1 (fields t, k, d: one update, written by fanout before 2026-12)
    is read as one update at its ID. An entry that is neither (written by
    something else, or cut) is `BadEntry`: the reader skips it and counts it
-   (one bad value cannot stop a reader, as in rule 3).
+   (one bad value cannot stop a reader, as in rule 3). A run of a topic the
+   sink does not hold (`TopicFilter.wants` says no) is skipped before its
+   updates become entries: a worker pays little for topics nobody
+   subscribes to on it.
 6. A state hash's value is "<position> <data>"; the position is written
    "<id>+<j>" (the request's first position plus j: publish.lua formats one
    number per request) or, by fanout before layout 2, "<id>".
@@ -45,7 +48,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import repeat
 from typing import Any, Final
 
@@ -56,6 +59,9 @@ from engine.protocol.codec import make_pos
 
 SHARD_CACHE_MAX: Final = 65_536  # topic -> shard answers kept (cleared when full)
 VERSION: Final = 2  # of what this module describes (rule 5: entries carry batches)
+
+
+Wants = Callable[[str, int], bool]  # `TopicFilter.wants`: keep a run of this topic?
 
 
 class BadEntry(ValueError):
@@ -74,14 +80,20 @@ def text_of(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def entries_of(stream_id: bytes, fields: dict[bytes, bytes]) -> list[Entry]:
-    """A shard stream's entry as its updates, oldest first (rule 5). Raises
-    `BadEntry` for an entry of neither layout; never anything else."""
+def entries_of(
+    stream_id: bytes, fields: dict[bytes, bytes], wants: Wants | None = None
+) -> list[Entry]:
+    """A shard stream's entry as its updates, oldest first (rule 5), but for
+    the runs of topics `wants(topic, updates)` refuses (skipped undecoded into
+    entries). Raises `BadEntry` for an entry of neither layout; never anything else."""
     blob = fields.get(b"b")
     try:
         last = pos_of(stream_id)
         if blob is None:  # layout 1: one update
-            return [(text_of(fields[b"t"]), text_of(fields[b"k"]), last, fields[b"d"])]
+            topic = text_of(fields[b"t"])
+            if wants is not None and not wants(topic, 1):
+                return []
+            return [(topic, text_of(fields[b"k"]), last, fields[b"d"])]
         n = int(fields[b"n"])
         pos = last - n + 1
         out: list[Entry] = []
@@ -90,6 +102,9 @@ def entries_of(stream_id: bytes, fields: dict[bytes, bytes]) -> list[Entry]:
         for topic, kd in unpacker:  # a run: one topic's updates
             keys, data = kd[0::2], kd[1::2]
             m = len(data)
+            if wants is not None and type(topic) is str and not wants(topic, m):
+                pos += m
+                continue
             # types checked in C (map, set): a Python check per update costs more
             if (
                 type(topic) is not str

@@ -46,7 +46,7 @@ import collections
 import secrets
 from typing import Any, Final
 
-from engine.bus.base import BusSink, Entry
+from engine.bus.base import BusSink, Entry, TopicFilter
 from engine.bus.redis.layout import (
     BadEntry,
     entries_of,
@@ -269,6 +269,7 @@ class Reader:
         loop = asyncio.get_running_loop()
         sink = self.sink
         assert sink is not None
+        wants = sink.wants if isinstance(sink, TopicFilter) else None  # layout.py rule 5
         last = self.last
         logs = self.link.layout.logs
         of_log = self.link.layout.shard_of_log
@@ -291,7 +292,7 @@ class Reader:
             for name, items in reply:
                 for sid, fields in items:
                     try:
-                        entries += entries_of(sid, fields)
+                        entries += entries_of(sid, fields, wants)
                     except BadEntry as exc:  # layout.py rule 5: skipped, counted
                         self.bad_entries += 1
                         log.warning("bus: skipped an unreadable entry of %s: %s", name, exc)
