@@ -246,6 +246,7 @@ def media_kind(content_type: str | None) -> str:
     )
 
 
+@functools.lru_cache(maxsize=8)  # asked per request about the one bind address: parse it once
 def bind_is_loopback(host: str) -> bool:
     """Whether an address the admin port binds is reachable from this machine
     only: "localhost" or a loopback IP address (127.0.0.0/8, ::1). "0.0.0.0",
