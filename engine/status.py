@@ -138,6 +138,11 @@ class WorkerStatus:
     updates_unheld: int = 0
     frames_sent: int = 0
     bytes_sent: int = 0
+    # permessage-deflate (engine/fanout/core.py rule 10): frames sent compressed,
+    # their bytes as sent (in bytes_sent) and before compression
+    compressed_frames: int = 0
+    compressed_bytes: int = 0
+    compressed_input_bytes: int = 0
     updates_applied: int = 0
     updates_delivered: int = 0
     updates_coalesced: int = 0
@@ -187,6 +192,9 @@ class WorkerStatus:
             "updates_unheld": self.updates_unheld,
             "frames_sent": self.frames_sent,
             "bytes_sent": self.bytes_sent,
+            "compressed_frames": self.compressed_frames,
+            "compressed_bytes": self.compressed_bytes,
+            "compressed_input_bytes": self.compressed_input_bytes,
             "updates_applied": self.updates_applied,
             "updates_delivered": self.updates_delivered,
             "updates_coalesced": self.updates_coalesced,
@@ -232,6 +240,9 @@ class WorkerStatus:
             updates_unheld=_int(doc.get("updates_unheld")),
             frames_sent=_int(doc.get("frames_sent")),
             bytes_sent=_int(doc.get("bytes_sent")),
+            compressed_frames=_int(doc.get("compressed_frames")),
+            compressed_bytes=_int(doc.get("compressed_bytes")),
+            compressed_input_bytes=_int(doc.get("compressed_input_bytes")),
             updates_applied=_int(doc.get("updates_applied")),
             updates_delivered=_int(doc.get("updates_delivered")),
             updates_coalesced=_int(doc.get("updates_coalesced")),

@@ -135,8 +135,9 @@ class Stats:
 
     __slots__ = (
         "bytes_sent",
-        "compressed_bytes_raw",
+        "compressed_bytes",
         "compressed_frames",
+        "compressed_input_bytes",
         "frames_refused",
         "frames_sent",
         "topics_dropped",
@@ -160,7 +161,8 @@ class Stats:
         self.topics_loaded = 0  # topics loaded from the bus for a sub (rule 9)
         self.updates_unheld = 0  # entries ignored: their topic is not held (rule 9)
         self.compressed_frames = 0  # frames sent compressed (rule 10; in frames_sent)
-        self.compressed_bytes_raw = 0  # their size before compression (bytes_sent: after)
+        self.compressed_input_bytes = 0  # their size before compression
+        self.compressed_bytes = 0  # and after (in bytes_sent)
 
 
 def period_ticks(max_hz: float | None, cap_hz: float, flush_interval_ms: int) -> int:
@@ -600,7 +602,8 @@ class Fanout:
             stats.bytes_sent += len(frame)
             if raw:
                 stats.compressed_frames += 1
-                stats.compressed_bytes_raw += raw
+                stats.compressed_input_bytes += raw
+                stats.compressed_bytes += len(frame)
             items = 0
             for sub, _, pos, n in deliveries:
                 if pos > sub.sent_pos:
@@ -722,7 +725,8 @@ class Fanout:
             stats.bytes_sent += (sent - zsent) * len(msg) + zbytes
             stats.updates_delivered += sent * sh.n
             stats.compressed_frames += zsent
-            stats.compressed_bytes_raw += zsent * len(msg)
+            stats.compressed_input_bytes += zsent * len(msg)
+            stats.compressed_bytes += zbytes
         if refused:
             stats.frames_refused += refused
             self._visit(sh.topic, g.slot)

@@ -8,9 +8,13 @@ more than is sent; masked and unmasked; payloads of random bytes or of fanout
 requests, empty or past the limits; control frames over 125 bytes; fragments
 with control frames between them; runs of one frame repeated up to 300 times),
 then a close frame, then ends its side of the TCP connection and reads what the
-worker sent until the end. It checks:
+worker sent until the end. Half the examples offer permessage-deflate at the
+upgrade; their payloads may also be compressed requests, broken deflate
+streams and zip bombs (RSV1 set or not). It checks:
 
-1. The worker's frames parse, unmasked, without rsv bits.
+1. The worker's frames parse, unmasked, without rsv bits, except RSV1 on a
+   binary frame of a connection that negotiated permessage-deflate, which
+   then inflates (engine/protocol/deflate.py).
 2. Every close the worker sends carries a documented code: one of
    engine/codes.py (1011, an exception escaping the listener, excluded), one
    RFC 6455 names for what picows refuses (1002 protocol error, 1007 invalid
@@ -36,6 +40,7 @@ import base64
 import os
 import socket
 import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +52,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import codes
+from engine.protocol.deflate import CLIENT_OFFER, Deflater, inflate
 from tests.support.serve import Served
 
 pytestmark = pytest.mark.slow
@@ -118,9 +124,13 @@ requests = st.one_of(
         {"op": st.sampled_from(["pub", "auth", "nope"]), "topic": st.text(max_size=5)}
     ),
 )
+_bomb = zlib.compressobj(9, zlib.DEFLATED, -15)
+ZIP_BOMB = (_bomb.compress(bytes(10_000_000)) + _bomb.flush(zlib.Z_SYNC_FLUSH))[:-4]
 payloads = st.one_of(
     st.binary(max_size=40),
     requests.map(lambda r: msgpack.packb(r)),
+    requests.map(lambda r: Deflater(stored_under=0).frame(msgpack.packb(r))),  # compressed
+    st.just(ZIP_BOMB),  # ~10 KB inflating to 10 MB, past MAX_MESSAGE_BYTES
     st.just(b""),
     st.integers(126, 300).map(lambda n: b"p" * n),  # a control frame over 125 bytes
     st.sampled_from([MAX_MESSAGE_BYTES - 10, MAX_MESSAGE_BYTES + 1, 70_000]).map(
@@ -161,6 +171,10 @@ def frames(draw: Any) -> Frame:
 
 
 sequences = st.lists(frames(), min_size=1, max_size=12)
+compressed_first = st.builds(  # a compressed message, RSV1 on its first frame
+    lambda r: Frame(OP_BINARY, Deflater(stored_under=0).frame(msgpack.packb(r)), rsv=4),
+    requests,
+)
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +200,9 @@ def worker(
         s.stop()
 
 
-def upgrade(port: int) -> tuple[socket.socket, bytes]:
-    """A connection past the upgrade, and what the worker sent after its head."""
+def upgrade(port: int, deflate: bool = False) -> tuple[socket.socket, bytes]:
+    """A connection past the upgrade (offering permessage-deflate if `deflate`),
+    and what the worker sent after its head."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     # closed with a reset: 20,000 examples leave no TIME_WAIT ports behind
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -196,7 +211,9 @@ def upgrade(port: int) -> tuple[socket.socket, bytes]:
         (
             f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
+            "Sec-WebSocket-Version: 13\r\n"
+            + (f"Sec-WebSocket-Extensions: {CLIENT_OFFER}\r\n" if deflate else "")
+            + "\r\n"
         ).encode()
     )
     buf = b""
@@ -206,12 +223,13 @@ def upgrade(port: int) -> tuple[socket.socket, bytes]:
         buf += chunk
     head, rest = buf.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 101"), head
+    assert (b"permessage-deflate" in head) is deflate, head
     return sock, rest
 
 
-def exchange(port: int, sequence: list[Frame]) -> bytes:
+def exchange(port: int, sequence: list[Frame], deflate: bool = False) -> bytes:
     """Send the sequence, a close, end our side; everything the worker sent."""
-    sock, received = upgrade(port)
+    sock, received = upgrade(port, deflate)
     data = b"".join(f.encode() * f.repeat for f in sequence)
     data += Frame(OP_CLOSE, struct.pack("!H", 1000)).encode()
     try:
@@ -233,13 +251,15 @@ def exchange(port: int, sequence: list[Frame]) -> bytes:
     return received
 
 
-def parse(data: bytes) -> list[tuple[int, bytes]]:
-    """The worker's frames (rule 1); a frame cut short at the end is dropped."""
+def parse(data: bytes, deflate: bool = False) -> list[tuple[int, bytes]]:
+    """The worker's frames (rule 1), compressed ones inflated; a frame cut short
+    at the end is dropped."""
     out: list[tuple[int, bytes]] = []
     i = 0
     while len(data) - i >= 2:
         b0, b1 = data[i], data[i + 1]
-        assert b0 & 0x70 == 0, f"rsv bits from the worker: {b0:#x}"
+        compressed = deflate and b0 & 0x70 == 0x40 and b0 & 0x0F == OP_BINARY
+        assert b0 & 0x70 == 0 or compressed, f"rsv bits from the worker: {b0:#x}"
         assert b1 & 0x80 == 0, "a masked frame from the worker"
         n, j = b1 & 0x7F, i + 2
         if n == 126:
@@ -254,7 +274,8 @@ def parse(data: bytes) -> list[tuple[int, bytes]]:
             j += 8
         if len(data) - j < n:
             break
-        out.append((b0 & 0x0F, data[j : j + n]))
+        payload = data[j : j + n]
+        out.append((b0 & 0x0F, inflate(payload, 1 << 24) if compressed else payload))
         i = j + n
     return out
 
@@ -307,10 +328,16 @@ def test_arbitrary_frame_sequences(worker: tuple[Served, str, psutil.Process]) -
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
-    @given(sequence=sequences)
-    def one(sequence: list[Frame]) -> None:
+    @given(
+        sequence=sequences,
+        deflate=st.booleans(),
+        first=st.one_of(st.none(), compressed_first),
+    )
+    def one(sequence: list[Frame], deflate: bool, first: Frame | None) -> None:
         ran[0] += 1
-        replies = parse(exchange(served.port, sequence))
+        if first is not None:
+            sequence = [first, *sequence]
+        replies = parse(exchange(served.port, sequence, deflate), deflate)
         check_closes(sequence, replies)
         rss = proc.memory_info().rss
         peak[0] = max(peak[0], rss)
