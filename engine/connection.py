@@ -365,6 +365,8 @@ class ConnectionRules:
         out = self.begin_message(fin, size, now)
         if out == STORE:
             self.compressed = True
+        elif out == MESSAGE:
+            return INFLATE  # a whole message after the rest of a refused one was skipped
         return out
 
     def continuation(self, fin: bool, size: int, now: float) -> int | Close:

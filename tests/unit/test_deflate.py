@@ -14,6 +14,7 @@ import pytest
 from engine import codes
 from engine.auth.ratelimit import RatePolicy
 from engine.connection import (
+    IGNORE,
     INFLATE,
     MESSAGE,
     OP_BINARY,
@@ -327,3 +328,13 @@ def test_compressed_frames_are_rate_limited_like_any() -> None:
     assert verdicts == [INFLATE, INFLATE, REFUSE_MESSAGE]
     assert counters.errors["rate_limited"] == 1
     assert reply(r.refusal(None))["code"] == "rate_limited"
+
+
+def test_a_compressed_message_after_a_skipped_one_is_inflated() -> None:
+    r, _ = rules()
+    r.deflate = True
+    r.skip(OP_BINARY, False)  # a refused fragmented message: its rest is skipped
+    assert r.frame(OP_CONTINUATION, False, 5, 0, 0.0) == IGNORE
+    # a new whole message, compressed, ends the skipping: it is inflated
+    assert r.frame(OP_BINARY, True, 5, RSV1, 0.0) == INFLATE
+    assert r.fragments is None
