@@ -431,10 +431,18 @@ class CountingSink(LatencyRecorder):
                 return False
             items = msg.get("items")
             pos = msg.get("pos")
-            key = pos_key(pos)
-            if type(items) is not dict or key is None:
+            if type(items) is not dict or type(pos) is not str:
                 return False
-            m = (str(msg.get("topic")), items, pos, key, len(items), stamps_of(items.values()))
+            ms, _, seq = pos.partition("-")  # pos_key, inlined: once per distinct message
+            try:
+                key = (int(ms), int(seq or 0))
+            except ValueError:
+                return False
+            counts: dict[int, int] = {}  # stamps_of, inlined
+            for v in items.values():
+                if type(v) is list and len(v) == 2 and type(t := v[1]) is int:
+                    counts[t] = counts.get(t, 0) + 1
+            m = (str(msg.get("topic")), items, pos, key, len(items), tuple(counts.items()))
             if len(ucache) >= self._CACHE_MAX:
                 ucache.clear()
             ucache[body] = m

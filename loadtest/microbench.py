@@ -4,13 +4,17 @@ workloads, and the load generator's cost per frame on market frames built by the
 real core: `us_per_frame`, every client decoding (`CountingSink.feed`,
 loadtest/client.py, `fanout bench --decode-all`); `probe_us_per_frame`, the
 same for the probes alone (5% of the clients: fewer of their messages are
-shared, so fewer are decoded once for several); `counting_us_per_frame`, a
+shared, so fewer are decoded once for several); `probe_2_procs_us_per_frame`,
+the probes spread over two subscriber processes as in a run of 1,000 (each
+process decodes what its own probes get: fewer shared still); `counting_us_per_frame`, a
 counting client (the listener's counting branch: no copy, no decoding);
 `mixed_us_per_frame`, the default run's mix (5% probes, at least 50).
 
     .venv/bin/python -m loadtest.microbench            # all three, best of 5 rounds
     .venv/bin/python -m loadtest.microbench core-hot --rate 10000
 
+Times are this process's CPU time (`time.process_time`: what a CPU shared with
+other work takes from it while it waits does not count), best of the rounds.
 They measure Python work only (the kernel's send and picows are not in them),
 so they show what a change to engine/fanout/core.py or loadtest/client.py
 saves per frame, with less noise than a full `fanout bench` run. Bounded: a
@@ -95,9 +99,9 @@ def bench_core(workload: Workload, subscribers: int, rate: float) -> dict[str, A
     frames = 0
     for _ in range(ROUNDS):
         before = sum(w.frames for w in writers)
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         one_second()
-        elapsed = time.perf_counter() - t0
+        elapsed = time.process_time() - t0
         frames = sum(w.frames for w in writers) - before
         best = min(best, elapsed / max(1, frames) * 1e6)
     return {"frames_per_round": frames, "us_per_frame": round(best, 2)}
@@ -131,17 +135,23 @@ class _Frame:
         return self.payload
 
 
-def _decoding_us(frames: list[tuple[int, bytes]], subs: list[tuple[str, ...]]) -> float:
-    """Best µs per frame of `CountingSink.feed` over `frames` (each to its client)."""
+def _decoding_us(
+    frames: list[tuple[int, bytes]], subs: list[tuple[str, ...]], procs: int = 1
+) -> float:
+    """Best µs per frame of `CountingSink.feed` over `frames` (each to its client), the
+    clients spread over `procs` sinks (a subscriber process each: each decodes its own)."""
     clients = {i: _View(subs[i]) for i, _ in frames}
+    proc_of = {i: k % procs for k, i in enumerate(sorted(clients))}
     best = float("inf")
     for _ in range(ROUNDS):
-        st = CountingSink()
-        st.measuring = True
-        t0 = time.perf_counter()
-        for i, frame in frames:
-            st.feed(clients[i], frame)
-        best = min(best, (time.perf_counter() - t0) / max(1, len(frames)) * 1e6)
+        sinks = [CountingSink() for _ in range(procs)]
+        for st in sinks:
+            st.measuring = True
+        work = [(sinks[proc_of[i]].feed, clients[i], frame) for i, frame in frames]
+        t0 = time.process_time()
+        for feed, client, frame in work:
+            feed(client, frame)
+        best = min(best, (time.process_time() - t0) / max(1, len(frames)) * 1e6)
     return best
 
 
@@ -156,10 +166,10 @@ def _counting_us(frames: list[tuple[int, bytes]], subs: list[tuple[str, ...]]) -
     wrapped = [(clients[i], _Frame(WSMsgType.BINARY, f)) for i, f in frames]
     best = float("inf")
     for _ in range(ROUNDS):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for c, frame in wrapped:
             c.on_ws_frame(None, frame)
-        best = min(best, (time.perf_counter() - t0) / max(1, len(frames)) * 1e6)
+        best = min(best, (time.process_time() - t0) / max(1, len(frames)) * 1e6)
     return best
 
 
@@ -172,6 +182,7 @@ def bench_generator(subscribers: int, rate: float) -> dict[str, Any]:
     probe_frames = [(i, f) for i, f in frames if i in probes]
     every = _decoding_us(frames, subs)
     probe = _decoding_us(probe_frames, subs)
+    probe_2 = _decoding_us(probe_frames, subs, 2)
     counting = _counting_us(frames, subs)
     share = len(probe_frames) / len(frames)
     size = sum(len(f) for _, f in frames) / len(frames)
@@ -180,6 +191,7 @@ def bench_generator(subscribers: int, rate: float) -> dict[str, Any]:
         "bytes_per_frame": round(size),
         "us_per_frame": round(every, 2),
         "probe_us_per_frame": round(probe, 2),
+        "probe_2_procs_us_per_frame": round(probe_2, 2),
         "counting_us_per_frame": round(counting, 2),
         "mixed_us_per_frame": round(share * probe + (1 - share) * counting, 2),
     }
