@@ -10,7 +10,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from engine.bus.redis.presence import MAX_NODE_ID_BYTES, Presence, make_client, nodes_key
+from engine.bus.redis.presence import (
+    MAX_NODE_ID_BYTES,
+    MAX_PEERS,
+    Presence,
+    make_client,
+    nodes_key,
+)
 from tests.support.redis_server import RedisServer, redis_available
 from tests.support.serve import TIMEOUT_FACTOR
 
@@ -109,3 +115,18 @@ async def test_a_node_that_is_not_ready_leaves_the_presence(redis: RedisServer) 
     finally:
         await a.client.aclose()
         await b.client.aclose()
+
+
+async def test_a_hash_flooded_with_entries_is_read_only_up_to_the_bound(
+    redis: RedisServer,
+) -> None:
+    a = presence(redis, "a", 1, ttl_s=60.0)
+    try:
+        await a.announce()
+        far = 10**15  # an expiry far ahead: every entry is live
+        flood = {f"n{i}": f"{far} {i}" for i in range(3 * MAX_PEERS)}
+        await a.client.hset(nodes_key("t"), mapping=flood)
+        peers = await a.announce()  # rule 4: at most MAX_PEERS entries come back
+        assert len(peers) <= MAX_PEERS and a.peers_ignored == 1
+    finally:
+        await a.client.aclose()
