@@ -40,7 +40,45 @@ _HTTP_HEAD = b"\x81\xa5items"  # {"items": ...}
 _WS_HEAD = b"\x83\xa2op\xa3pub\xa2id"  # {"op": "pub", "id": ..., then "items"
 
 
-class WorkloadPublisher:
+class _Publisher:
+    """What both channels' publishers share: the workload's sampler (this
+    generator's share of it), the sequence stamped into values, the counters
+    `publish_for` reports, and the finals."""
+
+    def __init__(self, workload: Workload, seed: int, max_items: int, shard: Shard) -> None:
+        self.workload = workload
+        # --shard i/N: only this generator's pairs (loadtest/bench/shard.py)
+        self.shard = shard
+        self.sample = (
+            key_sampler(workload, seed) if shard == WHOLE else shard_sampler(workload, seed, shard)
+        )
+        self.max_items = max_items
+        self.seq = 0
+        self.requests = 0
+        self.accepted = 0
+        self.failed = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.rtt_hist: dict[int, int] = {}
+        self.prefixes: dict[tuple[str, str], bytes] = {}  # at most one per key of the workload
+
+    def final_batches(self) -> tuple[dict[str, dict[str, int]], list[list[dict[str, Any]]]]:
+        """One last value for every key of every topic (of this generator's share):
+        the finals ({topic: {key: seq}}) and the items, in batches of `max_items`."""
+        t = time.time_ns()
+        finals: dict[str, dict[str, int]] = {}
+        items = []
+        for topic, key in shard_pairs(self.workload, self.shard):
+            self.seq += 1
+            finals.setdefault(topic, {})[key] = self.seq
+            items.append({"topic": topic, "key": key, "data": [self.seq, t]})
+        return finals, [items[i : i + self.max_items] for i in range(0, len(items), self.max_items)]
+
+    def record_rtt(self, t0_ns: int) -> None:
+        b = bucket_of(time.perf_counter_ns() - t0_ns)
+        self.rtt_hist[b] = self.rtt_hist.get(b, 0) + 1
+
+
+class WorkloadPublisher(_Publisher):
     """POST /publish batches of the workload's keys over one keep-alive HTTP/1.1
     connection (msgpack or JSON bodies); finals are {topic: {key: seq}}."""
 
@@ -53,29 +91,16 @@ class WorkloadPublisher:
         body: str,
         shard: Shard = WHOLE,
     ) -> None:
+        super().__init__(workload, seed, max_items, shard)
         parsed = urllib.parse.urlsplit(admin)
         self.host = parsed.hostname or "127.0.0.1"
         self.port = parsed.port or 80
-        self.workload = workload
-        # --shard i/N: only this generator's pairs (loadtest/bench/shard.py)
-        self.shard = shard
-        self.sample = (
-            key_sampler(workload, seed) if shard == WHOLE else shard_sampler(workload, seed, shard)
-        )
-        self.max_items = max_items
         self.body = body
         self.headers = {"Content-Type": f"application/{body}"}
         api_key = os.environ.get("FANOUT_API_KEY", "")
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.conn: http.client.HTTPConnection | None = None
-        self.seq = 0
-        self.requests = 0
-        self.accepted = 0
-        self.failed = 0
-        self.errors: collections.Counter[str] = collections.Counter()
-        self.rtt_hist: dict[int, int] = {}
-        self.prefixes: dict[tuple[str, str], bytes] = {}  # at most one per key of the workload
 
     def post(self, n: int) -> bool:
         """Publish `n` updates (one request), stamped now; True when the bus accepted them."""
@@ -93,15 +118,9 @@ class WorkloadPublisher:
 
     def post_all_finals(self) -> dict[str, dict[str, int]]:
         """One last value for every key of every topic (of this generator's share)."""
-        t = time.time_ns()
-        finals: dict[str, dict[str, int]] = {}
-        items = []
-        for topic, key in shard_pairs(self.workload, self.shard):
-            self.seq += 1
-            finals.setdefault(topic, {})[key] = self.seq
-            items.append({"topic": topic, "key": key, "data": [self.seq, t]})
-        for i in range(0, len(items), self.max_items):
-            if not self._send(items[i : i + self.max_items]):
+        finals, batches = self.final_batches()
+        for items in batches:
+            if not self._send(items):
                 raise RuntimeError(f"publishing the final values failed: {dict(self.errors)}")
         return finals
 
@@ -129,8 +148,7 @@ class WorkloadPublisher:
                 self.conn.close()
             self.conn = None
             return False
-        b = bucket_of(time.perf_counter_ns() - t0)
-        self.rtt_hist[b] = self.rtt_hist.get(b, 0) + 1
+        self.record_rtt(t0)
         if status != 200:
             self.errors[f"HTTP {status}: {answer[:100]!r}"] += 1
             self.failed += n_items
@@ -149,7 +167,7 @@ class WorkloadPublisher:
             self.conn.close()
 
 
-class WsWorkloadPublisher:
+class WsWorkloadPublisher(_Publisher):
     """WebSocket `pub` batches of the workload's keys over one connection to
     `ws_url` (docs/protocol.md: `items`, acked with one position per item),
     at most `in_flight` batches awaiting their ack; the bodies are assembled
@@ -168,23 +186,11 @@ class WsWorkloadPublisher:
         shard: Shard = WHOLE,
         in_flight: int = WS_IN_FLIGHT,
     ) -> None:
-        self.workload = workload
-        self.shard = shard
-        self.sample = (
-            key_sampler(workload, seed) if shard == WHOLE else shard_sampler(workload, seed, shard)
-        )
-        self.max_items = max_items
+        super().__init__(workload, seed, max_items, shard)
         self.in_flight = in_flight
         self.loop = asyncio.new_event_loop()
         self.conn = self.loop.run_until_complete(connect(ws_url, compression=False))
         self.loop.run_until_complete(self.conn.recv_op("hello"))
-        self.seq = 0
-        self.requests = 0
-        self.accepted = 0
-        self.failed = 0
-        self.errors: collections.Counter[str] = collections.Counter()
-        self.rtt_hist: dict[int, int] = {}
-        self.prefixes: dict[tuple[str, str], bytes] = {}
         self.waiting: dict[int, tuple[int, int]] = {}  # request id -> (items, sent at ns)
 
     def post(self, n: int) -> bool:
@@ -202,17 +208,10 @@ class WsWorkloadPublisher:
     def post_all_finals(self) -> dict[str, dict[str, int]]:
         """One last value for every key of every topic (of this generator's share),
         every batch acked before it returns."""
-        t = time.time_ns()
-        finals: dict[str, dict[str, int]] = {}
-        items = []
-        for topic, key in shard_pairs(self.workload, self.shard):
-            self.seq += 1
-            finals.setdefault(topic, {})[key] = self.seq
-            items.append({"topic": topic, "key": key, "data": [self.seq, t]})
+        finals, batches = self.final_batches()
         failed = self.failed
-        for i in range(0, len(items), self.max_items):
-            body = self._head() + msgpack.packb(items[i : i + self.max_items])
-            if not self._send(body, len(items[i : i + self.max_items])):
+        for items in batches:
+            if not self._send(self._head() + msgpack.packb(items), len(items)):
                 break
             self._wait(lambda: len(self.waiting) < self.in_flight, WS_ACK_TIMEOUT_S)
         self.drain()
@@ -282,8 +281,7 @@ class WsWorkloadPublisher:
         n, t0 = sent
         if msg.get("op") == "ack":
             self.accepted += n
-            b = bucket_of(time.perf_counter_ns() - t0)
-            self.rtt_hist[b] = self.rtt_hist.get(b, 0) + 1
+            self.record_rtt(t0)
         else:
             self.failed += n
             self.errors[f"{msg.get('code')}: {str(msg.get('msg'))[:100]}"] += 1
