@@ -66,12 +66,13 @@ Rules this module owns:
    ever dropped.
 10. Compress once (permessage-deflate, engine/protocol/deflate.py): with a
    `Deflater`, a session that negotiated it (`Session.deflate`) gets each
-   frame of at least `min_bytes` compressed. A message is compressed at most
-   once per flush, whoever gets it (a group's shared message, a catch-up
-   cached per position): its piece is cached for the flush, and a session's
-   frame of several messages is the join of their pieces (deflate.py rule 4).
-   Nothing is kept per session. `per_client` (to measure what it saves)
-   compresses each session's frame on its own instead.
+   frame of at least `min_bytes` compressed, unless that would not make it
+   smaller. A message is compressed at most once per flush, whoever gets it
+   (a group's shared message, a catch-up cached per position): its piece is
+   cached for the flush, and a session's frame of several messages is the
+   join of their pieces (deflate.py rule 4). Nothing is kept per session.
+   `per_client` (to measure what it saves) compresses each session's frame
+   on its own instead.
 """
 
 from __future__ import annotations
@@ -624,8 +625,8 @@ class Fanout:
 
     def _compress(self, deliveries: list[Delivery]) -> tuple[bytes, int]:
         """One session's frame under rule 10: its messages' pieces joined (each
-        compressed once per flush), or as is under `min_bytes`; and its size
-        before compression (0: not compressed)."""
+        compressed once per flush), or as is under `min_bytes` or when that
+        would not be smaller; and its size before compression (0: as is)."""
         deflater = self.deflater
         assert deflater is not None
         if len(deliveries) == 1:
@@ -634,14 +635,18 @@ class Fanout:
                 return msg, 0
             if self.per_client:
                 return deflater.frame(msg), len(msg)
-            return frame_of((self._piece(msg),)), len(msg)
+            z = frame_of((self._piece(msg),))
+            return (msg, 0) if len(z) >= len(msg) else (z, len(msg))
         msgs = [d[1] for d in deliveries]
         size = sum(map(len, msgs))
         if size < self.min_bytes:
             return b"".join(msgs), 0
         if self.per_client:
             return deflater.frame(b"".join(msgs)), size
-        return frame_of([self._piece(m) for m in msgs]), size
+        pieces = [self._piece(m) for m in msgs]
+        if sum(map(len, pieces)) >= size:
+            return b"".join(msgs), 0  # small incompressible messages: as is
+        return frame_of(pieces), size
 
     def _piece(self, msg: bytes) -> bytes:
         piece = self._pieces.get(msg)
@@ -704,11 +709,17 @@ class Fanout:
                 elif sh.zmsg is not None:
                     z = sh.zmsg
                 else:
-                    z = sh.zmsg = frame_of((self._piece(msg),))
-                ok = writer.write(z, True)
-                if ok:
-                    zsent += 1
-                    zbytes += len(z)
+                    z = frame_of((self._piece(msg),))
+                    if len(z) >= len(msg):
+                        z = msg  # deflate does not make it smaller: as is for all
+                    sh.zmsg = z
+                if z is msg:
+                    ok = writer.write(msg)
+                else:
+                    ok = writer.write(z, True)
+                    if ok:
+                        zsent += 1
+                        zbytes += len(z)
             else:
                 ok = writer.write(msg)
             if ok:

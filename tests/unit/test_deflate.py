@@ -5,6 +5,7 @@ connection's rules for compressed frames (engine/connection.py rule 3)."""
 
 from __future__ import annotations
 
+import random
 import zlib
 from typing import Any
 
@@ -244,6 +245,20 @@ def test_a_frame_under_the_threshold_goes_raw() -> None:
     _flush(fo)
     assert c.compressed == [False] and d.pieces == 0
     assert sorted(m["topic"] for m in c.frames[0]) == ["a", "b"]
+
+
+def test_a_frame_deflate_cannot_shrink_goes_as_is() -> None:
+    rng = random.Random(7)
+    d = Deflater(64)
+    fo = Fanout("e1", deflater=d)
+    single = _sessions(fo, 3, ["a"], deflate=True)  # the shared path
+    (multi,) = _sessions(fo, 1, ["a", "b"], deflate=True)
+    for t, pos in (("a", 1), ("b", 10)):
+        fo.apply(t, "k", pos, msgpack.packb(rng.randbytes(400)))  # incompressible
+    _flush(fo)
+    assert all(c.compressed == [False] for c in [*single, multi])
+    assert sorted(m["topic"] for m in multi.frames[0]) == ["a", "b"]
+    assert fo.stats.compressed_frames == 0
 
 
 # -- the connection's rules (engine/connection.py rule 3) --------------------------------
