@@ -669,7 +669,7 @@ class ConnectionRules:
             return self.publish_failed(result, req.request_id, named or req.updates[0].topic)
         self.counters.published += len(req.updates)
         self.counters.publish_hist.observe(elapsed_s)
-        return codec.ack(req.request_id, pos=[codec.format_pos(p) for p in result])
+        return codec.ack(req.request_id, pos=codec.format_positions(result))
 
     # -- a `sub` waiting for its topics (rule 5) ----------------------------------------
 

@@ -65,7 +65,7 @@ from engine.protocol.codec import (
     container_at,
     data_problem,
     depth_problem,
-    format_pos,
+    format_positions,
     nested_deeper_than,
     read_raw,
     utf8_problem,
@@ -768,7 +768,7 @@ def _msgpack_update(fields: dict[str, Any], data: bytes | None, where: str) -> U
 
 def publish_response(request: PublishRequest, positions: Sequence[int]) -> Response:
     """200 `{"pos": "MS-SEQ"}` for one update, `{"pos": [...]}` for a batch."""
-    wire = [format_pos(p) for p in positions]
+    wire = format_positions(positions)
     return json_response(200, {"pos": wire if request.batch else wire[0]})
 
 

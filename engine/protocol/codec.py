@@ -95,6 +95,11 @@ def format_pos(pos: int) -> str:
     return f"{pos >> _SEQ_BITS}-{pos & _SEQ_MASK}"
 
 
+def format_positions(positions: Iterable[int]) -> list[str]:
+    """`format_pos` of each position (a batch's ack), without a call per position."""
+    return [f"{pos >> _SEQ_BITS}-{pos & _SEQ_MASK}" for pos in positions]
+
+
 def parse_pos(text: object) -> int:
     """Parse a wire position; raises `RemoteProtocolError(bad_request)`."""
     if isinstance(text, str):

@@ -171,3 +171,12 @@ def test_a_batch_of_repeated_topics_keeps_every_item_in_order() -> None:
     assert batch.items == tuple(
         PubItem(f"t{i % 3}", f"k{i}", msgpack.packb([i, {"q": i}])) for i in range(50)
     )
+
+
+def test_a_batchs_positions_are_formatted_each_as_format_pos_does() -> None:
+    from engine.protocol.codec import format_pos, format_positions, make_pos, parse_pos
+
+    positions = [0, make_pos(1_765_000_000_000, 0), make_pos(1_765_000_000_000, 2**32 - 1)]
+    assert format_positions(positions) == [format_pos(p) for p in positions]
+    assert [parse_pos(text) for text in format_positions(positions)] == positions
+    assert format_positions([]) == []
