@@ -168,6 +168,7 @@ def served_on_redis(tmp_path: Any) -> Iterator[Served]:
         "FANOUT_BUS_BACKEND": "redis",
         "FANOUT_BUS_REDIS_URL": redis.url,
         "FANOUT_SERVER_ALLOWED_ORIGINS": json.dumps(["https://app.example"]),
+        "FANOUT_REBALANCE_ENABLED": "true",  # its families too (alone: it sheds nothing)
     }
     s = Served(["--workers", "2"], env=env, log_path=str(tmp_path / "serve.log"))
     try:
