@@ -180,3 +180,44 @@ def test_a_batchs_positions_are_formatted_each_as_format_pos_does() -> None:
     assert format_positions(positions) == [format_pos(p) for p in positions]
     assert [parse_pos(text) for text in format_positions(positions)] == positions
     assert format_positions([]) == []
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\xca\x3f\xc0\x00\x00",  # 1.5 as float32: decodes to a float that packs as float64
+        b"\xcd\x00\x05",  # 5 as uint16: packs back as a fixint
+        b"\xd9\x02hi",  # "hi" as str8: packs back as a fixstr
+    ],
+)
+def test_data_a_publisher_encoded_otherwise_than_we_would_is_kept_byte_for_byte(
+    raw: bytes,
+) -> None:
+    # rule 1: the exact bytes, whether or not the batch re-encodes to itself
+    def item(data: bytes) -> bytes:
+        return (
+            b"\x83"
+            + msgpack.packb("topic")
+            + msgpack.packb("a")
+            + msgpack.packb("key")
+            + msgpack.packb("k")
+            + msgpack.packb("data")
+            + data
+        )
+
+    payload = (
+        b"\x83"
+        + msgpack.packb("op")
+        + msgpack.packb("pub")
+        + msgpack.packb("id")
+        + msgpack.packb(3)
+        + msgpack.packb("items")
+        + b"\x92"
+        + item(b"\x01")
+        + item(raw)
+    )
+    batch = decode_request(payload, 10)
+    assert isinstance(batch, PubBatch)
+    assert [i.data for i in batch.items] == [b"\x01", raw]
+    exact = encoded(op="pub", id=3, items=[{"topic": "a", "key": "k", "data": [1, "x"]}])
+    assert decode_request(exact, 10) == PubBatch(3, (PubItem("a", "k", msgpack.packb([1, "x"])),))
