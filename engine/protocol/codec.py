@@ -2,9 +2,11 @@
 
 Rules this module owns:
 
-1. A publisher's `data` is never decoded and re-encoded. `decode_request` hands
-   back the exact msgpack bytes of the `data` value (`Pub.data`), and the
-   `build_*` functions splice stored value bytes into outgoing messages.
+1. A publisher's `data` bytes are what is published, exactly. `decode_request`
+   hands back the exact msgpack bytes of the `data` value (`Pub.data`; in a
+   batch whose bytes re-encode to themselves, each `data`'s re-encoding,
+   which is then the same bytes), and the `build_*` functions splice stored
+   value bytes into outgoing messages.
 2. A deletion is the msgpack nil byte (`NIL`) stored as the key's value; it is
    sent as nil in `upd` and in `snap` with `full: false`, and left out of a full
    `snap`.
