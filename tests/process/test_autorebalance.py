@@ -95,7 +95,9 @@ async def test_a_new_node_gets_its_share_within_the_stated_time(
             await asyncio.gather(*(c.wait_connected(30 * TIMEOUT_FACTOR) for c in batch))
             await asyncio.gather(*(c.subscribe([TOPIC]) for c in batch))
             clients += batch
-        await wait_for(lambda: [connections(n) for n in nodes] == [300, 300], 20.0)
+        # the proxy alternates (a connect retried after a failure may take a turn)
+        await wait_for(lambda: sum(connections(n) for n in nodes) == CLIENTS, 20.0)
+        assert all(250 <= connections(n) <= 350 for n in nodes)
 
         c_node = node(redis, "c", tmp_path)
         nodes.append(c_node)
