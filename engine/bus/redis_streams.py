@@ -319,6 +319,8 @@ class RedisBus(BusBackend):
                 (log.warning if streak.failures == 0 else log.debug)(
                     "bus: Redis at %s unavailable: %s", self.shown_url, exc
                 )
+            except BusError as exc:  # a layout this node does not know (reader.py rule 2)
+                log.error("bus: cannot use Redis at %s: %s", self.shown_url, exc)
             except Exception:
                 # A sink that failed has lost entries: load every shard again.
                 log.exception("bus: error while reading from Redis; resynchronizing")

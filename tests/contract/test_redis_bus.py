@@ -16,6 +16,7 @@ import pytest
 from engine.backoff import Backoff
 from engine.bus import Update
 from engine.bus.limits import Limits
+from engine.bus.redis.layout import VERSION as LAYOUT_VERSION
 from engine.bus.redis.layout import pos_of
 from engine.bus.redis_streams import RedisBus
 from engine.errors import BusError, BusUnavailable
@@ -416,3 +417,32 @@ async def test_a_sink_that_holds_some_topics_gets_only_theirs(redis: RedisServer
     finally:
         await reader.close()
         await pub.close()
+
+
+async def test_a_node_marks_the_layout_and_refuses_a_newer_one(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """layout.py rule 7: the first client writes `P:layout`; a client meeting a
+    later version stays disconnected (publishes fail fast, /readyz fails) and
+    says which key and why; it syncs once the key is back to its version."""
+    first = RedisBus(redis.url, shards=1, want_entries=False)
+    await first.start(None)
+    await first.close()
+    assert redis.cli("GET", "fanout:layout").strip() == str(LAYOUT_VERSION)
+    redis.cli("SET", "fanout:layout", str(LAYOUT_VERSION + 1))
+    bus = RedisBus(redis.url, shards=1, backoff=Backoff(min_ms=50, max_ms=50))
+    sink = OrderedRecorder()
+    await bus.start(sink)
+    try:
+        assert not bus.connected and sink.links == []
+        with pytest.raises(BusUnavailable):
+            await bus.publish_wait([Update("t", "k", val(1))])
+        assert any(
+            "'fanout:layout'" in r.getMessage() and "upgrade this node" in r.getMessage()
+            for r in caplog.records
+        )
+        redis.cli("SET", "fanout:layout", str(LAYOUT_VERSION))
+        await until(lambda: bus.connected, "the client syncs with its own layout")
+        await bus.publish_wait([Update("t", "k", val(1))])
+    finally:
+        await bus.close()

@@ -13,6 +13,7 @@ from engine.bus.redis.layout import (
     BadEntry,
     Layout,
     entries_of,
+    newer_layout,
     parse_events,
     parse_state,
     pos_of,
@@ -143,3 +144,13 @@ def test_the_shard_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         topic = f"t{i}"
         assert lay.shard(topic) == shard_of(topic, 8)
         assert len(lay._shard_cache) <= 10
+
+
+def test_a_newer_layout_is_refused_an_older_or_absent_one_is_not() -> None:
+    """Rule 7."""
+    assert newer_layout(None) is None
+    assert newer_layout(str(layout_module.VERSION).encode()) is None
+    assert newer_layout(b"1") is None
+    why = newer_layout(str(layout_module.VERSION + 1).encode())
+    assert why is not None and "upgrade this node" in why
+    assert newer_layout(b"two") is not None

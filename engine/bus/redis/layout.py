@@ -15,6 +15,7 @@ Layout in Redis, version 2 (`P` is `bus.redis.prefix`, `N` a shard,
                           trimmed (the newest entry ID a byte trim removed)
     P:{sN}:expiry         zset: topics with an idle expiry -> their deadline (ms)
     P:epoch               the epoch (random hex), created by the first client
+    P:layout              the layout version (rule 7), set by the first client
 
 Rules:
 
@@ -44,6 +45,11 @@ Rules:
 6. A state hash's value is "<position> <data>"; the position is written
    "<id>+<j>" (the request's first position plus j: publish.lua formats one
    number per request) or, by fanout before layout 2, "<id>".
+7. `P:layout` holds the version of the layout written in this Redis: a
+   client sets it to `VERSION` when it is absent (a fresh Redis, or one
+   written by fanout before layout 2, which never set it) and refuses to
+   sync while it holds a later version (`newer_layout`): a node must not
+   read or write a layout it does not know. A later layout raises it.
 """
 
 from __future__ import annotations
@@ -78,6 +84,18 @@ def pos_of(stream_id: bytes | str) -> int:
 def text_of(raw: bytes) -> str:
     """A topic or key read from Redis (rule 3). Never raises."""
     return raw.decode("utf-8", "replace")
+
+
+def newer_layout(stored: bytes | None) -> str | None:
+    """Why a client of `VERSION` must not use a Redis whose `P:layout` is
+    `stored` (rule 7); None when it may."""
+    try:
+        version = int(stored or VERSION)
+    except ValueError:
+        return f"its layout version is {stored!r}, not a number"
+    if version > VERSION:
+        return f"it holds layout {version}, newer than this node's {VERSION}: upgrade this node"
+    return None
 
 
 def entries_of(
@@ -158,6 +176,7 @@ class Layout:
         "expiries",
         "floors",
         "idle_key",
+        "layout_key",
         "logs",
         "metas",
         "prefix",
@@ -171,6 +190,7 @@ class Layout:
         self.prefix = prefix
         self.shards = shards
         self.epoch_key = f"{prefix}:epoch"
+        self.layout_key = f"{prefix}:layout"  # rule 7
         self.idle_key = f"{prefix}:idle"  # a stream nobody writes (a publish-only link watch)
         self.logs = [f"{prefix}:{{s{s}}}:log" for s in range(shards)]
         self.shard_of_log = {name.encode(): s for s, name in enumerate(self.logs)}

@@ -6,7 +6,8 @@ Rules:
    call for all shards; one per shard on Redis Cluster, where a command cannot
    span slots), on a client of its own with no socket timeout; a read that has
    not returned `BLOCK + READ_GRACE_S` after it was sent counts as a broken link.
-2. Every (re)connect is a sync: `on_bus_epoch(epoch)`, then (for shards read
+2. Every (re)connect is a sync: the layout version checked (layout.py rule
+   7: a newer one is refused, the link stays down), `on_bus_epoch(epoch)`, then (for shards read
    for the first time, or whose stream was trimmed past the last ID read) the
    shard's head ID H is resolved, the state hashes are loaded and every key at
    a position <= H is delivered, oldest first, then `on_bus_connected(True)`,
@@ -48,14 +49,17 @@ from typing import Any, Final
 
 from engine.bus.base import BusSink, Entry, TopicFilter
 from engine.bus.redis.layout import (
+    VERSION,
     BadEntry,
     entries_of,
+    newer_layout,
     parse_events,
     parse_state,
     pos_of,
     text_of,
 )
 from engine.bus.redis.link import Link, Resync, log
+from engine.errors import BusError
 from engine.protocol.codec import format_pos
 
 BLOCK_MS: Final = 1000  # XREAD BLOCK: also how often an idle reader proves it is alive
@@ -120,6 +124,7 @@ class Reader:
             await cmd.initialize()
             await link.reader.initialize()
         await link.scripts.load(cmd)
+        await self._check_layout()
         epoch = await self._epoch_call("")
         reads = self.reads_entries()
         heads: list[int | None] = []
@@ -204,6 +209,14 @@ class Reader:
             )
             lost += [s for s, reply in zip(check, replies, strict=True) if not reply]
         return lost
+
+    async def _check_layout(self) -> None:
+        """layout.py rule 7: mark the layout; refuse a newer one (raises `BusError`)."""
+        key = self.link.layout.layout_key
+        _, stored = await self.link.many([("SET", key, VERSION, "NX"), ("GET", key)])
+        why = newer_layout(stored)
+        if why is not None:
+            raise BusError(f"Redis key {key!r}: {why}")
 
     async def _epoch_call(self, replace: str) -> str:
         new = secrets.token_hex(EPOCH_BYTES)
