@@ -78,6 +78,7 @@ class Rebalancer:
         self.fair = 0.0
         self.mine = 0
         self.ordered = 0  # connections the workers were told to close
+        self.decide_failures = 0
         self.health = TaskHealth()
         self.presence: Presence | None = None
         self._task: asyncio.Task[None] | None = None
@@ -120,7 +121,18 @@ class Rebalancer:
         return self.count_of() if self.ready else None
 
     def decide(self, peers: dict[str, int]) -> None:
-        """After each announce: the rule's decision, carried out (only when ready)."""
+        """After each announce: the rule's decision, carried out (only when ready).
+
+        A failure here is logged and counted (`decide_failures` in /stats), and
+        the presence goes on: a bug in rebalancing must not make /readyz fail
+        on every node at once (only a presence that cannot reach Redis does)."""
+        try:
+            self._decide(peers)
+        except Exception:
+            self.decide_failures += 1
+            log.exception("rebalance: a decision failed; announcing on")
+
+    def _decide(self, peers: dict[str, int]) -> None:
         if not self.ready:
             return
         now = asyncio.get_running_loop().time()
@@ -161,6 +173,7 @@ class Rebalancer:
             "shed": self.ordered,
             "presence_up": not self.health.down and bool(self.presence and self.presence.last_ok),
             "presence_restarts": self.health.total_restarts(),
+            "decide_failures": self.decide_failures,
         }
 
 
