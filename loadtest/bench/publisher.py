@@ -1,7 +1,8 @@
 """The publisher process of `fanout bench`: U updates/s through POST /publish
 or WebSocket `pub` batches (`--publish-via`).
 
-One keep-alive HTTP connection to the admin port (`WorkloadPublisher`), or one
+One keep-alive HTTP connection to the admin port (`WorkloadPublisher`, through
+loadtest/bench/httppost.py: a third of http.client's CPU per request), or one
 WebSocket connection to node 1 with up to `WS_IN_FLIGHT` batches awaiting
 their acks (`WsWorkloadPublisher`), and a clock-paced loop (`publish_for`: every batch interval it sends what is due by
 then, so a slow request is made up for by a larger next batch); the
@@ -29,6 +30,7 @@ from typing import Any
 import msgpack
 
 from engine.client.raw import ConnectionClosed, connect
+from loadtest.bench.httppost import KeepAlivePost
 from loadtest.bench.shard import WHOLE, Shard, shard_pairs, shard_sampler
 from loadtest.latency import bucket_mid_ns, bucket_of, percentiles_ms
 from loadtest.workload import Workload, key_sampler
@@ -100,7 +102,7 @@ class WorkloadPublisher(_Publisher):
         api_key = os.environ.get("FANOUT_API_KEY", "")
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
-        self.conn: http.client.HTTPConnection | None = None
+        self.conn = KeepAlivePost(self.host, self.port, timeout_s=10.0)  # httppost.py
 
     def post(self, n: int) -> bool:
         """Publish `n` updates (one request), stamped now; True when the bus accepted them."""
@@ -135,18 +137,10 @@ class WorkloadPublisher(_Publisher):
         t0 = time.perf_counter_ns()
         self.requests += 1
         try:
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
-            self.conn.request("POST", "/publish", body, self.headers)
-            resp = self.conn.getresponse()
-            answer = resp.read()
-            status = resp.status
-        except (OSError, http.client.HTTPException) as exc:
+            status, answer = self.conn.post("/publish", body, self.headers)
+        except (OSError, http.client.HTTPException) as exc:  # the connection is closed
             self.errors[f"{type(exc).__name__}: {str(exc)[:100]}"] += 1
             self.failed += n_items
-            if self.conn is not None:
-                self.conn.close()
-            self.conn = None
             return False
         self.record_rtt(t0)
         if status != 200:
@@ -163,8 +157,7 @@ class WorkloadPublisher(_Publisher):
         """Every request is answered when `post` returns: nothing to wait for."""
 
     def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
+        self.conn.close()
 
 
 class WsWorkloadPublisher(_Publisher):
