@@ -12,6 +12,10 @@ counting client (the listener's counting branch: no copy, no decoding);
 
     .venv/bin/python -m loadtest.microbench            # all three, best of 5 rounds
     .venv/bin/python -m loadtest.microbench core-hot --rate 10000
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        .venv/bin/python -m loadtest.microbench probe-rounds --rate 10000 --rounds 3
+        # and --rounds 1: (Ir(3) - Ir(1)) / (2 x probe_frames_per_round) instructions
+        # per probe frame, a figure that holds on a shared machine
 
 Times are this process's CPU time (`time.process_time`: what a CPU shared with
 other work takes from it while it waits does not count), best of the rounds.
@@ -197,6 +201,25 @@ def bench_generator(subscribers: int, rate: float) -> dict[str, Any]:
     }
 
 
+def probe_rounds(subscribers: int, rate: float, rounds: int) -> dict[str, Any]:
+    """The probes' frames fed `rounds` times (two subscriber processes, a fresh sink
+    and views each round), untimed: for an instruction count, run it under callgrind
+    with two values of --rounds and divide the difference by the frames between."""
+    frames: list[tuple[int, bytes]] = []
+    one_second, _, subs = _core(MARKET, subscribers, rate, keep=frames)
+    one_second()
+    n_probes = min(subscribers, max(50, math.ceil(0.05 * subscribers)))
+    probes = sorted({j * subscribers // n_probes for j in range(n_probes)})
+    proc_of = {i: k % 2 for k, i in enumerate(probes)}
+    probe_frames = [(i, f) for i, f in frames if i in proc_of]
+    for _ in range(rounds):
+        clients = {i: _View(subs[i]) for i in proc_of}
+        sinks = (CountingSink(), CountingSink())
+        for i, frame in probe_frames:
+            sinks[proc_of[i]].feed(clients[i], frame)
+    return {"probe_frames_per_round": len(probe_frames), "rounds": rounds}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m loadtest.microbench",
@@ -206,13 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "which",
         nargs="*",
-        help="core-hot, core-market and/or generator (default: all three)",
+        help="core-hot, core-market, generator (default: these three) and/or probe-rounds",
     )
     p.add_argument("-S", "--subscribers", type=int, default=1000, help="sessions (1000)")
     p.add_argument("--rate", type=float, default=0.0, help="updates/s (hot 10000, market 20000)")
+    p.add_argument("--rounds", type=int, default=1, help="probe-rounds: rounds to run (1)")
     a = p.parse_args(argv)
-    known = ["core-hot", "core-market", "generator"]
-    which = a.which or known
+    known = ["core-hot", "core-market", "generator", "probe-rounds"]
+    which = a.which or known[:3]
     for name in which:
         if name not in known:
             p.error(f"unknown benchmark {name!r}: choose from {', '.join(known)}")
@@ -223,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "core-market":
             rate = a.rate or 20000
             r = bench_core(MARKET, a.subscribers, rate)
+        elif name == "probe-rounds":
+            rate = a.rate or 20000
+            r = probe_rounds(a.subscribers, rate, max(0, a.rounds))
         else:
             rate = a.rate or 20000
             r = bench_generator(a.subscribers, rate)
