@@ -73,6 +73,17 @@ def test_runs_of_topics_the_sink_does_not_want_are_skipped_at_their_positions() 
     assert entries_of(b"5-3", {b"t": b"u", b"k": b"k", b"d": b"\x01"}, wants) == []
 
 
+def test_an_entry_past_msgpacks_default_buffer_bound_is_read_whole() -> None:
+    """Rule 5: an entry holds up to a call's updates of up to bus.max_data_bytes
+    each, more than msgpack's default 100 MiB buffer: its own size is the bound."""
+    big = b"\x00" * (51 << 20)
+    fields = _batch(("t", [("a", big), ("b", big)]))
+    assert [(t, k, len(d)) for t, k, _, d in entries_of(b"7-1", fields)] == [
+        ("t", "a", len(big)),
+        ("t", "b", len(big)),
+    ]
+
+
 def test_an_entry_of_layout_1_is_one_update_at_its_id() -> None:
     fields = {b"t": b"t", b"k": b"\xff", b"d": b"\xc0"}
     assert entries_of(b"5-3", fields) == [("t", "\ufffd", make_pos(5, 3), b"\xc0")]

@@ -115,7 +115,11 @@ def entries_of(
         n = int(fields[b"n"])
         pos = last - n + 1
         out: list[Entry] = []
-        unpacker = msgpack.Unpacker(raw=False, unicode_errors="replace")
+        # bounded by the entry itself (in memory already): msgpack's default
+        # 100 MiB would refuse a call of large values (up to bus.max_data_bytes each)
+        unpacker = msgpack.Unpacker(
+            raw=False, unicode_errors="replace", max_buffer_size=max(1, len(blob))
+        )
         unpacker.feed(blob)
         for topic, kd in unpacker:  # a run: one topic's updates
             keys, data = kd[0::2], kd[1::2]
