@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from loadtest.latency import bucket_of, percentiles_ms
+from loadtest.latency import bucket_mid_ns, bucket_of, percentiles_ms
 from loadtest.report import markdown, ratios, step_table
 from loadtest.workload import HOT, MARKET, key_sampler
 
@@ -89,6 +89,20 @@ def test_latency_buckets_are_monotonic_and_percentiles_fall_in_the_right_bucket(
     assert p["p99"] == pytest.approx(50.0, abs=0.07)
     assert p["p100"] == pytest.approx(5000.0, abs=70.0)
     assert percentiles_ms({}, (0.5,)) == {"p50": None}
+
+
+def test_a_percentile_is_the_first_bucket_whose_cumulative_count_reaches_its_rank() -> None:
+    def ms(b: int) -> float:
+        return round(bucket_mid_ns(b) / 1e6, 3)
+
+    hist = {30: 2, 10: 1, 20: 0, 40: 1}  # ordered: 10 (1), 20 (0), 30 (2), 40 (1); total 4
+    assert percentiles_ms(hist, (0.25, 0.5, 0.75, 1.0)) == {
+        "p25": ms(10),  # rank 1: bucket 10 (an empty bucket after it is not the answer)
+        "p50": ms(30),
+        "p75": ms(30),
+        "p100": ms(40),
+    }
+    assert percentiles_ms({7: 0, 9: 3}, (0.001,)) == {"p01": ms(9)}
 
 
 # -- fanout bench: probes, counting clients, the generator-bound flag (issue 13, item 1) ----
