@@ -33,10 +33,13 @@ Rules this module owns:
    phase (any integer, fixed at its creation) that puts its subscriptions of
    period P on one of up to `PHASES` evenly spaced offsets of the period
    (`phase_in`), so the frames of rate-limited clients are spread over the
-   period instead of all leaving on one tick. A group is the subscribers of
-   one topic with the same period and offset: they share messages. Spreading
-   costs up to `PHASES` encodings of a topic per period instead of one (each
-   tick at most one per period), which bounds it.
+   period instead of all leaving on one tick: a period of P <= `PHASES` ticks
+   uses every tick, so each tick writes about 1/P of them (with four offsets a
+   10-tick period wrote a quarter of 10,000 clients on one tick, longer than
+   the tick: their frames left late and p99 doubled). A group is the
+   subscribers of one topic with the same period and offset: they share
+   messages. Spreading costs up to `PHASES` encodings of a topic per period
+   instead of one (each tick at most one per period), which bounds it.
 7. A new epoch (the bus lost its data) clears every topic (and forgets those
    without a subscriber or a load); every subscriber then gets a full `snap`
    in place of its next `upd`.
@@ -105,7 +108,7 @@ Delivery = tuple[Sub, bytes, int, int]
 
 _NEEDS_SNAP = -1  # sent_pos of a subscriber that must get a full snap next
 
-PHASES = 4  # offsets a period's sessions are spread over (rule 6)
+PHASES = 16  # offsets a period's sessions are spread over, at most (rule 6)
 
 
 def phase_in(period: int, phase: int) -> int:

@@ -608,15 +608,21 @@ def test_phases_spread_a_period_over_its_ticks_with_one_message_per_group() -> N
         assert c.views == {"prices": {"a": {1: 5, 2: 6, 3: 7, 0: 8}[i % 4]}}
 
 
-def test_a_long_period_spreads_its_sessions_over_four_evenly_spaced_ticks() -> None:
-    assert [phase_in(10, p) for p in range(8)] == [0, 2, 5, 7, 0, 2, 5, 7]
-    assert [phase_in(3, p) for p in range(4)] == [0, 1, 2, 0]  # shorter than four: each tick
+def test_a_period_spreads_its_sessions_over_every_tick_or_sixteen_evenly_spaced() -> None:
+    # a period of at most PHASES (16) ticks: every tick takes a share
+    assert [phase_in(10, p) for p in range(12)] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert [phase_in(3, p) for p in range(4)] == [0, 1, 2, 0]
     assert {phase_in(1, p) for p in range(9)} == {0}
+    # a longer period: 16 evenly spaced offsets
+    assert [phase_in(40, p) for p in range(17)] == [
+        *(0, 2, 5, 7, 10, 12, 15, 17, 20, 22, 25, 27, 30, 32, 35, 37),
+        0,
+    ]
     fo = Fanout(EPOCH)
     for phase in range(40):
         sub(fo, Session(Client(), phase), "prices", period=10)
-    assert sorted(fo.topics["prices"].groups) == [(10, 0), (10, 2), (10, 5), (10, 7)]
-    assert {len(g.subs) for g in fo.topics["prices"].groups.values()} == {10}
+    assert sorted(fo.topics["prices"].groups) == [(10, t) for t in range(10)]
+    assert {len(g.subs) for g in fo.topics["prices"].groups.values()} == {4}
 
 
 def test_a_slow_period_sends_at_most_one_frame_per_period_and_converges() -> None:
