@@ -970,11 +970,17 @@ def _mark_deep(msg: dict[Any, Any], limit: int) -> None:
     if msg.get("op") not in ("snap", "upd", "evt"):
         return
     items = msg.get("items")
+    # one pass over the whole message first (items one level down, events two):
+    # the common message has no value too deep, and is judged in a few C loops
     if isinstance(items, dict):
+        if not nested_deeper_than(items, limit + 1):
+            return
         for key, value in items.items():
             if nested_deeper_than(value, limit):
                 items[key] = Undecodable(depth_problem(limit))
     elif isinstance(items, list):
+        if not nested_deeper_than(items, limit + 2):
+            return
         for event in items:
             if isinstance(event, list) and len(event) == 2 and nested_deeper_than(event[1], limit):
                 event[1] = Undecodable(depth_problem(limit))

@@ -539,6 +539,25 @@ def test_a_too_deep_value_in_a_decodable_frame_is_undecodable_too() -> None:
     assert decode_server_frame(frame, limit=40)[0]["items"]["deep"] == nested(40)
 
 
+@pytest.mark.parametrize("op", ["upd", "snap", "evt"])
+def test_only_the_value_past_the_limit_is_undecodable_among_many_at_the_limit(op: str) -> None:
+    # the whole message is judged in one pass first (codec `_mark_deep`): a value
+    # exactly at the limit beside one just past it must still be told apart
+    values = {f"k{i}": nested(8 if i != 7 else 9) for i in range(20)}
+    if op == "evt":
+        items: Any = [[f"{i}-0", v] for i, v in enumerate(values.values())]
+    else:
+        items = values
+    frame = msgpack.packb({"op": op, "topic": "t", "pos": [1, 0], "items": items})
+    (msg,) = decode_server_frame(frame, limit=8)
+    got = [v for _, v in msg["items"]] if op == "evt" else list(msg["items"].values())
+    assert [isinstance(v, UndecodableValue) for v in got] == [i == 7 for i in range(20)]
+    assert got[0] == nested(8)
+    (msg,) = decode_server_frame(frame, limit=9)  # all within a limit of 9: none marked
+    got = [v for _, v in msg["items"]] if op == "evt" else list(msg["items"].values())
+    assert not any(isinstance(v, UndecodableValue) for v in got)
+
+
 @pytest.mark.parametrize(
     "frame",
     [
