@@ -16,7 +16,10 @@ Rules this module owns:
    not 8..15, or when `server_max_window_bits` is below 15: every client
    shares the same compressed bytes, made with one window (`WINDOW_BITS`).
    `client_max_window_bits` is accepted and not answered: the engine inflates
-   with a 15-bit window, which reads what any client window wrote.
+   with a 15-bit window, which reads what any client window wrote. Offers of
+   more than `MAX_OFFER_BYTES` in all are not read (declined: the connection
+   is uncompressed): parsing is a Python step per character, and a browser
+   offers ~70 bytes.
 2. No context on either side. The engine compresses with no context takeover,
    and the answer tells the client to do the same: no connection keeps a zlib
    stream. The engine keeps one compressor per worker; inbound messages are
@@ -56,6 +59,7 @@ _EMPTY_STORED_HEADER: Final = b"\x00"
 _STORED_MAX: Final = 65_535
 _STORED: Final = struct.Struct("<BHH")
 STORED_UNDER: Final = 64  # a message this short goes in a stored piece (rule 3)
+MAX_OFFER_BYTES: Final = 1024  # Sec-WebSocket-Extensions read at most (rule 1)
 
 RESPONSE: Final = f"{EXTENSION}; server_no_context_takeover; client_no_context_takeover"
 
@@ -166,7 +170,11 @@ def _bits(value: str | None) -> int | None:
 
 def negotiate(headers: Iterable[str]) -> str | None:
     """The `Sec-WebSocket-Extensions` response to a client's offers, or None
-    when none is accepted (the connection is then uncompressed)."""
+    when none is accepted (the connection is then uncompressed), as when the
+    offers are longer than `MAX_OFFER_BYTES` in all (rule 1)."""
+    headers = list(headers)
+    if sum(map(len, headers)) > MAX_OFFER_BYTES:
+        return None
     for offer in parse_offers(headers):
         response = accept(offer)
         if response is not None:

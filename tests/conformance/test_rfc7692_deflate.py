@@ -22,7 +22,7 @@ from typing import Any
 import msgpack
 
 from engine import codes
-from engine.protocol.deflate import CLIENT_OFFER, RESPONSE, Deflater, inflate
+from engine.protocol.deflate import CLIENT_OFFER, MAX_OFFER_BYTES, RESPONSE, Deflater, inflate
 from tests.conformance.conftest import MAX_MESSAGE_BYTES
 from tests.conformance.peer import OP_BINARY, OP_CONT, Frame, Peer, frame
 from tests.support.serve import Served
@@ -70,6 +70,22 @@ def test_negotiated_with_no_context_takeover(served: Served) -> None:
             assert _header(peer, "sec-websocket-extensions") == RESPONSE
         finally:
             peer.close()
+
+
+def test_an_offer_header_past_its_bound_is_declined_and_the_connection_served_raw(
+    served: Served,
+) -> None:
+    # ~16 KB of offers (what the upgrade's head admits) cost ~9 ms of parsing
+    # each, so a peer upgrading 1,000 times a second held a worker: past
+    # MAX_OFFER_BYTES the offers are not read and the connection is uncompressed
+    padding = "x-pad; a=1, " * (MAX_OFFER_BYTES // 12 + 1)
+    peer = Peer(served.port, {"Sec-WebSocket-Extensions": padding + CLIENT_OFFER})
+    try:
+        assert _header(peer, "sec-websocket-extensions") is None
+        frames = _sub(peer, ["bound.t"])
+        assert [f.rsv for f in frames] == [0] and _messages(frames[0])[0]["op"] == "ack"
+    finally:
+        peer.close()
 
 
 def test_frames_carry_rsv1_and_decode_to_what_a_raw_peer_gets(served: Served) -> None:
