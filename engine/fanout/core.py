@@ -684,14 +684,7 @@ class Fanout:
             else:
                 refused += 1
                 behind.add(sub)
-        stats = self.stats
-        if sent:
-            stats.frames_sent += sent
-            stats.bytes_sent += sent * len(msg)
-            stats.updates_delivered += sent * sh.n
-        if refused:
-            stats.frames_refused += refused
-            self._visit(sh.topic, g.slot)
+        self._count_shared(sh, sent, refused, sent * len(msg))
 
     def _deliver_shared_deflate(self, sh: Shared, start: int, stop: int | None) -> None:
         """`deliver_shared` when some sessions may take the message compressed
@@ -733,17 +726,24 @@ class Fanout:
             else:
                 refused += 1
                 behind.add(sub)
-        stats = self.stats
-        if sent:
-            stats.frames_sent += sent
-            stats.bytes_sent += (sent - zsent) * len(msg) + zbytes
-            stats.updates_delivered += sent * sh.n
+        self._count_shared(sh, sent, refused, (sent - zsent) * len(msg) + zbytes)
+        if zsent:
+            stats = self.stats
             stats.compressed_frames += zsent
             stats.compressed_input_bytes += zsent * len(msg)
             stats.compressed_bytes += zbytes
+
+    def _count_shared(self, sh: Shared, sent: int, refused: int, nbytes: int) -> None:
+        """A group message's delivery in the stats; refused subscribers are
+        visited again next tick (both `deliver_shared` paths)."""
+        stats = self.stats
+        if sent:
+            stats.frames_sent += sent
+            stats.bytes_sent += nbytes
+            stats.updates_delivered += sent * sh.n
         if refused:
             stats.frames_refused += refused
-            self._visit(sh.topic, g.slot)
+            self._visit(sh.topic, sh.group.slot)
 
     def resume(self, session: Session) -> None:
         """The session drained below its budget: visit its lagging topics next tick."""
