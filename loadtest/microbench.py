@@ -5,8 +5,9 @@ real core: `us_per_frame`, every client decoding (`CountingSink.feed`,
 loadtest/client.py, `fanout bench --decode-all`); `probe_us_per_frame`, the
 same for the probes alone (5% of the clients: fewer of their messages are
 shared, so fewer are decoded once for several); `probe_2_procs_us_per_frame`,
-the probes spread over two subscriber processes as in a run of 1,000 (each
-process decodes what its own probes get: fewer shared still); `counting_us_per_frame`, a
+the probes spread over two subscriber processes, as a run of 1,000 had them
+before `probe_indices` put them in one (each process decodes what its own probes
+get: fewer shared still); `counting_us_per_frame`, a
 counting client (the listener's counting branch: no copy, no decoding);
 `mixed_us_per_frame`, the default run's mix (5% probes, at least 50).
 

@@ -393,6 +393,8 @@ class Measurement:
         )
         timeout_s = 60.0 + s.subscribers / 20.0
         self.setup = {c.name: procs.expect(c, "ready", timeout_s) for c in self.subs}
+        # the publisher draws the window's pairs before it (publisher.py `prefetch`)
+        procs.expect(self.publisher, "ready", 60.0)
         ready = self.ready = sum(v["ready"] for v in self.setup.values())
         self.connect_times = conns.connect_times(list(self.setup.values()))
         self.connect_times.update(
@@ -754,11 +756,23 @@ class Measurement:
 
 def probe_indices(subscribers: int, slow: set[int], share: float, procs: int = 1) -> set[int]:
     """The probes: `share` of the clients (at least MIN_PROBES, at most every reading
-    one), spread evenly over the reading (not slow) clients of each of the `procs`
-    subscriber processes (client i is in process i % procs)."""
-    readers = sorted((i for i in range(subscribers) if i not in slow), key=lambda i: i % procs)
+    one), as few subscriber processes as hold them (client i is in process i % procs),
+    spread evenly over the reading (not slow) clients of each: the first process
+    takes as many as it has readers, the next the rest. Probes of one process
+    share its decode cache (each distinct message is decoded once per process:
+    the market workload's probes, spread over two processes, cost ~50 % more per
+    frame), and the processes without probes only count, waking once per
+    READ_LOWAT_BYTES of a client."""
+    readers = [i for i in range(subscribers) if i not in slow]
     n = min(len(readers), max(MIN_PROBES, math.ceil(round(share * subscribers, 6))))
-    return {readers[j * len(readers) // n] for j in range(n)} if n else set()
+    chosen: set[int] = set()
+    for p in range(procs):
+        group = [i for i in readers if i % procs == p]
+        k = min(len(group), n - len(chosen))
+        chosen.update(group[j * len(group) // k] for j in range(k))
+        if len(chosen) >= n:
+            break
+    return chosen
 
 
 def _delivery(

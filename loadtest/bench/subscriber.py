@@ -60,7 +60,7 @@ from loadtest.latency import percentiles_ms
 
 # A counting client's socket wakes its loop once this many bytes wait (client.py rule
 # 6): one read for several frames. Its counts lag by at most this much per client.
-READ_LOWAT_BYTES = 8192
+READ_LOWAT_BYTES = 65536
 CONNECT_RETRIES = 8  # upgrades refused with 503 (worker busy) retried at most this often
 RETRY_PAUSE_S = 0.05  # the first pause before a retry; doubles at each one, at most 2 s
 RETRY_STATUS = 503

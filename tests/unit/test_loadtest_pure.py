@@ -121,7 +121,7 @@ def test_a_run_is_generator_bound_past_half_the_servers_cpu_or_on_a_saturated_ma
     assert both is not None and "saturated" in both and "inf" in both
 
 
-def test_probes_are_a_share_of_the_reading_clients_at_least_fifty_spread_over_them() -> None:
+def test_probes_are_a_share_of_the_reading_clients_at_least_fifty_in_as_few_processes() -> None:
     from loadtest.bench.run import probe_indices
 
     assert probe_indices(20, set(), 0.05) == set(range(20))  # fewer than 50: all probes
@@ -133,8 +133,15 @@ def test_probes_are_a_share_of_the_reading_clients_at_least_fifty_spread_over_th
     probes = probe_indices(1000, slow, 0.2)
     assert len(probes) == 200 and not probes & slow  # a slow client is never a probe
     assert probe_indices(1000, set(), 1.0) == set(range(1000))
-    in_first = [i for i in probe_indices(1000, set(), 0.05, procs=2) if i % 2 == 0]
-    assert len(in_first) == 25  # as many in each subscriber process
+    # in as few subscriber processes as hold them (client i is in process i % procs),
+    # spread over each one's clients: they share its decode cache
+    probes = probe_indices(1000, set(), 0.05, procs=2)
+    assert {i % 2 for i in probes} == {0} and max(probes) >= 900
+    probes = probe_indices(10_000, set(), 0.05, procs=8)
+    assert len(probes) == 500 and {i % 8 for i in probes} == {0}
+    probes = probe_indices(1000, slow, 0.6, procs=2)  # more than the first one's readers
+    assert len(probes) == 600 and not probes & slow
+    assert {i for i in range(0, 1000, 2) if i not in slow} <= probes  # the first's all
 
 
 def test_delivered_updates_are_the_probes_count_scaled_to_every_clients_frames() -> None:
