@@ -42,7 +42,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
@@ -61,6 +61,11 @@ from loadtest.latency import percentiles_ms
 # A counting client's socket wakes its loop once this many bytes wait (client.py rule
 # 6): one read for several frames. Its counts lag by at most this much per client.
 READ_LOWAT_BYTES = 65536
+# ... and every READ_SWEEP_S its mark is lifted for LIFT_S, so that a ping of the
+# server's waits at most that long for its pong, however little the client receives
+# (fanout drops a client that has not answered within ping_timeout_s, 20 s by default)
+READ_SWEEP_S = 5.0
+LIFT_S = 0.05
 CONNECT_RETRIES = 8  # upgrades refused with 503 (worker busy) retried at most this often
 RETRY_PAUSE_S = 0.05  # the first pause before a retry; doubles at each one, at most 2 s
 RETRY_STATUS = 503
@@ -245,6 +250,8 @@ class SubscriberProcess:
         gc.collect()
         gc.freeze()
         gc.set_threshold(GC_YOUNG_OBJECTS, 20, 100)
+        sweep = asyncio.ensure_future(sweep_reads(lambda: self.clients, READ_SWEEP_S))
+        self.tasks.add(sweep)
         self.pipe.send(
             (
                 "ready",
@@ -341,16 +348,10 @@ class SubscriberProcess:
                     await asyncio.wait_for(self.wake.wait(), 0.5)
 
     async def read_waiting(self) -> None:
-        """Read what the counting clients' sockets hold below their SO_RCVLOWAT (lifted
-        for 50 ms), so that a mark counts the frames received by then (a short run's
-        counts would otherwise lag by up to READ_LOWAT_BYTES per client)."""
-        lowered = [c for c in self.clients if c.lowat and not c.closed]
-        for c in lowered:
-            set_read_lowat(c.transport, 1)
-        await asyncio.sleep(0.05)
-        for c in lowered:
-            if not c.closed:
-                set_read_lowat(c.transport, c.lowat)
+        """Read what the counting clients' sockets hold below their SO_RCVLOWAT, so that
+        a mark counts the frames received by then (a short run's counts would otherwise
+        lag by up to READ_LOWAT_BYTES per client)."""
+        await read_below_lowat(self.clients)
 
     async def run_command(self, cmd: tuple[Any, ...]) -> None:
         kind = cmd[0]
@@ -400,6 +401,28 @@ class SubscriberProcess:
                 t.cancel()
         for c in self.clients:
             c.drop()
+
+
+async def read_below_lowat(clients: Sequence[Any], lift_s: float = LIFT_S) -> None:
+    """Lift the SO_RCVLOWAT of every counting client (`client.lowat`) for `lift_s`, so
+    that their loop reads what waits below it (frames, and the server's pings, which
+    picows answers), then set it back."""
+    lowered = [c for c in clients if c.lowat and not c.closed]
+    for c in lowered:
+        set_read_lowat(c.transport, 1)
+    await asyncio.sleep(lift_s)
+    for c in lowered:
+        if c.lowat and not c.closed:
+            set_read_lowat(c.transport, c.lowat)
+
+
+async def sweep_reads(clients: Callable[[], Sequence[Any]], every_s: float) -> None:
+    """Every `every_s`, `read_below_lowat` of `clients()`: a counting client that
+    receives less than its low-water mark in a ping's timeout still answers the
+    ping (and its counts lag by at most `every_s`). Runs until cancelled."""
+    while True:
+        await asyncio.sleep(every_s)
+        await read_below_lowat(clients())
 
 
 def converged(client: Any, finals: Mapping[str, Mapping[str, int]]) -> bool:
