@@ -165,6 +165,24 @@ class RawConnection:
     async def wait_closed(self, timeout: float = 10.0) -> int:
         return int(await asyncio.wait_for(asyncio.shield(self.closed), timeout))
 
+    @staticmethod
+    async def wait_any(conns: Sequence[RawConnection], timeout: float) -> None:
+        """Return once one of `conns` has a message waiting or has ended, or after
+        `timeout` seconds (then without raising)."""
+        if any(c._queue or c.closed.done() for c in conns):
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        for c in conns:
+            c._waiter = waiter
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            for c in conns:
+                if c._waiter is waiter:
+                    c._waiter = None
+
     def close(self, code: int = 1000) -> None:
         if self.transport is not None and not self.closed.done():
             self.transport.send_close(WSCloseCode(code))

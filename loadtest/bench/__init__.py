@@ -191,7 +191,8 @@ def _add_load(parser: argparse.ArgumentParser) -> None:
         choices=("http", "ws"),
         default="http",
         help="publish through POST /publish (http, default) or WebSocket `pub` batches on one "
-        "connection to node 1 (ws: the bench starts it with anonymous publishing on)",
+        "connection per worker of node 1 (ws: the bench starts it with anonymous publishing "
+        "on)",
     )
     p.add_argument("--max-hz", type=float, help="subscribers ask for at most this many frames/s")
     p.add_argument(

@@ -29,7 +29,7 @@ from typing import Any
 
 import msgpack
 
-from engine.client.raw import ConnectionClosed, connect
+from engine.client.raw import RawConnection, connect
 from loadtest.bench.httppost import KeepAlivePost
 from loadtest.bench.shard import WHOLE, Shard, shard_pairs, shard_sampler
 from loadtest.latency import bucket_mid_ns, bucket_of, percentiles_ms
@@ -38,6 +38,7 @@ from loadtest.workload import Workload, key_sampler
 PREFETCH_MAX = 4_000_000  # pairs drawn before the window (a list of references: ~32 MB)
 GRACE_S = 2.0  # a server that cannot keep up: stop publishing this long after the duration
 WS_IN_FLIGHT = 8  # WebSocket `pub` batches awaiting their ack (then the publisher waits)
+CONNECT_TRIES = 8  # connections opened per worker wanted, at most (WsWorkloadPublisher)
 WS_ACK_TIMEOUT_S = 10.0  # a batch without an ack by then: the connection is given up
 _HTTP_HEAD = b"\x81\xa5items"  # {"items": ...}
 _WS_HEAD = b"\x83\xa2op\xa3pub\xa2id"  # {"op": "pub", "id": ..., then "items"
@@ -181,14 +182,20 @@ class WorkloadPublisher(_Publisher):
 
 
 class WsWorkloadPublisher(_Publisher):
-    """WebSocket `pub` batches of the workload's keys over one connection to
-    `ws_url` (docs/protocol.md: `items`, acked with one position per item),
-    at most `in_flight` batches awaiting their ack; the bodies are assembled
-    from per-pair prefixes like the HTTP ones (`msgpack_body`). The server
-    must let this connection publish (the bench starts it with anonymous
-    publishing on and a message rate that fits). Same counters as
-    `WorkloadPublisher`, counted when the ack or `err` arrives; a batch's
-    round trip runs from its send to its ack."""
+    """WebSocket `pub` batches of the workload's keys over `conns` connections to
+    `ws_url`, each on a worker of its own (docs/protocol.md: `items`, acked with one
+    position per item), batches sent to them in turn, at most `in_flight` per
+    connection awaiting their ack; the bodies are assembled from per-pair prefixes
+    like the HTTP ones (`msgpack_body`). The worker that reads a batch decodes and
+    checks it: one connection per worker spreads that over every worker instead
+    of loading one (at 100,000 updates/s one connection saturated its worker).
+    Connections are opened until `conns` distinct workers answered (the part of
+    `hello.conn` before the dot is the worker's pid; SO_REUSEPORT picks the
+    worker), at most CONNECT_TRIES per connection wanted; the others are closed.
+    The server must let these connections publish (the bench starts it with
+    anonymous publishing on and a message rate that fits). Same counters as
+    `WorkloadPublisher`, counted when the ack or `err` arrives; a batch's round
+    trip runs from its send to its ack."""
 
     def __init__(
         self,
@@ -198,12 +205,13 @@ class WsWorkloadPublisher(_Publisher):
         max_items: int,
         shard: Shard = WHOLE,
         in_flight: int = WS_IN_FLIGHT,
+        conns: int = 1,
     ) -> None:
         super().__init__(workload, seed, max_items, shard)
-        self.in_flight = in_flight
         self.loop = asyncio.new_event_loop()
-        self.conn = self.loop.run_until_complete(connect(ws_url, compression=False))
-        self.loop.run_until_complete(self.conn.recv_op("hello"))
+        self.conns = self.loop.run_until_complete(_one_per_worker(ws_url, max(1, conns)))
+        self.in_flight = in_flight * len(self.conns)
+        self.next_conn = 0
         self.waiting: dict[int, tuple[int, int]] = {}  # request id -> (items, sent at ns)
 
     def post(self, n: int) -> bool:
@@ -245,9 +253,10 @@ class WsWorkloadPublisher(_Publisher):
         self.waiting.clear()
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.conn.close()
-            self.loop.run_until_complete(self.conn.wait_closed(2.0))
+        for conn in self.conns:
+            with contextlib.suppress(Exception):
+                conn.close()
+                self.loop.run_until_complete(conn.wait_closed(2.0))
         self.loop.close()
 
     def _head(self) -> bytes:
@@ -257,8 +266,10 @@ class WsWorkloadPublisher(_Publisher):
         return _WS_HEAD + rid + b"\xa5items"
 
     def _send(self, body: bytes, n_items: int) -> bool:
+        conn = self.conns[self.next_conn]
+        self.next_conn = (self.next_conn + 1) % len(self.conns)
         try:
-            self.conn.send_bytes(body)
+            conn.send_bytes(body)
         except Exception as exc:  # the connection is gone: ConnectionClosed, OSError
             self.errors[f"{type(exc).__name__}: {str(exc)[:100]}"] += 1
             self.failed += n_items
@@ -273,19 +284,18 @@ class WsWorkloadPublisher(_Publisher):
             deadline = self.loop.time() + timeout_s
             while not done():
                 left = deadline - self.loop.time()
-                if left <= 0:
+                if left <= 0 or all(c.closed.done() and not c.pending() for c in self.conns):
                     return
-                try:
-                    self._count(await self.conn.recv(left))
-                except (TimeoutError, ConnectionClosed):
-                    return
+                await RawConnection.wait_any(self.conns, left)
+                self._collect()
 
         self.loop.run_until_complete(until())
 
     def _collect(self) -> None:
         """Count the acks and errors received so far (without waiting)."""
-        for msg in self.conn.take_nowait():
-            self._count(msg)
+        for conn in self.conns:
+            for msg in conn.take_nowait():
+                self._count(msg)
 
     def _count(self, msg: dict[str, Any]) -> None:
         sent = self.waiting.pop(msg.get("id", -1), None)
@@ -298,6 +308,27 @@ class WsWorkloadPublisher(_Publisher):
         else:
             self.failed += n
             self.errors[f"{msg.get('code')}: {str(msg.get('msg'))[:100]}"] += 1
+
+
+async def _one_per_worker(ws_url: str, want: int) -> list[RawConnection]:
+    """`want` connections to `ws_url` on as many distinct workers as answer within
+    CONNECT_TRIES tries per connection wanted (at least one connection)."""
+    conns: list[RawConnection] = []
+    workers: set[str] = set()
+    for _ in range(CONNECT_TRIES * want):
+        conn = await connect(ws_url, compression=False)
+        hello = await conn.recv_op("hello")
+        worker = str(hello.get("conn", "")).partition(".")[0]
+        if worker in workers:
+            conn.close()
+            with contextlib.suppress(Exception):
+                await conn.wait_closed(2.0)
+            continue
+        workers.add(worker)
+        conns.append(conn)
+        if len(conns) == want:
+            break
+    return conns
 
 
 def msgpack_body(
@@ -396,6 +427,8 @@ def publish_for(
         },
         "aborted": aborted,
         "exit": exiting,
+        # WebSocket: the connections it published on, each on a worker of its own
+        "ws_connections": len(pub.conns) if isinstance(pub, WsWorkloadPublisher) else None,
     }
 
 
@@ -412,15 +445,17 @@ def publisher_process(
     budget_s: float,
     shard: Shard = WHOLE,
     ws_url: str | None = None,
+    ws_conns: int = 1,
 ) -> None:
     """Waits for `go` (publish for the duration), `final` (every key once), `exit`.
     Publishes through POST /publish at `admin`, or WebSocket `pub` batches at
-    `ws_url` when given (`--publish-via ws`)."""
+    `ws_url` when given (`--publish-via ws`), over `ws_conns` connections (one per
+    worker)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     pub: WorkloadPublisher | WsWorkloadPublisher
     if ws_url is not None:
-        pub = WsWorkloadPublisher(ws_url, workload, seed, max_items, shard)
+        pub = WsWorkloadPublisher(ws_url, workload, seed, max_items, shard, conns=ws_conns)
     else:
         pub = WorkloadPublisher(admin, workload, seed, max_items, body, shard)
     deadline = time.monotonic() + budget_s

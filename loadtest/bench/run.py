@@ -186,12 +186,14 @@ def _fanout_nodes(s: BenchSettings) -> FanoutNodes:
 
 def ws_publish_env(s: BenchSettings) -> dict[str, str]:
     """What a WebSocket publisher needs of the server: anonymous publishing, a
-    message size for a whole batch, and a message rate above what an anonymous
-    batch costs (a token per 100 items, engine/connection.py rule 6), twice over."""
+    message size and an item count for a whole batch (`--max-publish-items`), and a
+    message rate above what an anonymous batch costs (a token per 100 items,
+    engine/connection.py rule 6), twice over."""
     tokens_per_s = s.publish_rate() / 100 + 1000 / max(s.batch_ms, 1.0)
     return {
         "FANOUT_AUTH_ALLOW_ANONYMOUS_PUBLISH": "true",
         "FANOUT_LIMITS_MAX_MESSAGE_BYTES": str(max(65536, 256 * s.max_items)),
+        "FANOUT_LIMITS_MAX_PUBLISH_ITEMS": str(max(1000, s.max_items)),
         "FANOUT_LIMITS_MESSAGES_PER_S": str(max(50, round(2 * tokens_per_s))),
     }
 
@@ -390,6 +392,7 @@ class Measurement:
             self.budget,
             s.shard,
             server.nodes[0].url if s.publish_via == "ws" and self.target == "fanout" else None,
+            s.workers,  # --publish-via ws: one connection per worker of node 1
         )
         timeout_s = 60.0 + s.subscribers / 20.0
         self.setup = {c.name: procs.expect(c, "ready", timeout_s) for c in self.subs}

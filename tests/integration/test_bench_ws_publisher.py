@@ -33,9 +33,11 @@ class Pipe:
         return False
 
 
-def run(engine: Engine, rate: float, seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:
+def run(
+    engine: Engine, rate: float, seconds: float, conns: int = 1
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Publish for `seconds`, then the finals (in a thread: the publisher runs its own loop)."""
-    pub = WsWorkloadPublisher(engine.url, SMALL, seed=1, max_items=50, in_flight=4)
+    pub = WsWorkloadPublisher(engine.url, SMALL, seed=1, max_items=50, in_flight=4, conns=conns)
     try:
         done = publish_for(pub, Pipe(), rate, seconds, batch_ms=10.0)  # type: ignore[arg-type]
         finals = pub.post_all_finals() if not done["failed"] else {}
@@ -64,6 +66,20 @@ async def test_every_batch_is_acked_and_every_final_value_reaches_a_subscriber(
     while {t: {k: v[:1] for k, v in items.items()} for t, items in seen.items()} != want:
         msg = await sub.recv_op("upd")
         seen[msg["topic"]].update(msg["items"])
+
+
+async def test_asked_for_a_connection_per_worker_it_keeps_one_per_distinct_worker(
+    engine_factory: Any,
+) -> None:
+    # one worker here: the second connection lands on it too, and is closed
+    engine = await engine_factory(
+        auth={"allow_anonymous_publish": True}, limits={"messages_per_s": 10_000}
+    )
+    done, finals = await asyncio.to_thread(run, engine, 1000.0, 0.5, 2)
+    assert done["ws_connections"] == 1 and done["accepted"] == done["sent"] == 500, done
+    assert sum(len(keys) for keys in finals.values()) == 60
+    await asyncio.sleep(0.2)
+    assert engine.worker is not None and engine.worker.status().connections == 0  # all closed
 
 
 async def test_a_refused_batch_is_counted_failed_with_the_servers_error(
@@ -105,10 +121,14 @@ def test_the_server_a_ws_publisher_needs_lets_it_publish_its_rate() -> None:
     from loadtest.bench import build_parser, parse_args, settings_from
     from loadtest.bench.run import ws_publish_env
 
-    a = parse_args(build_parser(), ["--workload", "market", "-U", "100000", "--publish-via", "ws"])
+    argv = ["--workload", "market", "-U", "100000", "--publish-via", "ws"]
+    a = parse_args(build_parser(), [*argv, "--max-publish-items", "5000"])
     s = settings_from(a)
     env = ws_publish_env(s)
     assert s.publish_via == "ws" and env["FANOUT_AUTH_ALLOW_ANONYMOUS_PUBLISH"] == "true"
     # an anonymous batch costs a token per 100 items, a message one more: 100 batches/s
     assert int(env["FANOUT_LIMITS_MESSAGES_PER_S"]) >= 2 * (100_000 / 100 + 100)
-    assert int(env["FANOUT_LIMITS_MAX_MESSAGE_BYTES"]) >= 256 * 1000
+    assert int(env["FANOUT_LIMITS_MAX_MESSAGE_BYTES"]) >= 256 * 5000
+    assert env["FANOUT_LIMITS_MAX_PUBLISH_ITEMS"] == "5000"  # a whole batch is admitted
+    a = parse_args(build_parser(), argv)  # the default batch, the default limit
+    assert ws_publish_env(settings_from(a))["FANOUT_LIMITS_MAX_PUBLISH_ITEMS"] == "1000"

@@ -181,6 +181,23 @@ def test_scenarios_report_their_figures_and_the_reading_clients_converge(
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
+def test_publishing_over_websocket_uses_one_connection_per_worker_and_everyone_converges(
+    tmp_path: Path,
+) -> None:
+    result, report = bench(
+        tmp_path, "--publish-via", "ws", "--workload", "market", "-S", "60", "-U", "2000", "-D", "2"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = report["steps"][0]["results"]["fanout"]
+    # two workers (the default): batches went to both (SO_REUSEPORT picks the worker;
+    # the publisher kept one connection per distinct worker of 16 tries at most)
+    assert r["publish"]["ws_connections"] == 2, r["publish"]
+    assert r["publish"]["failed"] == 0 and r["publish"]["accepted"] == r["publish"]["sent"]
+    assert r["convergence"]["all_converged"] and r["convergence"]["all_snapshots_matched"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
 def test_idle_connections_are_spread_over_source_addresses_and_report_the_connect_time(
     tmp_path: Path,
 ) -> None:
