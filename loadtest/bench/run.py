@@ -754,6 +754,11 @@ class Measurement:
             "snapshots": snap_clients,
             "snapshots_matched": snap_matched,
             "all_snapshots_matched": snap_matched == snap_clients,
+            # resubscriptions the snapshot check took (more than 1: the server was
+            # still applying the finals when the first snaps were sent)
+            "snapshot_rounds": max(
+                (v["snapshots"].get("rounds", 0) for v in conv.values()), default=0
+            ),
         }
 
 
