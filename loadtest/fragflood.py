@@ -32,6 +32,7 @@ import psutil
 
 from loadtest.flood import free_port, wait_ready
 
+CLOSE_GRACE_S = 10.0  # after the flood, how long the server's close is waited for
 # masked, empty continuation frame (fin=0, opcode 0, mask bit, length 0, mask 0)
 EMPTY_CONTINUATION = b"\x00\x80\x00\x00\x00\x00"
 # masked binary frame, fin=0, one byte of payload
@@ -143,6 +144,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 samples.append((round(now - t0, 1), rss))
                 print(f"t={now - t0:5.1f}s worker RSS {rss / 2**20:7.1f} MiB", flush=True)
                 next_sample += 1.0
+        # the server may still be reading what was sent (it paused this connection, or
+        # the machine is busy): its close comes once it reaches the limit, so wait for it
+        grace_end = time.monotonic() + CLOSE_GRACE_S
+        while not code and reader.is_alive() and time.monotonic() < grace_end:
+            time.sleep(0.05)
         closed_after = round(time.monotonic() - t0, 2) if code else None
         peak = max([rss_before, *(r for _, r in samples)])
         stop.set()
