@@ -426,7 +426,7 @@ class AuthConfig:
     missing_sub_topics: str = _choice("none", "none", "all")
     # Clock skew tolerated on a token's `exp` and `nbf`, seconds (engine/auth/tokens.py
     # rule 2): a token is refused, and its connection closed 4003, this long after `exp`.
-    leeway_s: float = _float(30, 0)
+    leeway_s: float = _float(30, 0, hi=300)  # more would let a token outlive its exp by far
 
 
 @dataclass(frozen=True, slots=True)

@@ -754,3 +754,9 @@ def test_repo_config_toml_topics_example_is_valid() -> None:
         TopicRule("prices.>", "state", 10.0, 0),
         TopicRule("trades.*", "stream", 0.0, 1000),
     )
+
+
+def test_token_leeway_is_bounded_so_a_token_cannot_outlive_its_exp_by_far() -> None:
+    assert parse(auth__leeway_s=300).auth.leeway_s == 300
+    for bad in (-1, 301, 86_400):
+        assert "auth.leeway_s" in str(error_of(auth__leeway_s=bad))
