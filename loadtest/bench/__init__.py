@@ -87,6 +87,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+MAX_READ_LOWAT = 16 << 20  # --read-lowat, at most (the kernel caps it at half the buffer)
+
+
 def _cpu_list(text: str) -> tuple[int, ...]:
     """ "0", "0-3", "0,2" -> CPU numbers."""
     cpus: list[int] = []
@@ -209,6 +212,16 @@ def _add_load(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="every subscriber decodes every frame (the old mode, for small runs that check "
         "every client's frames; storm and churn always do)",
+    )
+    p.add_argument(
+        "--read-lowat",
+        type=int,
+        default=65536,
+        metavar="BYTES",
+        help="a counting client's socket wakes its loop once this many bytes wait "
+        "(SO_RCVLOWAT; default 65536). 0: it reads every frame, costing the generator ~3x "
+        "more; on loopback the server's CPU per update then matches --decode-all's, where "
+        "unread bytes make it 10-20%% higher (docs/benchmarks.md)",
     )
     p.add_argument(
         "--source-addrs",
@@ -372,6 +385,7 @@ def settings_from(a: argparse.Namespace) -> BenchSettings:
         warmup=(a.subscribers // 10 if a.warmup < 0 else a.warmup) if scenario == "idle" else 0,
         probes=a.probes,
         decode_all=a.decode_all,
+        read_lowat=a.read_lowat,
         target_ws=a.target,
         target_admin=a.admin,
         metrics_from=tuple(a.metrics),
@@ -394,6 +408,8 @@ def parse_args(p: argparse.ArgumentParser, args: Sequence[str]) -> argparse.Name
         p.error("--subscribers, --rate and --duration must be positive")
     if not 0 < a.probes <= 1:
         p.error("--probes is a share between 0 (excluded) and 1")
+    if not 0 <= a.read_lowat <= MAX_READ_LOWAT:
+        p.error(f"--read-lowat is a byte count from 0 to {MAX_READ_LOWAT}")
     if a.slow is not None and not 0 < a.slow < 1:
         p.error("--slow is a fraction between 0 and 1")
     if a.nodes < 1:

@@ -90,6 +90,7 @@ class BenchSettings:
     warmup: int = 0  # --idle: subscribers connected before the memory baseline
     probes: float = 0.05  # --probes: the share of reading clients that decode every frame
     decode_all: bool = False  # --decode-all: every client decodes every frame
+    read_lowat: int = 65536  # --read-lowat: a counting client's SO_RCVLOWAT (0: none)
     # --target: a running engine (loadtest/bench/target.py); --shard: this generator's share
     target_ws: str | None = None
     target_admin: str | None = None
@@ -311,6 +312,7 @@ class Measurement:
             "concurrency": s.concurrency,
             "budget_s": self.budget,
             "max_hz": s.max_hz,
+            "read_lowat": s.read_lowat,
             "probes": None if probes is None else [p[0] for p in plan if p[0] in probes],
         }
 

@@ -60,7 +60,7 @@ from loadtest.latency import percentiles_ms
 
 # A counting client's socket wakes its loop once this many bytes wait (client.py rule
 # 6): one read for several frames. Its counts lag by at most this much per client.
-READ_LOWAT_BYTES = 65536
+READ_LOWAT_BYTES = 65536  # the default of `fanout bench --read-lowat`
 # ... and every READ_SWEEP_S its mark is lifted for LIFT_S, so that a ping of the
 # server's waits at most that long for its pong, however little the client receives
 # (fanout drops a client that has not answered within ping_timeout_s, 20 s by default)
@@ -118,6 +118,7 @@ class SubscriberProcess:
         self.done: asyncio.Future[str] = self.loop.create_future()
         self.url: str = spec["url"]
         self.max_hz: float | None = spec.get("max_hz")
+        self.read_lowat = int(spec.get("read_lowat", READ_LOWAT_BYTES))
         self.plan: list[tuple[int, tuple[str, ...], str, bool]] = spec["clients"]
         # None: every client is a probe (--decode-all, storm, churn, warm-up)
         probes = spec.get("probes")
@@ -244,7 +245,7 @@ class SubscriberProcess:
         ready_t = time.monotonic()
         for c in self.clients:
             if not self.is_probe(c):
-                c.count(READ_LOWAT_BYTES)  # it has its snaps: from here it only counts
+                c.count(self.read_lowat)  # it has its snaps: from here it only counts
         # the clients and their views live until the end and hold no cycles: a collection
         # of the oldest generation would walk them all, as often as probes allocate. The
         # probes' decoded messages die young (their refcount frees them), so collections

@@ -237,6 +237,30 @@ def test_probes_decode_the_other_clients_count_and_check_their_snapshot_at_the_e
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
+def test_counting_clients_without_a_low_water_mark_read_every_frame_and_converge(
+    tmp_path: Path,
+) -> None:
+    result, report = bench(tmp_path, "--read-lowat", "0", "-S", "60", "-U", "300", "-D", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = report["steps"][0]["results"]["fanout"]
+    assert report["settings"]["read_lowat"] == 0
+    assert (r["convergence"]["probes"], r["convergence"]["snapshots_matched"]) == (50, 10)
+    # the 10 counting clients' frames are counted as they come: more than the probes' alone
+    assert r["delivery"]["updates"] > r["delivery"]["updates_counted_by_probes"] > 0
+
+
+def test_read_lowat_is_a_bounded_byte_count() -> None:
+    from loadtest.bench import MAX_READ_LOWAT, build_parser, parse_args
+
+    assert parse_args(build_parser(), ["--read-lowat", "0"]).read_lowat == 0
+    assert parse_args(build_parser(), []).read_lowat == 65536
+    for bad in ("-1", str(MAX_READ_LOWAT + 1)):
+        with pytest.raises(SystemExit):
+            parse_args(build_parser(), ["--read-lowat", bad])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
 def test_decode_all_makes_every_client_a_probe(tmp_path: Path) -> None:
     result, report = bench(tmp_path, "--decode-all", "-S", "60", "-U", "300", "-D", "2")
     assert result.returncode == 0, result.stderr[-3000:]
