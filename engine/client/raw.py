@@ -167,9 +167,11 @@ class RawConnection:
 
     @staticmethod
     async def wait_any(conns: Sequence[RawConnection], timeout: float) -> None:
-        """Return once one of `conns` has a message waiting or has ended, or after
-        `timeout` seconds (then without raising)."""
-        if any(c._queue or c.closed.done() for c in conns):
+        """Return once one of `conns` has a message waiting, one of them ends while
+        this waits, or all have ended; or after `timeout` seconds (then without
+        raising). A connection that had ended before does not wake it: the others
+        are still waited on."""
+        if any(c._queue for c in conns) or all(c.closed.done() for c in conns):
             return
         waiter = asyncio.get_running_loop().create_future()
         for c in conns:

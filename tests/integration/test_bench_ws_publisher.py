@@ -132,3 +132,27 @@ def test_the_server_a_ws_publisher_needs_lets_it_publish_its_rate() -> None:
     assert env["FANOUT_LIMITS_MAX_PUBLISH_ITEMS"] == "5000"  # a whole batch is admitted
     a = parse_args(build_parser(), argv)  # the default batch, the default limit
     assert ws_publish_env(settings_from(a))["FANOUT_LIMITS_MAX_PUBLISH_ITEMS"] == "1000"
+
+
+async def test_waiting_on_several_connections_wakes_for_any_message_not_for_an_ended_one(
+    engine: Engine,
+) -> None:
+    from engine.client.raw import RawConnection
+
+    a, b = await engine.client(), await engine.client()
+    a.close()
+    await a.wait_closed(5.0)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await RawConnection.wait_any([a, b], 0.3)  # `a` had ended: b is still waited on
+    assert loop.time() - t0 >= 0.25 and not b.pending()
+    b.subscribe(["wsb.wait"], id=7)
+    t0 = loop.time()
+    await RawConnection.wait_any([a, b], 5.0)
+    assert loop.time() - t0 < 4.0 and b.pending()  # woken by b's ack
+    assert (await b.recv())["op"] == "ack"
+    b.close()
+    await b.wait_closed(5.0)
+    t0 = loop.time()
+    await RawConnection.wait_any([a, b], 5.0)  # all ended: at once
+    assert loop.time() - t0 < 1.0
