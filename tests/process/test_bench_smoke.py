@@ -249,16 +249,6 @@ def test_counting_clients_without_a_low_water_mark_read_every_frame_and_converge
     assert r["delivery"]["updates"] > r["delivery"]["updates_counted_by_probes"] > 0
 
 
-def test_read_lowat_is_a_bounded_byte_count() -> None:
-    from loadtest.bench import MAX_READ_LOWAT, build_parser, parse_args
-
-    assert parse_args(build_parser(), ["--read-lowat", "0"]).read_lowat == 0
-    assert parse_args(build_parser(), []).read_lowat == 65536
-    for bad in ("-1", str(MAX_READ_LOWAT + 1)):
-        with pytest.raises(SystemExit):
-            parse_args(build_parser(), ["--read-lowat", bad])
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_decode_all_makes_every_client_a_probe(tmp_path: Path) -> None:

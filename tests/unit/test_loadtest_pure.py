@@ -192,3 +192,13 @@ def test_a_run_whose_snapshot_did_not_match_is_broken_though_every_probe_converg
     assert broke(result, s, 250.0) is None
     result["convergence"].update(snapshots_matched=49, all_snapshots_matched=False)
     assert broke(result, s, 250.0) == "only 49 of 50 snapshots matched"
+
+
+def test_read_lowat_is_a_bounded_byte_count() -> None:
+    from loadtest.bench import MAX_READ_LOWAT, build_parser, parse_args
+
+    assert parse_args(build_parser(), ["--read-lowat", "0"]).read_lowat == 0
+    assert parse_args(build_parser(), []).read_lowat == 65536
+    for bad in ("-1", str(MAX_READ_LOWAT + 1)):
+        with pytest.raises(SystemExit):
+            parse_args(build_parser(), ["--read-lowat", bad])
