@@ -3,11 +3,15 @@ WebSocket endpoint, or straight into the bus.
 
 `Publisher` posts to `POST /publish` on the admin port over one keep-alive
 HTTP/1.1 connection (h11 over asyncio streams), reopened when it breaks. Given
-`ws_url` instead, it sends each batch as one `pub` with `items` over one
+`ws_url` instead, it sends each batch as one `pub` with `items` over a
 WebSocket connection (docs/protocol.md section 3), up to `max_in_flight`
-batches at once, each matched to its `ack` (a position per item) or `err` by
-its `id`; a broken connection fails the batches in flight, which are sent
-again on a new connection (opened with backoff) under the retry rule below.
+batches at once per connection, each matched to its `ack` (a position per
+item) or `err` by its `id`; a broken connection fails the batches in flight,
+which are sent again on a new connection (opened with backoff) under the
+retry rule below. `connections=N` spreads the batches over N connections on
+distinct workers (`hello.conn` says which worker a connection reached): the
+worker that reads a batch decodes and checks it, so one connection can
+saturate its worker at high rates.
 
 Retries and why they are safe: a request that failed on a connection error
 (refused, reset, a keep-alive connection the server closed, a timeout) or was
@@ -71,6 +75,8 @@ _RETRYABLE: Final = (
 # `err` codes of a WebSocket `pub` that published nothing and may be sent again
 _WS_RETRYABLE_CODES: Final = frozenset({"unavailable", "rate_limited"})
 _MAX_ID: Final = 2**53
+MAX_CONNECTIONS: Final = 64  # WebSocket connections of one Publisher, at most
+CONNECT_TRIES: Final = 8  # connections opened per distinct worker wanted, at most
 
 
 class PublishError(Exception):
@@ -94,10 +100,19 @@ class Publisher:
 
     HTTP: one request at a time over one connection (concurrent calls queue on
     a lock); open several Publishers for parallel requests. WebSocket: up to
-    `max_in_flight` concurrent `publish_many` calls are in flight on the one
-    connection (more wait for a slot); a batch's encoded message must fit the
-    server's `limits.max_message_bytes` (`max_message_bytes`, checked before
-    sending: ValueError) and hold at most `limits.max_publish_items` items.
+    `max_in_flight` concurrent `publish_many` calls are in flight per connection
+    (more wait for a slot); a batch's encoded message must fit the server's
+    `limits.max_message_bytes` (`max_message_bytes`, checked before sending:
+    ValueError) and hold at most `limits.max_publish_items` items.
+
+    `connections` (WebSocket, default 1): batches go to up to that many
+    connections in turn, each on a worker of its own (the worker that reads a
+    batch decodes and checks it: one connection can saturate its worker). The
+    kernel picks a connection's worker (SO_REUSEPORT) and `hello.conn` names it:
+    connections are opened until that many distinct workers answered, at most
+    CONNECT_TRIES per connection wanted, the others closed at once; a node with
+    fewer workers gets one connection per worker. A lost connection is replaced
+    (again on a worker not held, when one answers) by the next batch.
     """
 
     def __init__(
@@ -113,6 +128,7 @@ class Publisher:
         token: str | None = None,
         max_in_flight: int = 8,
         max_message_bytes: int = 65_536,
+        connections: int = 1,
     ) -> None:
         parts = urlsplit(admin_url)
         if parts.scheme != "http" or not parts.hostname:
@@ -121,6 +137,8 @@ class Publisher:
             raise ValueError(f"ws_url must be ws://host:port/path, got {ws_url!r}")
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        if not 1 <= connections <= MAX_CONNECTIONS:
+            raise ValueError(f"connections must be 1..{MAX_CONNECTIONS}, got {connections}")
         self.host = parts.hostname
         self.port = parts.port or 80
         self.path = parts.path.rstrip("/") + "/publish"
@@ -138,13 +156,21 @@ class Publisher:
         self.ws_url = ws_url
         self.token = token
         self.max_message_bytes = max_message_bytes
-        self._slots = asyncio.Semaphore(max_in_flight)
-        self._ws: _WsChannel | None = None
+        self.connections = connections
+        self._slots = asyncio.Semaphore(max_in_flight * connections)
+        self._channels: list[_WsChannel] = []
+        self._spread = False  # True: the last opening round found no more distinct workers
+        self._next_channel = 0
         self._connecting = asyncio.Lock()
         self._ids = itertools.count(1)
 
     async def __aenter__(self) -> Publisher:
         return self
+
+    @property
+    def ws_workers(self) -> set[str]:
+        """The workers its open WebSocket connections are on (`hello.conn`'s part)."""
+        return {c.worker for c in self._channels if not c.lost.done()}
 
     async def __aexit__(
         self,
@@ -176,8 +202,8 @@ class Publisher:
         return [str(p) for p in answer["pos"]]
 
     async def close(self) -> None:
-        ws, self._ws = self._ws, None
-        if ws is not None:
+        channels, self._channels = self._channels, []
+        for ws in channels:
             ws.close()
         writer, self._writer, self._reader, self._h11 = self._writer, None, None, None
         if writer is not None:
@@ -274,11 +300,15 @@ class Publisher:
                     f" max_message_bytes ({self.max_message_bytes}, the server's"
                     " limits.max_message_bytes): send smaller batches"
                 )
+            used: list[_WsChannel] = []
             try:
                 async with self._slots:
-                    answer = await asyncio.wait_for(self._exchange_ws(rid, message), self.timeout_s)
+                    answer = await asyncio.wait_for(
+                        self._exchange_ws(rid, message, used), self.timeout_s
+                    )
             except (*_RETRYABLE, ConnectionError) as exc:
-                self._drop_ws()
+                for channel in used:  # timed out or lost: the retry goes elsewhere
+                    self._drop_ws(channel)
                 failure = PublishError(0, "unreachable", f"{type(exc).__name__}: {exc}")
             else:
                 if answer.get("op") == "ack":
@@ -292,19 +322,45 @@ class Publisher:
             await asyncio.sleep(self.backoff.delay_ms(attempt, self._rng.random()) / 1000.0)
             attempt += 1
 
-    async def _exchange_ws(self, rid: int, message: bytes) -> Mapping[str, Any]:
-        async with self._connecting:  # one connection, opened by one caller
-            channel = self._ws
-            if channel is None or channel.lost.done():
-                assert self.ws_url is not None
-                channel = self._ws = await _WsChannel.open(self.ws_url, self.token, self.timeout_s)
-                self.connections_opened += 1
+    async def _exchange_ws(
+        self, rid: int, message: bytes, used: list[_WsChannel]
+    ) -> Mapping[str, Any]:
+        """Send `message` on the next connection (opened as needed), appended to `used`;
+        its answer."""
+        async with self._connecting:  # connections are opened by one caller at a time
+            live = [c for c in self._channels if not c.lost.done()]
+            if len(live) != len(self._channels):
+                self._spread = False  # one was lost: look for its worker again
+            self._channels = live
+            if not live or (len(live) < self.connections and not self._spread):
+                await self._open_channels()
+            channel = self._channels[self._next_channel % len(self._channels)]
+            self._next_channel += 1
+        used.append(channel)
         return await channel.request(rid, message)
 
-    def _drop_ws(self) -> None:
-        ws, self._ws = self._ws, None
-        if ws is not None:
-            ws.close()
+    async def _open_channels(self) -> None:
+        """Open connections until `connections` distinct workers are held, at most
+        CONNECT_TRIES per connection wanted; one that reaches a worker already held
+        is closed (unless none is held)."""
+        assert self.ws_url is not None
+        held = {c.worker for c in self._channels}
+        for _ in range(CONNECT_TRIES * (self.connections - len(self._channels))):
+            channel = await _WsChannel.open(self.ws_url, self.token, self.timeout_s)
+            self.connections_opened += 1
+            if channel.worker in held:
+                channel.close()
+                continue
+            held.add(channel.worker)
+            self._channels.append(channel)
+            if len(self._channels) == self.connections:
+                break
+        self._spread = True
+
+    def _drop_ws(self, channel: _WsChannel) -> None:
+        if channel in self._channels:
+            self._channels.remove(channel)
+        channel.close()
 
 
 class _WsChannel(WSListener):
@@ -318,6 +374,7 @@ class _WsChannel(WSListener):
         self.pending: dict[int, asyncio.Future[Mapping[str, Any]]] = {}
         self.hello: asyncio.Future[Mapping[str, Any]] = loop.create_future()
         self.lost: asyncio.Future[str] = loop.create_future()
+        self.worker = ""  # `hello.conn` before the dot: the worker serving it
 
     @classmethod
     async def open(cls, url: str, token: str | None, timeout_s: float) -> _WsChannel:
@@ -336,6 +393,7 @@ class _WsChannel(WSListener):
         if hello.get("auth"):
             channel.close()
             raise PublishError(0, "not_authenticated", "the server wants a token (token=...)")
+        channel.worker = str(hello.get("conn", "")).partition(".")[0]
         return channel
 
     async def request(self, rid: int, message: bytes) -> Mapping[str, Any]:

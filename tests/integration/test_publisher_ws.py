@@ -83,3 +83,24 @@ async def test_an_oversized_batch_is_refused_before_sending(engine: Engine) -> N
         with pytest.raises(ValueError, match="over max_message_bytes"):
             await pub.publish_many([("ws.t", f"k{i}", "x" * 100) for i in range(20)])
         assert pub.connections_opened == 0
+
+
+async def test_more_connections_than_workers_end_with_one_per_worker(engine: Engine) -> None:
+    from engine.client.publisher import CONNECT_TRIES
+
+    async with Publisher(ws_url=engine.url, connections=3) as pub:
+        first = await asyncio.gather(*(pub.publish_many([("ws.u", f"k{i}", i)]) for i in range(9)))
+        # one worker here: the first connection is kept, the others of the round's
+        # CONNECT_TRIES per connection wanted reach the same worker and are closed
+        assert pub.connections_opened == CONNECT_TRIES * 3 and len(first) == 9
+        await pub.publish_many([("ws.u", "again", 1)])  # later batches do not try again
+        assert pub.connections_opened == CONNECT_TRIES * 3
+        assert engine.worker is not None and len(pub.ws_workers) == 1
+        await asyncio.sleep(0.2)
+        assert len(engine.worker.connections) == 1
+
+
+def test_connections_are_bounded() -> None:
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match="connections must be"):
+            Publisher(ws_url="ws://127.0.0.1:1/ws", connections=bad)
