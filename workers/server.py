@@ -334,7 +334,7 @@ class WorkerServer:
         if offered and SUBPROTOCOL in (p.strip() for p in offered.split(",")):
             reply["Sec-WebSocket-Protocol"] = SUBPROTOCOL
         n = next(self._ids)
-        conn = Connection(self, f"{os.getpid():x}.{n:x}", peer, phase=n)
+        conn = Connection(self, codec.conn_id(os.getpid(), n), peer, phase=n)
         rules = conn.rules
         if self.deflater is not None:
             offers = headers.getall("Sec-WebSocket-Extensions", ())

@@ -51,6 +51,7 @@ from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 from engine.backoff import Backoff
 from engine.bus.base import Update
 from engine.protocol.codec import (
+    conn_worker,
     data_problem,
     decode_frame,
     format_pos,
@@ -393,7 +394,7 @@ class _WsChannel(WSListener):
         if hello.get("auth"):
             channel.close()
             raise PublishError(0, "not_authenticated", "the server wants a token (token=...)")
-        channel.worker = str(hello.get("conn", "")).partition(".")[0]
+        channel.worker = conn_worker(hello)
         return channel
 
     async def request(self, rid: int, message: bytes) -> Mapping[str, Any]:

@@ -880,6 +880,16 @@ def build_stream_snap(
     )
 
 
+def conn_id(worker_pid: int, n: int) -> str:
+    """A connection's id in `hello.conn`: `<worker>.<n>` (docs/protocol.md section 4)."""
+    return f"{worker_pid:x}.{n:x}"
+
+
+def conn_worker(hello_msg: Mapping[str, Any]) -> str:
+    """The worker part of a `hello`'s `conn`: the same for connections one worker serves."""
+    return str(hello_msg.get("conn", "")).partition(".")[0]
+
+
 def hello(conn: str, node: str, auth_required: bool) -> bytes:
     return encode({"op": "hello", "v": 1, "conn": conn, "node": node, "auth": auth_required})
 

@@ -30,6 +30,7 @@ from typing import Any
 import msgpack
 
 from engine.client.raw import RawConnection, connect
+from engine.protocol.codec import conn_worker
 from loadtest.bench.httppost import KeepAlivePost
 from loadtest.bench.shard import WHOLE, Shard, shard_pairs, shard_sampler
 from loadtest.latency import bucket_mid_ns, bucket_of, percentiles_ms
@@ -318,7 +319,7 @@ async def _one_per_worker(ws_url: str, want: int) -> list[RawConnection]:
     for _ in range(CONNECT_TRIES * want):
         conn = await connect(ws_url, compression=False)
         hello = await conn.recv_op("hello")
-        worker = str(hello.get("conn", "")).partition(".")[0]
+        worker = conn_worker(hello)
         if worker in workers:
             conn.close()
             with contextlib.suppress(Exception):

@@ -221,3 +221,12 @@ def test_data_a_publisher_encoded_otherwise_than_we_would_is_kept_byte_for_byte(
     assert [i.data for i in batch.items] == [b"\x01", raw]
     exact = encoded(op="pub", id=3, items=[{"topic": "a", "key": "k", "data": [1, "x"]}])
     assert decode_request(exact, 10) == PubBatch(3, (PubItem("a", "k", msgpack.packb([1, "x"])),))
+
+
+def test_a_hellos_conn_names_the_worker_serving_it() -> None:
+    from engine.protocol.codec import conn_id, conn_worker, decode_frame, hello
+
+    one, two = (decode_frame(hello(conn_id(0x1F2E, n), "node-a", False))[0] for n in (1, 300))
+    assert one["conn"] == "1f2e.1" and conn_worker(one) == conn_worker(two) == "1f2e"
+    assert conn_worker(decode_frame(hello(conn_id(7, 1), "node-a", False))[0]) != "1f2e"
+    assert conn_worker({"op": "hello"}) == ""  # a server that sends none: one unknown worker
