@@ -66,6 +66,7 @@ from typing import Any
 from loadtest.bench.nodes import BUSES
 from loadtest.bench.run import SCENARIOS, BenchSettings, broke, machine, run_target
 from loadtest.bench.shard import WHOLE, Shard
+from loadtest.bench.subscriber import READ_LOWAT_BYTES
 from loadtest.children import raise_nofile
 from loadtest.server import SetupError
 from loadtest.workload import WORKLOADS
@@ -216,11 +217,11 @@ def _add_load(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--read-lowat",
         type=int,
-        default=65536,
+        default=READ_LOWAT_BYTES,
         metavar="BYTES",
         help="a counting client's socket wakes its loop once this many bytes wait "
-        "(SO_RCVLOWAT; default 65536). 0: it reads every frame, costing the generator ~3x "
-        "more; on loopback the server's CPU per update then matches --decode-all's, where "
+        f"(SO_RCVLOWAT; default {READ_LOWAT_BYTES}). 0: it reads every frame, costing the "
+        "generator ~3x more; on loopback the server's CPU per update then matches --decode-all's, where "
         "unread bytes make it 10-20%% higher (docs/benchmarks.md)",
     )
     p.add_argument(

@@ -45,7 +45,7 @@ from loadtest.bench import connections as conns
 from loadtest.bench.nodes import FanoutNodes
 from loadtest.bench.publisher import publisher_process
 from loadtest.bench.shard import WHOLE, Shard, shard_clients, shard_mass
-from loadtest.bench.subscriber import subscriber_process
+from loadtest.bench.subscriber import READ_LOWAT_BYTES, subscriber_process
 from loadtest.bench.target import TargetEngine
 from loadtest.bench.target import per_node as per_node_of_target
 from loadtest.children import Children, tied_preexec
@@ -90,7 +90,7 @@ class BenchSettings:
     warmup: int = 0  # --idle: subscribers connected before the memory baseline
     probes: float = 0.05  # --probes: the share of reading clients that decode every frame
     decode_all: bool = False  # --decode-all: every client decodes every frame
-    read_lowat: int = 65536  # --read-lowat: a counting client's SO_RCVLOWAT (0: none)
+    read_lowat: int = READ_LOWAT_BYTES  # --read-lowat: a counting client's SO_RCVLOWAT (0: none)
     # --target: a running engine (loadtest/bench/target.py); --shard: this generator's share
     target_ws: str | None = None
     target_admin: str | None = None
