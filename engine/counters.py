@@ -7,10 +7,11 @@ status reads it. Nothing else keeps a copy of these figures.
 Rules:
 1. Counters only grow, from zero at the worker's start (the status board and
    /metrics export them as Prometheus counters).
-2. Labelled counters (`closes`, `errors`, `refused`, `refused_by`) have a
-   bounded set of keys: close labels (engine/protocol/closecodes.py rule 4),
-   `err` codes (engine.codes.ErrorCode), HTTP statuses and the `error` of the
-   upgrade refusal bodies.
+2. Labelled counters (`closes`, `errors`, `refused`, `refused_by`,
+   `gc_collections`) have a bounded set of keys: close labels
+   (engine/protocol/closecodes.py rule 4), `err` codes (engine.codes.ErrorCode),
+   HTTP statuses, the `error` of the upgrade refusal bodies, and the
+   collector's generations ("0", "1", "2").
 """
 
 from __future__ import annotations
@@ -39,3 +40,6 @@ class WorkerCounters:
     refused_by: Counter[str] = field(default_factory=Counter)  # the body's `error` -> refused
     flush_hist: Histogram = field(default_factory=Histogram)
     publish_hist: Histogram = field(default_factory=Histogram)
+    # the cyclic collector (workers/gcpolicy.py): pauses, and collections by generation
+    gc_hist: Histogram = field(default_factory=Histogram)
+    gc_collections: Counter[str] = field(default_factory=Counter)

@@ -172,6 +172,18 @@ def worker_families(
         "fanout_ws_publish_duration_seconds", "histogram", "WebSocket `pub`: time from the request to the bus's acceptance.",
         tuple(({"worker": str(s)}, h) for s in slots if (h := workers[s].publish_hist) is not None),
     ))  # fmt: skip
+    fams.append(Family(
+        "fanout_gc_pause_seconds", "histogram", "Pauses of the worker's cyclic garbage collector (its loop stalls meanwhile).",
+        tuple(({"worker": str(s)}, h) for s in slots if (h := workers[s].gc_hist) is not None),
+    ))  # fmt: skip
+    fams.append(Family(
+        "fanout_gc_collections_total", "counter", "Collections of the worker's cyclic garbage collector, by generation (2: full).",
+        tuple(
+            ({"worker": str(s), "generation": g}, n)
+            for s in slots
+            for g, n in sorted(workers[s].gc_collections.items())
+        ),
+    ))  # fmt: skip
     return fams
 
 

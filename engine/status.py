@@ -160,6 +160,8 @@ class WorkerStatus:
     upgrades_refused: Mapping[str, int] = field(default_factory=dict)  # by HTTP status
     upgrades_refused_by: Mapping[str, int] = field(default_factory=dict)  # by error code
     loop_lag_max_ms: float = 0.0
+    gc_hist: HistogramCounts | None = None  # pauses of the cyclic collector
+    gc_collections: Mapping[str, int] = field(default_factory=dict)  # by generation
     started: float | None = None  # wall clock
     ts: float | None = None  # rule 5
 
@@ -212,6 +214,8 @@ class WorkerStatus:
             "upgrades_refused": dict(self.upgrades_refused),
             "upgrades_refused_by": dict(self.upgrades_refused_by),
             "loop_lag_max_ms": self.loop_lag_max_ms,
+            "gc_hist": hist(self.gc_hist),
+            "gc_collections": dict(self.gc_collections),
             "started": self.started,
             "ts": self.ts,
         }  # fmt: skip
@@ -260,6 +264,8 @@ class WorkerStatus:
             upgrades_refused=_counts(doc.get("upgrades_refused")),
             upgrades_refused_by=_counts(doc.get("upgrades_refused_by")),
             loop_lag_max_ms=_number(doc.get("loop_lag_max_ms")) or 0.0,
+            gc_hist=HistogramCounts.from_json(doc.get("gc_hist")),
+            gc_collections=_counts(doc.get("gc_collections")),
             started=_number(doc.get("started")),
             ts=_number(doc.get("ts")),
         )

@@ -18,7 +18,6 @@ Signals (installed on the worker's own loop):
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import random
 import resource
@@ -33,6 +32,7 @@ from engine.bus import create_bus
 from engine.config import Config
 from engine.logs import setup_logging
 from engine.protocol import codec
+from workers import gcpolicy
 from workers.server import WorkerServer
 
 log = logging.getLogger("fanout.worker")
@@ -98,8 +98,9 @@ def run_worker(cfg: Config, slot: int, run_dir: str) -> None:
     # long as it does: keep the cyclic collector from walking it. A collection
     # writes to the header of every object it visits, and the kernel copies each
     # inherited page written to: ~7 MB per worker (docs/benchmarks.md, "Memory
-    # per connection"); full collections (`maybe_trim`) get shorter too.
-    gc.freeze()
+    # per connection"); full collections (`maybe_trim`) get shorter too. And
+    # collect less often than CPython's default (workers/gcpolicy.py rule 2).
+    gcpolicy.tune()
     setup_logging(cfg.log.level, cfg.log.format, f"worker {slot}")
     capacity = check_open_files(cfg.limits.max_connections)
     code = uvloop.run(_main(cfg, slot, run_dir, capacity))
@@ -134,6 +135,7 @@ async def _main(cfg: Config, slot: int, run_dir: str, capacity: int) -> int:
     except ConnectionError as exc:
         log.error("%s", exc)
         return codes.EXIT_FAILURE
+    stop_watching_gc = gcpolicy.watch(server.counters)
     board = Board(run_dir)
     server.on_tick.append(lambda: board.write_worker(slot, server.status()))
     board.write_worker(slot, server.status())
@@ -185,6 +187,7 @@ async def _main(cfg: Config, slot: int, run_dir: str, capacity: int) -> int:
         task.cancel()
     await server.close()
     await server.bus.close()
+    stop_watching_gc()
     board.write_worker(slot, server.status())
     return codes.EXIT_OK
 

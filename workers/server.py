@@ -63,12 +63,13 @@ from engine.connection import ConnectionPolicy, LoadFailure
 from engine.counters import WorkerCounters
 from engine.errors import BusError
 from engine.fanout.budget import slow_expired, watermarks
-from engine.fanout.core import Fanout, Session, period_ticks, quantize_period
+from engine.fanout.core import Delivery, Fanout, Session, Shared, period_ticks, quantize_period
 from engine.protocol import codec
 from engine.protocol.closecodes import CLOSE_ABNORMAL, CLOSE_NO_STATUS, close_label
 from engine.protocol.deflate import Deflater, negotiate
 from engine.status import WorkerStatus
 from engine.topics import TopicRules
+from workers import gcpolicy
 from workers.listener import Connection
 
 log = logging.getLogger("fanout.worker")
@@ -559,34 +560,41 @@ class WorkerServer:
         deadline = loop.time()
         while True:
             deadline += interval
-            plan, shared = fanout.plan()
-            if plan or shared:
-                t0 = loop.time()
-                n = 0  # sessions written since the last yield
-                # the up-to-date single-topic sessions, by group (one message each)
-                for sh in shared:
-                    i, end = 0, len(sh.subs)
-                    while i < end:
-                        step = min(_YIELD_EVERY - n, end - i)
-                        fanout.deliver_shared(sh, i, i + step)
-                        i += step
-                        n += step
-                        if n >= _YIELD_EVERY:
-                            n = 0
-                            await asyncio.sleep(0)
-                deliver = fanout.deliver
-                for session, deliveries in plan.items():
-                    deliver(session, deliveries)
-                    n += 1
-                    if n >= _YIELD_EVERY:
-                        n = 0
-                        await asyncio.sleep(0)
-                self.counters.flush_hist.observe(loop.time() - t0)
+            with gcpolicy.no_collection():  # while a plan lives (rule 3 there)
+                plan, shared = fanout.plan()
+                if plan or shared:
+                    t0 = loop.time()
+                    await self.write_plan(plan, shared)
+                    self.counters.flush_hist.observe(loop.time() - t0)
+                del plan, shared
             delay = deadline - loop.time()
             if delay < 0:
                 deadline = loop.time()  # overloaded: don't try to catch up on missed ticks
                 delay = 0
             await asyncio.sleep(delay)
+
+    async def write_plan(self, plan: dict[Session, list[Delivery]], shared: list[Shared]) -> None:
+        """Write one flush's frames, yielding to the loop every `_YIELD_EVERY` sessions."""
+        fanout = self.fanout
+        n = 0  # sessions written since the last yield
+        # the up-to-date single-topic sessions, by group (one message each)
+        for sh in shared:
+            i, end = 0, len(sh.subs)
+            while i < end:
+                step = min(_YIELD_EVERY - n, end - i)
+                fanout.deliver_shared(sh, i, i + step)
+                i += step
+                n += step
+                if n >= _YIELD_EVERY:
+                    n = 0
+                    await asyncio.sleep(0)
+        deliver = fanout.deliver
+        for session, deliveries in plan.items():
+            deliver(session, deliveries)
+            n += 1
+            if n >= _YIELD_EVERY:
+                n = 0
+                await asyncio.sleep(0)
 
     def every_second(self) -> None:
         loop = asyncio.get_running_loop()
@@ -722,6 +730,8 @@ class WorkerServer:
             upgrades_refused={str(k): v for k, v in c.refused.items()},
             upgrades_refused_by=dict(c.refused_by),
             loop_lag_max_ms=round(self.loop_lag_max_s * 1000, 1),
+            gc_hist=c.gc_hist.snapshot(),
+            gc_collections={g: c.gc_collections[g] for g in ("0", "1", "2")},
             started=self.started,
         )
 

@@ -770,6 +770,8 @@ FULL_WORKER: dict[str, Any] = {  # every key a worker writes, in its order
     "upgrades_refused": {"429": 2, "503": 1},
     "upgrades_refused_by": {"too_many_attempts": 2, "busy": 1},
     "loop_lag_max_ms": 3.5,
+    "gc_hist": {"b": [0.001, 0.01, 0.1], "c": [40, 2, 1, 0], "n": 43, "s": 0.125},
+    "gc_collections": {"0": 38, "1": 4, "2": 1},
     "started": 1_700_000_000.25,
     "ts": 0.0,  # set when written
 }  # fmt: skip

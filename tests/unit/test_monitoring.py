@@ -100,6 +100,7 @@ def test_the_engine_exports_what_the_readme_lists() -> None:
         "fanout_flush_duration_seconds",
         "fanout_ws_publish_duration_seconds",
         "fanout_publish_duration_seconds",
+        "fanout_gc_pause_seconds",
     }
     assert {
         "fanout_upgrades_refused_total",
