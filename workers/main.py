@@ -18,6 +18,7 @@ Signals (installed on the worker's own loop):
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import resource
@@ -98,9 +99,9 @@ def run_worker(cfg: Config, slot: int, run_dir: str) -> None:
     # long as it does: keep the cyclic collector from walking it. A collection
     # writes to the header of every object it visits, and the kernel copies each
     # inherited page written to: ~7 MB per worker (docs/benchmarks.md, "Memory
-    # per connection"); full collections (`maybe_trim`) get shorter too. And
-    # collect less often than CPython's default (workers/gcpolicy.py rule 2).
-    gcpolicy.tune()
+    # per connection"); full collections (`maybe_trim`) get shorter too
+    # (workers/gcpolicy.py rule 1).
+    gc.freeze()
     setup_logging(cfg.log.level, cfg.log.format, f"worker {slot}")
     capacity = check_open_files(cfg.limits.max_connections)
     code = uvloop.run(_main(cfg, slot, run_dir, capacity))

@@ -1,14 +1,12 @@
 """The worker's garbage-collector policy (workers/gcpolicy.py).
 
 The collector is process state: every test here restores the thresholds,
-callbacks and switch it found; `tune` (which freezes) runs in a child process.
+callbacks and switch it found.
 """
 
 from __future__ import annotations
 
 import gc
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
@@ -82,17 +80,3 @@ def test_no_collection_leaves_a_collector_that_was_off_off() -> None:
     finally:
         if enabled:
             gc.enable()
-
-
-def test_tune_freezes_what_the_worker_inherited_and_raises_the_young_threshold() -> None:
-    code = (
-        "import gc\n"
-        "from workers import gcpolicy\n"
-        "before = gc.get_threshold()\n"
-        "assert gcpolicy.tune() == before\n"
-        "print(gc.get_threshold()[0], gc.get_threshold()[1:] == before[1:], gc.get_freeze_count() > 0)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    ).stdout.split()
-    assert out == [str(gcpolicy.GEN0_THRESHOLD), "True", "True"]
