@@ -64,7 +64,7 @@ def test_a_plan_is_not_collected_while_it_lives(collector: WorkerCounters) -> No
         plan = allocate(5_000)
         assert dict(collector.gc_collections) == before
         del plan
-    # the allocations were counted: the next ones collect, when the plan is gone
+    # after the block collections resume, with the plan gone
     allocate(200)
     assert collector.gc_collections["0"] > before["0"]
     assert gc.isenabled()
