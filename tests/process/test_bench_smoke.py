@@ -37,6 +37,15 @@ def bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str],
     return result, json.loads(path.read_text())
 
 
+def bench_fanout(
+    tmp_path: Path, *args: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any], dict[str, Any]]:
+    """`bench` that must succeed, and its one step's fanout result."""
+    result, report = bench(tmp_path, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, report, report["steps"][0]["results"]["fanout"]
+
+
 def _pids(report: dict[str, Any]) -> list[int]:
     return [
         int(pid)
@@ -77,11 +86,9 @@ def test_hot_run_with_baseline_reports_both_side_by_side_and_every_client_conver
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_market_storm_every_client_reconnects_with_since_and_converges(tmp_path: Path) -> None:
-    result, report = bench(
+    _, _, r = bench_fanout(
         tmp_path, "--workload", "market", "--storm", "-S", "40", "-U", "300", "-D", "2"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    r = report["steps"][0]["results"]["fanout"]
     assert r["storm"]["dropped"] == r["storm"]["reconnected"] == r["storm"]["resubscribed"] == 40
     assert r["convergence"]["all_converged"] is True
 
@@ -172,9 +179,7 @@ def _running(pid: int) -> bool:
 def test_scenarios_report_their_figures_and_the_reading_clients_converge(
     tmp_path: Path, flags: list[str], check: Any
 ) -> None:
-    result, report = bench(tmp_path, *flags, "-S", "20", "-U", "200", "-D", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    r = report["steps"][0]["results"]["fanout"]
+    _, _, r = bench_fanout(tmp_path, *flags, "-S", "20", "-U", "200", "-D", "2")
     assert r["convergence"]["all_converged"] is True
     assert check(r)
 
@@ -184,11 +189,9 @@ def test_scenarios_report_their_figures_and_the_reading_clients_converge(
 def test_publishing_over_websocket_uses_one_connection_per_worker_and_everyone_converges(
     tmp_path: Path,
 ) -> None:
-    result, report = bench(
+    _, _, r = bench_fanout(
         tmp_path, "--publish-via", "ws", "--workload", "market", "-S", "60", "-U", "2000", "-D", "2"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    r = report["steps"][0]["results"]["fanout"]
     # two workers (the default): batches went to both (SO_REUSEPORT picks the worker;
     # the publisher kept one connection per distinct worker of 16 tries at most)
     assert r["publish"]["ws_connections"] == 2, r["publish"]
@@ -201,9 +204,7 @@ def test_publishing_over_websocket_uses_one_connection_per_worker_and_everyone_c
 def test_idle_connections_are_spread_over_source_addresses_and_report_the_connect_time(
     tmp_path: Path,
 ) -> None:
-    result, report = bench(tmp_path, "--idle", "-S", "30", "-D", "1", "--source-addresses", "3")
-    assert result.returncode == 0, result.stderr[-3000:]
-    r = report["steps"][0]["results"]["fanout"]
+    _, _, r = bench_fanout(tmp_path, "--idle", "-S", "30", "-D", "1", "--source-addresses", "3")
     setup = r["setup"]
     # each client bound one of three loopback source addresses before it connected
     assert setup["source_addrs"] == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
@@ -219,9 +220,9 @@ def test_idle_connections_are_spread_over_source_addresses_and_report_the_connec
 def test_probes_decode_the_other_clients_count_and_check_their_snapshot_at_the_end(
     tmp_path: Path,
 ) -> None:
-    result, report = bench(tmp_path, "--workload", "market", "-S", "80", "-U", "300", "-D", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    r = report["steps"][0]["results"]["fanout"]
+    result, _, r = bench_fanout(
+        tmp_path, "--workload", "market", "-S", "80", "-U", "300", "-D", "2"
+    )
     conv, delivery, cpu = r["convergence"], r["delivery"], r["cpu"]
     assert (conv["probes"], conv["probes_converged"]) == (50, 50)  # at least 50
     assert (conv["snapshots"], conv["snapshots_matched"]) == (30, 30)  # every other one
@@ -240,9 +241,7 @@ def test_probes_decode_the_other_clients_count_and_check_their_snapshot_at_the_e
 def test_counting_clients_without_a_low_water_mark_read_every_frame_and_converge(
     tmp_path: Path,
 ) -> None:
-    result, report = bench(tmp_path, "--read-lowat", "0", "-S", "60", "-U", "300", "-D", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    r = report["steps"][0]["results"]["fanout"]
+    _, report, r = bench_fanout(tmp_path, "--read-lowat", "0", "-S", "60", "-U", "300", "-D", "2")
     assert report["settings"]["read_lowat"] == 0
     assert (r["convergence"]["probes"], r["convergence"]["snapshots_matched"]) == (50, 10)
     # the 10 counting clients' frames are counted as they come: more than the probes' alone
@@ -252,9 +251,7 @@ def test_counting_clients_without_a_low_water_mark_read_every_frame_and_converge
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_decode_all_makes_every_client_a_probe(tmp_path: Path) -> None:
-    result, report = bench(tmp_path, "--decode-all", "-S", "60", "-U", "300", "-D", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    r = report["steps"][0]["results"]["fanout"]
+    _, report, r = bench_fanout(tmp_path, "--decode-all", "-S", "60", "-U", "300", "-D", "2")
     assert report["settings"]["decode_all"] is True
     assert (r["convergence"]["probes"], r["convergence"]["snapshots"]) == (60, 0)
     assert r["delivery"]["updates_estimated"] is False
