@@ -566,7 +566,7 @@ class WorkerServer:
                     t0 = loop.time()
                     await self.write_plan(plan, shared)
                     self.counters.flush_hist.observe(loop.time() - t0)
-                del plan, shared
+                del plan, shared  # gone before collection resumes
             delay = deadline - loop.time()
             if delay < 0:
                 deadline = loop.time()  # overloaded: don't try to catch up on missed ticks
